@@ -1,0 +1,45 @@
+"""maskbank's registry: artifact format, content-addressed store, codecs, architectures and
+materialisation. It imports neither trainer nor serving; both build on it."""
+
+from .architectures import build_architecture, maskable_parameters, register_architecture
+from .catalog import Registry
+from .errors import (
+    BlobCorrupt,
+    BlobNotFound,
+    InvalidArtifact,
+    InvalidName,
+    MaskbankError,
+    ManifestError,
+    ModelNotFound,
+    PublishConflict,
+    RegistryError,
+    TaskNotFound,
+    UnknownName,
+)
+from .manifest import FORMAT_VERSION, BlobRef, Manifest, TaskEntry
+from .materialize import effective_parameters, forward, register_materializer
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BlobCorrupt",
+    "BlobNotFound",
+    "BlobRef",
+    "InvalidArtifact",
+    "InvalidName",
+    "Manifest",
+    "ManifestError",
+    "MaskbankError",
+    "ModelNotFound",
+    "PublishConflict",
+    "Registry",
+    "RegistryError",
+    "TaskEntry",
+    "TaskNotFound",
+    "UnknownName",
+    "build_architecture",
+    "effective_parameters",
+    "forward",
+    "maskable_parameters",
+    "register_architecture",
+    "register_materializer",
+]

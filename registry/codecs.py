@@ -1,0 +1,131 @@
+"""Codecs: how each kind of artifact becomes bytes in a blob and back.
+
+Every codec writes a safetensors container (no pickle), so blobs are self-describing: bit payloads
+are uint8 tensors and their logical shapes live in the container's string metadata.
+
+* `bitmask/v1`: a dict of boolean masks, each bitpacked with bitarray (1 bit per weight).
+* `signed-constant/v1`: a fixed random backbone whose weights are +-scale per layer, stored as
+  one sign bit per weight plus one float32 scale per layer.
+* `tensors/v1`: a dict of tensors as plain safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from bitarray import bitarray
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import BlobCorrupt, InvalidArtifact, unknown
+
+Tensors = dict[str, torch.Tensor]
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {}
+_DECODERS: dict[str, Callable[[bytes], Any]] = {}
+
+
+def register_codec(name: str, encoder: Callable[[Any], bytes], decoder: Callable[[bytes], Any]) -> None:
+    """Make `name` usable in BlobRef.codec."""
+    _ENCODERS[name] = encoder
+    _DECODERS[name] = decoder
+
+
+def encode(codec: str, value: Any) -> bytes:
+    if codec not in _ENCODERS:
+        raise unknown("codec", codec, _ENCODERS)
+    return _ENCODERS[codec](value)
+
+
+def decode(codec: str, data: bytes, source: str = "blob") -> Any:
+    """Decode `data`; undecodable bytes raise BlobCorrupt naming `source`."""
+    if codec not in _DECODERS:
+        raise unknown("codec", codec, _DECODERS)
+    try:
+        return _DECODERS[codec](data)
+    except (SafetensorError, ValueError, KeyError, RuntimeError) as exc:
+        raise BlobCorrupt(f"{source} cannot be decoded as {codec}: {exc}") from None
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bitpack a boolean tensor into uint8 (little-endian bit order), one bit per element."""
+    packed = bitarray(endian="little")
+    packed.pack(bits.detach().to(torch.bool).cpu().contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(packed.tobytes()), dtype=torch.uint8) if len(packed) else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_bits for a tensor of `shape`."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if packed.numel() != (count + 7) // 8:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {count} bits of shape {list(shape)}")
+    bits = bitarray(endian="little")
+    bits.frombytes(packed.numpy().tobytes())
+    del bits[count:]
+    return torch.from_numpy(np.frombuffer(bits.unpack(), dtype=np.bool_).copy()).reshape(shape)
+
+
+def _save(tensors: Tensors, meta: dict[str, Any]) -> bytes:
+    return st_save(tensors, metadata={"maskbank": json.dumps(meta, sort_keys=True)})
+
+
+def _load(data: bytes) -> tuple[Tensors, dict[str, Any]]:
+    tensors = st_load(data)  # validates the whole container before the header is trusted
+    length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, then JSON
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    return tensors, json.loads(metadata["maskbank"])
+
+
+def _encode_masks(masks: Tensors) -> bytes:
+    for name, mask in masks.items():
+        if mask.dtype != torch.bool:
+            raise InvalidArtifact(f"mask '{name}' must be boolean, got {mask.dtype}")
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    return _save({name: pack_bits(mask) for name, mask in masks.items()}, {"shapes": shapes})
+
+
+def _decode_masks(data: bytes) -> Tensors:
+    packed, meta = _load(data)
+    return {name: unpack_bits(packed[name], tuple(shape)) for name, shape in meta["shapes"].items()}
+
+
+def signed_constant(shape: tuple[int, ...], generator: torch.Generator, gain: float = 2**0.5) -> torch.Tensor:
+    """Signed-constant init (SupSup): sign(N(0,1)) * gain / sqrt(fan_in), in float32."""
+    fan_in = int(np.prod(shape[1:]))
+    scale = torch.tensor(gain / fan_in**0.5, dtype=torch.float32)
+    signs = torch.randn(shape, generator=generator) >= 0
+    return torch.where(signs, scale, -scale)
+
+
+def _encode_signed_constant(weights: Tensors) -> bytes:
+    tensors, shapes = {}, {}
+    for name, weight in weights.items():
+        scale = weight.abs().max().to(torch.float32)
+        if weight.dtype != torch.float32 or not torch.all(weight.abs() == scale):
+            raise InvalidArtifact(f"backbone weight '{name}' is not signed-constant (+-one float32 scale per layer)")
+        tensors[f"{name}.signs"] = pack_bits(weight > 0)
+        tensors[f"{name}.scale"] = scale.reshape(1)
+        shapes[name] = list(weight.shape)
+    return _save(tensors, {"shapes": shapes})
+
+
+def _decode_signed_constant(data: bytes) -> Tensors:
+    tensors, meta = _load(data)
+    weights = {}
+    for name, shape in meta["shapes"].items():
+        signs = unpack_bits(tensors[f"{name}.signs"], tuple(shape))
+        scale = tensors[f"{name}.scale"][0]
+        weights[name] = torch.where(signs, scale, -scale)
+    return weights
+
+
+def _encode_tensors(tensors: Tensors) -> bytes:
+    return st_save({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+register_codec("bitmask/v1", _encode_masks, _decode_masks)
+register_codec("signed-constant/v1", _encode_signed_constant, _decode_signed_constant)
+register_codec("tensors/v1", _encode_tensors, st_load)

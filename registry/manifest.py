@@ -1,0 +1,127 @@
+"""The per-model manifest: one immutable JSON document per generation, with its own checksum."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ManifestError, TaskNotFound
+from .names import check_name
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A reference to one blob: its content address, the codec that reads it, its size in bytes."""
+
+    digest: str
+    codec: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One published task: immutable once a generation containing it exists.
+
+    `parts` maps a part name ('masks', 'bn_stats', 'head', ...) to its blob; `backbone` names the
+    backbone version the parts apply to; `metrics` are figures recorded when the task was trained.
+    """
+
+    id: int
+    name: str
+    method: str
+    backbone: str
+    num_classes: int
+    parts: Mapping[str, BlobRef]
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_name("task", self.name)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild and serve one generation of a model from the registry alone."""
+
+    model: str
+    generation: int
+    architecture: Mapping[str, Any]
+    input_shape: tuple[int, ...]
+    backbones: Mapping[str, BlobRef]
+    tasks: tuple[TaskEntry, ...]
+    training: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        check_name("model", self.model)
+
+    def task(self, key: int | str) -> TaskEntry:
+        """The task with id `key` (int) or name `key` (str); TaskNotFound lists what exists."""
+        for task in self.tasks:
+            if (task.id == key) if isinstance(key, int) else (task.name == key):
+                return task
+        known = ", ".join(f"{t.id} ({t.name})" for t in self.tasks) or "none yet"
+        raise TaskNotFound(f"model '{self.model}' has no task {key!r} at generation {self.generation} (tasks: {known})")
+
+    def next(self, *, tasks: tuple[TaskEntry, ...] | None = None, **changes) -> "Manifest":
+        """The following generation with `changes` applied; published tasks can only be appended to."""
+        tasks = self.tasks if tasks is None else tasks
+        if tasks[: len(self.tasks)] != self.tasks:
+            raise ManifestError(f"model '{self.model}': published tasks are immutable and can only be appended to")
+        return dataclasses.replace(self, generation=self.generation + 1, tasks=tasks, **changes)
+
+    def to_json(self) -> bytes:
+        body = _canonical(dataclasses.asdict(self))
+        return json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "manifest": json.loads(body)}, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, source: str) -> "Manifest":
+        """Parse and verify a manifest; every problem is a ManifestError naming `source`."""
+        try:
+            doc = json.loads(data)
+            body = doc["manifest"]
+            checksum = doc["sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest {source} is unreadable ({exc}); it may be truncated") from None
+        if hashlib.sha256(_canonical(body)).hexdigest() != checksum:
+            raise ManifestError(f"manifest {source} fails its checksum: it was edited or damaged after publishing")
+        version = body.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest {source} has format version {version!r}; this maskbank reads version "
+                f"{FORMAT_VERSION}: upgrade maskbank to read it"
+            )
+        try:
+            return _manifest_from_dict(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest {source} is malformed: {exc}") from None
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _manifest_from_dict(body: dict) -> Manifest:
+    refs = lambda d: {k: BlobRef(**v) for k, v in d.items()}  # noqa: E731
+    tasks = tuple(TaskEntry(**{**t, "parts": refs(t["parts"])}) for t in body["tasks"])
+    return Manifest(
+        model=body["model"],
+        generation=int(body["generation"]),
+        architecture=body["architecture"],
+        input_shape=tuple(body["input_shape"]),
+        backbones=refs(body["backbones"]),
+        tasks=tasks,
+        training=body.get("training", {}),
+        format_version=body["format_version"],
+    )

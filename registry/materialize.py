@@ -1,0 +1,59 @@
+"""Materialisation: (backbone, task artifact) -> the effective parameters of that task.
+
+Trainer evaluation and serving both go through here, so a task is computed the same way
+everywhere; the forward pass is `torch.func.functional_call` over the plain architecture module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import InvalidArtifact, unknown
+
+Tensors = Mapping[str, torch.Tensor]
+_MATERIALIZERS: dict[str, Callable[[Tensors, Mapping[str, Tensors]], dict[str, torch.Tensor]]] = {}
+
+
+def register_materializer(method: str):
+    """Decorator: how tasks of `method` turn their parts into effective parameters."""
+
+    def decorate(fn):
+        _MATERIALIZERS[method] = fn
+        return fn
+
+    return decorate
+
+
+def effective_parameters(method: str, backbone: Tensors, parts: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+    """The parameters a task's forward pass uses, checked against the backbone."""
+    if method not in _MATERIALIZERS:
+        raise unknown("method", method, _MATERIALIZERS)
+    return _MATERIALIZERS[method](backbone, parts)
+
+
+def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
+    """Raise InvalidArtifact unless `tensors` has exactly the backbone's keys and shapes."""
+    if set(tensors) != set(backbone):
+        raise InvalidArtifact(
+            f"{what} has keys {sorted(tensors)} but the backbone has {sorted(backbone)}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != backbone[name].shape:
+            raise InvalidArtifact(
+                f"{what} '{name}' has shape {list(tensor.shape)}, the backbone {list(backbone[name].shape)}"
+            )
+
+
+@register_materializer("supsup")
+def _supsup(backbone: Tensors, parts: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+    masks = parts["masks"]
+    check_compatible("supermask", masks, backbone)
+    return {name: weight * masks[name] for name, weight in backbone.items()}
+
+
+def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """Run `module` with `params` in place of its own parameters."""
+    return torch.func.functional_call(module, dict(params), (x,), strict=True)

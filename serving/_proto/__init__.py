@@ -1,0 +1,7 @@
+"""Generated Open Inference Protocol messages and stubs (protos/generate.py writes them)."""
+
+from . import grpc_service_pb2 as pb
+from . import grpc_service_pb2_grpc as pb_grpc
+from ._pool import POOL
+
+__all__ = ["pb", "pb_grpc", "POOL"]

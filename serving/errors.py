@@ -1,0 +1,15 @@
+"""Errors the serving runtime raises besides the registry's own."""
+
+from registry.errors import MaskbankError, ModelNotFound
+
+
+class InvalidRequest(MaskbankError):
+    """The request is malformed: wrong shape, datatype, parameter, or non-finite values."""
+
+
+class ModelUnavailable(MaskbankError):
+    """The model exists in the registry but could not be loaded; the message says why."""
+
+
+class VersionNotLoaded(ModelNotFound):
+    """The request names a model version (generation) that is not the one being served."""

@@ -1,0 +1,121 @@
+"""Translation between Open Inference Protocol messages and plain Python/numpy values.
+
+No model logic here: tensors in and out (raw little-endian bytes or typed contents), and the
+per-request parameters maskbank understands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._proto import pb
+from .errors import InvalidRequest
+
+INPUT_NAME = "input"
+OUTPUTS = ("logits", "task_id")
+# Names Triton reserves for itself; clients may send them and maskbank ignores them.
+RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
+RESERVED_PREFIXES = ("triton_", "sequence_")
+PARAMETERS = ("task_id", "task", "task_inference")
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+_TYPED_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+                "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+                "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+@dataclass(frozen=True)
+class TaskSelection:
+    """What the request asks about the task: a given id/name, or a task-inference mode."""
+
+    task: int | str | None
+    mode: str | None
+
+
+def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32") -> np.ndarray:
+    """The request's one input tensor `input` as a numpy array (shape as sent, not yet checked)."""
+    names = [t.name for t in request.inputs]
+    if names != [INPUT_NAME]:
+        raise InvalidRequest(f"model '{request.model_name}' takes exactly one input named '{INPUT_NAME}'; the request has {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != expected_datatype:
+        raise InvalidRequest(f"input '{INPUT_NAME}' has datatype {tensor.datatype or '(empty)'}; the model takes {expected_datatype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"input '{INPUT_NAME}' has a negative dimension in shape {list(shape)}")
+    dtype = DATATYPES[expected_datatype]
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidRequest(f"{len(request.raw_input_contents)} raw input buffers for {len(request.inputs)} input(s)")
+        raw = request.raw_input_contents[0]
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidRequest(
+                f"input '{INPUT_NAME}' of shape {list(shape)} and datatype {expected_datatype} needs "
+                f"{count * dtype.itemsize} bytes; the request has {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    values = getattr(tensor.contents, _TYPED_FIELD[expected_datatype])
+    if len(values) != count:
+        raise InvalidRequest(f"input '{INPUT_NAME}' of shape {list(shape)} needs {count} values; the request has {len(values)}")
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _parameter_value(name: str, parameter: pb.InferParameter):
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
+    """Read `task_id` (integer), `task` (name) and `task_inference` (mode); reject unknown names."""
+    params = request.parameters
+    unknown_names = [k for k in params if k not in PARAMETERS and k not in RESERVED_PARAMETERS
+                     and not k.startswith(RESERVED_PREFIXES)]
+    if unknown_names:
+        raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown_names)} (maskbank reads: {', '.join(PARAMETERS)})")
+    task_id = _parameter_value("task_id", params["task_id"]) if "task_id" in params else None
+    name = _parameter_value("task", params["task"]) if "task" in params else None
+    mode = _parameter_value("task_inference", params["task_inference"]) if "task_inference" in params else None
+    if task_id is not None and (isinstance(task_id, (bool, float, str)) or task_id < 0):
+        raise InvalidRequest(f"parameter 'task_id' must be a non-negative integer, got {task_id!r}; use 'task' for a task name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest(f"parameter 'task' must be a string (the task name), got {name!r}")
+    if mode is not None and not isinstance(mode, str):
+        raise InvalidRequest(f"parameter 'task_inference' must be a string, got {mode!r}")
+    if task_id is not None and name is not None:
+        raise InvalidRequest("give either 'task_id' or 'task', not both")
+    if mode is not None and (task_id is not None or name is not None):
+        raise InvalidRequest("'task_inference' applies only when no task is given; drop 'task_id'/'task' or 'task_inference'")
+    return TaskSelection(task_id if task_id is not None else name, mode)
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
+    """Names of the outputs to return, in order (all of them when the request names none)."""
+    names = [o.name for o in request.outputs] or list(OUTPUTS)
+    if bad := [n for n in names if n not in OUTPUTS]:
+        raise InvalidRequest(f"unknown output(s) {bad}; the model's outputs are {list(OUTPUTS)}")
+    return names
+
+
+def add_raw_output(response: pb.ModelInferResponse, name: str, datatype: str, array: np.ndarray) -> None:
+    """Append an output as raw little-endian bytes (what tritonclient's as_numpy reads)."""
+    response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    response.raw_output_contents.append(np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes())
+
+
+def set_parameter(parameters, key: str, value) -> None:
+    if isinstance(value, bool):
+        parameters[key].bool_param = value
+    elif isinstance(value, int):
+        parameters[key].int64_param = value
+    elif isinstance(value, float):
+        parameters[key].double_param = value
+    else:
+        parameters[key].string_param = str(value)

@@ -1,0 +1,90 @@
+"""The served models: one current snapshot per registry model, following the registry.
+
+`refresh()` loads every model whose newest generation differs from the one served, in the
+caller's thread, and swaps the snapshot pointer only once the new one is fully loaded, so a
+request sees the old generation or the new one, never a half-loaded model. A generation that
+fails to load is logged and skipped; the previous snapshot keeps serving. `follow()` runs
+refresh in a background thread every `interval` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from registry import MaskbankError, ModelNotFound, Registry
+
+from .cache import LRUCache
+from .errors import ModelUnavailable, VersionNotLoaded
+from .snapshot import Snapshot
+
+log = logging.getLogger("maskbank.serving")
+
+
+class ModelRepository:
+    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20):
+        self.registry = registry
+        self.cache = LRUCache(cache_bytes)
+        self._snapshots: dict[str, Snapshot] = {}
+        self._load_errors: dict[str, str] = {}
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def models(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def get(self, model: str, version: str = "") -> Snapshot:
+        """The current snapshot of `model`; `version`, if given, must be its generation."""
+        snapshot = self._snapshots.get(model)
+        if snapshot is None:
+            if model in self._load_errors:
+                raise ModelUnavailable(f"model '{model}' could not be loaded: {self._load_errors[model]}")
+            known = ", ".join(self.models()) or "none"
+            raise ModelNotFound(f"no model named '{model}' is served (models: {known})")
+        if version and version != str(snapshot.generation):
+            raise VersionNotLoaded(
+                f"model '{model}' version '{version}' is not served; the served version is "
+                f"'{snapshot.generation}' (the newest generation); omit the version to use it"
+            )
+        return snapshot
+
+    def refresh(self) -> list[Snapshot]:
+        """Load what changed in the registry; return the snapshots swapped in."""
+        with self._refresh_lock:
+            swapped = []
+            for model in self.registry.list_models():
+                current = self._snapshots.get(model)
+                try:
+                    latest = self.registry.latest_generation(model)
+                    if latest == 0 or (current and current.generation == latest):
+                        continue
+                    snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache)
+                except MaskbankError as error:
+                    if self._load_errors.get(model) != str(error):
+                        log.error("model '%s' generation could not be loaded, keeping the previous one: %s", model, error)
+                    self._load_errors[model] = str(error)
+                    continue
+                self._snapshots[model] = snapshot
+                self._load_errors.pop(model, None)
+                swapped.append(snapshot)
+                log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
+            return swapped
+
+    def follow(self, interval: float) -> None:
+        """Refresh every `interval` seconds in a daemon thread until `close()`."""
+
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # a poll must never kill the follower; the next one retries
+                    log.exception("refreshing models from %s failed", self.registry.root)
+
+        self._thread = threading.Thread(target=loop, name="maskbank-follow", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

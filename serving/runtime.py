@@ -1,0 +1,53 @@
+"""The inference entry point of the runtime: protocol-free, so any front end can call it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequest
+from .repository import ModelRepository
+from .snapshot import LoadedTask, Snapshot
+from .task_inference import infer_task
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    snapshot: Snapshot
+    task: LoadedTask
+    logits: np.ndarray  # float32 [N, classes of the task]
+    mode: str  # 'given', or the task-inference mode that chose the task
+    scores: dict[int, float] | None = None
+
+
+def check_input(snapshot: Snapshot, x: np.ndarray) -> torch.Tensor:
+    """Validate a batch against the model's input and return it as a tensor."""
+    expected = (-1, *snapshot.manifest.input_shape)
+    if x.ndim != len(expected) or x.shape[0] < 1 or tuple(x.shape[1:]) != expected[1:]:
+        raise InvalidRequest(f"input has shape {list(x.shape)}; model '{snapshot.model}' expects {list(expected)} (N >= 1)")
+    finite = np.isfinite(x)
+    if not finite.all():
+        where = np.argwhere(~finite)[0].tolist()
+        raise InvalidRequest(f"input contains {int((~finite).sum())} NaN or infinite value(s), the first at index {where}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def infer(
+    repository: ModelRepository,
+    model: str,
+    x: np.ndarray,
+    *,
+    version: str = "",
+    task: int | str | None = None,
+    mode: str = "exhaustive",
+) -> InferenceResult:
+    """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None."""
+    snapshot = repository.get(model, version)
+    inputs = check_input(snapshot, x)
+    if task is not None:
+        chosen = snapshot.task(task)
+        return InferenceResult(snapshot, chosen, snapshot.logits(chosen, inputs).numpy(), "given")
+    choice = infer_task(mode, snapshot, inputs)
+    return InferenceResult(snapshot, choice.task, snapshot.logits(choice.task, inputs).numpy(), choice.mode, choice.scores)

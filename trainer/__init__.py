@@ -1,0 +1,23 @@
+"""maskbank's trainer: task streams, continual-learning methods, metrics, and the loop that
+publishes each learned task into a registry. It imports registry, never serving."""
+
+from . import supsup  # noqa: F401  (registers the method)
+from .loop import TrainingError, TrainSettings, train
+from .methods import Method, TaskArtifact, get_method, method_names, register_method
+from .streams import TaskData, TaskStream, get_stream, register_stream, stream_names
+
+__all__ = [
+    "Method",
+    "TaskArtifact",
+    "TaskData",
+    "TaskStream",
+    "TrainSettings",
+    "TrainingError",
+    "get_method",
+    "get_stream",
+    "method_names",
+    "register_method",
+    "register_stream",
+    "stream_names",
+    "train",
+]

@@ -1,0 +1,147 @@
+"""The training loop: learn tasks one after another and publish each one as soon as it is learned.
+
+Running it on a model that already exists appends tasks: the backbone and the published tasks are
+read back from the registry and never retrained, and the settings stored in the manifest are
+reused (an explicit setting that contradicts them is an error, because task i depends only on
+(settings, seed, i): two runs of 3 + 2 tasks publish the same model as one run of 5).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
+from registry.errors import MaskbankError
+
+from . import metrics
+from .methods import Method, get_method
+from .streams import TaskData, TaskStream, get_stream
+
+BACKBONE_VERSION = "1"
+_BACKBONE_SEED_KEY = 1 << 30  # keeps the backbone's random stream apart from every task's
+
+
+class TrainingError(MaskbankError):
+    """The training request cannot be carried out as asked."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What determines a model's tasks; stored in the manifest so appends can reuse it."""
+
+    method: str
+    stream: str
+    seed: int = 0
+    architecture: dict[str, Any] = field(default_factory=dict)
+    method_config: dict[str, Any] = field(default_factory=dict)
+
+
+def default_architecture(stream: TaskStream) -> dict[str, Any]:
+    return {"arch": "mlp", "sizes": [int(np.prod(stream.input_shape)), 512, 512, stream.num_classes]}
+
+
+def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> TrainSettings:
+    """Combine explicit settings (None = not given) with those stored in an existing model."""
+    given = {k: v for k, v in requested.items() if v is not None}
+    config_given = {k: v for k, v in (requested.get("method_config") or {}).items() if v is not None}
+    given.pop("method_config", None)
+    if manifest is None:
+        for required in ("method", "stream"):
+            if required not in given:
+                raise TrainingError(f"--{required} is required to create a new model")
+        stream = get_stream(given["stream"], given.get("seed", 0))
+        method = get_method(given["method"], **config_given)
+        return TrainSettings(
+            method=method.name,
+            stream=stream.name,
+            seed=stream.seed,
+            architecture=given.get("architecture") or default_architecture(stream),
+            method_config=asdict(method.config),
+        )
+    stored = manifest.training["settings"]
+    clashes = [f"--{k.replace('_', '-')} {v!r} (model has {stored[k]!r})" for k, v in given.items() if stored[k] != v]
+    clashes += [f"--{k.replace('_', '-')} {v!r} (model has {stored['method_config'][k]!r})"
+                for k, v in config_given.items() if stored["method_config"].get(k) != v]
+    if clashes:
+        raise TrainingError(
+            f"model '{manifest.model}' was trained with other settings; appended tasks must use the same "
+            f"ones so published tasks stay reproducible: {'; '.join(clashes)}. Omit these options, "
+            "or train a new model with --model."
+        )
+    return TrainSettings(**stored)
+
+
+def task_generator(seed: int, *key: int) -> torch.Generator:
+    """A torch generator seeded from (seed, *key), independent of any other task's."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def accuracy(module, method: str, backbone, parts, task: TaskData) -> float:
+    """Test accuracy of one task computed exactly as the server computes it (registry materialisation)."""
+    with torch.no_grad():
+        logits = forward(module, effective_parameters(method, backbone, parts), task.x_test)[:, : task.num_classes]
+    return float((logits.argmax(dim=1) == task.y_test).float().mean())
+
+
+def train(
+    registry: Registry,
+    model: str,
+    tasks: int,
+    requested: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Learn tasks until `model` has `tasks` of them, publishing a new generation after each."""
+    manifest = registry.find_manifest(model)
+    settings = resolve_settings(manifest, requested)
+    stream = get_stream(settings.stream, settings.seed)
+    method = get_method(settings.method, **settings.method_config)
+    module = build_architecture(settings.architecture)
+    if tasks > stream.max_tasks:
+        raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
+    if manifest is None:
+        backbone = method.create_backbone(module, task_generator(settings.seed, _BACKBONE_SEED_KEY))
+        backbone_ref = registry.put(method.backbone_codec, backbone)
+        published: list[tuple[TaskEntry, dict]] = []
+        matrix: list[list[float]] = []
+    else:
+        backbone_ref = manifest.backbones[BACKBONE_VERSION]
+        backbone = registry.load(backbone_ref)
+        published = [(t, {p: registry.load(r) for p, r in t.parts.items()}) for t in manifest.tasks]
+        matrix = [list(row) for row in manifest.training["accuracy_matrix"]]
+    start = len(published)
+    if start >= tasks:
+        log(f"model '{model}' already has {start} task(s); nothing to train (ask for --tasks > {start} to append)")
+        return manifest
+    for index in tqdm(range(start, tasks), desc=f"training '{model}'", unit="task"):
+        task = stream.task(index)
+        began = time.perf_counter()
+        artifact = method.learn_task(build_architecture(settings.architecture), backbone, task, task_generator(settings.seed, index))
+        seconds = time.perf_counter() - began
+        parts = {name: tensors for name, (_, tensors) in artifact.parts.items()}
+        refs = {name: registry.put(codec, tensors) for name, (codec, tensors) in artifact.parts.items()}
+        published.append((None, parts))
+        row = [accuracy(module, method.name, backbone, p, stream.task(j)) for j, (_, p) in enumerate(published)]
+        matrix.append(row)
+        entry = TaskEntry(
+            id=index, name=task.name, method=method.name, backbone=BACKBONE_VERSION, num_classes=task.num_classes,
+            parts=refs, metrics={"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics},
+        )
+        training = {"settings": asdict(settings), "accuracy_matrix": matrix, **metrics.summary(matrix)}
+        if manifest is None:
+            manifest = Manifest(
+                model=model, generation=1, architecture=settings.architecture, input_shape=stream.input_shape,
+                backbones={BACKBONE_VERSION: backbone_ref}, tasks=(entry,), training=training,
+            )
+        else:
+            manifest = manifest.next(tasks=(*manifest.tasks, entry), training=training)
+        registry.commit(manifest)
+        log(f"published task {index} ({task.name}) as generation {manifest.generation}: "
+            f"test accuracy {row[index]:.3f} ({seconds:.1f}s)")
+    return manifest
