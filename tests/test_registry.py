@@ -1,0 +1,146 @@
+"""The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
+
+import json
+
+import pytest
+import torch
+
+from registry import (
+    BlobCorrupt,
+    BlobNotFound,
+    InvalidName,
+    Manifest,
+    ManifestError,
+    ModelNotFound,
+    PublishConflict,
+    Registry,
+    TaskEntry,
+    TaskNotFound,
+    build_architecture,
+)
+from registry.errors import UnknownName
+
+
+def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
+    backbone = registry.put("tensors/v1", {"w": torch.ones(2, 2)})
+    entries = tuple(
+        TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
+                  parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
+        for i in range(tasks)
+    )
+    return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
+                    backbones={"1": backbone}, tasks=entries)
+
+
+def test_blob_round_trip_and_content_address(tmp_path):
+    registry = Registry(tmp_path)
+    ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
+    assert ref.digest.startswith("sha256:") and ref.size == registry.blobs.path(ref.digest).stat().st_size
+    assert registry.put("tensors/v1", {"x": torch.arange(5.0)}) == ref  # idempotent
+    assert torch.equal(registry.load(ref)["x"], torch.arange(5.0))
+
+
+def test_a_flipped_byte_is_detected_and_named(tmp_path):
+    registry = Registry(tmp_path)
+    ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
+    path = registry.blobs.path(ref.digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlobCorrupt) as info:
+        registry.load(ref)
+    assert ref.digest in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_missing_blob_is_reported(tmp_path):
+    registry = Registry(tmp_path)
+    with pytest.raises(BlobNotFound, match="sha256:" + "0" * 64):
+        registry.blobs.get("sha256:" + "0" * 64)
+    with pytest.raises(BlobCorrupt, match="malformed blob reference"):
+        registry.blobs.get("sha256:../../etc/passwd")
+
+
+def test_manifest_round_trip(tmp_path):
+    registry = Registry(tmp_path)
+    manifest = registry.commit(manifest_with(registry, tasks=2))
+    assert registry.manifest("m") == manifest
+    assert registry.generations("m") == [1] and registry.list_models() == ["m"]
+    assert registry.manifest("m").task("t1").id == 1 and registry.manifest("m").task(0).name == "t0"
+
+
+def test_generations_are_compare_and_swap(tmp_path):
+    registry = Registry(tmp_path)
+    first = registry.commit(manifest_with(registry))
+    second = first.next(tasks=manifest_with(registry, tasks=2).tasks)
+    registry.commit(second)
+    with pytest.raises(PublishConflict, match="registry is at generation 2; another publisher got there first"):
+        registry.commit(second)  # a second publisher of generation 2 loses
+    with pytest.raises(PublishConflict):
+        registry.commit(second.next().next())  # skipping a generation is refused too
+    assert registry.generations("m") == [1, 2]
+    assert registry.manifest("m", 1) == first and registry.manifest("m") == second
+
+
+def test_published_tasks_can_only_be_appended(tmp_path):
+    registry = Registry(tmp_path)
+    manifest = manifest_with(registry, tasks=2)
+    with pytest.raises(ManifestError, match="immutable"):
+        manifest.next(tasks=manifest.tasks[:1])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text[: len(text) // 2], "unreadable"),
+        (lambda text: text.replace('"num_classes": 2', '"num_classes": 3', 1), "fails its checksum"),
+    ],
+)
+def test_damaged_manifests_are_refused(tmp_path, damage, message):
+    registry = Registry(tmp_path)
+    registry.commit(manifest_with(registry))
+    path = tmp_path / "models" / "m" / "generations" / "0000000001.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ManifestError, match=message) as info:
+        registry.manifest("m")
+    assert str(path) in str(info.value)
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    registry = Registry(tmp_path)
+    manifest = manifest_with(registry)
+    object.__setattr__(manifest, "format_version", 99)
+    registry.commit(manifest)
+    with pytest.raises(ManifestError, match="format version 99; this maskbank reads version 1: upgrade"):
+        registry.manifest("m")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "a" * 200, "x..y"])
+def test_unsafe_names_are_refused(tmp_path, name):
+    with pytest.raises(InvalidName, match="invalid model name"):
+        Registry(tmp_path).manifest(name)
+
+
+def test_unknown_model_and_task_messages(tmp_path):
+    registry = Registry(tmp_path)
+    registry.commit(manifest_with(registry))
+    with pytest.raises(ModelNotFound, match=r"has no model 'nope' \(models: m\)"):
+        registry.manifest("nope")
+    with pytest.raises(TaskNotFound, match=r"no task 7 at generation 1 \(tasks: 0 \(t0\)\)"):
+        registry.manifest("m").task(7)
+
+
+def test_architecture_specs():
+    module = build_architecture({"arch": "mlp", "sizes": [64, 32, 10]})
+    assert [n for n, _ in module.named_parameters()] == ["fc0.weight", "fc1.weight"]
+    assert module(torch.zeros(3, 64)).shape == (3, 10)
+    with pytest.raises(UnknownName, match=r"Unknown architecture 'vit' \(known: mlp"):
+        build_architecture({"arch": "vit"})
+    with pytest.raises(Exception, match="takes"):
+        build_architecture({"arch": "mlp", "sizes": [4, 2], "depth": 3})
+
+
+def test_manifest_file_is_readable_json(tmp_path):
+    registry = Registry(tmp_path)
+    registry.commit(manifest_with(registry))
+    doc = json.loads((tmp_path / "models" / "m" / "generations" / "0000000001.json").read_text())
+    assert doc["manifest"]["format_version"] == 1 and len(doc["sha256"]) == 64

@@ -1,0 +1,239 @@
+"""Integration: a real `maskbank serve` process on loopback, queried with the stock tritonclient
+(and a plain gRPC client where tritonclient cannot build the request)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from maskbank.process import ServerProcess
+from registry import Registry, build_architecture, effective_parameters, forward
+from serving._proto import pb, pb_grpc
+from trainer import get_stream
+
+from .conftest import SMALL, TINY, cli, train_model, wait_for
+
+MODEL = "digits"
+TASKS = 5
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Live:
+    server: ServerProcess
+    client: triton.InferenceServerClient
+    registry: Registry
+    task0_before: np.ndarray  # task 0's logits served while it was the only task
+
+
+def infer(client, x: np.ndarray, model: str = MODEL, datatype: str = "FP32", name: str = "input", **parameters):
+    inp = triton.InferInput(name, list(x.shape), datatype)
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], parameters=parameters or None)
+
+
+def digits_inputs(task: int, count: int | None = None) -> np.ndarray:
+    return get_stream("permuted-digits").task(task).x_test.numpy()[:count]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    train_model(root, MODEL, 1, SMALL)
+    with ServerProcess(root, "--poll-interval", "0.2") as server:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready(MODEL), what="the model to be ready")
+        before = infer(client, digits_inputs(0), task_id=0).as_numpy("logits")
+        appended = cli("train", "--registry", str(root), "--model", MODEL, "--tasks", str(TASKS))
+        assert appended.returncode == 0, appended.stderr
+        wait_for(lambda: client.get_model_metadata(MODEL).versions == [str(TASKS)], what="the server to load generation 5")
+        yield Live(server, client, Registry(root), before)
+        client.close()
+
+
+def in_process_logits(registry: Registry, task: int, x: np.ndarray) -> np.ndarray:
+    """What the server should answer, computed here from the registry alone."""
+    manifest = registry.manifest(MODEL)
+    entry = manifest.task(task)
+    parts = {name: registry.load(ref) for name, ref in entry.parts.items()}
+    params = effective_parameters(entry.method, registry.load(manifest.backbones[entry.backbone]), parts)
+    module = build_architecture(manifest.architecture)
+    import torch
+
+    with torch.no_grad():
+        return forward(module, params, torch.from_numpy(x))[:, : entry.num_classes].numpy()
+
+
+def test_server_and_model_metadata(live):
+    client = live.client
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    assert not client.is_model_ready("nope")
+    assert client.get_server_metadata().name == "maskbank"
+    meta = client.get_model_metadata(MODEL)
+    assert (meta.name, list(meta.versions), meta.platform) == (MODEL, ["5"], "maskbank_pytorch")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, 10]), ("task_id", "INT64", [-1])]
+
+
+def test_health_and_reflection(live):
+    with grpc.insecure_channel(live.server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        services = {s.name for s in answer.list_services_response.service}
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+
+
+@pytest.mark.parametrize("task", range(TASKS))
+def test_task_given_matches_in_process_logits_exactly(live, task):
+    x = digits_inputs(task, 40)
+    result = infer(live.client, x, task_id=task)
+    assert np.array_equal(result.as_numpy("logits"), in_process_logits(live.registry, task, x))
+    assert result.as_numpy("task_id").tolist() == [task] * 40
+    params = result.get_response().parameters
+    assert params["task_inference"].string_param == "given" and params["task"].string_param == f"perm-{task}"
+
+
+def test_zero_forgetting_bit_exact(live):
+    after = infer(live.client, digits_inputs(0), task_id=0).as_numpy("logits")
+    assert np.array_equal(after, live.task0_before)
+
+
+def test_task_by_name(live):
+    x = digits_inputs(2, 8)
+    by_name = infer(live.client, x, task="perm-2")
+    assert by_name.as_numpy("task_id").tolist() == [2] * 8
+    assert np.array_equal(by_name.as_numpy("logits"), infer(live.client, x, task_id=2).as_numpy("logits"))
+
+
+def gn_share(client, mode: str, batch: int = 16) -> float:
+    right = total = 0
+    for task in range(TASKS):
+        x = digits_inputs(task)
+        for start in range(0, len(x) - batch + 1, batch):
+            result = infer(client, x[start : start + batch], task_inference=mode)
+            right += int(result.as_numpy("task_id")[0] == task)
+            total += 1
+    return right / total
+
+
+def test_gn_exhaustive_infers_the_task(live):
+    share = gn_share(live.client, "exhaustive")
+    print(f"\nGN exhaustive: right task for {share:.1%} of batches of 16")
+    assert share >= 0.95
+
+
+def test_gn_oneshot_answers_with_scores(live):
+    share = gn_share(live.client, "oneshot")
+    print(f"\nGN oneshot: right task for {share:.1%} of batches of 16 (measured, not asserted)")
+    result = infer(live.client, digits_inputs(3, 16), task_inference="oneshot")
+    params = result.get_response().parameters
+    assert params["task_inference"].string_param == "oneshot"
+    assert sorted(json.loads(params["task_scores"].string_param)) == [str(i) for i in range(TASKS)]
+    assert 0 <= result.as_numpy("task_id")[0] < TASKS
+
+
+def test_server_default_mode_is_exhaustive(live):
+    result = infer(live.client, digits_inputs(1, 16))
+    assert result.get_response().parameters["task_inference"].string_param == "exhaustive"
+
+
+def test_typed_contents_are_accepted(live):
+    x = digits_inputs(1, 4)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.parameters["task_id"].int64_param = 1
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.ravel().tolist())
+    with grpc.insecure_channel(live.server.url) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    logits = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(4, 10)
+    assert np.array_equal(logits, infer(live.client, x, task_id=1).as_numpy("logits"))
+
+
+GOOD = digits_inputs(0, 4)
+BAD_REQUESTS = {
+    "unknown model": (dict(x=GOOD, model="nope", task_id=0), "NOT_FOUND", "no model named 'nope'"),
+    "unknown task id": (dict(x=GOOD, task_id=99), "NOT_FOUND", "has no task 99"),
+    "unknown task name": (dict(x=GOOD, task="perm-77"), "NOT_FOUND", "has no task 'perm-77'"),
+    "wrong feature count": (dict(x=GOOD[:, :63].copy(), task_id=0), "INVALID_ARGUMENT", "shape [4, 63]; model 'digits' expects [-1, 64]"),
+    "one-dimensional": (dict(x=GOOD[0].copy(), task_id=0), "INVALID_ARGUMENT", "shape [64]"),
+    "wrong datatype": (dict(x=GOOD.astype(np.float64), datatype="FP64", task_id=0), "INVALID_ARGUMENT", "datatype FP64; the model takes FP32"),
+    "NaN": (dict(x=np.where(np.arange(64) == 5, np.nan, GOOD).astype(np.float32), task_id=0), "INVALID_ARGUMENT", "NaN or infinite value(s), the first at index [0, 5]"),
+    "inf": (dict(x=np.full((2, 64), np.inf, np.float32)), "INVALID_ARGUMENT", "128 NaN or infinite"),
+    "wrong input name": (dict(x=GOOD, name="pixels", task_id=0), "INVALID_ARGUMENT", "exactly one input named 'input'"),
+    "unknown parameter": (dict(x=GOOD, taskid=0), "INVALID_ARGUMENT", "unknown request parameter(s) ['taskid']"),
+    "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: exhaustive, oneshot)"),
+    "negative task id": (dict(x=GOOD, task_id=-1), "INVALID_ARGUMENT", "'task_id' must be a non-negative integer"),
+    "id and name": (dict(x=GOOD, task_id=1, task="perm-1"), "INVALID_ARGUMENT", "either 'task_id' or 'task'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_a_clear_status_and_the_server_keeps_serving(live, case):
+    kwargs, status, message = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as info:
+        infer(live.client, **kwargs)
+    assert info.value.status() == f"StatusCode.{status}"
+    assert message in info.value.message()
+    assert live.client.is_server_live()
+    assert infer(live.client, GOOD, task_id=0).as_numpy("logits").shape == (4, 10)
+
+
+def test_raw_bytes_that_do_not_fit_the_shape(live):
+    request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[b"\x00" * 12])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    with grpc.insecure_channel(live.server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs 256 bytes; the request has 12" in info.value.details()
+
+
+def test_unknown_version_and_unknown_output(live):
+    inp = triton.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(GOOD[:1])
+    with pytest.raises(InferenceServerException, match="version '2' is not served") as info:
+        live.client.infer(MODEL, [inp], model_version="2", parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException, match=r"unknown output\(s\) \['probs'\]"):
+        live.client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("probs")], parameters={"task_id": 0})
+
+
+def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
+    registry = train_model(tmp_path, "m", 2, TINY)
+    ref = registry.manifest("m").task(1).parts["masks"]
+    path = registry.blobs.path(ref.digest)
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    with ServerProcess(tmp_path) as server:
+        client = triton.InferenceServerClient(server.url)
+        assert client.is_model_ready("m")
+        assert infer(client, GOOD, model="m", task_id=0).as_numpy("logits").shape == (4, 10)
+        with pytest.raises(InferenceServerException) as info:
+            infer(client, GOOD, model="m", task_id=1)
+        assert info.value.status() == "StatusCode.DATA_LOSS" and ref.digest in info.value.message()
+        assert infer(client, GOOD, model="m", task_inference="exhaustive").as_numpy("task_id")[0] == 0
+        client.close()
+
+
+def test_models_published_after_start_are_served_and_stop_is_graceful(tmp_path):
+    server = ServerProcess(tmp_path, "--poll-interval", "0.2").start()
+    try:
+        client = triton.InferenceServerClient(server.url)
+        assert client.is_server_ready() and not client.is_model_ready("late")
+        train_model(tmp_path, "late", 1, TINY)
+        wait_for(lambda: client.is_model_ready("late"), what="the new model")
+        assert infer(client, GOOD, model="late", task_id=0).as_numpy("task_id").tolist() == [0] * 4
+        client.close()
+    finally:
+        code = server.stop()
+    assert code == 0 and any("stopped" in line for line in server.output)

@@ -1,0 +1,88 @@
+"""The trainer: streams, SupSup, metrics, and appending tasks to a published model."""
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from registry import Registry, build_architecture
+from trainer import TrainingError, get_method, get_stream
+from trainer.loop import task_generator
+from trainer.metrics import backward_transfer, forgetting, summary
+from trainer.supsup import EdgePopupMask
+
+from .conftest import TINY, train_model
+
+
+def test_metrics_on_a_known_matrix():
+    matrix = [[0.9], [0.8, 0.7], [0.6, 0.75, 0.5]]
+    assert summary(matrix)["average_accuracy"] == pytest.approx((0.6 + 0.75 + 0.5) / 3)
+    assert forgetting(matrix) == pytest.approx(((0.9 - 0.6) + (0.7 - 0.75)) / 2)
+    assert backward_transfer(matrix) == pytest.approx(((0.6 - 0.9) + (0.75 - 0.7)) / 2)
+    assert forgetting([[0.5]]) == backward_transfer([[0.5]]) == 0.0
+
+
+def test_streams_are_deterministic_and_independent_of_length():
+    a, b = get_stream("permuted-digits", seed=3), get_stream("permuted-digits", seed=3)
+    assert torch.equal(a.task(4).x_train, b.task(4).x_train)
+    assert not torch.equal(a.task(0).x_train, a.task(1).x_train)
+    assert sorted(a.task(0).x_train[0].tolist()) == sorted(a.task(1).x_train[0].tolist())  # same pixels, permuted
+    split = get_stream("split-digits")
+    assert [split.task(i).num_classes for i in range(5)] == [2] * 5
+    assert set(split.task(2).y_train.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="tasks 0..4, not 5"):
+        split.task(5)
+
+
+def test_edge_popup_mask_keeps_the_density_and_passes_gradients_straight_through():
+    layer = torch.nn.Linear(20, 10, bias=False)
+    mask = EdgePopupMask(layer.weight.shape, density=0.3, generator=torch.Generator().manual_seed(0))
+    parametrize.register_parametrization(layer, "weight", mask)
+    assert int(mask.mask().sum()) == 60
+    layer(torch.randn(4, 20)).sum().backward()
+    assert mask.scores.grad is not None and mask.scores.grad.abs().sum() > 0
+
+
+def test_supsup_learns_a_task_without_touching_the_backbone():
+    method = get_method("supsup", epochs=5)
+    module = build_architecture({"arch": "mlp", "sizes": [64, 128, 10]})
+    backbone = method.create_backbone(module, task_generator(0, 99))
+    before = {k: v.clone() for k, v in backbone.items()}
+    artifact = method.learn_task(module, backbone, get_stream("permuted-digits").task(0), task_generator(0, 0))
+    masks = artifact.parts["masks"][1]
+    assert all(torch.equal(backbone[k], before[k]) for k in backbone)
+    assert masks.keys() == backbone.keys() and all(m.dtype == torch.bool for m in masks.values())
+    assert artifact.metrics["density"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_training_publishes_every_task_with_metrics(tmp_path):
+    registry = train_model(tmp_path, "m", 2, TINY)
+    manifest = registry.manifest("m")
+    assert registry.generations("m") == [1, 2] and [t.name for t in manifest.tasks] == ["perm-0", "perm-1"]
+    assert len(manifest.training["accuracy_matrix"]) == 2
+    assert all(t.metrics["accuracy"] > 0.3 for t in manifest.tasks)  # far above chance (0.1) even when tiny
+
+
+def test_appending_equals_training_at_once(tmp_path):
+    once = train_model(tmp_path / "once", "m", 3, TINY).manifest("m")
+    train_model(tmp_path / "twice", "m", 2, TINY)
+    twice = Registry(tmp_path / "twice")
+    first_two = twice.manifest("m").tasks
+    from trainer import train
+
+    train(twice, "m", 3, {}, log=lambda _: None)  # settings come from the stored model
+    appended = twice.manifest("m")
+    assert appended.tasks[:2] == first_two  # published tasks are untouched
+    assert [t.parts for t in appended.tasks] == [t.parts for t in once.tasks]  # bit-identical blobs
+    assert appended.backbones == once.backbones
+
+
+def test_append_refuses_contradicting_settings(tmp_path):
+    registry = train_model(tmp_path, "m", 1, TINY)
+    from trainer import train
+
+    with pytest.raises(TrainingError, match=r"--stream 'split-digits' \(model has 'permuted-digits'\)"):
+        train(registry, "m", 2, {"stream": "split-digits"})
+    with pytest.raises(TrainingError, match=r"--density 0.2 \(model has 0.5\)"):
+        train(registry, "m", 2, {"method_config": {"density": 0.2}})
+    with pytest.raises(TrainingError, match="--method is required"):
+        train(registry, "new", 1, {"stream": "permuted-digits"})
