@@ -68,7 +68,7 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def _parameter_value(name: str, parameter: pb.InferParameter):
+def _parameter_value(parameter: pb.InferParameter):
     kind = parameter.WhichOneof("parameter_choice")
     return None if kind is None else getattr(parameter, kind)
 
@@ -80,9 +80,9 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
                      and not k.startswith(RESERVED_PREFIXES)]
     if unknown_names:
         raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown_names)} (maskbank reads: {', '.join(PARAMETERS)})")
-    task_id = _parameter_value("task_id", params["task_id"]) if "task_id" in params else None
-    name = _parameter_value("task", params["task"]) if "task" in params else None
-    mode = _parameter_value("task_inference", params["task_inference"]) if "task_inference" in params else None
+    task_id = _parameter_value(params["task_id"]) if "task_id" in params else None
+    name = _parameter_value(params["task"]) if "task" in params else None
+    mode = _parameter_value(params["task_inference"]) if "task_inference" in params else None
     if task_id is not None and (isinstance(task_id, (bool, float, str)) or task_id < 0):
         raise InvalidRequest(f"parameter 'task_id' must be a non-negative integer, got {task_id!r}; use 'task' for a task name")
     if name is not None and not isinstance(name, str):

@@ -50,4 +50,5 @@ def infer(
         chosen = snapshot.task(task)
         return InferenceResult(snapshot, chosen, snapshot.logits(chosen, inputs).numpy(), "given")
     choice = infer_task(mode, snapshot, inputs)
-    return InferenceResult(snapshot, choice.task, snapshot.logits(choice.task, inputs).numpy(), choice.mode, choice.scores)
+    logits = choice.logits if choice.logits is not None else snapshot.logits(choice.task, inputs)
+    return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, choice.scores)

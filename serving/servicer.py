@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 
+from registry import MaskbankError
+
 from . import oip
 from ._proto import pb, pb_grpc
 from .repository import ModelRepository
@@ -33,7 +35,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request, context):
         try:
             snapshot = self.repository.get(request.name, request.version)
-        except Exception:
+        except MaskbankError:  # unknown, unloadable or other version: not ready
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.ready and bool(snapshot.healthy_tasks()))
 

@@ -29,6 +29,7 @@ class TaskChoice:
     task: LoadedTask
     mode: str
     scores: dict[int, float]
+    logits: torch.Tensor | None = None  # the chosen task's logits, when the mode computed them
 
 
 _MODES: dict[str, Callable[[Snapshot, torch.Tensor], TaskChoice]] = {}
@@ -63,10 +64,10 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @register_mode("exhaustive")
 def exhaustive(snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
-    tasks = snapshot.healthy_tasks()
-    scores = {t.entry.id: float(mean_entropy(snapshot.logits(t, x))) for t in tasks}
-    best = min(tasks, key=lambda t: (scores[t.entry.id], t.entry.id))
-    return TaskChoice(best, "exhaustive", scores)
+    logits = {t.entry.id: snapshot.logits(t, x) for t in snapshot.healthy_tasks()}
+    scores = {i: float(mean_entropy(out)) for i, out in logits.items()}
+    best = min(scores, key=lambda i: (scores[i], i))
+    return TaskChoice(snapshot.tasks[best], "exhaustive", scores, logits[best])
 
 
 @register_mode("oneshot")

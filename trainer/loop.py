@@ -119,7 +119,7 @@ def train(
     if start >= tasks:
         log(f"model '{model}' already has {start} task(s); nothing to train (ask for --tasks > {start} to append)")
         return manifest
-    for index in tqdm(range(start, tasks), desc=f"training '{model}'", unit="task"):
+    for index in tqdm(range(start, tasks), desc=f"training '{model}'", unit="task", disable=None):
         task = stream.task(index)
         began = time.perf_counter()
         artifact = method.learn_task(build_architecture(settings.architecture), backbone, task, task_generator(settings.seed, index))

@@ -88,7 +88,7 @@ class SupSup(Method):
         optimizer = torch.optim.SGD(scores, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         n = len(task.y_train)
-        bar = tqdm(range(cfg.epochs), desc=f"task {task.index} ({task.name})", unit="epoch", leave=False)
+        bar = tqdm(range(cfg.epochs), desc=f"task {task.index} ({task.name})", unit="epoch", leave=False, disable=None)
         for _ in bar:
             order = torch.randperm(n, generator=generator)
             total = 0.0
