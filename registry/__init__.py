@@ -16,11 +16,12 @@ from .errors import (
     TaskNotFound,
     UnknownName,
 )
-from .manifest import FORMAT_VERSION, BlobRef, Manifest, TaskEntry
+from .manifest import FORMAT_VERSION, BackboneVersion, BlobRef, Manifest, TaskEntry
 from .materialize import effective_parameters, forward, register_materializer
 
 __all__ = [
     "FORMAT_VERSION",
+    "BackboneVersion",
     "BlobCorrupt",
     "BlobNotFound",
     "BlobRef",

@@ -1,55 +1,53 @@
-"""The registry on a local directory: blobs, and one manifest file per model generation.
+"""The registry: blobs plus one manifest object per model generation, on any storage backend.
 
-Layout::
+Layout (keys of registry/storage.py)::
 
-    ROOT/blobs/sha256/ab/ab12...            immutable, content-addressed
-    ROOT/models/MODEL/generations/0000000007.json
+    blobs/sha256/ab/ab12...                   immutable, content-addressed
+    models/MODEL/generations/0000000007.json  one checksummed manifest per generation
 
-A generation file is written to a temporary name, flushed, then hard-linked to its final name;
-the link fails if that generation exists, which makes publishing a compare-and-swap on the
-generation: of two publishers of generation g+1, exactly one wins and the other gets
-PublishConflict. Blobs are always written before the manifest that references them, so a reader
-sees the old or the new generation, never a mix, and a publisher killed at any point leaves the
-registry at one or the other (stray temporary files and unreferenced blobs are harmless).
+Publishing writes every blob first, then creates the next generation's manifest with the
+storage's atomic create-if-absent: of two publishers of generation g+1 exactly one wins and the
+other gets PublishConflict. A reader therefore sees the old or the new generation, never a mix,
+and a publisher killed at any point leaves the registry at one or the other (at worst with
+unreferenced blobs, which `gc` removes).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import codecs
-from .errors import ModelNotFound, PublishConflict
-from .manifest import BlobRef, Manifest
+from .errors import ManifestError, ModelNotFound, PublishConflict
+from .manifest import BackboneVersion, BlobRef, Manifest
 from .names import check_name
-from .store import BlobStore, fsync_directory
+from .storage import open_storage
+from .store import BlobStore
 
 _GENERATION_FILE = re.compile(r"(\d{10})\.json")
 
 
 class Registry:
-    """A model registry rooted at a local directory (created on first publish)."""
+    """A model registry at a directory path or an fsspec URL (created on first publish)."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.blobs = BlobStore(self.root)
+    def __init__(self, location: str | os.PathLike):
+        self.location = os.fspath(location)
+        self.storage = open_storage(location)
+        self.blobs = BlobStore(self.storage)
 
     def __repr__(self) -> str:
-        return f"Registry({str(self.root)!r})"
+        return f"Registry({self.location!r})"
 
     def list_models(self) -> list[str]:
-        models = self.root / "models"
-        return sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+        return [m for m in self.storage.list_dir("models") if not m.startswith(".")]
 
     def generations(self, model: str) -> list[int]:
         """All published generations of `model`, oldest first ([] if none)."""
-        folder = self._generations_dir(model)
-        if not folder.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION_FILE.fullmatch(p.name)))
+        names = self.storage.list_dir(self._generations_prefix(model))
+        return sorted(int(m.group(1)) for name in names if (m := _GENERATION_FILE.fullmatch(name)))
 
     def latest_generation(self, model: str) -> int:
         """The newest generation of `model`, or 0 when it has none."""
@@ -59,12 +57,22 @@ class Registry:
     def manifest(self, model: str, generation: int | None = None) -> Manifest:
         """Read and verify one generation of `model` (the newest by default)."""
         generation = generation or self.latest_generation(model)
-        path = self._generations_dir(model) / f"{generation:010d}.json"
-        if generation == 0 or not path.exists():
+        key = self._manifest_key(model, generation)
+        try:
+            data = self.storage.read(key) if generation else None
+        except FileNotFoundError:
+            data = None
+        if data is None:
             known = ", ".join(self.list_models()) or "none"
             what = f"model '{model}'" if generation == 0 else f"generation {generation} of model '{model}'"
-            raise ModelNotFound(f"registry {self.root} has no {what} (models: {known})")
-        return Manifest.from_json(path.read_bytes(), source=str(path))
+            raise ModelNotFound(f"registry {self.location} has no {what} (models: {known})")
+        manifest = Manifest.from_json(data, source=self.storage.describe(key))
+        if (manifest.model, manifest.generation) != (model, generation):
+            raise ManifestError(
+                f"manifest {self.storage.describe(key)} describes generation {manifest.generation} of "
+                f"'{manifest.model}', not generation {generation} of '{model}': it was copied or renamed"
+            )
+        return manifest
 
     def find_manifest(self, model: str) -> Manifest | None:
         """The newest manifest of `model`, or None if it was never published."""
@@ -72,43 +80,52 @@ class Registry:
 
     def commit(self, manifest: Manifest) -> Manifest:
         """Publish `manifest` as its generation, which must be the next one (compare-and-swap)."""
-        folder = self._generations_dir(manifest.model)
-        folder.mkdir(parents=True, exist_ok=True)
-        for ref in (*manifest.backbones.values(), *(p for t in manifest.tasks for p in t.parts.values())):
-            self.blobs.path(ref.digest).stat()  # every referenced blob exists before the manifest does
-        final = folder / f"{manifest.generation:010d}.json"
-        expected = self.latest_generation(manifest.model) + 1
-        if manifest.generation != expected:
-            raise PublishConflict(self._conflict(manifest, expected - 1))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(manifest.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, final)
-        except FileExistsError:
-            raise PublishConflict(self._conflict(manifest, self.latest_generation(manifest.model))) from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        fsync_directory(folder)
+        missing = [ref.digest for ref in manifest.blob_refs() if not self.blobs.exists(ref.digest)]
+        if missing:
+            raise ManifestError(f"refusing to publish '{manifest.model}': blobs {missing} are not in the registry")
+        latest = self.latest_generation(manifest.model)
+        if manifest.generation != latest + 1 or not self.storage.create(
+            self._manifest_key(manifest.model, manifest.generation), manifest.to_json()
+        ):
+            raise PublishConflict(
+                f"model '{manifest.model}': generation {manifest.generation} cannot be published because "
+                f"the registry is at generation {self.latest_generation(manifest.model)}; another "
+                "publisher got there first: reload and retry"
+            )
         return manifest
 
     def put(self, codec: str, value: Any) -> BlobRef:
         """Encode `value` with `codec`, store it, and return the reference a manifest records."""
-        data = codecs.encode(codec, value)
-        return BlobRef(digest=self.blobs.put(data), codec=codec, size=len(data))
+        return self._put_bytes(codec, codecs.encode(codec, value))
 
     def load(self, ref: BlobRef) -> Any:
         """Read, verify and decode the blob behind `ref`."""
-        return codecs.decode(ref.codec, self.blobs.get(ref.digest), source=ref.digest)
+        return codecs.decode(ref.codec, self.blobs.get(ref.digest), source=f"blob {ref.digest}")
 
-    def _generations_dir(self, model: str) -> Path:
-        return self.root / "models" / check_name("model", model) / "generations"
+    def put_backbone(self, tensors: dict[str, torch.Tensor], codec: str = "tensors/v1",
+                     base: tuple[str, dict[str, torch.Tensor]] | None = None) -> BackboneVersion:
+        """Store a backbone version in full, or as a sparse delta of `base` = (version, tensors)
+        when that is smaller."""
+        full = codecs.encode(codec, tensors)
+        if base is not None:
+            delta = codecs.encode("delta/v1", codecs.sparse_delta(base[1], tensors))
+            if len(delta) < len(full):
+                return BackboneVersion(self._put_bytes("delta/v1", delta), base=base[0])
+        return BackboneVersion(self._put_bytes(codec, full))
 
-    @staticmethod
-    def _conflict(manifest: Manifest, latest: int) -> str:
-        return (
-            f"model '{manifest.model}': generation {manifest.generation} cannot be published because the "
-            f"registry is at generation {latest}; another publisher got there first: reload and retry"
-        )
+    def _put_bytes(self, codec: str, data: bytes) -> BlobRef:
+        return BlobRef(digest=self.blobs.put(data), codec=codec, size=len(data))
+
+    def load_backbone(self, manifest: Manifest, version: str) -> dict[str, torch.Tensor]:
+        """The full weights of backbone `version`, applying sparse deltas down from their bases."""
+        entry = manifest.backbone(version)
+        value = self.load(entry.blob)
+        if entry.base is None:
+            return value
+        return codecs.apply_delta(self.load_backbone(manifest, entry.base), value)
+
+    def _generations_prefix(self, model: str) -> str:
+        return f"models/{check_name('model', model)}/generations"
+
+    def _manifest_key(self, model: str, generation: int) -> str:
+        return f"{self._generations_prefix(model)}/{generation:010d}.json"

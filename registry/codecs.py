@@ -7,6 +7,7 @@ are uint8 tensors and their logical shapes live in the container's string metada
 * `signed-constant/v1`: a fixed random backbone whose weights are +-scale per layer, stored as
   one sign bit per weight plus one float32 scale per layer.
 * `tensors/v1`: a dict of tensors as plain safetensors.
+* `delta/v1`: a backbone version as a sparse delta of its base version (see `sparse_delta`).
 """
 
 from __future__ import annotations
@@ -129,3 +130,40 @@ def _encode_tensors(tensors: Tensors) -> bytes:
 register_codec("bitmask/v1", _encode_masks, _decode_masks)
 register_codec("signed-constant/v1", _encode_signed_constant, _decode_signed_constant)
 register_codec("tensors/v1", _encode_tensors, st_load)
+
+
+def sparse_delta(base: Tensors, new: Tensors) -> Tensors:
+    """What changed from `base` to `new`: for a tensor of unchanged shape, the flat indices
+    ('NAME.index', int64) and new values ('NAME.values') of the elements that differ; a tensor
+    that is new or changed shape (a grown layer) is kept whole ('NAME.full')."""
+    if missing := set(base) - set(new):
+        raise InvalidArtifact(f"a backbone version cannot drop tensors of its base: {sorted(missing)}")
+    delta = {}
+    for name, tensor in new.items():
+        old = base.get(name)
+        if old is None or old.shape != tensor.shape or old.dtype != tensor.dtype:
+            delta[f"{name}.full"] = tensor
+            continue
+        index = torch.nonzero((old != tensor).flatten()).flatten()
+        delta[f"{name}.index"] = index
+        delta[f"{name}.values"] = tensor.flatten()[index]
+    return delta
+
+
+def apply_delta(base: Tensors, delta: Tensors) -> Tensors:
+    """Inverse of sparse_delta: the full tensors of the new version."""
+    result = dict(base)
+    for key, tensor in delta.items():
+        name, kind = key.rsplit(".", 1)
+        if kind == "full":
+            result[name] = tensor
+        elif kind == "index":
+            if name not in base:
+                raise ValueError(f"delta changes '{name}', which its base does not have")
+            flat = base[name].flatten().clone()
+            flat[tensor] = delta[f"{name}.values"]
+            result[name] = flat.reshape(base[name].shape)
+    return result
+
+
+register_codec("delta/v1", _encode_tensors, st_load)

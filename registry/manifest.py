@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import ManifestError, TaskNotFound
+from .errors import ManifestError, RegistryError, TaskNotFound
 from .names import check_name
 
 FORMAT_VERSION = 1
@@ -22,6 +22,14 @@ class BlobRef:
     digest: str
     codec: str
     size: int
+
+
+@dataclass(frozen=True)
+class BackboneVersion:
+    """One version of the shared weights: a full copy (`base` None) or a sparse delta of `base`."""
+
+    blob: BlobRef
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,13 +60,41 @@ class Manifest:
     generation: int
     architecture: Mapping[str, Any]
     input_shape: tuple[int, ...]
-    backbones: Mapping[str, BlobRef]
+    backbones: Mapping[str, BackboneVersion]
     tasks: tuple[TaskEntry, ...]
     training: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         check_name("model", self.model)
+        for version in self.backbones:
+            self._check_delta_chain(version)
+        for task in self.tasks:
+            if task.backbone not in self.backbones:
+                raise ManifestError(
+                    f"model '{self.model}': task {task.id} ({task.name}) needs backbone version {task.backbone!r}, "
+                    f"which the manifest does not have (versions: {', '.join(self.backbones) or 'none'})"
+                )
+        ids = [t.id for t in self.tasks]
+        names = [t.name for t in self.tasks]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+            raise ManifestError(f"model '{self.model}': task ids and names must be unique (ids {ids}, names {names})")
+
+    def _check_delta_chain(self, version: str) -> None:
+        seen = [version]
+        while (base := self.backbones[seen[-1]].base) is not None:
+            if base not in self.backbones or base in seen:
+                raise ManifestError(f"model '{self.model}': backbone {version} has a broken delta chain {seen + [base]}")
+            seen.append(base)
+
+    def backbone(self, version: str) -> BackboneVersion:
+        if version not in self.backbones:
+            raise ManifestError(f"model '{self.model}' has no backbone version {version!r} (versions: {', '.join(self.backbones)})")
+        return self.backbones[version]
+
+    def blob_refs(self) -> list[BlobRef]:
+        """Every blob this generation references."""
+        return [b.blob for b in self.backbones.values()] + [r for t in self.tasks for r in t.parts.values()]
 
     def task(self, key: int | str) -> TaskEntry:
         """The task with id `key` (int) or name `key` (str); TaskNotFound lists what exists."""
@@ -98,7 +134,7 @@ class Manifest:
             )
         try:
             return _manifest_from_dict(body)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RegistryError) as exc:
             raise ManifestError(f"manifest {source} is malformed: {exc}") from None
 
 
@@ -115,12 +151,13 @@ def _plain(value: Any) -> Any:
 def _manifest_from_dict(body: dict) -> Manifest:
     refs = lambda d: {k: BlobRef(**v) for k, v in d.items()}  # noqa: E731
     tasks = tuple(TaskEntry(**{**t, "parts": refs(t["parts"])}) for t in body["tasks"])
+    backbones = {k: BackboneVersion(BlobRef(**v["blob"]), v.get("base")) for k, v in body["backbones"].items()}
     return Manifest(
         model=body["model"],
         generation=int(body["generation"]),
         architecture=body["architecture"],
         input_shape=tuple(body["input_shape"]),
-        backbones=refs(body["backbones"]),
+        backbones=backbones,
         tasks=tasks,
         training=body.get("training", {}),
         format_version=body["format_version"],

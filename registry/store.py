@@ -1,15 +1,14 @@
-"""Content-addressed blob store on a local directory: sha256 names, verified on every read."""
+"""Content-addressed blobs: named by the sha256 of their bytes, verified on every read."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 from .errors import BlobCorrupt, BlobNotFound
+from .storage import Storage
 
 DIGEST_PREFIX = "sha256:"
+BLOB_PREFIX = "blobs/sha256"
 
 
 def digest_of(data: bytes) -> str:
@@ -17,66 +16,53 @@ def digest_of(data: bytes) -> str:
     return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file, the new one, or none: never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or link inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BlobStore:
-    """Immutable blobs under `root/blobs/sha256/ab/abcdef...`, named by the sha256 of their bytes."""
+    """Immutable blobs under `blobs/sha256/ab/abcdef...` of a storage backend."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root) / "blobs" / "sha256"
+    def __init__(self, storage: Storage):
+        self.storage = storage
 
-    def path(self, digest: str) -> Path:
+    def key(self, digest: str) -> str:
         hexdigest = self._hex(digest)
-        return self.root / hexdigest[:2] / hexdigest
+        return f"{BLOB_PREFIX}/{hexdigest[:2]}/{hexdigest}"
+
+    def describe(self, digest: str) -> str:
+        return self.storage.describe(self.key(digest))
 
     def put(self, data: bytes) -> str:
         """Store `data` (idempotent) and return its digest."""
         digest = digest_of(data)
-        path = self.path(digest)
-        if not path.exists():
-            write_atomically(path, data)
+        if not self.storage.exists(self.key(digest)):
+            self.storage.write(self.key(digest), data)
         return digest
 
     def get(self, digest: str) -> bytes:
-        """Return the bytes of `digest`, verified: a mismatch raises BlobCorrupt naming the file."""
-        path = self.path(digest)
+        """The bytes of `digest`, verified: a mismatch raises BlobCorrupt naming the object."""
         try:
-            data = path.read_bytes()
+            data = self.storage.read(self.key(digest))
         except FileNotFoundError:
-            raise BlobNotFound(f"blob {digest} is missing from {self.root} (expected at {path})") from None
+            raise BlobNotFound(f"blob {digest} is missing (expected at {self.describe(digest)})") from None
         actual = digest_of(data)
         if actual != digest:
             raise BlobCorrupt(
-                f"blob {digest} at {path} is corrupt: its bytes hash to {actual}; "
-                "restore the file from a backup or republish the task that wrote it"
+                f"blob {digest} at {self.describe(digest)} is corrupt: its bytes hash to {actual}; "
+                "restore it from a backup or republish the task that wrote it"
             )
         return data
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        return self.storage.exists(self.key(digest))
+
+    def digests(self) -> list[str]:
+        """Every blob in the store (by listing, not by reading)."""
+        return [
+            DIGEST_PREFIX + name
+            for shard in self.storage.list_dir(BLOB_PREFIX)
+            for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}")
+        ]
+
+    def delete(self, digest: str) -> None:
+        self.storage.delete(self.key(digest))
 
     @staticmethod
     def _hex(digest: str) -> str:

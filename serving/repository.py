@@ -79,7 +79,7 @@ class ModelRepository:
                 try:
                     self.refresh()
                 except Exception:  # a poll must never kill the follower; the next one retries
-                    log.exception("refreshing models from %s failed", self.registry.root)
+                    log.exception("refreshing models from %s failed", self.registry.location)
 
         self._thread = threading.Thread(target=loop, name="maskbank-follow", daemon=True)
         self._thread.start()

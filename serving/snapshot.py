@@ -60,9 +60,9 @@ class Snapshot:
     def load(cls, registry: Registry, manifest: Manifest, previous: "Snapshot | None", cache: LRUCache) -> "Snapshot":
         """Load `manifest`, reusing what `previous` already decoded. A broken backbone raises."""
         backbones = {}
-        for version, ref in manifest.backbones.items():
-            old = previous and previous.manifest.backbones.get(version)
-            backbones[version] = previous.backbones[version] if old == ref else registry.load(ref)
+        for version, entry in manifest.backbones.items():  # versions are immutable once published
+            unchanged = previous is not None and previous.manifest.backbones.get(version) == entry
+            backbones[version] = previous.backbones[version] if unchanged else registry.load_backbone(manifest, version)
         reusable = {t.key: t for t in previous.tasks.values()} if previous else {}
         tasks = {}
         for entry in manifest.tasks:

@@ -62,5 +62,5 @@ def test_undecodable_bytes_are_corrupt_and_named():
 
 
 def test_unknown_codec_lists_the_known_ones():
-    with pytest.raises(UnknownName, match=r"Unknown codec 'zip' \(known: bitmask/v1, signed-constant/v1, tensors/v1\)"):
+    with pytest.raises(UnknownName, match=r"Unknown codec 'zip' \(known: bitmask/v1, .*tensors/v1\)"):
         encode("zip", {})

@@ -1,11 +1,13 @@
 """The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from registry import (
+    BackboneVersion,
     BlobCorrupt,
     BlobNotFound,
     InvalidName,
@@ -22,7 +24,7 @@ from registry.errors import UnknownName
 
 
 def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
-    backbone = registry.put("tensors/v1", {"w": torch.ones(2, 2)})
+    backbone = registry.put_backbone({"w": torch.ones(2, 2)})
     entries = tuple(
         TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
                   parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
@@ -35,7 +37,7 @@ def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Ma
 def test_blob_round_trip_and_content_address(tmp_path):
     registry = Registry(tmp_path)
     ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
-    assert ref.digest.startswith("sha256:") and ref.size == registry.blobs.path(ref.digest).stat().st_size
+    assert ref.digest.startswith("sha256:") and ref.size == Path(registry.blobs.describe(ref.digest)).stat().st_size
     assert registry.put("tensors/v1", {"x": torch.arange(5.0)}) == ref  # idempotent
     assert torch.equal(registry.load(ref)["x"], torch.arange(5.0))
 
@@ -43,7 +45,7 @@ def test_blob_round_trip_and_content_address(tmp_path):
 def test_a_flipped_byte_is_detected_and_named(tmp_path):
     registry = Registry(tmp_path)
     ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
-    path = registry.blobs.path(ref.digest)
+    path = Path(registry.blobs.describe(ref.digest))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -63,7 +64,7 @@ def in_process_logits(registry: Registry, task: int, x: np.ndarray) -> np.ndarra
     manifest = registry.manifest(MODEL)
     entry = manifest.task(task)
     parts = {name: registry.load(ref) for name, ref in entry.parts.items()}
-    params = effective_parameters(entry.method, registry.load(manifest.backbones[entry.backbone]), parts)
+    params = effective_parameters(entry.method, registry.load_backbone(manifest, entry.backbone), parts)
     module = build_architecture(manifest.architecture)
     import torch
 
@@ -212,7 +213,7 @@ def test_unknown_version_and_unknown_output(live):
 def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
     registry = train_model(tmp_path, "m", 2, TINY)
     ref = registry.manifest("m").task(1).parts["masks"]
-    path = registry.blobs.path(ref.digest)
+    path = Path(registry.blobs.describe(ref.digest))
     path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
     with ServerProcess(tmp_path) as server:
         client = triton.InferenceServerClient(server.url)

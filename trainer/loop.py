@@ -107,12 +107,12 @@ def train(
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
     if manifest is None:
         backbone = method.create_backbone(module, task_generator(settings.seed, _BACKBONE_SEED_KEY))
-        backbone_ref = registry.put(method.backbone_codec, backbone)
+        backbone_version = registry.put_backbone(backbone, method.backbone_codec)
         published: list[tuple[TaskEntry, dict]] = []
         matrix: list[list[float]] = []
     else:
-        backbone_ref = manifest.backbones[BACKBONE_VERSION]
-        backbone = registry.load(backbone_ref)
+        backbone_version = manifest.backbone(BACKBONE_VERSION)
+        backbone = registry.load_backbone(manifest, BACKBONE_VERSION)
         published = [(t, {p: registry.load(r) for p, r in t.parts.items()}) for t in manifest.tasks]
         matrix = [list(row) for row in manifest.training["accuracy_matrix"]]
     start = len(published)
@@ -137,7 +137,7 @@ def train(
         if manifest is None:
             manifest = Manifest(
                 model=model, generation=1, architecture=settings.architecture, input_shape=stream.input_shape,
-                backbones={BACKBONE_VERSION: backbone_ref}, tasks=(entry,), training=training,
+                backbones={BACKBONE_VERSION: backbone_version}, tasks=(entry,), training=training,
             )
         else:
             manifest = manifest.next(tasks=(*manifest.tasks, entry), training=training)

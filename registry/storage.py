@@ -1,0 +1,120 @@
+"""Where registry bytes live: a small key-value interface with one atomic primitive.
+
+Keys are '/'-separated relative paths ('blobs/sha256/ab/ab12...', 'models/m/generations/...').
+Every backend provides:
+
+* `write(key, data)`: a whole-object write: a reader sees the old object, the new one, or none;
+* `create(key, data) -> bool`: the same, but only if `key` does not exist yet, atomically with
+  respect to other creators (the compare-and-swap that publishing is built on);
+* `read`, `exists`, `delete`, `list_dir` (names directly below a prefix), `modified` (a POSIX time).
+
+`open_storage(location)` picks the backend: a plain path (or file://) is a local directory; any
+other fsspec URL (s3://, memory://, ...) goes through registry/fsspec_storage.py.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+
+class Storage(Protocol):
+    def describe(self, key: str) -> str:
+        """Where `key` lives, for error messages (a path or URL)."""
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError if absent."""
+
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def create(self, key: str, data: bytes) -> bool: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list_dir(self, prefix: str) -> list[str]: ...
+
+    def modified(self, key: str) -> float: ...
+
+
+def open_storage(location: str | os.PathLike) -> Storage:
+    """The storage backend for a registry location (a directory path or an fsspec URL)."""
+    text = os.fspath(location)
+    if "://" in text and not text.startswith("file://"):
+        from .fsspec_storage import FsspecStorage
+
+        return FsspecStorage(text)
+    return LocalStorage(Path(text.removeprefix("file://")))
+
+
+class LocalStorage:
+    """A directory. Writes go to a temporary file that is flushed, then renamed (write) or
+    hard-linked (create: the link fails if the name exists, so exactly one creator wins)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def describe(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        tmp = self._flushed_temporary(path, data)
+        try:
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_directory(path.parent)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self.root / key
+        tmp = self._flushed_temporary(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_directory(path.parent)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).exists()
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+    def list_dir(self, prefix: str) -> list[str]:
+        folder = self.root / prefix
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-")) if folder.is_dir() else []
+
+    def modified(self, key: str) -> float:
+        return (self.root / key).stat().st_mtime
+
+    @staticmethod
+    def _flushed_temporary(path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return Path(tmp)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename or link inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
