@@ -15,8 +15,10 @@ unreferenced blobs, which `gc` removes).
 from __future__ import annotations
 
 import os
+import random
 import re
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
@@ -93,6 +95,22 @@ class Registry:
                 "publisher got there first: reload and retry"
             )
         return manifest
+
+    def publish(self, model: str, change: Callable[[Manifest | None], Manifest], attempts: int = 10) -> Manifest:
+        """Commit `change(latest manifest or None)`, rebuilding and retrying on PublishConflict.
+
+        For writers whose change can be recomputed on top of whatever generation won (adding
+        an independent task, say); a writer whose work depends on the generation it started
+        from (the trainer) uses `commit` and reports the conflict instead.
+        """
+        for attempt in range(attempts):
+            try:
+                return self.commit(change(self.find_manifest(model)))
+            except PublishConflict:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2**attempt))  # de-synchronise the racers
+        raise AssertionError("unreachable")
 
     def put(self, codec: str, value: Any) -> BlobRef:
         """Encode `value` with `codec`, store it, and return the reference a manifest records."""

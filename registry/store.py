@@ -30,10 +30,10 @@ class BlobStore:
         return self.storage.describe(self.key(digest))
 
     def put(self, data: bytes) -> str:
-        """Store `data` (idempotent) and return its digest."""
+        """Store `data` and return its digest. Idempotent; it always writes, so that a blob
+        about to be referenced again is fresh and `gc`'s grace period protects it."""
         digest = digest_of(data)
-        if not self.storage.exists(self.key(digest)):
-            self.storage.write(self.key(digest), data)
+        self.storage.write(self.key(digest), data)
         return digest
 
     def get(self, digest: str) -> bytes:
