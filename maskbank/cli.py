@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   maskbank train --method supsup --stream permuted-digits --tasks 5 --registry ./demo-registry --model digits
   maskbank train --tasks 8 --registry ./demo-registry --model digits      # append tasks 5..7
   maskbank serve --registry ./demo-registry --port 8001
+  maskbank registry audit digits --registry ./demo-registry --plot audit.png
   maskbank demo
 """
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_serve(commands)
     _add_demo(commands)
+    from .registry_cli import add_registry_commands
+
+    add_registry_commands(commands)
     return parser
 
 
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "registry":
+            from .registry_cli import run_registry_command
+
+            return run_registry_command(args)
         {"train": _train, "serve": _serve, "demo": _demo}[args.command](args)
     except MaskbankError as error:
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)

@@ -1,0 +1,124 @@
+"""`maskbank registry ls | show | verify | gc | audit`: inspect and maintain a registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from registry import Registry
+from registry.audit import audit, format_audit, plot_audit
+from registry.maintenance import collect_garbage, verify
+
+
+def add_registry_commands(commands) -> None:
+    p = commands.add_parser("registry", help="inspect, verify, clean and audit a registry",
+                            description="Inspect and maintain a registry (a directory or an fsspec URL such as s3://bucket/prefix).")
+    sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    common = dict(help="registry directory or URL")
+
+    ls = sub.add_parser("ls", help="list models with their newest generation, tasks and bytes")
+    show = sub.add_parser("show", help="describe a model's newest generation, or one task")
+    show.add_argument("model")
+    show.add_argument("task", nargs="?", help="task id or name")
+    show.add_argument("--generation", type=int, help="a generation other than the newest")
+    check = sub.add_parser("verify", help="re-hash and decode every blob, read every manifest, find orphans; "
+                           "exit 1 if anything is corrupt, missing or unreadable")
+    gc = sub.add_parser("gc", help="delete blobs no generation references (older than the grace period)")
+    gc.add_argument("--grace-seconds", type=float, default=3600.0,
+                    help="keep unreferenced blobs younger than this, as a publish may be in progress (default 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    aud = sub.add_parser("audit", help="bytes per task and artifact kind against dense, 16-bit-index, entropy and zstd/lzma references")
+    aud.add_argument("model")
+    aud.add_argument("--plot", metavar="FILE.png", help="draw bytes per task and cumulative size vs one dense model per task")
+    for parser in (ls, show, check, gc, aud):
+        parser.add_argument("--registry", required=True, **common)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_registry_command(args) -> int:
+    registry = Registry(args.registry)
+    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "audit": _audit}[args.registry_command](registry, args)
+
+
+def _emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2, default=_plain) if args.json else text)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return dict(value)
+
+
+def _ls(registry: Registry, args) -> int:
+    rows = []
+    for model in registry.list_models():
+        manifest = registry.manifest(model)
+        rows.append({"model": model, "generation": manifest.generation, "tasks": len(manifest.tasks),
+                     "methods": sorted({t.method for t in manifest.tasks}),
+                     "bytes": sum(r.size for r in manifest.blob_refs())})
+    text = "\n".join(["| model | generation | tasks | methods | bytes |", "|---|---|---|---|---|"] + [
+        f"| {r['model']} | {r['generation']} | {r['tasks']} | {', '.join(r['methods'])} | {r['bytes']:,} |" for r in rows
+    ]) if rows else f"registry {registry.location} has no models"
+    _emit(args, rows, text)
+    return 0
+
+
+def _show(registry: Registry, args) -> int:
+    manifest = registry.manifest(args.model, args.generation)
+    if args.task is not None:
+        task = manifest.task(int(args.task) if args.task.isdigit() else args.task)
+        text = "\n".join([f"task {task.id} ({task.name}) of '{manifest.model}' generation {manifest.generation}",
+                          f"method {task.method}, backbone version {task.backbone}, {task.num_classes} classes",
+                          "parts:"] + [f"  {name}: {ref.codec}, {ref.size:,} bytes, {ref.digest}" for name, ref in task.parts.items()]
+                         + [f"metrics: {json.dumps(dict(task.metrics))}"])
+        _emit(args, task, text)
+        return 0
+    training = manifest.training
+    lines = [f"model '{manifest.model}' generation {manifest.generation} (format {manifest.format_version})",
+             f"architecture {json.dumps(dict(manifest.architecture))}, input shape {list(manifest.input_shape)}",
+             "backbone versions: " + ", ".join(f"{v} ({b.blob.codec}, {b.blob.size:,} bytes"
+                                               + (f", delta of {b.base}" if b.base else "") + ")" for v, b in manifest.backbones.items()),
+             "", "| id | name | method | classes | bytes | accuracy when learned |", "|---|---|---|---|---|---|"]
+    for t in manifest.tasks:
+        accuracy = t.metrics.get("accuracy")
+        lines.append(f"| {t.id} | {t.name} | {t.method} | {t.num_classes} | {sum(r.size for r in t.parts.values()):,} | "
+                     f"{'-' if accuracy is None else f'{accuracy:.3f}'} |")
+    if "average_accuracy" in training:
+        lines.append(f"\naverage accuracy {training['average_accuracy']:.3f}, forgetting {training['forgetting']:.3f}, "
+                     f"BWT {training['bwt']:.3f}; settings {json.dumps(training.get('settings', {}))}")
+    _emit(args, manifest, "\n".join(lines))
+    return 0
+
+
+def _verify(registry: Registry, args) -> int:
+    report = verify(registry)
+    lines = [f"checked {sum(report.generations.values())} generation(s) of {len(report.generations)} model(s) "
+             f"and {report.blobs_checked} blob(s) in {registry.location}"]
+    lines += [f"PROBLEM ({p.kind}) {p.where}: {p.message}" for p in report.problems]
+    if report.orphans:
+        lines.append(f"{len(report.orphans)} unreferenced blob(s) (harmless; `maskbank registry gc` removes them)")
+    lines.append("OK" if report.ok else f"{len(report.problems)} problem(s) found")
+    _emit(args, {**dataclasses.asdict(report), "ok": report.ok}, "\n".join(lines))
+    return 0 if report.ok else 1
+
+
+def _gc(registry: Registry, args) -> int:
+    report = collect_garbage(registry, args.grace_seconds, args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    text = (f"{verb} {len(report.deleted)} unreferenced blob(s), {report.bytes_freed:,} bytes; kept "
+            f"{len(report.kept_recent)} younger than {args.grace_seconds:g} s")
+    _emit(args, {**dataclasses.asdict(report), "dry_run": args.dry_run}, text)
+    return 0
+
+
+def _audit(registry: Registry, args) -> int:
+    result = audit(registry, args.model)
+    if args.plot:
+        plot_audit(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    _emit(args, result.to_dict(), format_audit(result))
+    return 0

@@ -1,0 +1,99 @@
+"""Registry maintenance: verify every blob and manifest, and collect garbage safely."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .catalog import Registry
+from .errors import MaskbankError, RegistryError
+from .manifest import BlobRef
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the registry, named so a person can act on it."""
+
+    kind: str  # 'manifest', 'missing', 'corrupt'
+    where: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    generations: dict[str, int] = field(default_factory=dict)  # model -> generations checked
+    blobs_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # blobs no manifest references (gc removes them)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> dict[str, BlobRef]:
+    """Every blob referenced by any generation of any model. Unreadable manifests go to `report`
+    if given, else raise (a caller about to delete blobs must not guess)."""
+    refs: dict[str, BlobRef] = {}
+    for model in registry.list_models():
+        generations = registry.generations(model)
+        for generation in generations:
+            try:
+                manifest = registry.manifest(model, generation)
+            except MaskbankError as error:
+                if report is None:
+                    raise
+                report.problems.append(Problem("manifest", f"{model} generation {generation}", str(error)))
+                continue
+            refs.update((ref.digest, ref) for ref in manifest.blob_refs())
+        if report is not None:
+            report.generations[model] = len(generations)
+    return refs
+
+
+def verify(registry: Registry) -> VerifyReport:
+    """Re-hash and decode every referenced blob, read every manifest, and list orphans."""
+    report = VerifyReport()
+    refs = referenced_blobs(registry, report)
+    for digest, ref in sorted(refs.items()):
+        report.blobs_checked += 1
+        try:
+            registry.load(ref)
+        except MaskbankError as error:
+            kind = "missing" if "missing" in str(error) else "corrupt"
+            report.problems.append(Problem(kind, registry.blobs.describe(digest), str(error)))
+    report.orphans = sorted(set(registry.blobs.digests()) - set(refs))
+    return report
+
+
+@dataclass
+class GcReport:
+    deleted: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    kept_recent: list[str] = field(default_factory=list)  # unreferenced but younger than the grace period
+
+
+def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Delete blobs that no generation of any model references and that are older than the grace period.
+
+    Safe against a concurrent publish: a publisher writes (or rewrites) its blobs before its
+    manifest, so the blobs of a publish in progress are younger than the grace period; each
+    candidate's age is checked again right before it is deleted. Refuses to run while any
+    manifest is unreadable, because its references would be unknown.
+    """
+    try:
+        referenced = set(referenced_blobs(registry))
+    except MaskbankError as error:
+        raise RegistryError(f"gc refused: {error}; fix or remove that manifest first (`maskbank registry verify`)") from None
+    report = GcReport()
+    for digest in sorted(set(registry.blobs.digests()) - referenced):
+        key = registry.blobs.key(digest)
+        if time.time() - registry.storage.modified(key) < grace_seconds:
+            report.kept_recent.append(digest)
+            continue
+        size = len(registry.storage.read(key))
+        if not dry_run:
+            registry.blobs.delete(digest)
+        report.deleted.append(digest)
+        report.bytes_freed += size
+    return report

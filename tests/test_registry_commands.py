@@ -1,0 +1,102 @@
+"""`maskbank registry ls | show | verify | gc | audit` on a real trained registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from maskbank.cli import main
+from registry import Registry
+from registry.audit import binary_entropy, impresslearn_cost
+
+from .conftest import TINY, train_model
+
+
+@pytest.fixture
+def trained(tmp_path) -> Registry:
+    return train_model(tmp_path, "m", 2, TINY)
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def run_json(capsys, *args: str):
+    code, out = run(capsys, *args, "--json")
+    return code, json.loads(out)
+
+
+def test_ls_and_show(trained, capsys):
+    where = ["--registry", trained.location]
+    code, models = run_json(capsys, "registry", "ls", *where)
+    assert code == 0 and [(m["model"], m["generation"], m["tasks"]) for m in models] == [("m", 2, 2)]
+    code, out = run(capsys, "registry", "show", "m", *where)
+    assert code == 0 and "| 1 | perm-1 | supsup | 10 |" in out
+    code, task = run_json(capsys, "registry", "show", "m", "perm-1", *where)
+    assert task["id"] == 1 and task["parts"]["masks"]["codec"] in ("bitmask/v1", "entropy-mask/v1")
+    assert main(["registry", "show", "m", "9", *where]) == 2
+    assert "no task 9" in capsys.readouterr().err
+
+
+def test_verify_finds_corruption_and_orphans(trained, capsys):
+    where = ["--registry", trained.location]
+    code, report = run_json(capsys, "registry", "verify", *where)
+    assert code == 0 and report["ok"] and report["blobs_checked"] == 3 and report["orphans"] == []
+    orphan = trained.put("tensors/v1", {})
+    ref = trained.manifest("m").task(0).parts["masks"]
+    path = Path(trained.blobs.describe(ref.digest))
+    path.write_bytes(b"garbage")
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 1
+    assert f"PROBLEM (corrupt) {path}" in out and "1 unreferenced blob(s)" in out
+    _, report = run_json(capsys, "registry", "verify", *where)
+    assert report["orphans"] == [orphan.digest]
+
+
+def test_verify_reports_a_missing_blob_and_a_broken_manifest(trained, capsys):
+    where = ["--registry", trained.location]
+    ref = trained.manifest("m").task(1).parts["masks"]
+    Path(trained.blobs.describe(ref.digest)).unlink()
+    manifest_file = Path(trained.location) / "models" / "m" / "generations" / "0000000001.json"
+    manifest_file.write_text(manifest_file.read_text()[:100])
+    code, report = run_json(capsys, "registry", "verify", *where)
+    kinds = sorted(p["kind"] for p in report["problems"])
+    assert code == 1 and kinds == ["manifest", "missing"]
+    assert main(["registry", "gc", *where]) == 2  # gc will not guess references
+    assert "gc refused" in capsys.readouterr().err
+
+
+def test_gc_deletes_only_old_unreferenced_blobs(trained, capsys):
+    where = ["--registry", trained.location]
+    orphan = trained.put("tensors/v1", {})
+    code, report = run_json(capsys, "registry", "gc", *where)  # default grace: an hour
+    assert code == 0 and report["deleted"] == [] and report["kept_recent"] == [orphan.digest]
+    code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", "--dry-run", *where)
+    assert report["deleted"] == [orphan.digest] and trained.blobs.exists(orphan.digest)
+    code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", *where)
+    assert report["deleted"] == [orphan.digest] and not trained.blobs.exists(orphan.digest)
+    assert main(["registry", "verify", *where]) == 0  # every referenced blob survived
+
+
+def test_audit_figures(trained, capsys, tmp_path):
+    plot = tmp_path / "audit.png"
+    code, result = run_json(capsys, "registry", "audit", "m", "--registry", trained.location, "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    weights = 64 * 32 + 32 * 10
+    assert result["backbone_weights"] == weights and result["dense_model_bytes"] == 4 * weights
+    for part in result["parts"]:
+        mask = part["mask"]
+        assert mask["weights"] == weights and mask["density"] == pytest.approx(0.5, abs=0.01)
+        assert part["vs_dense"] == pytest.approx(4 * weights / part["bytes"])
+        assert part["vs_entropy"] == pytest.approx(weights * binary_entropy(mask["density"]) / 8 / part["bytes"])
+    assert result["registry_bytes"] == result["shared_bytes"] + sum(result["task_bytes"])
+
+
+def test_impresslearn_cost_matches_the_paper_example():
+    # LeNet 300-100 (266,200 weights), |M| = 5 basis masks, 3 layers, 359 tasks: Cx about 67 (METHODS.md),
+    # with a SupSup mask at density 0.1 counted as 16-bit indices.
+    phi, cx = impresslearn_cost(mask_bytes=2 * 0.1 * 266_200, basis_size=5, layers=3, max_tasks=359)
+    assert cx == pytest.approx(67, abs=1.5) and phi == pytest.approx(741.5 + 60, rel=1e-3)
