@@ -116,7 +116,8 @@ def audit(registry: Registry, model: str) -> ModelAudit:
     )
     result = ModelAudit(
         model=model, generation=manifest.generation, tasks=len(manifest.tasks), backbone_weights=backbone_weights,
-        dense_model_bytes=4 * backbone_weights, shared_bytes=sum(v.blob.size for v in manifest.backbones.values()),
+        dense_model_bytes=4 * backbone_weights,
+        shared_bytes=sum(v.blob.size for v in manifest.backbones.values()) + sum(r.size for r in manifest.shared.values()),
     )
     for task in manifest.tasks:
         for part, ref in task.parts.items():
@@ -154,7 +155,7 @@ def format_audit(result: ModelAudit) -> str:
     totals = result.to_dict()
     rows += [
         "",
-        f"shared (backbone versions): {result.shared_bytes:,} bytes = {totals['shared_bytes_per_task']:,.0f} per task",
+        f"shared (backbone versions, shared parts): {result.shared_bytes:,} bytes = {totals['shared_bytes_per_task']:,.0f} per task",
         f"registry for this model: {result.registry_bytes:,} bytes; one dense model per task would take "
         f"{totals['dense_per_task_bytes']:,} ({totals['compression_vs_dense_per_task']:.1f}x more)",
         "(x ...: the reference's bytes divided by the stored bytes; above 1 means the registry stores less)",

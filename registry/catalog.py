@@ -24,6 +24,7 @@ import torch
 
 from . import codecs
 from .errors import ManifestError, ModelNotFound, PublishConflict
+from .kinds import get_kind
 from .manifest import BackboneVersion, BlobRef, Manifest
 from .names import check_name
 from .storage import open_storage
@@ -119,6 +120,15 @@ class Registry:
     def load(self, ref: BlobRef) -> Any:
         """Read, verify and decode the blob behind `ref`."""
         return codecs.decode(ref.codec, self.blobs.get(ref.digest), source=f"blob {ref.digest}")
+
+    def put_part(self, kind: str, value: dict[str, torch.Tensor], backbone: dict[str, torch.Tensor]) -> BlobRef:
+        """Check a task or shared part of `kind` against `backbone`, then store it with the kind's
+        codec (for masks, whichever of the mask codecs is smaller for this value)."""
+        spec = get_kind(kind)
+        spec.check(value, backbone)
+        candidates = [c for c in spec.codecs if codecs.is_registered(c)]
+        encoded = min(((c, codecs.encode(c, value)) for c in candidates), key=lambda item: len(item[1]))
+        return self._put_bytes(*encoded)
 
     def put_backbone(self, tensors: dict[str, torch.Tensor], codec: str = "tensors/v1",
                      base: tuple[str, dict[str, torch.Tensor]] | None = None) -> BackboneVersion:

@@ -35,6 +35,10 @@ def register_codec(name: str, encoder: Callable[[Any], bytes], decoder: Callable
     _DECODERS[name] = decoder
 
 
+def is_registered(codec: str) -> bool:
+    return codec in _ENCODERS
+
+
 def encode(codec: str, value: Any) -> bytes:
     if codec not in _ENCODERS:
         raise unknown("codec", codec, _ENCODERS)

@@ -47,9 +47,13 @@ class TaskEntry:
     num_classes: int
     parts: Mapping[str, BlobRef]
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    shares: tuple[int, ...] = ()  # earlier tasks whose frozen subnetworks this task reuses (weight sharing)
 
     def __post_init__(self):
         check_name("task", self.name)
+        object.__setattr__(self, "shares", tuple(self.shares))
+        if any(not 0 <= s < self.id for s in self.shares):
+            raise ManifestError(f"task {self.id} ({self.name}) can only share earlier tasks, not {list(self.shares)}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Manifest:
     backbones: Mapping[str, BackboneVersion]
     tasks: tuple[TaskEntry, ...]
     training: Mapping[str, Any] = field(default_factory=dict)
+    shared: Mapping[str, BlobRef] = field(default_factory=dict)  # parts many tasks use (basis masks)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -94,7 +99,8 @@ class Manifest:
 
     def blob_refs(self) -> list[BlobRef]:
         """Every blob this generation references."""
-        return [b.blob for b in self.backbones.values()] + [r for t in self.tasks for r in t.parts.values()]
+        return ([b.blob for b in self.backbones.values()] + list(self.shared.values())
+                + [r for t in self.tasks for r in t.parts.values()])
 
     def task(self, key: int | str) -> TaskEntry:
         """The task with id `key` (int) or name `key` (str); TaskNotFound lists what exists."""
@@ -160,5 +166,6 @@ def _manifest_from_dict(body: dict) -> Manifest:
         backbones=backbones,
         tasks=tasks,
         training=body.get("training", {}),
+        shared=refs(body.get("shared", {})),
         format_version=body["format_version"],
     )

@@ -124,9 +124,8 @@ def train(
         began = time.perf_counter()
         artifact = method.learn_task(build_architecture(settings.architecture), backbone, task, task_generator(settings.seed, index))
         seconds = time.perf_counter() - began
-        parts = {name: tensors for name, (_, tensors) in artifact.parts.items()}
-        refs = {name: registry.put(codec, tensors) for name, (codec, tensors) in artifact.parts.items()}
-        published.append((None, parts))
+        refs = {kind: registry.put_part(kind, tensors, backbone) for kind, tensors in artifact.parts.items()}
+        published.append((None, artifact.parts))
         row = [accuracy(module, method.name, backbone, p, stream.task(j)) for j, (_, p) in enumerate(published)]
         matrix.append(row)
         entry = TaskEntry(

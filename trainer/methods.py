@@ -1,7 +1,7 @@
 """The method interface: how a continual-learning method plugs into the trainer.
 
 A method creates the shared backbone once per model and learns one task at a time, returning
-that task's artifact (typed parts, each with the registry codec that stores it). Methods are
+that task's artifact (typed parts, one per artifact kind of registry/kinds.py). Methods are
 registered by name with `@register_method` and built with `get_method(name, **config)`; each has a
 dataclass config whose unknown keys are errors and whose resolved values are saved in the manifest.
 """
@@ -23,9 +23,10 @@ from .streams import TaskData
 
 @dataclass
 class TaskArtifact:
-    """What learning one task produced: `parts[name] = (codec, tensors)` plus training metrics."""
+    """What learning one task produced: `parts[kind] = tensors` (kinds: registry/kinds.py; the
+    registry checks each part against the backbone and picks its codec) plus training metrics."""
 
-    parts: dict[str, tuple[str, dict[str, torch.Tensor]]]
+    parts: dict[str, dict[str, torch.Tensor]]
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -105,7 +105,7 @@ class SupSup(Method):
         with torch.no_grad():
             result = {name: m.mask().to(torch.bool) for name, m in masks.items()}
         density = sum(int(m.sum()) for m in result.values()) / sum(m.numel() for m in result.values())
-        return TaskArtifact(parts={"masks": ("bitmask/v1", result)}, metrics={"density": density})
+        return TaskArtifact(parts={"masks": result}, metrics={"density": density})
 
     def _attach(self, module: nn.Module, backbone: dict[str, torch.Tensor], generator) -> dict[str, EdgePopupMask]:
         masks = {}
