@@ -1,0 +1,182 @@
+"""Registry storage on an fsspec URL (s3://, memory://, ...), for registries shared by several servers.
+
+Reading works on any fsspec filesystem. Writing needs the one primitive publishing is built on, an
+atomic create-if-absent (registry/storage.py), so it is offered only where it is real:
+
+* ``s3://``: a conditional PUT with ``If-None-Match: *`` (s3fs's ``pipe_file(mode="create")``).
+  S3 stores the object only if the key does not exist and otherwise answers 412 Precondition
+  Failed, which s3fs raises as FileExistsError; of two racing creators exactly one wins. The
+  endpoint and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL or
+  AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...), which botocore reads itself. An S3-compatible
+  store must implement conditional writes (AWS does since 2024-08): one that silently ignores the
+  header would let two publishers of a generation both "win".
+* ``memory://``: the filesystem lives in this process, so a process-wide lock makes
+  check-then-write atomic.
+
+Listings are never served from s3fs's directory cache: servers poll the registry for generations
+that other processes publish, so the cache is invalidated before every listing or lookup and after
+every write.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from .errors import RegistryError
+
+Creator = Callable[[AbstractFileSystem, str, bytes], bool]
+
+_MEMORY_LOCK = threading.Lock()  # one per process: so is the memory filesystem
+_CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing write is in flight
+
+
+class FsspecStorage:
+    """The `Storage` protocol (registry/storage.py) over `fsspec.core.url_to_fs(url)`."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        self.scheme = self.url.split("://", 1)[0]
+        self._creator = _creator_for(self.fs)
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.url!r})"
+
+    def describe(self, key: str) -> str:
+        """The full URL of `key`, for error messages."""
+        return f"{self.url}/{key}"
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes (one whole-object GET); FileNotFoundError if absent."""
+        return self.fs.cat_file(self._path(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        """Replace the object as a whole (an S3 PUT is atomic: readers never see part of it)."""
+        self._require_writable()
+        path = self._path(key)
+        try:
+            self.fs.pipe_file(path, data)
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write the object only if `key` does not exist yet; True if this call created it.
+        Atomic with respect to other creators, in this process or any other."""
+        self._require_writable()
+        path = self._path(key)
+        try:
+            return self._creator(self.fs, path, data)
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def exists(self, key: str) -> bool:
+        path = self._fresh(key)
+        return self.fs.exists(path)
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is not an error."""
+        path = self._path(key)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def list_dir(self, prefix: str) -> list[str]:
+        """Sorted names (last path component) directly below `prefix`; [] if there are none."""
+        path = self._fresh(prefix)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        names = (_last_component(entry) for entry in entries if entry.rstrip("/") != path)
+        return sorted(name for name in names if name)
+
+    def modified(self, key: str) -> float:
+        """When the object was last written, as a POSIX timestamp."""
+        return _timestamp(self.fs.modified(self._fresh(key)))
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        return f"{self.root}/{key}" if self.root else key
+
+    def _fresh(self, key: str) -> str:
+        """The path of `key`, with any cached listing of it or its parents dropped."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return path
+
+    def _require_writable(self) -> None:
+        if self._creator is None:
+            raise RegistryError(
+                f"cannot publish to {self.url}: publishing to {self.scheme}:// is not supported, because "
+                "this backend offers no atomic create-if-absent for the manifest compare-and-swap "
+                f"(reading works; publishing works on {', '.join(_supported())} and local directories)"
+            )
+
+
+def _create_s3(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+    """A conditional PUT (If-None-Match: *): False when the object already exists (412).
+    A 409 ConditionalRequestConflict (another write to the key still in flight) is retried."""
+    for attempt in range(_CONFLICT_RETRIES):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:
+            code, status = _s3_error(error)
+            if code == "PreconditionFailed" or status == 412:
+                return False  # only If-None-Match was sent: the object exists
+            if (code != "ConditionalRequestConflict" and status != 409) or attempt == _CONFLICT_RETRIES - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _create_memory(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Check-then-write under a process-wide lock (the memory filesystem is process-local)."""
+    with _MEMORY_LOCK:
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+_CREATORS: dict[str, Creator] = {"s3": _create_s3, "s3a": _create_s3, "memory": _create_memory}
+
+
+def _creator_for(fs: AbstractFileSystem) -> Creator | None:
+    """The atomic create for this filesystem's protocol, or None if it has none."""
+    return next((_CREATORS[p] for p in _protocols(fs) if p in _CREATORS), None)
+
+
+def _supported() -> list[str]:
+    return [f"{p}://" for p in _CREATORS]
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _s3_error(error: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status behind an exception s3fs translated from botocore."""
+    response: dict[str, Any] = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
+    return response.get("Error", {}).get("Code"), response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _last_component(entry: str) -> str:
+    return entry.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _timestamp(value: datetime | float) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)

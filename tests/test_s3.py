@@ -1,0 +1,247 @@
+"""The registry on object storage: S3 (a real moto S3 server on loopback, reached through s3fs and
+the standard AWS environment variables) and memory://. Publishing must stay a compare-and-swap
+there too, and several servers must follow one shared registry."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import boto3
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from moto.server import ThreadedMotoServer
+from s3fs import S3FileSystem
+
+from maskbank.process import ServerProcess
+from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError, TaskEntry
+from trainer import get_stream
+
+from .conftest import TINY, train_model, wait_for
+
+BUCKET = "maskbank-test"
+RACERS = 8
+
+
+def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
+    backbone = registry.put_backbone({"w": torch.ones(2, 2)})
+    entries = tuple(
+        TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
+                  parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
+        for i in range(tasks)
+    )
+    return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
+                    backbones={"1": backbone}, tasks=entries)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port with one bucket. The AWS variables are set in
+    os.environ (restored afterwards) so that botocore, and server subprocesses, find it."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    werkzeug, level = logging.getLogger("werkzeug"), logging.getLogger("werkzeug").level
+    werkzeug.setLevel(logging.WARNING)  # moto logs one line per request otherwise
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+            env.setenv(name, value)
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+            env.delenv(name, raising=False)
+        S3FileSystem.clear_instance_cache()  # cached instances would keep another endpoint
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint
+        finally:
+            S3FileSystem.clear_instance_cache()
+            server.stop()
+            werkzeug.setLevel(level)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint) -> str:
+    """A fresh, empty registry prefix in the bucket."""
+    return f"s3://{BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    url = f"memory://maskbank-{uuid.uuid4().hex}"
+    yield url
+    registry = Registry(url)
+    registry.storage.fs.rm(registry.storage.root, recursive=True)
+
+
+def s3_key(url: str) -> str:
+    """The object key that an s3://bucket/key URL names."""
+    return url.removeprefix(f"s3://{BUCKET}/")
+
+
+def race(attempts: list[Callable[[], object]]) -> list[object]:
+    """Run the attempts in threads released together; each result is a return value or an exception."""
+    results: list[object] = [None] * len(attempts)
+    start = threading.Barrier(len(attempts))
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = attempts[i]()
+        except Exception as error:  # noqa: BLE001 - the caller inspects it
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(attempts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def racing_commits(url: str) -> None:
+    """RACERS publishers, each with its own Registry in its own thread, try to commit generation 2 at
+    the same instant (concurrent requests to the server): exactly one wins and the registry holds its
+    manifest."""
+    registry = Registry(url)
+    first = registry.commit(manifest_with(registry))
+    candidates = [first.next(training={"publisher": i}) for i in range(RACERS)]
+    results = race([lambda m=m: Registry(url).commit(m) for m in candidates])
+    winners = [r for r in results if isinstance(r, Manifest)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, PublishConflict) for r in results if r is not winners[0]), results
+    assert registry.generations("m") == [1, 2] and registry.manifest("m") == winners[0]
+
+
+def racing_creates(url: str) -> None:
+    """The primitive itself: of RACERS creators of one key exactly one gets True, and its bytes stay."""
+    storage = Registry(url).storage
+    results = race([lambda i=i: Registry(url).storage.create("race/key", b"%d" % i) for i in range(RACERS)])
+    assert results.count(True) == 1 and results.count(False) == RACERS - 1, results
+    assert storage.read("race/key") == b"%d" % results.index(True)
+
+
+def round_trip_and_conflict(url: str) -> Registry:
+    registry = Registry(url)
+    assert registry.list_models() == [] and registry.generations("m") == []
+    first = registry.commit(manifest_with(registry, tasks=2))
+    assert registry.manifest("m") == first and registry.generations("m") == [1] and registry.list_models() == ["m"]
+    second = registry.commit(first.next(tasks=manifest_with(registry, tasks=3).tasks))
+    with pytest.raises(PublishConflict, match="registry is at generation 2; another publisher got there first"):
+        registry.commit(second)
+    assert registry.generations("m") == [1, 2] and registry.manifest("m", 1) == first and registry.manifest("m") == second
+    return registry
+
+
+# ---------------------------------------------------------------- S3
+
+
+def test_s3_blob_round_trip_and_corruption_names_the_url(s3_url):
+    registry = Registry(s3_url)
+    ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
+    assert registry.put("tensors/v1", {"x": torch.arange(5.0)}) == ref  # idempotent
+    assert torch.equal(registry.load(ref)["x"], torch.arange(5.0))
+    url = registry.blobs.describe(ref.digest)
+    assert url == f"{s3_url}/blobs/sha256/{ref.digest[7:9]}/{ref.digest[7:]}"
+    s3 = boto3.client("s3")
+    assert s3.head_object(Bucket=BUCKET, Key=s3_key(url))["ContentLength"] == ref.size  # really on S3
+    data = bytearray(s3.get_object(Bucket=BUCKET, Key=s3_key(url))["Body"].read())
+    data[-1] ^= 0x01
+    s3.put_object(Bucket=BUCKET, Key=s3_key(url), Body=bytes(data))
+    with pytest.raises(BlobCorrupt) as info:
+        registry.load(ref)
+    assert ref.digest in str(info.value) and url in str(info.value)
+
+
+def test_s3_manifest_commit_generations_and_conflict(s3_url):
+    round_trip_and_conflict(s3_url)
+
+
+def test_s3_create_never_overwrites(s3_url):
+    storage = Registry(s3_url).storage
+    assert storage.create("k", b"first") and not storage.create("k", b"second")
+    assert storage.read("k") == b"first"
+    storage.write("k", b"replaced")  # write, unlike create, replaces
+    assert storage.read("k") == b"replaced" and storage.list_dir("") == ["k"] and storage.modified("k") > 0
+    with pytest.raises(FileNotFoundError):
+        storage.read("nope")
+
+
+def test_s3_listings_are_fresh_across_clients(s3_url):
+    """A server polls with its own client: a generation that another process publishes must appear
+    although this process has listed (and s3fs cached) the prefix before. (s3fs shares one client
+    per process, so the other publisher here is plain boto3.)"""
+    reader = Registry(s3_url)
+    first = reader.commit(manifest_with(reader))
+    assert reader.generations("m") == [1] and not reader.storage.exists("models/m/generations/0000000002.json")
+    key = f"{s3_key(s3_url)}/models/m/generations/0000000002.json"
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=first.next(training={"by": "other"}).to_json(),
+                                  IfNoneMatch="*")
+    assert reader.generations("m") == [1, 2] and reader.manifest("m").training == {"by": "other"}
+    assert reader.storage.exists("models/m/generations/0000000002.json")
+
+
+def test_s3_racing_publishers_exactly_one_wins(s3_url):
+    racing_commits(s3_url)
+    racing_creates(s3_url)
+
+
+# ---------------------------------------------------------------- memory:// and unsupported backends
+
+
+def test_memory_registry_round_trip_conflict_and_race(memory_url):
+    registry = round_trip_and_conflict(memory_url)
+    ref = registry.manifest("m").task(0).parts["masks"]
+    key = registry.blobs.key(ref.digest)
+    registry.storage.write(key, registry.storage.read(key)[:-1])
+    with pytest.raises(BlobCorrupt, match=f"at {memory_url}/blobs/sha256/"):
+        registry.load(ref)
+
+
+def test_memory_racing_publishers_exactly_one_wins(memory_url):
+    racing_commits(memory_url)
+    racing_creates(memory_url)
+
+
+def test_backends_without_atomic_create_are_read_only(tmp_path):
+    Registry(tmp_path).commit(manifest_with(Registry(tmp_path)))
+    registry = Registry(f"local://{tmp_path}")  # fsspec's local filesystem: readable, no atomic create
+    assert registry.manifest("m").generation == 1
+    with pytest.raises(RegistryError, match=r"publishing to local:// is not supported.*s3://.*memory://"):
+        registry.commit(registry.manifest("m").next())
+    assert Registry(tmp_path).generations("m") == [1]
+
+
+# ---------------------------------------------------------------- two servers following one S3 registry
+
+
+def logits(client: triton.InferenceServerClient, task: int) -> np.ndarray:
+    x = get_stream("permuted-digits").task(task).x_test.numpy()[:32]
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer("m", [inp], parameters={"task_id": task}).as_numpy("logits")
+
+
+@pytest.mark.slow
+def test_two_servers_follow_one_s3_registry(s3_url):
+    train_model(s3_url, "m", 2, TINY)
+    with ServerProcess(s3_url, "--poll-interval", "0.2") as one, ServerProcess(s3_url, "--poll-interval", "0.2") as two:
+        clients = [triton.InferenceServerClient(server.url) for server in (one, two)]
+        for client in clients:
+            wait_for(lambda: client.is_model_ready("m"), what="the model to be ready")
+            assert client.get_model_metadata("m").versions == ["2"]
+        before = [logits(client, 0) for client in clients]
+        assert np.array_equal(*before)
+        train_model(s3_url, "m", 3, TINY)  # append a task while both serve
+        for client in clients:
+            wait_for(lambda: client.get_model_metadata("m").versions == ["3"], what="a server to load generation 3")
+        for task in (0, 2):
+            assert np.array_equal(logits(clients[0], task), logits(clients[1], task))
+        assert np.array_equal(logits(clients[0], 0), before[0])  # appending did not change task 0
+        for client in clients:
+            client.close()
