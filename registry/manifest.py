@@ -48,6 +48,7 @@ class TaskEntry:
     parts: Mapping[str, BlobRef]
     metrics: Mapping[str, Any] = field(default_factory=dict)
     shares: tuple[int, ...] = ()  # earlier tasks whose frozen subnetworks this task reuses (weight sharing)
+    state: Mapping[str, BlobRef] = field(default_factory=dict)  # training-only (scores, importance): never served
 
     def __post_init__(self):
         check_name("task", self.name)
@@ -100,7 +101,7 @@ class Manifest:
     def blob_refs(self) -> list[BlobRef]:
         """Every blob this generation references."""
         return ([b.blob for b in self.backbones.values()] + list(self.shared.values())
-                + [r for t in self.tasks for r in t.parts.values()])
+                + [r for t in self.tasks for r in (*t.parts.values(), *t.state.values())])
 
     def task(self, key: int | str) -> TaskEntry:
         """The task with id `key` (int) or name `key` (str); TaskNotFound lists what exists."""
@@ -156,7 +157,7 @@ def _plain(value: Any) -> Any:
 
 def _manifest_from_dict(body: dict) -> Manifest:
     refs = lambda d: {k: BlobRef(**v) for k, v in d.items()}  # noqa: E731
-    tasks = tuple(TaskEntry(**{**t, "parts": refs(t["parts"])}) for t in body["tasks"])
+    tasks = tuple(TaskEntry(**{**t, "parts": refs(t["parts"]), "state": refs(t.get("state", {}))}) for t in body["tasks"])
     backbones = {k: BackboneVersion(BlobRef(**v["blob"]), v.get("base")) for k, v in body["backbones"].items()}
     return Manifest(
         model=body["model"],

@@ -14,24 +14,29 @@ from torch import nn
 from .errors import InvalidArtifact, unknown
 
 Tensors = Mapping[str, torch.Tensor]
-_MATERIALIZERS: dict[str, Callable[[Tensors, Mapping[str, Tensors]], dict[str, torch.Tensor]]] = {}
+Materializer = Callable[[Tensors, Mapping[str, Tensors], Mapping[str, Tensors]], dict[str, torch.Tensor]]
+_MATERIALIZERS: dict[str, Materializer] = {}
 
 
-def register_materializer(method: str):
-    """Decorator: how tasks of `method` turn their parts into effective parameters."""
+def register_materializer(*methods: str):
+    """Decorator: how tasks of `methods` turn (backbone, task parts, the model's shared parts)
+    into the effective parameters (and buffers) of a forward pass."""
 
-    def decorate(fn):
-        _MATERIALIZERS[method] = fn
+    def decorate(fn: Materializer) -> Materializer:
+        for method in methods:
+            _MATERIALIZERS[method] = fn
         return fn
 
     return decorate
 
 
-def effective_parameters(method: str, backbone: Tensors, parts: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+def effective_parameters(
+    method: str, backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors] | None = None
+) -> dict[str, torch.Tensor]:
     """The parameters a task's forward pass uses, checked against the backbone."""
     if method not in _MATERIALIZERS:
         raise unknown("method", method, _MATERIALIZERS)
-    return _MATERIALIZERS[method](backbone, parts)
+    return _MATERIALIZERS[method](backbone, parts, shared or {})
 
 
 def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
@@ -48,7 +53,7 @@ def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
 
 
 @register_materializer("supsup")
-def _supsup(backbone: Tensors, parts: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
     masks = parts["masks"]
     check_compatible("supermask", masks, backbone)
     return {name: weight * masks[name] for name, weight in backbone.items()}

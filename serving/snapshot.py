@@ -39,10 +39,12 @@ class LoadedTask:
 class Snapshot:
     """One generation of a model, ready to run; safe to share between threads."""
 
-    def __init__(self, manifest: Manifest, backbones: dict[str, Tensors], tasks: dict[int, LoadedTask], cache: LRUCache):
+    def __init__(self, manifest: Manifest, backbones: dict[str, Tensors], shared: dict[str, Tensors],
+                 tasks: dict[int, LoadedTask], cache: LRUCache):
         self.manifest = manifest
         self.module = build_architecture(manifest.architecture).eval()
         self.backbones = backbones
+        self.shared = shared
         self.tasks = tasks
         self._cache = cache
         self._mask_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
@@ -63,12 +65,16 @@ class Snapshot:
         for version, entry in manifest.backbones.items():  # versions are immutable once published
             unchanged = previous is not None and previous.manifest.backbones.get(version) == entry
             backbones[version] = previous.backbones[version] if unchanged else registry.load_backbone(manifest, version)
+        shared = {}
+        for kind, ref in manifest.shared.items():
+            unchanged = previous is not None and previous.manifest.shared.get(kind) == ref
+            shared[kind] = previous.shared[kind] if unchanged else registry.load(ref)
         reusable = {t.key: t for t in previous.tasks.values()} if previous else {}
         tasks = {}
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
-        return cls(manifest, backbones, tasks, cache)
+        return cls(manifest, backbones, shared, tasks, cache)
 
     def task(self, key: int | str) -> LoadedTask:
         """The task with id or name `key`: TaskNotFound if absent, its load error if broken."""
@@ -84,7 +90,7 @@ class Snapshot:
         """The task's effective parameters, from the byte-bounded LRU cache."""
 
         def build():
-            params = effective_parameters(task.entry.method, self.backbones[task.entry.backbone], task.parts)
+            params = effective_parameters(task.entry.method, self.backbones[task.entry.backbone], task.parts, self.shared)
             return params, sum(p.numel() * p.element_size() for p in params.values())
 
         return self._cache.get_or_create((self.model, task.key), build)

@@ -5,7 +5,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from registry import Registry, build_architecture
-from trainer import TrainingError, get_method, get_stream
+from trainer import TrainingContext, TrainingError, get_method, get_stream
 from trainer.loop import task_generator
 from trainer.metrics import backward_transfer, forgetting, summary
 from trainer.supsup import EdgePopupMask
@@ -47,7 +47,8 @@ def test_supsup_learns_a_task_without_touching_the_backbone():
     module = build_architecture({"arch": "mlp", "sizes": [64, 128, 10]})
     backbone = method.create_backbone(module, task_generator(0, 99))
     before = {k: v.clone() for k, v in backbone.items()}
-    artifact = method.learn_task(module, backbone, get_stream("permuted-digits").task(0), task_generator(0, 0))
+    context = TrainingContext(architecture={}, backbone=backbone, tasks=[], shared={})
+    artifact = method.learn_task(module, get_stream("permuted-digits").task(0), task_generator(0, 0), context)
     masks = artifact.parts["masks"]
     assert all(torch.equal(backbone[k], before[k]) for k in backbone)
     assert masks.keys() == backbone.keys() and all(m.dtype == torch.bool for m in masks.values())

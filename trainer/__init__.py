@@ -3,11 +3,21 @@ publishes each learned task into a registry. It imports registry, never serving.
 
 from . import supsup  # noqa: F401  (registers the method)
 from .loop import TrainingError, TrainSettings, train
-from .methods import Method, TaskArtifact, get_method, method_names, register_method
+from .methods import (
+    Method,
+    PublishedTask,
+    TaskArtifact,
+    TrainingContext,
+    get_method,
+    method_names,
+    register_method,
+)
 from .streams import TaskData, TaskStream, get_stream, register_stream, stream_names
 
 __all__ = [
     "Method",
+    "PublishedTask",
+    "TrainingContext",
     "TaskArtifact",
     "TaskData",
     "TaskStream",

@@ -16,11 +16,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
+from registry import (
+    BackboneVersion,
+    BlobRef,
+    Manifest,
+    Registry,
+    TaskEntry,
+    build_architecture,
+    effective_parameters,
+    forward,
+)
 from registry.errors import MaskbankError
 
 from . import metrics
-from .methods import Method, get_method
+from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method
 from .streams import TaskData, TaskStream, get_stream
 
 BACKBONE_VERSION = "1"
@@ -83,11 +92,69 @@ def task_generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def accuracy(module, method: str, backbone, parts, task: TaskData) -> float:
+def accuracy(module, method: str, backbone, parts, shared, task: TaskData) -> float:
     """Test accuracy of one task computed exactly as the server computes it (registry materialisation)."""
     with torch.no_grad():
-        logits = forward(module, effective_parameters(method, backbone, parts), task.x_test)[:, : task.num_classes]
+        params = effective_parameters(method, backbone, parts, shared)
+        logits = forward(module, params, task.x_test)[:, : task.num_classes]
     return float((logits.argmax(dim=1) == task.y_test).float().mean())
+
+
+@dataclass
+class _Model:
+    """The published model in memory: what the loop extends, evaluates and publishes next."""
+
+    manifest: Manifest | None
+    backbones: dict[str, dict]  # version -> weights
+    backbone_refs: dict[str, BackboneVersion]
+    shared: dict[str, dict]
+    shared_refs: dict[str, BlobRef]
+    tasks: list[PublishedTask]
+    matrix: list[list[float]]
+
+    @property
+    def latest(self) -> str:
+        return max(self.backbone_refs, key=int)
+
+
+def _new_model(registry: Registry, method: Method, module, seed: int) -> _Model:
+    backbone = method.create_backbone(module, task_generator(seed, _BACKBONE_SEED_KEY))
+    ref = registry.put_backbone(backbone, method.backbone_codec)
+    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [])
+
+
+def _load_model(registry: Registry, manifest: Manifest) -> _Model:
+    tasks = [
+        PublishedTask(t.id, t.name, t.num_classes, t.backbone, {k: registry.load(r) for k, r in t.parts.items()},
+                      {k: registry.load(r) for k, r in t.state.items()}, t.shares)
+        for t in manifest.tasks
+    ]
+    return _Model(
+        manifest=manifest,
+        backbones={v: registry.load_backbone(manifest, v) for v in manifest.backbones},
+        backbone_refs=dict(manifest.backbones),
+        shared={k: registry.load(r) for k, r in manifest.shared.items()},
+        shared_refs=dict(manifest.shared),
+        tasks=tasks,
+        matrix=[list(row) for row in manifest.training["accuracy_matrix"]],
+    )
+
+
+def _store_artifact(registry: Registry, model: _Model, artifact: TaskArtifact) -> tuple[str, dict, dict]:
+    """Write the artifact's new backbone version, shared parts, parts and state; return
+    (backbone version of the task, part refs, state refs)."""
+    version = model.latest
+    if artifact.backbone is not None:
+        previous, version = version, str(int(version) + 1)
+        model.backbone_refs[version] = registry.put_backbone(artifact.backbone, base=(previous, model.backbones[previous]))
+        model.backbones[version] = artifact.backbone
+    backbone = model.backbones[version]
+    for kind, tensors in artifact.shared.items():
+        model.shared_refs[kind] = registry.put_part(kind, tensors, backbone)
+        model.shared[kind] = tensors
+    parts = {kind: registry.put_part(kind, tensors, backbone) for kind, tensors in artifact.parts.items()}
+    state = {name: registry.put("tensors/v1", tensors) for name, tensors in artifact.state.items()}
+    return version, parts, state
 
 
 def train(
@@ -105,41 +172,34 @@ def train(
     module = build_architecture(settings.architecture)
     if tasks > stream.max_tasks:
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
-    if manifest is None:
-        backbone = method.create_backbone(module, task_generator(settings.seed, _BACKBONE_SEED_KEY))
-        backbone_version = registry.put_backbone(backbone, method.backbone_codec)
-        published: list[tuple[TaskEntry, dict]] = []
-        matrix: list[list[float]] = []
-    else:
-        backbone_version = manifest.backbone(BACKBONE_VERSION)
-        backbone = registry.load_backbone(manifest, BACKBONE_VERSION)
-        published = [(t, {p: registry.load(r) for p, r in t.parts.items()}) for t in manifest.tasks]
-        matrix = [list(row) for row in manifest.training["accuracy_matrix"]]
-    start = len(published)
+    state = _load_model(registry, manifest) if manifest else _new_model(registry, method, module, settings.seed)
+    start = len(state.tasks)
     if start >= tasks:
         log(f"model '{model}' already has {start} task(s); nothing to train (ask for --tasks > {start} to append)")
         return manifest
     for index in tqdm(range(start, tasks), desc=f"training '{model}'", unit="task", disable=None):
         task = stream.task(index)
+        context = TrainingContext(settings.architecture, state.backbones[state.latest], list(state.tasks), dict(state.shared))
         began = time.perf_counter()
-        artifact = method.learn_task(build_architecture(settings.architecture), backbone, task, task_generator(settings.seed, index))
+        artifact = method.learn_task(build_architecture(settings.architecture), task, task_generator(settings.seed, index), context)
         seconds = time.perf_counter() - began
-        refs = {kind: registry.put_part(kind, tensors, backbone) for kind, tensors in artifact.parts.items()}
-        published.append((None, artifact.parts))
-        row = [accuracy(module, method.name, backbone, p, stream.task(j)) for j, (_, p) in enumerate(published)]
-        matrix.append(row)
+        version, parts, task_state = _store_artifact(registry, state, artifact)
+        state.tasks.append(PublishedTask(index, task.name, task.num_classes, version, artifact.parts, artifact.state, artifact.shares))
+        row = [accuracy(module, method.name, state.backbones[t.backbone], t.parts, state.shared, stream.task(t.id))
+               for t in state.tasks]
+        state.matrix.append(row)
         entry = TaskEntry(
-            id=index, name=task.name, method=method.name, backbone=BACKBONE_VERSION, num_classes=task.num_classes,
-            parts=refs, metrics={"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics},
+            id=index, name=task.name, method=method.name, backbone=version, num_classes=task.num_classes, parts=parts,
+            metrics={"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics},
+            shares=artifact.shares, state=task_state,
         )
-        training = {"settings": asdict(settings), "accuracy_matrix": matrix, **metrics.summary(matrix)}
+        training = {"settings": asdict(settings), "accuracy_matrix": state.matrix, **metrics.summary(state.matrix)}
         if manifest is None:
-            manifest = Manifest(
-                model=model, generation=1, architecture=settings.architecture, input_shape=stream.input_shape,
-                backbones={BACKBONE_VERSION: backbone_version}, tasks=(entry,), training=training,
-            )
+            manifest = Manifest(model=model, generation=1, architecture=settings.architecture, input_shape=stream.input_shape,
+                                backbones=dict(state.backbone_refs), tasks=(entry,), training=training, shared=dict(state.shared_refs))
         else:
-            manifest = manifest.next(tasks=(*manifest.tasks, entry), training=training)
+            manifest = manifest.next(tasks=(*manifest.tasks, entry), training=training,
+                                     backbones=dict(state.backbone_refs), shared=dict(state.shared_refs))
         registry.commit(manifest)
         log(f"published task {index} ({task.name}) as generation {manifest.generation}: "
             f"test accuracy {row[index]:.3f} ({seconds:.1f}s)")

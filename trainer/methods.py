@@ -21,13 +21,53 @@ from registry.errors import MaskbankError, unknown
 from .streams import TaskData
 
 
+Tensors = dict[str, torch.Tensor]
+
+
 @dataclass
 class TaskArtifact:
-    """What learning one task produced: `parts[kind] = tensors` (kinds: registry/kinds.py; the
-    registry checks each part against the backbone and picks its codec) plus training metrics."""
+    """What learning one task produced.
 
-    parts: dict[str, dict[str, torch.Tensor]]
+    parts: the served per-task parts, by artifact kind (registry/kinds.py: the registry checks
+        each against the backbone and picks its codec).
+    metrics: figures recorded with the task.
+    state: training-only tensors a later task or a later `maskbank train` run needs (KKT's
+        scores, SPG's importance); stored with the task, never loaded by servers.
+    backbone: the new shared weights if the method trained them; published as a new backbone
+        version (a sparse delta of the previous one when smaller) that this task uses.
+    shared: model-level parts to publish or replace (ImpressLearn's basis masks), by kind.
+    shares: earlier task ids whose frozen subnetworks this task reuses.
+    """
+
+    parts: dict[str, Tensors]
     metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Tensors] = field(default_factory=dict)
+    backbone: Tensors | None = None
+    shared: dict[str, Tensors] = field(default_factory=dict)
+    shares: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PublishedTask:
+    """An earlier task as a method sees it: its parts and training state, decoded."""
+
+    id: int
+    name: str
+    num_classes: int
+    backbone: str  # the backbone version it is served with
+    parts: dict[str, Tensors]
+    state: dict[str, Tensors]
+    shares: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a method may read (never modify) about the model it extends."""
+
+    architecture: dict[str, Any]
+    backbone: Tensors  # the newest backbone version
+    tasks: list[PublishedTask]
+    shared: dict[str, Tensors]
 
 
 class Method(ABC):
@@ -41,14 +81,15 @@ class Method(ABC):
         self.config = config
 
     @abstractmethod
-    def create_backbone(self, module: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def create_backbone(self, module: nn.Module, generator: torch.Generator) -> Tensors:
         """The shared weights of a new model built on `module`."""
 
     @abstractmethod
     def learn_task(
-        self, module: nn.Module, backbone: dict[str, torch.Tensor], task: TaskData, generator: torch.Generator
+        self, module: nn.Module, task: TaskData, generator: torch.Generator, context: TrainingContext
     ) -> TaskArtifact:
-        """Learn `task` on a fresh copy of `module` carrying `backbone`; must not change `backbone`."""
+        """Learn `task` on `module` (a fresh, plain instance of the architecture). Must not modify
+        anything in `context`: new weights go into the artifact's `backbone`."""
 
 
 _METHODS: dict[str, type[Method]] = {}

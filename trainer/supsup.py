@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from registry.architectures import maskable_parameters
 from registry.codecs import signed_constant
 
-from .methods import Method, TaskArtifact, register_method
+from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
 
 
@@ -79,11 +79,9 @@ class SupSup(Method):
         params = dict(module.named_parameters())
         return {name: signed_constant(tuple(params[name].shape), generator) for name in maskable_parameters(module)}
 
-    def learn_task(
-        self, module: nn.Module, backbone: dict[str, torch.Tensor], task: TaskData, generator: torch.Generator
-    ) -> TaskArtifact:
+    def learn_task(self, module: nn.Module, task: TaskData, generator: torch.Generator, context: TrainingContext) -> TaskArtifact:
         cfg = self.config
-        masks = self._attach(module, backbone, generator)
+        masks = self._attach(module, context.backbone, generator)
         scores = [m.scores for m in masks.values()]
         optimizer = torch.optim.SGD(scores, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
