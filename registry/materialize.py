@@ -62,3 +62,18 @@ def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:
     """Run `module` with `params` in place of its own parameters."""
     return torch.func.functional_call(module, dict(params), (x,), strict=True)
+
+
+def _discover_materializers() -> None:
+    """Import every `registry/materialize_<method>.py`: a method's materialiser lives there and
+    registers itself, so servers know every method the registry can hold without a list to keep."""
+    import importlib
+    import pkgutil
+
+    package = __name__.rsplit(".", 1)[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if module.name.startswith("materialize_"):
+            importlib.import_module(f"{package}.{module.name}")
+
+
+_discover_materializers()
