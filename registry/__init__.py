@@ -1,6 +1,7 @@
 """maskbank's registry: artifact format, content-addressed store, codecs, architectures and
 materialisation. It imports neither trainer nor serving; both build on it."""
 
+from . import mask_coding  # noqa: F401  (registers the entropy-mask/v1 codec)
 from .architectures import build_architecture, maskable_parameters, register_architecture
 from .catalog import Registry
 from .errors import (

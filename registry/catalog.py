@@ -126,9 +126,7 @@ class Registry:
         codec (for masks, whichever of the mask codecs is smaller for this value)."""
         spec = get_kind(kind)
         spec.check(value, backbone)
-        candidates = [c for c in spec.codecs if codecs.is_registered(c)]
-        encoded = min(((c, codecs.encode(c, value)) for c in candidates), key=lambda item: len(item[1]))
-        return self._put_bytes(*encoded)
+        return self._put_bytes(*codecs.encode_smallest(spec.codecs, value))
 
     def put_backbone(self, tensors: dict[str, torch.Tensor], codec: str = "tensors/v1",
                      base: tuple[str, dict[str, torch.Tensor]] | None = None) -> BackboneVersion:

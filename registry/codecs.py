@@ -35,14 +35,17 @@ def register_codec(name: str, encoder: Callable[[Any], bytes], decoder: Callable
     _DECODERS[name] = decoder
 
 
-def is_registered(codec: str) -> bool:
-    return codec in _ENCODERS
-
-
 def encode(codec: str, value: Any) -> bytes:
     if codec not in _ENCODERS:
         raise unknown("codec", codec, _ENCODERS)
     return _ENCODERS[codec](value)
+
+
+def encode_smallest(candidates: tuple[str, ...], value: Any) -> tuple[str, bytes]:
+    """Encode `value` with each codec of `candidates` and return the smallest as (codec, bytes);
+    ties go to the earlier candidate (list the faster-decoding codec first)."""
+    encodings = [(codec, encode(codec, value)) for codec in candidates if codec in _ENCODERS]
+    return min(encodings, key=lambda item: len(item[1]))
 
 
 def decode(codec: str, data: bytes, source: str = "blob") -> Any:
