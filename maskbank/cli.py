@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   maskbank train --method supsup --stream permuted-digits --tasks 5 --registry ./demo-registry --model digits
   maskbank train --tasks 8 --registry ./demo-registry --model digits      # append tasks 5..7
   maskbank serve --registry ./demo-registry --port 8001
+  maskbank report digits --registry ./demo-registry --plot matrix.png
   maskbank registry audit digits --registry ./demo-registry --plot audit.png
   maskbank demo
 """
@@ -44,11 +45,38 @@ def _add_train(commands) -> None:
     p.add_argument("--stream", choices=stream_names(), help="task stream (required for a new model)")
     p.add_argument("--seed", type=int, help="seed of the stream, backbone and every task (default 0)")
     p.add_argument("--arch", type=_architecture, help="architecture spec as JSON (default: MLP 512-512 for the stream)")
-    p.add_argument("--density", type=float, help="fraction of each layer's weights a mask keeps (supsup default 0.5)")
-    p.add_argument("--epochs", type=int, help="epochs per task (supsup default 30)")
-    p.add_argument("--lr", type=float, help="learning rate (supsup default 0.3, SGD with momentum)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    p.add_argument("--data-root", help="folder with torchvision dataset files (for split-/permuted-<dataset> streams)")
+    options = p.add_argument_group("method options (each method takes those its config has; others are an error)")
+    for flag, _, kwargs in METHOD_OPTIONS:
+        options.add_argument(flag, **kwargs)
+    p.add_argument("--fwt", action="store_true",
+                   help="also train each task alone, as the reference for forward transfer (doubles training time)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+
+# flag, method config key, argparse keyword arguments. Defaults live in each method's Config.
+METHOD_OPTIONS = [
+    ("--density", "density", dict(type=float, help="fraction of each layer's weights a mask keeps")),
+    ("--epochs", "epochs", dict(type=int, help="epochs per task")),
+    ("--lr", "lr", dict(type=float, help="learning rate")),
+    ("--batch-size", "batch_size", dict(type=int, help="training batch size")),
+    ("--mask", "mask", dict(choices=["topk", "sign"], help="supsup: top-k at --density, or the sign threshold s >= 0")),
+    ("--kkt", "kkt", dict(action=argparse.BooleanOptionalAction, default=None,
+                          help="exssnet: start each mask from the most similar earlier task's scores (KKT)")),
+    ("--basis", "basis", dict(choices=["hetero", "homo", "random"], help="impresslearn: how the basis masks are made")),
+    ("--basis-size", "basis_size", dict(type=int, help="impresslearn: number of basis masks")),
+    ("--share", "share", dict(help="packnet-share: all, none, lowest, omit-lowest, or task ids like 0,2")),
+]
+
+
+def _add_report(commands) -> None:
+    p = commands.add_parser("report", help="accuracy matrix and continual-learning metrics of a trained model",
+                            description="Show what training recorded for MODEL: the accuracy matrix, average accuracy, "
+                            "forgetting, BWT, FWT (when trained with --fwt), and per-task metrics and training time.")
+    p.add_argument("model")
+    p.add_argument("--registry", required=True, help="registry directory or URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the accuracy matrix as a heatmap")
 
 
 def _add_serve(commands) -> None:
@@ -94,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_serve(commands)
     _add_demo(commands)
+    _add_report(commands)
     from .registry_cli import add_registry_commands
 
     add_registry_commands(commands)
@@ -108,15 +137,47 @@ def _train(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = {"density": args.density, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    config = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key, _ in METHOD_OPTIONS}
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
-                 "method_config": config}
-    manifest = train(Registry(args.registry), args.model, args.tasks, requested)
+                 "data_root": args.data_root, "method_config": config}
+    manifest = train(Registry(args.registry), args.model, args.tasks, requested, fwt=args.fwt)
+    print(format_report(manifest))
+
+
+def _report(args) -> None:
+    from registry import Registry
+    from trainer.metrics import plot_matrix
+
+    manifest = Registry(args.registry).manifest(args.model)
+    if args.plot:
+        plot_matrix(manifest.training["accuracy_matrix"], [t.name for t in manifest.tasks], args.plot,
+                    f"{manifest.model}: {manifest.training['settings']['method']} on {manifest.training['settings']['stream']}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        tasks = [{"id": t.id, "name": t.name, **t.metrics} for t in manifest.tasks]
+        print(json.dumps({"model": manifest.model, "generation": manifest.generation, **manifest.training, "tasks": tasks}, indent=2))
+    else:
+        print(format_report(manifest))
+
+
+def format_report(manifest) -> str:
+    """The accuracy matrix, the summary metrics and the per-task metrics of a manifest."""
     from trainer.metrics import format_matrix
 
-    print(format_matrix(manifest.training["accuracy_matrix"], [t.name for t in manifest.tasks]))
-    print(f"average accuracy {manifest.training['average_accuracy']:.3f}  forgetting "
-          f"{manifest.training['forgetting']:.3f}  BWT {manifest.training['bwt']:.3f}")
+    training, names = manifest.training, [t.name for t in manifest.tasks]
+    fwt = training.get("fwt")
+    lines = [f"model '{manifest.model}' generation {manifest.generation}: {training['settings']['method']} on "
+             f"{training['settings']['stream']} (seed {training['settings']['seed']})", "",
+             format_matrix(training["accuracy_matrix"], names), "",
+             f"average accuracy {training['average_accuracy']:.3f}  forgetting {training['forgetting']:.3f}  "
+             f"BWT {training['bwt']:.3f}  FWT " + ("(train with --fwt)" if fwt is None else f"{fwt:.3f}"), ""]
+    keys = sorted({k for t in manifest.tasks for k, v in t.metrics.items() if isinstance(v, (int, float)) and k != "accuracy"})
+    lines.append("| task | " + " | ".join(keys) + " |")
+    lines.append("|---" * (len(keys) + 1) + "|")
+    for t in manifest.tasks:
+        cells = [t.metrics.get(k) for k in keys]
+        lines.append(f"| {t.id} ({t.name}) | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells) + " |")
+    return "\n".join(lines)
 
 
 def _serve(args) -> None:
@@ -143,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             from .registry_cli import run_registry_command
 
             return run_registry_command(args)
-        {"train": _train, "serve": _serve, "demo": _demo}[args.command](args)
+        {"train": _train, "serve": _serve, "demo": _demo, "report": _report}[args.command](args)
     except MaskbankError as error:
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 2

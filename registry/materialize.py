@@ -56,12 +56,18 @@ def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
 def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
     masks = parts["masks"]
     check_compatible("supermask", masks, backbone)
-    return {name: weight * masks[name] for name, weight in backbone.items()}
+    return {**{name: weight * masks[name] for name, weight in backbone.items()}, **parts.get("bn_stats", {})}
 
 
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:
-    """Run `module` with `params` in place of its own parameters."""
-    return torch.func.functional_call(module, dict(params), (x,), strict=True)
+    """Run `module` (in eval mode) with `params` in place of its own parameters and buffers.
+
+    Every parameter and BatchNorm running statistic must be given (strict): a task that lacks
+    its statistics is an error, not a silent mean 0 / variance 1. Only BatchNorm's batch
+    counters, which eval mode never reads, are filled from the module.
+    """
+    counters = {n: b for n, b in module.named_buffers() if n.endswith("num_batches_tracked") and n not in params}
+    return torch.func.functional_call(module, {**params, **counters}, (x,), strict=True)
 
 
 def _discover_materializers() -> None:

@@ -49,6 +49,7 @@ class TrainSettings:
     seed: int = 0
     architecture: dict[str, Any] = field(default_factory=dict)
     method_config: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None  # where torchvision streams read files; machine-specific, may change
 
 
 def default_architecture(stream: TaskStream) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
     given = {k: v for k, v in requested.items() if v is not None}
     config_given = {k: v for k, v in (requested.get("method_config") or {}).items() if v is not None}
     given.pop("method_config", None)
+    data_root = given.pop("data_root", None)
     if manifest is None:
         for required in ("method", "stream"):
             if required not in given:
@@ -72,10 +74,12 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             seed=stream.seed,
             architecture=given.get("architecture") or default_architecture(stream),
             method_config=asdict(method.config),
+            data_root=data_root,
         )
     stored = manifest.training["settings"]
+    get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"--{k.replace('_', '-')} {v!r} (model has {stored[k]!r})" for k, v in given.items() if stored[k] != v]
-    clashes += [f"--{k.replace('_', '-')} {v!r} (model has {stored['method_config'][k]!r})"
+    clashes += [f"--{k.replace('_', '-')} {v!r} (model has {stored['method_config'].get(k)!r})"
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
     if clashes:
         raise TrainingError(
@@ -83,7 +87,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             f"ones so published tasks stay reproducible: {'; '.join(clashes)}. Omit these options, "
             "or train a new model with --model."
         )
-    return TrainSettings(**stored)
+    return TrainSettings(**{**stored, "data_root": data_root or stored.get("data_root")})
 
 
 def task_generator(seed: int, *key: int) -> torch.Generator:
@@ -94,6 +98,7 @@ def task_generator(seed: int, *key: int) -> torch.Generator:
 
 def accuracy(module, method: str, backbone, parts, shared, task: TaskData) -> float:
     """Test accuracy of one task computed exactly as the server computes it (registry materialisation)."""
+    module.eval()
     with torch.no_grad():
         params = effective_parameters(method, backbone, parts, shared)
         logits = forward(module, params, task.x_test)[:, : task.num_classes]
@@ -111,6 +116,7 @@ class _Model:
     shared_refs: dict[str, BlobRef]
     tasks: list[PublishedTask]
     matrix: list[list[float]]
+    alone: list[float | None]  # each task's accuracy when trained alone (the FWT reference), if measured
 
     @property
     def latest(self) -> str:
@@ -120,7 +126,7 @@ class _Model:
 def _new_model(registry: Registry, method: Method, module, seed: int) -> _Model:
     backbone = method.create_backbone(module, task_generator(seed, _BACKBONE_SEED_KEY))
     ref = registry.put_backbone(backbone, method.backbone_codec)
-    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [])
+    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [], [])
 
 
 def _load_model(registry: Registry, manifest: Manifest) -> _Model:
@@ -137,6 +143,7 @@ def _load_model(registry: Registry, manifest: Manifest) -> _Model:
         shared_refs=dict(manifest.shared),
         tasks=tasks,
         matrix=[list(row) for row in manifest.training["accuracy_matrix"]],
+        alone=[t.metrics.get("alone_accuracy") for t in manifest.tasks],
     )
 
 
@@ -157,14 +164,26 @@ def _store_artifact(registry: Registry, model: _Model, artifact: TaskArtifact) -
     return version, parts, state
 
 
+def accuracy_alone(method: Method, settings: TrainSettings, task: TaskData) -> float:
+    """Accuracy of `method` trained on `task` alone, from a fresh backbone: SPG's FWT reference."""
+    module = build_architecture(settings.architecture)
+    backbone = method.create_backbone(module, task_generator(settings.seed, _BACKBONE_SEED_KEY))
+    context = TrainingContext(settings.architecture, backbone, [], {})
+    artifact = method.learn_task(build_architecture(settings.architecture), task, task_generator(settings.seed, task.index), context)
+    trained = backbone if artifact.backbone is None else artifact.backbone
+    return accuracy(module, method.name, trained, artifact.parts, artifact.shared, task)
+
+
 def train(
     registry: Registry,
     model: str,
     tasks: int,
     requested: dict[str, Any],
     log: Callable[[str], None] = print,
+    fwt: bool = False,
 ) -> Manifest:
-    """Learn tasks until `model` has `tasks` of them, publishing a new generation after each."""
+    """Learn tasks until `model` has `tasks` of them, publishing a new generation after each.
+    With `fwt`, each task is also trained alone to measure forward transfer."""
     manifest = registry.find_manifest(model)
     settings = resolve_settings(manifest, requested)
     stream = get_stream(settings.stream, settings.seed)
@@ -188,12 +207,16 @@ def train(
         row = [accuracy(module, method.name, state.backbones[t.backbone], t.parts, state.shared, stream.task(t.id))
                for t in state.tasks]
         state.matrix.append(row)
+        state.alone.append(accuracy_alone(method, settings, task) if fwt else None)
+        task_metrics = {"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics}
+        if fwt:
+            task_metrics["alone_accuracy"] = state.alone[-1]
         entry = TaskEntry(
             id=index, name=task.name, method=method.name, backbone=version, num_classes=task.num_classes, parts=parts,
-            metrics={"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics},
-            shares=artifact.shares, state=task_state,
+            metrics=task_metrics, shares=artifact.shares, state=task_state,
         )
-        training = {"settings": asdict(settings), "accuracy_matrix": state.matrix, **metrics.summary(state.matrix)}
+        training = {"settings": asdict(settings), "accuracy_matrix": state.matrix,
+                    **metrics.summary(state.matrix, state.alone)}
         if manifest is None:
             manifest = Manifest(model=model, generation=1, architecture=settings.architecture, input_shape=stream.input_shape,
                                 backbones=dict(state.backbone_refs), tasks=(entry,), training=training, shared=dict(state.shared_refs))

@@ -29,11 +29,12 @@ def backward_transfer(matrix: list[list[float]]) -> float:
     return mean(final[j] - matrix[j][j] for j in range(T - 1))
 
 
-def summary(matrix: list[list[float]]) -> dict[str, float]:
+def summary(matrix: list[list[float]], alone: list[float | None] | None = None) -> dict[str, float | None]:
     return {
         "average_accuracy": average_accuracy(matrix),
         "forgetting": forgetting(matrix),
         "bwt": backward_transfer(matrix),
+        "fwt": forward_transfer(matrix, alone or []),
     }
 
 
@@ -44,3 +45,36 @@ def format_matrix(matrix: list[list[float]], names: list[str]) -> str:
         cells = [f"{row[j]:.3f}" if j < len(row) else "" for j in range(len(names))]
         lines.append(f"| {names[i]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def forward_transfer(matrix: list[list[float]], alone: list[float | None]) -> float | None:
+    """FWT as SPG reports it: mean over tasks j >= 1 of (accuracy on j just after learning it in
+    the sequence) - (accuracy of the same method trained on task j alone); None without references."""
+    pairs = [(matrix[j][j], alone[j]) for j in range(1, len(matrix)) if j < len(alone) and alone[j] is not None]
+    return mean(a - b for a, b in pairs) if pairs else None
+
+
+def plot_matrix(matrix: list[list[float]], names: list[str], path: str, title: str) -> None:
+    """Draw the accuracy matrix as a heatmap (rows: after learning task i; columns: task j)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(matrix), len(names)), np.nan)
+    for i, row in enumerate(matrix):
+        grid[i, : len(row)] = row
+    size = max(4.0, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(matrix)), names[: len(matrix)])
+    ax.set(xlabel="accuracy on task", ylabel="after learning task", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

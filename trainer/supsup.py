@@ -24,6 +24,12 @@ from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
 
 
+def batchnorm_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running means and variances of every BatchNorm layer (empty for a network without BN)."""
+    return {name: buffer.detach().clone() for name, buffer in module.named_buffers()
+            if name.endswith((".running_mean", ".running_var"))}
+
+
 class _TopK(torch.autograd.Function):
     """Binary mask of the k largest entries; gradient passed straight through."""
 
@@ -39,16 +45,39 @@ class _TopK(torch.autograd.Function):
         return grad, None
 
 
-class EdgePopupMask(nn.Module):
-    """Parametrization W -> W * mask(scores): the scores are this task's only trainable tensor."""
+class _SignThreshold(torch.autograd.Function):
+    """Binary mask of the non-negative scores; gradient passed straight through."""
 
-    def __init__(self, shape: torch.Size, density: float, generator: torch.Generator):
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        return (scores >= 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+MASK_RULES = ("topk", "sign")
+
+
+class EdgePopupMask(nn.Module):
+    """Parametrization W -> W * mask(scores): the scores are this task's only trainable tensor.
+
+    rule 'topk' keeps the `density` fraction of largest |scores| in the layer (edge-popup);
+    'sign' keeps the weights whose score is >= 0 (SupSup's cheaper variant; density then follows
+    from training).
+    """
+
+    def __init__(self, shape: torch.Size, density: float, generator: torch.Generator, rule: str = "topk"):
         super().__init__()
         self.density = density
+        self.rule = rule
         self.scores = nn.Parameter(torch.empty(shape))
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5), generator=generator)
 
     def mask(self) -> torch.Tensor:
+        if self.rule == "sign":
+            return _SignThreshold.apply(self.scores)
         return _TopK.apply(self.scores.abs(), self.density)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -57,7 +86,8 @@ class EdgePopupMask(nn.Module):
 
 @dataclass
 class SupSupConfig:
-    density: float = 0.5  # fraction of each layer's weights a mask keeps
+    density: float = 0.5  # fraction of each layer's weights a mask keeps (rule 'topk')
+    mask: str = "topk"  # 'topk' at `density`, or 'sign' (scores >= 0)
     epochs: int = 30
     lr: float = 0.3
     batch_size: int = 64
@@ -67,6 +97,8 @@ class SupSupConfig:
     def __post_init__(self):
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.mask not in MASK_RULES:
+            raise ValueError(f"mask must be one of {MASK_RULES}, got {self.mask!r}")
 
 
 @register_method
@@ -103,16 +135,20 @@ class SupSup(Method):
         with torch.no_grad():
             result = {name: m.mask().to(torch.bool) for name, m in masks.items()}
         density = sum(int(m.sum()) for m in result.values()) / sum(m.numel() for m in result.values())
-        return TaskArtifact(parts={"masks": result}, metrics={"density": density})
+        parts = {"masks": result}
+        if stats := batchnorm_statistics(module):  # gathered while training this task: per-task BN
+            parts["bn_stats"] = stats
+        return TaskArtifact(parts=parts, metrics={"density": density})
 
     def _attach(self, module: nn.Module, backbone: dict[str, torch.Tensor], generator) -> dict[str, EdgePopupMask]:
         masks = {}
+        rule = self.config.mask
         for name, weight in backbone.items():
             owner, attr = name.rsplit(".", 1)
             layer = module.get_submodule(owner)
             with torch.no_grad():
                 getattr(layer, attr).copy_(weight)
             getattr(layer, attr).requires_grad_(False)
-            masks[name] = EdgePopupMask(weight.shape, self.config.density, generator)
+            masks[name] = EdgePopupMask(weight.shape, self.config.density, generator, rule)
             parametrize.register_parametrization(layer, attr, masks[name])
         return masks

@@ -1,0 +1,72 @@
+"""The extension point: a method defined outside trainer/ trains, publishes and serves.
+
+`LastLayer` learns only a per-task output layer over a fixed random backbone. Everything it
+needs is public API: `Method`/`register_method`/`TaskArtifact` from trainer, an artifact kind
+from registry/kinds.py, and a materialiser registered with `register_materializer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from registry import Registry, register_materializer
+from registry.codecs import signed_constant
+from serving import ModelRepository, infer
+from trainer import Method, TaskArtifact, get_method, method_names, register_method, train
+
+
+@dataclass
+class LastLayerConfig:
+    epochs: int = 20
+    lr: float = 0.05
+
+
+@register_method
+class LastLayer(Method):
+    name = "test-lastlayer"
+    backbone_codec = "signed-constant/v1"
+    Config = LastLayerConfig
+
+    def create_backbone(self, module, generator):
+        return {name: signed_constant(tuple(p.shape), generator) for name, p in module.named_parameters()}
+
+    def learn_task(self, module, task, generator, context):
+        head_name = list(context.backbone)[-1]
+        module.load_state_dict(context.backbone)
+        head = module.get_parameter(head_name)
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(name == head_name)
+        optimizer = torch.optim.Adam([head], lr=self.config.lr)
+        for _ in range(self.config.epochs):
+            loss = F.cross_entropy(module(task.x_train)[:, : task.num_classes], task.y_train)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return TaskArtifact(parts={"head": {head_name: head.detach().clone()}}, metrics={"final_loss": loss.item()})
+
+
+@register_materializer("test-lastlayer")
+def _last_layer(backbone, parts, shared):
+    return {**backbone, **parts["head"]}
+
+
+def test_a_plugged_in_method_trains_publishes_and_serves(tmp_path):
+    assert "test-lastlayer" in method_names() and get_method("test-lastlayer", epochs=3).config.epochs == 3
+    registry = Registry(tmp_path)
+    settings = {"method": "test-lastlayer", "stream": "permuted-digits",
+                "architecture": {"arch": "mlp", "sizes": [64, 128, 10]}}
+    manifest = train(registry, "plug", 2, settings, log=lambda _: None)
+    assert [t.method for t in manifest.tasks] == ["test-lastlayer"] * 2
+    assert manifest.tasks[1].parts["head"].codec == "tensors/v1"
+    assert manifest.training["average_accuracy"] > 0.5  # a random-feature head learns digits
+
+    repository = ModelRepository(registry)
+    repository.refresh()
+    x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
+    result = infer(repository, "plug", x, task=1)
+    assert result.logits.shape == (8, 10) and result.mode == "given"
+    assert infer(repository, "plug", x, mode="exhaustive").task.entry.id in (0, 1)
