@@ -96,6 +96,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--task-inference", choices=mode_names(), default=d.task_inference,
                    help="how to infer the task when a request names none (per request: parameter 'task_inference')")
     p.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="bound of the effective-weight cache")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help=f"most rows in one request and in one batched execution (default {d.max_batch_size})")
     p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
     p.add_argument("--threads", type=int, help="torch intra-op threads for inference")
 
@@ -186,7 +188,7 @@ def _serve(args) -> None:
     serve_forever(ServerConfig(
         registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
         task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-        torch_threads=args.threads,
+        torch_threads=args.threads, max_batch_size=args.max_batch_size,
     ))
 
 

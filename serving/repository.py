@@ -27,6 +27,7 @@ class ModelRepository:
         self.cache = LRUCache(cache_bytes)
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
+        self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -38,6 +39,8 @@ class ModelRepository:
         """The current snapshot of `model`; `version`, if given, must be its generation."""
         snapshot = self._snapshots.get(model)
         if snapshot is None:
+            if model in self._unloaded:
+                raise ModelNotFound(f"model '{model}' is unloaded; load it again (RepositoryModelLoad) to serve it")
             if model in self._load_errors:
                 raise ModelUnavailable(f"model '{model}' could not be loaded: {self._load_errors[model]}")
             known = ", ".join(self.models()) or "none"
@@ -49,11 +52,46 @@ class ModelRepository:
             )
         return snapshot
 
-    def refresh(self) -> list[Snapshot]:
-        """Load what changed in the registry; return the snapshots swapped in."""
+    def load(self, model: str) -> Snapshot:
+        """Load (or refresh) `model` now, and follow it again if it was unloaded."""
+        if model not in self.registry.list_models():
+            raise ModelNotFound(f"registry {self.registry.location} has no model '{model}' to load "
+                                f"(models: {', '.join(self.registry.list_models()) or 'none'})")
+        self._unloaded.discard(model)
+        self.refresh([model])
+        return self.get(model)
+
+    def unload(self, model: str) -> None:
+        """Stop serving `model` (requests get NOT_FOUND) until it is loaded again."""
+        with self._refresh_lock:  # a refresh in flight must not bring it back
+            if model not in self._snapshots and model not in self._load_errors:
+                raise ModelNotFound(f"model '{model}' is not loaded (loaded: {', '.join(self.models()) or 'none'})")
+            self._unloaded.add(model)
+            self._snapshots.pop(model, None)
+            self._load_errors.pop(model, None)
+        log.info("unloaded model '%s'", model)
+
+    def index(self) -> list[tuple[str, int, str, str]]:
+        """(model, generation, state, reason) for every model of the registry or the server."""
+        rows = []
+        for model in sorted(set(self.registry.list_models()) | set(self._snapshots)):
+            snapshot = self._snapshots.get(model)
+            if snapshot is not None:
+                rows.append((model, snapshot.generation, "READY", ""))
+            elif model in self._unloaded:
+                rows.append((model, 0, "UNLOADED", "unloaded by request"))
+            else:
+                rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
+        return rows
+
+    def refresh(self, models: list[str] | None = None) -> list[Snapshot]:
+        """Load what changed in the registry (for `models`, default all followed ones); return
+        the snapshots swapped in."""
         with self._refresh_lock:
             swapped = []
-            for model in self.registry.list_models():
+            for model in models if models is not None else self.registry.list_models():
+                if model in self._unloaded:
+                    continue
                 current = self._snapshots.get(model)
                 try:
                     latest = self.registry.latest_generation(model)

@@ -20,6 +20,7 @@ from registry import Registry
 from ._proto import POOL, pb, pb_grpc
 from .repository import ModelRepository
 from .servicer import InferenceServicer
+from .statistics import Statistics
 from .status import ErrorInterceptor
 from .task_inference import mode_names
 
@@ -37,6 +38,8 @@ class ServerConfig:
     cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
     workers: int = 8  # gRPC handler threads
     torch_threads: int | None = None  # intra-op threads for inference (default: torch's)
+    max_batch_size: int = 256  # rows per request (and per batched execution)
+    max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     max_message_bytes: int = 64 << 20
     grace_seconds: float = 5.0
 
@@ -60,7 +63,11 @@ class InferenceServer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.repository = ModelRepository(Registry(config.registry), config.cache_bytes)
-        self.servicer = InferenceServicer(self.repository, version=package_version(), default_mode=config.task_inference)
+        self.statistics = Statistics()
+        self.servicer = InferenceServicer(
+            self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
+            max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
+        )
         self.health = health.HealthServicer()
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]

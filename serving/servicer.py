@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
 from registry import MaskbankError
 
 from . import oip
-from ._proto import pb, pb_grpc
+from ._proto import model_config, pb, pb_grpc
+from .errors import InvalidRequest
 from .repository import ModelRepository
+from .statistics import Statistics
+from .status import status_code
 from .runtime import infer
 
 PLATFORM = "maskbank_pytorch"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, *, version: str, default_mode: str):
+    def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
+                 max_batch_size: int, max_queue_delay_us: int):
         self.repository = repository
+        self.statistics = statistics
         self.version = version
         self.default_mode = default_mode
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -55,7 +63,88 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def ModelInfer(self, request, context):
+        return self._recorded(request, self._infer)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        """One response per request, in order; a failed request is answered with its error message
+        and the stream stays open (as Triton does)."""
+        for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self._recorded(request, self._infer))
+            except MaskbankError as error:
+                yield pb.ModelStreamInferResponse(error_message=f"{status_code(error).name}: {error}")
+
+    def ModelConfig(self, request, context):
+        snapshot = self.repository.get(request.name, request.version)
+        mc = model_config
+        classes = {t.num_classes for t in snapshot.manifest.tasks}
+        config = mc.ModelConfig(
+            name=snapshot.model, platform=PLATFORM, backend="maskbank", max_batch_size=self.max_batch_size,
+            input=[mc.ModelInput(name=oip.INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(snapshot.manifest.input_shape))],
+            output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[classes.pop() if len(classes) == 1 else -1]),
+                    mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
+            dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=self.max_queue_delay_us),
+        )
+        methods = sorted({t.method for t in snapshot.manifest.tasks})
+        for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
+                           ("generation", str(snapshot.generation)), ("default_task_inference", self.default_mode)):
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
+
+    def ModelStatistics(self, request, context):
+        models = [request.name] if request.name else self.repository.models()
+        if request.name:
+            self.repository.get(request.name, request.version)  # NOT_FOUND for an unknown model
+        counters = self.statistics.snapshot()
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            s = counters.get(model)
+            if s is None:
+                response.model_stats.add(name=model, version=str(self.repository.get(model).generation))
+                continue
+            duration = lambda d: pb.StatisticDuration(count=d.count, ns=d.ns)  # noqa: E731
+            response.model_stats.add(
+                name=model, version=str(self.repository.get(model).generation), last_inference=s.last_inference_ms,
+                inference_count=s.inference_count, execution_count=s.execution_count,
+                inference_stats=pb.InferStatistics(success=duration(s.success), fail=duration(s.fail),
+                                                   queue=duration(s.queue), compute_infer=duration(s.compute)),
+                batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                             for size, d in sorted(s.batches.items())],
+            )
+        return response
+
+    def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for model, generation, state, reason in self.repository.index():
+            if not request.ready or state == "READY":
+                response.models.add(name=model, version=str(generation) if generation else "", state=state, reason=reason)
+        return response
+
+    def RepositoryModelLoad(self, request, context):
+        self.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        self.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _recorded(self, request, handler):
+        """Run `handler(request)`, recording success or failure and its duration per model."""
+        began = time.perf_counter_ns()
+        try:
+            response = handler(request)
+        except Exception:
+            self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
+            raise
+        rows = response.outputs[0].shape[0] if response.outputs else 0
+        self.statistics.request(request.model_name, rows, time.perf_counter_ns() - began, ok=True)
+        return response
+
+    def _infer(self, request):
         x = oip.decode_input(request)
+        if x.ndim and x.shape[0] > self.max_batch_size:
+            raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
+                                 "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
         outputs = oip.requested_outputs(request)
         result = infer(

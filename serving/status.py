@@ -41,24 +41,43 @@ def status_code(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def abort_with_status(method: str, error: Exception, context) -> None:
+    """End the call with the status `error` maps to (INTERNAL, with a generic message, for a bug)."""
+    if isinstance(error, reg.MaskbankError):
+        log.info("%s -> %s: %s", method, status_code(error).name, error)
+        context.abort(status_code(error), str(error))
+    log.error("%s failed", method, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Wraps every unary-unary handler so that errors leave as proper gRPC statuses."""
+    """Wraps every handler (unary and server-streaming responses alike) so that errors leave as
+    proper gRPC statuses."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
-        inner = handler.unary_unary
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
 
-        def guarded(request, context):
+            def unary(request, context):
+                try:
+                    return inner(request, context)
+                except Exception as error:
+                    abort_with_status(method, error, context)
+
+            return handler._replace(unary_unary=unary)
+        kind = "stream_stream" if handler.stream_stream is not None else "unary_stream"
+        if getattr(handler, kind) is None:
+            return handler
+        streaming = getattr(handler, kind)
+
+        def stream(request, context):
             try:
-                return inner(request, context)
-            except reg.MaskbankError as error:
-                log.info("%s -> %s: %s", method, status_code(error).name, error)
-                context.abort(status_code(error), str(error))
-            except Exception:
-                log.exception("%s failed", method)
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
+                yield from streaming(request, context)
+            except Exception as error:
+                abort_with_status(method, error, context)
 
-        return handler._replace(unary_unary=guarded)
+        return handler._replace(**{kind: stream})

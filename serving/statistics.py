@@ -1,0 +1,71 @@
+"""Per-model inference statistics, as Triton's ModelStatistics reports them (and metrics export)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    """Counters of one model. `inference_count` counts rows; `execution_count` counts model runs
+    (a batched run of several requests counts once)."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+
+class Statistics:
+    """Thread-safe statistics of every model the server has answered for."""
+
+    def __init__(self):
+        self._models: dict[str, ModelStats] = defaultdict(ModelStats)
+        self._lock = threading.Lock()
+
+    def request(self, model: str, rows: int, total_ns: int, ok: bool) -> None:
+        """One request finished (successfully or not) after `total_ns` nanoseconds."""
+        with self._lock:
+            stats = self._models[model]
+            if ok:
+                stats.success.add(total_ns)
+                stats.inference_count += rows
+                stats.last_inference_ms = time.time_ns() // 1_000_000
+            else:
+                stats.fail.add(total_ns)
+
+    def execution(self, model: str, batch_rows: int, requests: int, queue_ns: int, compute_ns: int) -> None:
+        """One model run over `requests` requests with `batch_rows` rows in all."""
+        with self._lock:
+            stats = self._models[model]
+            stats.execution_count += 1
+            stats.queue.add(queue_ns, requests)
+            stats.compute.add(compute_ns, requests)
+            stats.batches[batch_rows].add(compute_ns)
+
+    def snapshot(self) -> dict[str, ModelStats]:
+        """A consistent copy of every model's counters."""
+        with self._lock:
+            return {
+                model: ModelStats(s.inference_count, s.execution_count, s.last_inference_ms, Duration(**vars(s.success)),
+                                  Duration(**vars(s.fail)), Duration(**vars(s.queue)), Duration(**vars(s.compute)),
+                                  {k: Duration(**vars(v)) for k, v in s.batches.items()})
+                for model, s in self._models.items()
+            }

@@ -1,0 +1,112 @@
+"""Triton's protocol extensions through the stock tritonclient: streaming, model config,
+statistics, repository index, load and unload."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from maskbank.process import ServerProcess
+from serving._proto import pb, pb_grpc
+
+from .conftest import TINY, train_model, wait_for
+
+pytestmark = pytest.mark.slow
+X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    train_model(root, "a", 2, TINY)
+    train_model(root, "b", 1, TINY)
+    with ServerProcess(root, "--poll-interval", "0.2", "--max-batch-size", "8") as process:
+        client = triton.InferenceServerClient(process.url)
+        wait_for(lambda: client.is_model_ready("a") and client.is_model_ready("b"), what="models")
+        yield process, client, root
+        client.close()
+
+
+def request(x: np.ndarray = X):
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def test_stream_infer_answers_in_order_and_survives_a_bad_request(server):
+    _, client, _ = server
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("a", request(), parameters={"task_id": 1}, request_id="first")
+        client.async_stream_infer("a", request(), parameters={"task_id": 9}, request_id="bad")
+        client.async_stream_infer("a", request(), parameters={"task_id": 0}, request_id="third")
+        answers = [results.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    (first, e1), (_, bad), (third, e3) = answers
+    assert e1 is None and e3 is None
+    assert first.get_response().id == "first" and first.as_numpy("task_id").tolist() == [1] * 4
+    assert "NOT_FOUND" in str(bad) and "no task 9" in str(bad)
+    assert third.as_numpy("task_id").tolist() == [0] * 4
+    direct = client.infer("a", request(), parameters={"task_id": 1}).as_numpy("logits")
+    assert np.array_equal(first.as_numpy("logits"), direct)
+
+
+def test_model_config(server):
+    _, client, _ = server
+    config = client.get_model_config("a").config
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == ("a", "maskbank_pytorch", "maskbank", 8)
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [64])]
+    assert [o.name for o in config.output] == ["logits", "task_id"]
+    assert config.parameters["tasks"].string_value == "2" and config.parameters["methods"].string_value == "supsup"
+
+
+def test_statistics_count_successes_and_failures(server):
+    _, client, _ = server
+    before = client.get_inference_statistics("b").model_stats[0]
+    client.infer("b", request(), parameters={"task_id": 0})
+    with pytest.raises(InferenceServerException):
+        client.infer("b", request(), parameters={"task_id": 5})
+    after = client.get_inference_statistics("b").model_stats[0]
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+    assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
+    assert after.inference_count == before.inference_count + 4 and after.last_inference > 0
+    every = client.get_inference_statistics().model_stats
+    assert sorted(s.name for s in every) == ["a", "b"]
+
+
+def test_oversized_batch_is_refused(server):
+    _, client, _ = server
+    with pytest.raises(InferenceServerException, match="at most 8 per request") as info:
+        client.infer("a", request(np.zeros((9, 64), np.float32)), parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_repository_index_load_and_unload(server):
+    _, client, root = server
+    index = {m.name: (m.version, m.state) for m in client.get_model_repository_index().models}
+    assert index == {"a": ("2", "READY"), "b": ("1", "READY")}
+    client.unload_model("b")
+    assert not client.is_model_ready("b")
+    assert {m.name: m.state for m in client.get_model_repository_index().models}["b"] == "UNLOADED"
+    with pytest.raises(InferenceServerException, match="unloaded") as info:
+        client.infer("b", request(), parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    train_model(root, "b", 2, TINY)  # a new generation is not followed while unloaded
+    client.load_model("b")  # loads it now, at the newest generation
+    assert client.is_model_ready("b") and client.get_model_metadata("b").versions == ["2"]
+    with pytest.raises(InferenceServerException, match="has no model 'zzz'") as info:
+        client.load_model("zzz")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    client.unload_model("a")
+    with grpc.insecure_channel(server[0].url) as channel:  # tritonclient cannot ask for ready models only
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models] == ["b"]
+    client.load_model("a")
+    assert {m.state for m in client.get_model_repository_index().models} == {"READY"}
