@@ -29,6 +29,7 @@ class ModelRepository:
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
         self._refresh_lock = threading.Lock()
+        self._changed = threading.Condition()  # notified whenever a snapshot is swapped in
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,11 +104,24 @@ class ModelRepository:
                         log.error("model '%s' generation could not be loaded, keeping the previous one: %s", model, error)
                     self._load_errors[model] = str(error)
                     continue
-                self._snapshots[model] = snapshot
+                with self._changed:
+                    self._snapshots[model] = snapshot
+                    self._changed.notify_all()
                 self._load_errors.pop(model, None)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
             return swapped
+
+    def wait_for_generation(self, model: str, after: int, timeout: float) -> Snapshot | None:
+        """The snapshot of `model` once its generation exceeds `after`; None if `timeout` passes first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation(model) > after, timeout)
+        snapshot = self._snapshots.get(model)
+        return snapshot if snapshot is not None and snapshot.generation > after else None
+
+    def _generation(self, model: str) -> int:
+        snapshot = self._snapshots.get(model)
+        return snapshot.generation if snapshot is not None else 0
 
     def follow(self, interval: float) -> None:
         """Refresh every `interval` seconds in a daemon thread until `close()`."""

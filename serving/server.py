@@ -18,6 +18,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from registry import Registry
 
 from ._proto import POOL, pb, pb_grpc
+from ._proto import maskbank_pb2 as mb
+from ._proto import maskbank_pb2_grpc as mb_grpc
+from .maskbank_servicer import MaskbankServicer
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .statistics import Statistics
@@ -26,6 +29,7 @@ from .task_inference import mode_names
 
 log = logging.getLogger("maskbank.serving")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MASKBANK_SERVICE = mb.DESCRIPTOR.services_by_name["Maskbank"].full_name
 
 
 @dataclass
@@ -76,10 +80,11 @@ class InferenceServer:
             interceptors=[ErrorInterceptor()], options=limits,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for module in (health_pb2, reflection_pb2):  # reflection answers from maskbank's pool
             _add_to_pool(module.DESCRIPTOR)
-        services = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        services = (INFERENCE_SERVICE, MASKBANK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server, pool=POOL)
         self.port: int | None = None
         self._stopped = threading.Event()
@@ -93,7 +98,7 @@ class InferenceServer:
         self.server.start()
         self.repository.follow(self.config.poll_interval)
         self.servicer.ready = True
-        for service in ("", INFERENCE_SERVICE):
+        for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
         return self.port

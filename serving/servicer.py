@@ -15,7 +15,7 @@ from .errors import InvalidRequest
 from .repository import ModelRepository
 from .statistics import Statistics
 from .status import status_code
-from .runtime import infer
+from .runtime import InferenceResult, infer
 
 PLATFORM = "maskbank_pytorch"
 
@@ -63,14 +63,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def ModelInfer(self, request, context):
-        return self._recorded(request, self._infer)
+        return self.answer(request)[0]
 
     def ModelStreamInfer(self, request_iterator, context):
         """One response per request, in order; a failed request is answered with its error message
         and the stream stays open (as Triton does)."""
         for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self._recorded(request, self._infer))
+                yield pb.ModelStreamInferResponse(infer_response=self.answer(request)[0])
             except MaskbankError as error:
                 yield pb.ModelStreamInferResponse(error_message=f"{status_code(error).name}: {error}")
 
@@ -128,19 +128,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    def _recorded(self, request, handler):
-        """Run `handler(request)`, recording success or failure and its duration per model."""
+    def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+        """Answer one inference request (the response and the runtime's result), recording its
+        success or failure and duration in the model's statistics."""
         began = time.perf_counter_ns()
         try:
-            response = handler(request)
+            response, result = self._infer(request)
         except Exception:
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
             raise
-        rows = response.outputs[0].shape[0] if response.outputs else 0
-        self.statistics.request(request.model_name, rows, time.perf_counter_ns() - began, ok=True)
-        return response
+        self.statistics.request(request.model_name, len(result.logits), time.perf_counter_ns() - began, ok=True)
+        return response, result
 
-    def _infer(self, request):
+    def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
@@ -165,4 +165,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         oip.set_parameter(response.parameters, "task_inference", result.mode)
         if result.scores is not None:
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
-        return response
+        return response, result

@@ -1,0 +1,56 @@
+"""The maskbank.v1 service: task listing and description, GN details, and generation watching."""
+
+from __future__ import annotations
+
+from ._proto import maskbank_pb2 as mb
+from ._proto import maskbank_pb2_grpc as mb_grpc
+from .repository import ModelRepository
+from .servicer import InferenceServicer
+from .snapshot import LoadedTask
+
+WATCH_POLL_SECONDS = 1.0  # how often a watch checks that its client is still there
+
+
+def task_info(task: LoadedTask) -> mb.TaskInfo:
+    entry = task.entry
+    return mb.TaskInfo(
+        id=entry.id, name=entry.name, method=entry.method, num_classes=entry.num_classes,
+        backbone_version=entry.backbone,
+        metrics={k: float(v) for k, v in entry.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        bytes=sum(r.size for r in entry.parts.values()),
+        parts={name: mb.PartInfo(codec=r.codec, bytes=r.size, digest=r.digest) for name, r in entry.parts.items()},
+        shares=list(entry.shares), in_service=task.error is None, error=str(task.error or ""),
+    )
+
+
+class MaskbankServicer(mb_grpc.MaskbankServicer):
+    def __init__(self, repository: ModelRepository, inference: InferenceServicer):
+        self.repository = repository
+        self.inference = inference
+
+    def ListTasks(self, request, context):
+        snapshot = self.repository.get(request.model)
+        return mb.ListTasksResponse(model=snapshot.model, generation=snapshot.generation,
+                                    tasks=[task_info(snapshot.tasks[t.id]) for t in snapshot.manifest.tasks])
+
+    def DescribeTask(self, request, context):
+        snapshot = self.repository.get(request.model)
+        key = request.task_name if request.WhichOneof("task") == "task_name" else request.task_id
+        return task_info(snapshot.tasks[snapshot.manifest.task(key).id])
+
+    def InferTask(self, request, context):
+        response, result = self.inference.answer(request.request)
+        return mb.InferTaskResponse(response=response, mode=result.mode, task_id=result.task.entry.id,
+                                    task_name=result.task.entry.name, scores=result.scores or {})
+
+    def WatchModel(self, request, context):
+        snapshot = self.repository.get(request.model)
+        while True:
+            yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation, tasks=len(snapshot.tasks),
+                                     task_names=[t.name for t in snapshot.manifest.tasks])
+            after = snapshot.generation
+            snapshot = None
+            while snapshot is None:
+                if not context.is_active():
+                    return
+                snapshot = self.repository.wait_for_generation(request.model, after, WATCH_POLL_SECONDS)

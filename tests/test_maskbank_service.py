@@ -1,0 +1,81 @@
+"""The maskbank.v1 service through a plain gRPC client (generated stubs)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from maskbank.process import ServerProcess
+from serving._proto import maskbank_pb2 as mb
+from serving._proto import maskbank_pb2_grpc as mb_grpc
+from serving._proto import pb
+
+from .conftest import TINY, train_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    train_model(root, "m", 2, TINY)
+    with ServerProcess(root, "--poll-interval", "0.2") as server, grpc.insecure_channel(server.url) as channel:
+        yield mb_grpc.MaskbankStub(channel), root
+
+
+def oip_request(**parameters) -> pb.ModelInferRequest:
+    x = np.random.default_rng(1).random((16, 64), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="m", raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    for key, value in parameters.items():
+        if isinstance(value, int):
+            request.parameters[key].int64_param = value
+        else:
+            request.parameters[key].string_param = value
+    return request
+
+
+def test_list_and_describe_tasks(service):
+    stub, _ = service
+    listing = stub.ListTasks(mb.ListTasksRequest(model="m"))
+    assert (listing.model, listing.generation) == ("m", 2)
+    assert [(t.id, t.name, t.method, t.num_classes, t.in_service) for t in listing.tasks] == [
+        (0, "perm-0", "supsup", 10, True), (1, "perm-1", "supsup", 10, True)]
+    task = stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_name="perm-1"))
+    assert task.id == 1 and task.parts["masks"].bytes == task.bytes > 0 and 0 < task.metrics["accuracy"] <= 1
+    assert stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=0)).name == "perm-0"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=5))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no task 5" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ListTasks(mb.ListTasksRequest(model="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_infer_task_reports_gn_details(service):
+    stub, _ = service
+    inferred = stub.InferTask(mb.InferTaskRequest(request=oip_request(task_inference="exhaustive")))
+    assert inferred.mode == "exhaustive" and sorted(inferred.scores) == [0, 1]
+    assert inferred.task_id == min(inferred.scores, key=lambda i: (inferred.scores[i], i))
+    assert inferred.response.outputs[0].name == "logits"
+    given = stub.InferTask(mb.InferTaskRequest(request=oip_request(task_id=1)))
+    assert (given.mode, given.task_id, given.task_name, dict(given.scores)) == ("given", 1, "perm-1", {})
+    with pytest.raises(grpc.RpcError) as info:
+        stub.InferTask(mb.InferTaskRequest(request=oip_request(task_inference="psychic")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watch_model_streams_each_new_generation(service):
+    stub, root = service
+    stream = stub.WatchModel(mb.WatchModelRequest(model="m"), timeout=120)
+    first = next(stream)
+    assert (first.generation, first.tasks) == (2, 2)
+    publisher = threading.Thread(target=train_model, args=(root, "m", 3, TINY))
+    publisher.start()
+    second = next(stream)
+    publisher.join()
+    assert (second.generation, second.tasks, list(second.task_names)) == (3, 3, ["perm-0", "perm-1", "perm-2"])
+    stream.cancel()
