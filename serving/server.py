@@ -42,7 +42,7 @@ class ServerConfig:
     cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
     workers: int = 8  # gRPC handler threads
     torch_threads: int | None = None  # intra-op threads for inference (default: torch's)
-    max_batch_size: int = 256  # rows per request (and per batched execution)
+    max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     max_message_bytes: int = 64 << 20
     grace_seconds: float = 5.0
