@@ -53,7 +53,8 @@ def run_demo(registry_dir: str, model: str, tasks: int, batch_size: int) -> None
               f"input {meta.inputs[0].name} {meta.inputs[0].datatype} {list(meta.inputs[0].shape)}")
 
         print(f"\n== 3. querying every task with tritonclient in batches of {batch_size}")
-        stream = get_stream(manifest.training["settings"]["stream"], manifest.training["settings"]["seed"])
+        settings = manifest.training["settings"]
+        stream = get_stream(settings["stream"], settings["seed"], settings.get("data_root"))
         rows = []
         for entry in manifest.tasks:
             task = stream.task(entry.id)

@@ -1,7 +1,7 @@
 """maskbank's trainer: task streams, continual-learning methods, metrics, and the loop that
 publishes each learned task into a registry. It imports registry, never serving."""
 
-from . import supsup  # noqa: F401  (registers the method)
+from . import exssnet, packnet, supsup  # noqa: F401  (each registers its method)
 from .loop import TrainingError, TrainSettings, train
 from .methods import (
     Method,
@@ -12,9 +12,10 @@ from .methods import (
     method_names,
     register_method,
 )
-from .streams import TaskData, TaskStream, get_stream, register_stream, stream_names
+from .streams import DataUnavailable, TaskData, TaskStream, get_stream, register_stream, stream_names
 
 __all__ = [
+    "DataUnavailable",
     "Method",
     "PublishedTask",
     "TrainingContext",

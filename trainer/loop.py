@@ -66,7 +66,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
         for required in ("method", "stream"):
             if required not in given:
                 raise TrainingError(f"--{required} is required to create a new model")
-        stream = get_stream(given["stream"], given.get("seed", 0))
+        stream = get_stream(given["stream"], given.get("seed", 0), data_root)
         method = get_method(given["method"], **config_given)
         return TrainSettings(
             method=method.name,
@@ -186,7 +186,7 @@ def train(
     With `fwt`, each task is also trained alone to measure forward transfer."""
     manifest = registry.find_manifest(model)
     settings = resolve_settings(manifest, requested)
-    stream = get_stream(settings.stream, settings.seed)
+    stream = get_stream(settings.stream, settings.seed, settings.data_root)
     method = get_method(settings.method, **settings.method_config)
     module = build_architecture(settings.architecture)
     if tasks > stream.max_tasks:
