@@ -29,6 +29,16 @@ def _architecture(text: str) -> dict:
     return spec
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
 def _add_train(commands) -> None:
     from trainer import method_names, stream_names
 
@@ -49,6 +59,9 @@ def _add_train(commands) -> None:
     options = p.add_argument_group("method options (each method takes those its config has; others are an error)")
     for flag, _, kwargs in METHOD_OPTIONS:
         options.add_argument(flag, **kwargs)
+    options.add_argument("--set", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                         help="any other option of the method's config, e.g. --set weight_epochs=5 (repeatable; "
+                         "values are read as JSON when they parse, else as text)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -140,6 +153,7 @@ def _train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key, _ in METHOD_OPTIONS}
+    config.update(dict(args.options))
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}
     manifest = train(Registry(args.registry), args.model, args.tasks, requested, fwt=args.fwt)

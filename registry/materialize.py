@@ -66,6 +66,7 @@ def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor
     its statistics is an error, not a silent mean 0 / variance 1. Only BatchNorm's batch
     counters, which eval mode never reads, are filled from the module.
     """
+    module.eval()  # in training mode BatchNorm would use batch statistics and overwrite the task's
     counters = {n: b for n, b in module.named_buffers() if n.endswith("num_batches_tracked") and n not in params}
     return torch.func.functional_call(module, {**params, **counters}, (x,), strict=True)
 

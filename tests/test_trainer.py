@@ -87,3 +87,29 @@ def test_append_refuses_contradicting_settings(tmp_path):
         train(registry, "m", 2, {"method_config": {"density": 0.2}})
     with pytest.raises(TrainingError, match="--method is required"):
         train(registry, "new", 1, {"stream": "permuted-digits"})
+
+
+def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
+    import numpy as np
+
+    from registry import effective_parameters, forward
+    from serving import ModelRepository, infer
+
+    arch = {"arch": "cnn", "input_shape": [1, 8, 8], "num_classes": 10, "width": 4, "bn": "nonaffine"}
+    registry = train_model(tmp_path, "bn", 2, {"architecture": arch, "method_config": {"epochs": 2}})
+    manifest = registry.manifest("bn")
+    stats = [registry.load(t.parts["bn_stats"]) for t in manifest.tasks]
+    module = build_architecture(arch)
+    layers = {n.rsplit(".", 1)[0] for n, _ in module.named_buffers() if n.endswith("running_mean")}
+    assert layers and {k.rsplit(".", 1)[0] for k in stats[0]} == layers
+    assert any(not torch.equal(stats[0][k], stats[1][k]) for k in stats[0])  # each task has its own
+
+    repository = ModelRepository(registry)
+    repository.refresh()
+    x = get_stream("permuted-digits").task(1).x_test[:16]
+    backbone = registry.load_backbone(manifest, "1")
+    parts = {k: registry.load(r) for k, r in manifest.task(1).parts.items()}
+    expected = forward(module, effective_parameters("supsup", backbone, parts), x)
+    assert np.array_equal(infer(repository, "bn", x.numpy(), task=1).logits, expected.detach().numpy())
+    with pytest.raises(RuntimeError, match="running_mean"):  # statistics are never silently defaulted
+        forward(module, effective_parameters("supsup", backbone, {"masks": parts["masks"]}), x)
