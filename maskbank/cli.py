@@ -111,6 +111,9 @@ def _add_serve(commands) -> None:
     p.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="bound of the effective-weight cache")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help=f"most rows in one request and in one batched execution (default {d.max_batch_size})")
+    p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
+                   help="how long the dynamic batcher lets the first request of a batch wait for others to join, in "
+                   f"microseconds (default {d.max_queue_delay_us}: requests still merge while an execution runs)")
     p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
     p.add_argument("--threads", type=int, help="torch intra-op threads for inference")
 
@@ -202,7 +205,7 @@ def _serve(args) -> None:
     serve_forever(ServerConfig(
         registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
         task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-        torch_threads=args.threads, max_batch_size=args.max_batch_size,
+        torch_threads=args.threads, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
     ))
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .batcher import DynamicBatcher
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .snapshot import LoadedTask, Snapshot
@@ -42,13 +44,21 @@ def infer(
     version: str = "",
     task: int | str | None = None,
     mode: str = "exhaustive",
+    batcher: DynamicBatcher | None = None,
 ) -> InferenceResult:
-    """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None."""
+    """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None.
+    With a batcher, task-given requests run batched with concurrent ones for the same task."""
     snapshot = repository.get(model, version)
     inputs = check_input(snapshot, x)
     if task is not None:
         chosen = snapshot.task(task)
-        return InferenceResult(snapshot, chosen, snapshot.logits(chosen, inputs).numpy(), "given")
+        if batcher is None:
+            return InferenceResult(snapshot, chosen, snapshot.logits(chosen, inputs).numpy(), "given")
+        logits = batcher.run(model, (id(snapshot), chosen.key), inputs, lambda batch: snapshot.logits(chosen, batch))
+        return InferenceResult(snapshot, chosen, logits.numpy(), "given")
+    started = time.perf_counter_ns()
     choice = infer_task(mode, snapshot, inputs)
     logits = choice.logits if choice.logits is not None else snapshot.logits(choice.task, inputs)
+    if batcher is not None:
+        batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
     return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, choice.scores)

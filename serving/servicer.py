@@ -11,6 +11,7 @@ from registry import MaskbankError
 
 from . import oip
 from ._proto import model_config, pb, pb_grpc
+from .batcher import DynamicBatcher
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .statistics import Statistics
@@ -29,6 +30,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.default_mode = default_mode
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
+        self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us)
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -149,7 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs = oip.requested_outputs(request)
         result = infer(
             self.repository, request.model_name, x, version=request.model_version,
-            task=selection.task, mode=selection.mode or self.default_mode,
+            task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
         )
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id

@@ -1,0 +1,91 @@
+"""The dynamic batcher merges concurrent requests of one key and hands each its own rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from serving.batcher import DynamicBatcher
+from serving.statistics import Statistics
+
+
+def run_concurrently(batcher: DynamicBatcher, inputs: list[torch.Tensor], compute, key="k") -> list:
+    results = [None] * len(inputs)
+
+    def call(i):
+        try:
+            results[i] = batcher.run("m", key, inputs[i], compute)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_concurrent_requests_are_merged_and_split_back():
+    calls = []
+
+    def compute(x):
+        calls.append(len(x))
+        time.sleep(0.01)
+        return x * 2
+
+    statistics = Statistics()
+    batcher = DynamicBatcher(statistics, max_batch_size=64, max_queue_delay_us=50_000)
+    inputs = [torch.full((i + 1, 3), float(i)) for i in range(8)]
+    results = run_concurrently(batcher, inputs, compute)
+    for x, y in zip(inputs, results):
+        assert torch.equal(y, x * 2)  # each request gets exactly its own rows back
+    assert sum(calls) == sum(len(x) for x in inputs) and len(calls) < len(inputs)
+    stats = statistics.snapshot()["m"]
+    assert stats.execution_count == len(calls) and stats.queue.count == len(inputs)
+
+
+def test_batches_never_exceed_the_maximum():
+    calls = []
+    batcher = DynamicBatcher(Statistics(), max_batch_size=5, max_queue_delay_us=20_000)
+    results = run_concurrently(batcher, [torch.ones(2, 1)] * 10, lambda x: calls.append(len(x)) or x)
+    assert all(torch.equal(r, torch.ones(2, 1)) for r in results)
+    assert max(calls) <= 5 and sum(calls) == 20
+
+
+def test_an_error_reaches_every_request_of_the_batch_and_the_batcher_recovers():
+    batcher = DynamicBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=20_000)
+
+    def broken(x):
+        raise ValueError("boom")
+
+    results = run_concurrently(batcher, [torch.ones(1, 1)] * 4, broken)
+    assert all(isinstance(r, ValueError) for r in results)
+    assert torch.equal(batcher.run("m", "k", torch.ones(1, 1), lambda x: x + 1), torch.full((1, 1), 2.0))
+
+
+def test_different_keys_are_never_mixed():
+    batcher = DynamicBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=20_000)
+    out = {}
+
+    def call(key):
+        out[key] = batcher.run("m", key, torch.full((1, 1), float(key)), lambda x: x * 10)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert {k: float(v) for k, v in out.items()} == {k: 10.0 * k for k in range(6)}
+
+
+@pytest.mark.parametrize("delay_us", [0, 1000])
+def test_many_rounds_complete(delay_us):
+    batcher = DynamicBatcher(Statistics(), max_batch_size=7, max_queue_delay_us=delay_us)
+    for _ in range(20):
+        inputs = [torch.randn(3, 2) for _ in range(6)]
+        results = run_concurrently(batcher, inputs, lambda x: x + 1)
+        assert all(torch.equal(r, x + 1) for r, x in zip(results, inputs))
