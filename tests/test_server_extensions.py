@@ -110,3 +110,16 @@ def test_repository_index_load_and_unload(server):
         assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models] == ["b"]
     client.load_model("a")
     assert {m.state for m in client.get_model_repository_index().models} == {"READY"}
+
+
+def test_two_servers_follow_one_directory_registry(tmp_path):
+    train_model(tmp_path, "m", 1, TINY)
+    with ServerProcess(tmp_path, "--poll-interval", "0.2") as one, ServerProcess(tmp_path, "--poll-interval", "0.2") as two:
+        clients = [triton.InferenceServerClient(s.url) for s in (one, two)]
+        train_model(tmp_path, "m", 2, TINY)
+        for client in clients:
+            wait_for(lambda c=client: c.get_model_metadata("m").versions == ["2"], what="both servers at generation 2")
+        answers = [c.infer("m", request(), parameters={"task_id": 1}).as_numpy("logits") for c in clients]
+        assert np.array_equal(*answers)
+        for client in clients:
+            client.close()
