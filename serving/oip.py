@@ -18,7 +18,7 @@ OUTPUTS = ("logits", "task_id")
 # Names Triton reserves for itself; clients may send them and maskbank ignores them.
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
 RESERVED_PREFIXES = ("triton_", "sequence_")
-PARAMETERS = ("task_id", "task", "task_inference")
+PARAMETERS = ("task_id", "task", "task_inference", "task_shortlist")
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -37,6 +37,7 @@ class TaskSelection:
 
     task: int | str | None
     mode: str | None
+    shortlist: int | None = None
 
 
 def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32") -> np.ndarray:
@@ -89,11 +90,14 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
         raise InvalidRequest(f"parameter 'task' must be a string (the task name), got {name!r}")
     if mode is not None and not isinstance(mode, str):
         raise InvalidRequest(f"parameter 'task_inference' must be a string, got {mode!r}")
+    shortlist = _parameter_value(params["task_shortlist"]) if "task_shortlist" in params else None
+    if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= 1000):
+        raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to 1000, got {shortlist!r}")
     if task_id is not None and name is not None:
         raise InvalidRequest("give either 'task_id' or 'task', not both")
     if mode is not None and (task_id is not None or name is not None):
         raise InvalidRequest("'task_inference' applies only when no task is given; drop 'task_id'/'task' or 'task_inference'")
-    return TaskSelection(task_id if task_id is not None else name, mode)
+    return TaskSelection(task_id if task_id is not None else name, mode, shortlist)
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:

@@ -45,6 +45,7 @@ def infer(
     task: int | str | None = None,
     mode: str = "exhaustive",
     batcher: DynamicBatcher | None = None,
+    shortlist: int = 1,
 ) -> InferenceResult:
     """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None.
     With a batcher, task-given requests run batched with concurrent ones for the same task."""
@@ -57,7 +58,7 @@ def infer(
         logits = batcher.run(model, (id(snapshot), chosen.key), inputs, lambda batch: snapshot.logits(chosen, batch))
         return InferenceResult(snapshot, chosen, logits.numpy(), "given")
     started = time.perf_counter_ns()
-    choice = infer_task(mode, snapshot, inputs)
+    choice = infer_task(mode, snapshot, inputs, shortlist)
     logits = choice.logits if choice.logits is not None else snapshot.logits(choice.task, inputs)
     if batcher is not None:
         batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)

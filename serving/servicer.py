@@ -23,11 +23,12 @@ PLATFORM = "maskbank_pytorch"
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
-                 max_batch_size: int, max_queue_delay_us: int):
+                 max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1):
         self.repository = repository
         self.statistics = statistics
         self.version = version
         self.default_mode = default_mode
+        self.default_shortlist = default_shortlist
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us)
@@ -152,6 +153,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = infer(
             self.repository, request.model_name, x, version=request.model_version,
             task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
+            shortlist=selection.shortlist or self.default_shortlist,
         )
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id

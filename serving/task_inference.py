@@ -5,6 +5,12 @@
 * `oneshot` (SupSup): superpose all task masks with alpha_i = 1/T, take one gradient of the mean
   output entropy with respect to alpha, and pick the task whose alpha lowers it fastest
   (the most negative gradient). Needs mask-based tasks of one backbone.
+* `binary` (SupSup's multi-shot): halve the candidates by that gradient, about log2(T) rounds.
+
+On small networks the gradient rule is biased toward some tasks (measured: 81% of batches right
+on 5 permuted-digits tasks, against 100% for exhaustive; binary 94%). A `shortlist` of k > 1
+checks the k best-ranked candidates exactly by entropy: the right task was among the one-shot
+top 3 for 96% of those batches.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from registry import forward
@@ -47,12 +54,16 @@ def mode_names() -> list[str]:
     return sorted(_MODES)
 
 
-def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
+def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+    """Choose the task of `x` with `mode`. `shortlist` k > 1 makes the gradient modes check their
+    k best candidates exactly (lowest entropy), trading k forward passes for reliability."""
     if mode not in _MODES:
         raise InvalidRequest(str(unknown("task_inference mode", mode, _MODES)))
     if not snapshot.healthy_tasks():
         raise InvalidRequest(f"model '{snapshot.model}' has no task in service to infer from")
-    return _MODES[mode](snapshot, x)
+    if mode == "exhaustive":
+        return _MODES[mode](snapshot, x)
+    return _MODES[mode](snapshot, x, shortlist)
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -70,22 +81,61 @@ def exhaustive(snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
     return TaskChoice(snapshot.tasks[best], "exhaustive", scores, logits[best])
 
 
-@register_mode("oneshot")
-def oneshot(snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
+def _superposition(snapshot: Snapshot) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(task ids, stacked masks, backbone) for the superposition modes, or InvalidRequest."""
     ids, stack = snapshot.mask_stack()
     backbones = {t.entry.backbone for t in snapshot.healthy_tasks()}
     if not ids or len(ids) != len(snapshot.healthy_tasks()) or len(backbones) != 1:
         raise InvalidRequest(
-            f"task_inference 'oneshot' needs mask-based tasks on one backbone; model '{snapshot.model}' "
+            f"this task_inference mode needs mask-based tasks on one backbone; model '{snapshot.model}' "
             "does not have them: use 'exhaustive'"
         )
-    backbone = snapshot.backbones[backbones.pop()]
-    classes = max(snapshot.tasks[i].entry.num_classes for i in ids)
-    alpha = torch.full((len(ids),), 1.0 / len(ids), requires_grad=True)
+    return ids, stack, snapshot.backbones[backbones.pop()]
+
+
+def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
+    """dH/dalpha_i for the candidates' masks superposed with equal weights (SupSup's one-shot signal)."""
+    ids, stack, backbone = _superposition(snapshot)
+    rows = [ids.index(i) for i in candidates]
+    classes = max(snapshot.tasks[i].entry.num_classes for i in candidates)
+    alpha = torch.full((len(rows),), 1.0 / len(rows), requires_grad=True)
     with torch.enable_grad():
-        params = {n: w * torch.tensordot(alpha, stack[n], dims=1) for n, w in backbone.items()}
+        params = {n: w * torch.tensordot(alpha, stack[n][rows], dims=1) for n, w in backbone.items()}
         entropy = mean_entropy(forward(snapshot.module, params, x)[:, :classes])
         (gradient,) = torch.autograd.grad(entropy, alpha)
-    scores = dict(zip(ids, gradient.tolist()))
-    best = min(ids, key=lambda i: (scores[i], i))
-    return TaskChoice(snapshot.tasks[best], "oneshot", scores)
+    return dict(zip(candidates, gradient.tolist()))
+
+
+def _shortlisted(snapshot: Snapshot, x: torch.Tensor, ranked: list[int], mode: str, scores: dict, shortlist: int) -> TaskChoice:
+    """The best-ranked task, or, with shortlist k > 1, the lowest-entropy task among the k best
+    ranked (k forward passes: a cost bounded by k, not by the number of tasks)."""
+    if shortlist <= 1 or len(ranked) == 1:
+        return TaskChoice(snapshot.tasks[ranked[0]], mode, scores)
+    logits = {i: snapshot.logits(snapshot.tasks[i], x) for i in ranked[:shortlist]}
+    entropy = {i: float(mean_entropy(out)) for i, out in logits.items()}
+    best = min(entropy, key=lambda i: (entropy[i], i))
+    return TaskChoice(snapshot.tasks[best], mode, scores, logits[best])
+
+
+@register_mode("oneshot")
+def oneshot(snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+    """One gradient over all tasks superposed; the most negative wins (SupSup)."""
+    ids = _superposition(snapshot)[0]
+    scores = superposition_gradient(snapshot, x, ids)
+    return _shortlisted(snapshot, x, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
+
+
+@register_mode("binary")
+def binary(snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+    """SupSup's multi-shot rule: each round keeps the tasks whose gradient is at or below the
+    median and superposes them again, until one (or `shortlist`) remain: about log2(T) rounds."""
+    candidates = list(_superposition(snapshot)[0])
+    scores: dict[int, float] = {}
+    while len(candidates) > max(1, shortlist):
+        gradient = superposition_gradient(snapshot, x, candidates)
+        scores.update(gradient)
+        median = float(np.median(list(gradient.values())))
+        ranked = sorted(candidates, key=lambda i: (gradient[i], i))
+        keep = [i for i in ranked if gradient[i] <= median]
+        candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
+    return _shortlisted(snapshot, x, sorted(candidates, key=lambda i: (scores.get(i, 0.0), i)), "binary", scores, shortlist)

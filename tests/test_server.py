@@ -119,12 +119,12 @@ def test_task_by_name(live):
     assert np.array_equal(by_name.as_numpy("logits"), infer(live.client, x, task_id=2).as_numpy("logits"))
 
 
-def gn_share(client, mode: str, batch: int = 16) -> float:
+def gn_share(client, mode: str, batch: int = 16, **parameters) -> float:
     right = total = 0
     for task in range(TASKS):
         x = digits_inputs(task)
         for start in range(0, len(x) - batch + 1, batch):
-            result = infer(client, x[start : start + batch], task_inference=mode)
+            result = infer(client, x[start : start + batch], task_inference=mode, **parameters)
             right += int(result.as_numpy("task_id")[0] == task)
             total += 1
     return right / total
@@ -144,6 +144,21 @@ def test_gn_oneshot_answers_with_scores(live):
     assert params["task_inference"].string_param == "oneshot"
     assert sorted(json.loads(params["task_scores"].string_param)) == [str(i) for i in range(TASKS)]
     assert 0 <= result.as_numpy("task_id")[0] < TASKS
+
+
+def test_gn_binary_and_shortlists(live):
+    shares = {"binary": gn_share(live.client, "binary"), "oneshot, shortlist 3": gn_share(live.client, "oneshot", task_shortlist=3)}
+    print("\n" + ", ".join(f"GN {k}: right task for {v:.1%} of batches of 16" for k, v in shares.items()))
+    for task in range(TASKS):  # a shortlist of every task is exactly the exhaustive rule
+        x = digits_inputs(task, 16)
+        full = infer(live.client, x, task_inference="oneshot", task_shortlist=TASKS)
+        exact = infer(live.client, x, task_inference="exhaustive")
+        assert full.as_numpy("task_id")[0] == exact.as_numpy("task_id")[0]
+        assert np.array_equal(full.as_numpy("logits"), exact.as_numpy("logits"))
+    result = infer(live.client, digits_inputs(0, 16), task_inference="binary")
+    assert result.get_response().parameters["task_inference"].string_param == "binary"
+    with pytest.raises(InferenceServerException, match="'task_shortlist' must be an integer from 1 to 1000"):
+        infer(live.client, GOOD, task_inference="oneshot", task_shortlist=0)
 
 
 def test_server_default_mode_is_exhaustive(live):
@@ -174,7 +189,7 @@ BAD_REQUESTS = {
     "inf": (dict(x=np.full((2, 64), np.inf, np.float32)), "INVALID_ARGUMENT", "128 NaN or infinite"),
     "wrong input name": (dict(x=GOOD, name="pixels", task_id=0), "INVALID_ARGUMENT", "exactly one input named 'input'"),
     "unknown parameter": (dict(x=GOOD, taskid=0), "INVALID_ARGUMENT", "unknown request parameter(s) ['taskid']"),
-    "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: exhaustive, oneshot)"),
+    "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: binary, exhaustive, oneshot)"),
     "negative task id": (dict(x=GOOD, task_id=-1), "INVALID_ARGUMENT", "'task_id' must be a non-negative integer"),
     "id and name": (dict(x=GOOD, task_id=1, task="perm-1"), "INVALID_ARGUMENT", "either 'task_id' or 'task'"),
 }
