@@ -6,6 +6,7 @@ per-request parameters maskbank understands.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ from ._proto import pb
 from .errors import InvalidRequest
 
 INPUT_NAME = "input"
+MAX_INPUT_BYTES = 1 << 31  # above gRPC's own largest message: a shape claiming more is wrong
 OUTPUTS = ("logits", "task_id")
 # Names Triton reserves for itself; clients may send them and maskbank ignores them.
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
@@ -52,7 +54,10 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"input '{INPUT_NAME}' has a negative dimension in shape {list(shape)}")
     dtype = DATATYPES[expected_datatype]
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact: numpy's int64 product wraps around for huge dimensions
+    if count * dtype.itemsize > MAX_INPUT_BYTES:
+        raise InvalidRequest(f"input '{INPUT_NAME}' of shape {list(shape)} would need {count * dtype.itemsize} bytes, "
+                             f"more than any request can carry ({MAX_INPUT_BYTES})")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidRequest(f"{len(request.raw_input_contents)} raw input buffers for {len(request.inputs)} input(s)")

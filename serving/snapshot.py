@@ -8,6 +8,7 @@ verification is kept out of service with its error; the other tasks keep serving
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -42,13 +43,23 @@ class Snapshot:
     def __init__(self, manifest: Manifest, backbones: dict[str, Tensors], shared: dict[str, Tensors],
                  tasks: dict[int, LoadedTask], cache: LRUCache):
         self.manifest = manifest
-        self.module = build_architecture(manifest.architecture).eval()
+        self._template = build_architecture(manifest.architecture).eval()
+        self._per_thread = threading.local()
         self.backbones = backbones
         self.shared = shared
         self.tasks = tasks
         self._cache = cache
         self._mask_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This thread's copy of the architecture. functional_call swaps a task's weights into
+        the module for the length of a forward pass, so threads must never share one."""
+        module = getattr(self._per_thread, "module", None)
+        if module is None:
+            module = self._per_thread.module = copy.deepcopy(self._template)
+        return module
 
     @property
     def model(self) -> str:

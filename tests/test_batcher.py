@@ -89,3 +89,26 @@ def test_many_rounds_complete(delay_us):
         inputs = [torch.randn(3, 2) for _ in range(6)]
         results = run_concurrently(batcher, inputs, lambda x: x + 1)
         assert all(torch.equal(r, x + 1) for r, x in zip(results, inputs))
+
+
+def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path):
+    """Regression: threads sharing one module under functional_call overwrote each other's weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from registry import Registry
+    from serving import ModelRepository, infer
+
+    from .conftest import TINY, train_model
+
+    train_model(tmp_path, "m", 2, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
+    expected = {t: infer(repository, "m", x, task=t).logits for t in (0, 1)}
+    assert not np.array_equal(expected[0], expected[1])
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: (i % 2, infer(repository, "m", x, task=i % 2).logits), range(400)))
+    wrong = sum(not np.array_equal(logits, expected[task]) for task, logits in answers)
+    assert wrong == 0
