@@ -94,6 +94,7 @@ def _add_report(commands) -> None:
 
 def _add_serve(commands) -> None:
     from serving import ServerConfig, mode_names
+    from serving.logs import FORMATS
 
     d = ServerConfig(registry="")
     p = commands.add_parser(
@@ -116,6 +117,26 @@ def _add_serve(commands) -> None:
                    f"microseconds (default {d.max_queue_delay_us}: requests still merge while an execution runs)")
     p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
     p.add_argument("--threads", type=int, help="torch intra-op threads for inference")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="port of the Prometheus metrics endpoint http://HOST:PORT/metrics, bound on --host "
+                     "(default 8002 like Triton, or a free port when --port is 0; 0: a free port; negative: off)")
+    ops.add_argument("--admin-token", default=None, metavar="TOKEN",
+                     help="bearer token that model load/unload calls must send as the metadata header "
+                     "'authorization: Bearer TOKEN' (default: $MASKBANK_ADMIN_TOKEN, which keeps it out of the "
+                     "process list; with neither, load/unload are refused)")
+    ops.add_argument("--tls-cert", metavar="FILE",
+                     help="PEM certificate (chain): serve gRPC over TLS (needs --tls-key)")
+    ops.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
+    ops.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, metavar="BYTES",
+                     help=f"largest gRPC request and response in bytes (default {d.max_message_bytes}, 64 MiB); a "
+                     "larger request is refused with RESOURCE_EXHAUSTED")
+    ops.add_argument("--grace-seconds", type=float, default=d.grace_seconds, metavar="SECONDS",
+                     help=f"on SIGTERM/Ctrl-C, how long running calls may finish before the server stops "
+                     f"(default {d.grace_seconds:g})")
+    ops.add_argument("--log-format", choices=FORMATS, default="text",
+                     help="log lines as text, or as one JSON object per line (time, level, logger, message, fields); "
+                     "the level is maskbank's --log-level")
 
 
 def _add_demo(commands) -> None:
@@ -200,13 +221,29 @@ def format_report(manifest) -> str:
 
 
 def _serve(args) -> None:
-    from serving import ServerConfig, serve_forever
+    import os
 
-    serve_forever(ServerConfig(
-        registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
-        task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-        torch_threads=args.threads, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-    ))
+    from serving import ServerConfig, serve_forever
+    from serving.logs import configure
+
+    try:
+        config = ServerConfig(
+            registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
+            task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
+            torch_threads=args.threads, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+            max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
+            admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
+        )
+    except ValueError as error:  # contradictory or out-of-range flags, unusable TLS files
+        print(f"maskbank serve: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure(args.log_format)
+    try:
+        serve_forever(config)
+    except OSError as error:  # a port in use or not bindable
+        print(f"maskbank serve: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _demo(args) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from registry import Registry
 from ._proto import POOL, pb, pb_grpc
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
+from .auth import AdminAuthInterceptor
 from .maskbank_servicer import MaskbankServicer
+from .metrics import MetricsServer
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .statistics import Statistics
@@ -30,6 +34,8 @@ from .task_inference import mode_names
 log = logging.getLogger("maskbank.serving")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MASKBANK_SERVICE = mb.DESCRIPTOR.services_by_name["Maskbank"].full_name
+DEFAULT_METRICS_PORT = 8002  # as Triton
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limits are signed 32-bit
 
 
 @dataclass
@@ -44,12 +50,39 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads for inference (default: torch's)
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
-    max_message_bytes: int = 64 << 20
-    grace_seconds: float = 5.0
+    max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
+    grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
+    # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
+    # negative = no metrics endpoint. Bound on `host`, like gRPC.
+    metrics_port: int | None = None
+    admin_token: str | None = None  # bearer token for load/unload; None or "": admin calls are refused
+    tls_cert: str | None = None  # PEM certificate (chain) file; with tls_key, gRPC is served over TLS
+    tls_key: str | None = None  # PEM private key file (unencrypted)
 
     def __post_init__(self):
         if self.task_inference not in mode_names():
             raise ValueError(f"unknown task inference mode '{self.task_inference}' (known: {', '.join(mode_names())})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
+            raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
+                             "(or neither, for plaintext)")
+        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"--max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES} (2 GiB - 1, gRPC's "
+                             f"limit), got {self.max_message_bytes}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
+        if self.tls:
+            tls_key_pair(self.tls_cert, self.tls_key)  # unreadable or mismatched files fail here, clearly
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def metrics_listen_port(self) -> int | None:
+        """The port to serve metrics on (0: a free one), or None for no metrics endpoint."""
+        if self.metrics_port is None:
+            return 0 if self.port == 0 else DEFAULT_METRICS_PORT
+        return None if self.metrics_port < 0 else self.metrics_port
 
 
 def package_version() -> str:
@@ -73,11 +106,15 @@ class InferenceServer:
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
         )
         self.health = health.HealthServicer()
+        self._credentials = None
+        if config.tls:
+            self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
-            interceptors=[ErrorInterceptor()], options=limits,
+            # Authorisation first: a refused admin call never reaches the servicer.
+            interceptors=[AdminAuthInterceptor(config.admin_token), ErrorInterceptor()], options=limits,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), self.server)
@@ -86,22 +123,52 @@ class InferenceServer:
             _add_to_pool(module.DESCRIPTOR)
         services = (INFERENCE_SERVICE, MASKBANK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server, pool=POOL)
+        self.metrics = MetricsServer(self.repository, self.statistics)
         self.port: int | None = None
+        self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()
 
     def start(self) -> int:
         """Load the registry's models, bind, start serving and following; return the bound port."""
+        config = self.config
         self.repository.refresh()
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{config.host}:{config.port}"
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot listen on {address}")
+        metrics_port = config.metrics_listen_port()
+        if metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start(config.host, metrics_port)
+            except OSError:
+                self.server.stop(None)
+                raise
         self.server.start()
         self.repository.follow(self.config.poll_interval)
         self.servicer.ready = True
         for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
+        self._log_security()
         return self.port
+
+    def _log_security(self) -> None:
+        config = self.config
+        if not config.admin_token:
+            log.info("admin calls (model load/unload) are refused: the server was started without --admin-token")
+        elif not config.tls and not _loopback(config.host):
+            log.warning("the admin token travels in clear text: %s is not a loopback address and TLS is off "
+                        "(--tls-cert/--tls-key)", config.host)
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     def stop(self) -> None:
         """Graceful stop: report NOT_SERVING, let running calls finish (up to the grace period), stop."""
@@ -112,10 +179,33 @@ class InferenceServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_seconds).wait()
         self.repository.close()
+        self.metrics.stop()  # last: metrics stay scrapable while calls drain
         log.info("stopped")
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def tls_key_pair(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
+    """(private key, certificate chain) PEM bytes for `grpc.ssl_server_credentials`, checked with OpenSSL
+    first so that a missing file, a non-PEM file, an encrypted key or a key that does not match the
+    certificate is a ValueError naming both files (gRPC itself would only fail to bind)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=lambda: b"")
+        with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+            return key.read(), cert.read()
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot use --tls-cert {cert_file} with --tls-key {key_file}: {error} (both must be PEM "
+                         "files, the key unencrypted and matching the certificate)") from error
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _add_to_pool(file_descriptor) -> None:
@@ -129,7 +219,12 @@ def serve_forever(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully. Prints the address once listening."""
     server = InferenceServer(config)
     port = server.start()
-    print(f"maskbank serving {config.registry} on {config.host}:{port} (pid {os.getpid()})", flush=True)
+    details = [f"pid {os.getpid()}"] + (["TLS"] if config.tls else [])
+    details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
+    # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
+    print(f"maskbank serving {config.registry} on {config.host}:{port} ({'; '.join(details)})", flush=True)
+    log.info("listening on %s:%d", config.host, port,
+             extra={"port": port, "metrics_port": server.metrics_port, "tls": config.tls})
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -18,6 +18,8 @@ from .conftest import TINY, train_model, wait_for
 
 pytestmark = pytest.mark.slow
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+TOKEN = "test-admin-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     train_model(root, "a", 2, TINY)
     train_model(root, "b", 1, TINY)
-    with ServerProcess(root, "--poll-interval", "0.2", "--max-batch-size", "8") as process:
+    with ServerProcess(root, "--poll-interval", "0.2", "--max-batch-size", "8", "--admin-token", TOKEN) as process:
         client = triton.InferenceServerClient(process.url)
         wait_for(lambda: client.is_model_ready("a") and client.is_model_ready("b"), what="models")
         yield process, client, root
@@ -92,23 +94,23 @@ def test_repository_index_load_and_unload(server):
     _, client, root = server
     index = {m.name: (m.version, m.state) for m in client.get_model_repository_index().models}
     assert index == {"a": ("2", "READY"), "b": ("1", "READY")}
-    client.unload_model("b")
+    client.unload_model("b", headers=ADMIN)
     assert not client.is_model_ready("b")
     assert {m.name: m.state for m in client.get_model_repository_index().models}["b"] == "UNLOADED"
     with pytest.raises(InferenceServerException, match="unloaded") as info:
         client.infer("b", request(), parameters={"task_id": 0})
     assert info.value.status() == "StatusCode.NOT_FOUND"
     train_model(root, "b", 2, TINY)  # a new generation is not followed while unloaded
-    client.load_model("b")  # loads it now, at the newest generation
+    client.load_model("b", headers=ADMIN)  # loads it now, at the newest generation
     assert client.is_model_ready("b") and client.get_model_metadata("b").versions == ["2"]
     with pytest.raises(InferenceServerException, match="has no model 'zzz'") as info:
-        client.load_model("zzz")
+        client.load_model("zzz", headers=ADMIN)
     assert info.value.status() == "StatusCode.NOT_FOUND"
-    client.unload_model("a")
+    client.unload_model("a", headers=ADMIN)
     with grpc.insecure_channel(server[0].url) as channel:  # tritonclient cannot ask for ready models only
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models] == ["b"]
-    client.load_model("a")
+    client.load_model("a", headers=ADMIN)
     assert {m.state for m in client.get_model_repository_index().models} == {"READY"}
 
 

@@ -1,0 +1,57 @@
+"""Log formats: human-readable text (the default) or one JSON object per line for log collectors.
+
+A JSON line has `time` (UTC, ISO 8601 with milliseconds), `level`, `logger` and `message`, then
+every extra field the call passed (`log.info("...", extra={"model": m, "generation": g})`), and
+`exception` (the formatted traceback) when there is one. Values JSON cannot hold are written as
+their `str()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines inside values are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_") and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(log_format: str, level: str | int | None = None) -> None:
+    """Use `log_format` ("text" or "json") for every handler of the root logger (installing one on
+    stderr if there is none); in json mode Python warnings are logged too, so they become JSON lines."""
+    if log_format not in FORMATS:
+        raise ValueError(f"unknown log format '{log_format}' (known: {', '.join(FORMATS)})")
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig()
+    if level is not None:
+        root.setLevel(level)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    logging.captureWarnings(log_format == "json")

@@ -1,0 +1,147 @@
+"""Prometheus metrics on their own HTTP port, read from the live server at scrape time.
+
+Triton's per-model names (`nv_inference_*`, labelled `model` and `version`) so that dashboards and
+alerts written for Triton work unchanged, plus maskbank's own: the effective-weight cache, and per
+model the served generation, its task count and the tasks kept out of service.
+
+Nothing is counted twice: `MaskbankCollector.collect()` reads `Statistics.snapshot()`, the cache's
+`stats()` and the repository's snapshots when Prometheus scrapes, so there is no second set of
+counters to keep in step. The collector is registered in its own `CollectorRegistry`, never in
+prometheus_client's global one, so several servers can live in one process (tests) without clashing.
+
+Naming: Triton's exposition has no `_total` suffix (`nv_inference_request_success{...} 3`), and
+prometheus_client always appends `_total` to a counter's name. To keep Triton's exact names, the
+`nv_inference_*` families are exposed untyped; they are cumulative counters all the same (use
+`rate()`). maskbank's own counters follow the Prometheus convention and end in `_total`.
+
+The Triton counters are cumulative per model since the server started (that is how `Statistics`
+keeps them, and what ModelStatistics reports too); the `version` label is the generation served at
+scrape time, so publishing a new generation starts a new series that carries the model's running
+total on. Sum over `version` (or aggregate `by (model)`) for per-model rates across publishes.
+Requests naming a model that is not served are not labelled by that client-supplied name (which
+would let any client create series); they are counted in one unlabelled counter instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
+
+from registry import MaskbankError
+
+from .repository import ModelRepository
+from .statistics import ModelStats, Statistics
+
+log = logging.getLogger("maskbank.serving")
+
+# Triton metric name, help text, and how to read it from a model's statistics.
+TRITON_METRICS: tuple[tuple[str, str, object], ...] = (
+    ("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+     lambda s: s.success.count),
+    ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+     lambda s: s.fail.count),
+    ("nv_inference_count", "Number of inferences performed (rows; does not include cached requests)",
+     lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions performed (a batched run of several requests counts once)",
+     lambda s: s.execution_count),
+    ("nv_inference_request_duration_us", "Cumulative duration of successful inference requests in microseconds",
+     lambda s: s.success.ns // 1000),
+    ("nv_inference_queue_duration_us", "Cumulative time requests waited in the dynamic batcher's queue in microseconds",
+     lambda s: s.queue.ns // 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+     lambda s: s.compute.ns // 1000),
+)
+
+
+class MaskbankCollector:
+    """Reads the server's live numbers every time Prometheus scrapes."""
+
+    def __init__(self, repository: ModelRepository, statistics: Statistics):
+        self.repository = repository
+        self.statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        served = {}  # model -> its snapshot now; a model unloaded meanwhile is skipped
+        for model in self.repository.models():
+            try:
+                served[model] = self.repository.get(model)
+            except MaskbankError:
+                continue
+        counters = self.statistics.snapshot()
+        yield from self._triton(served, counters)
+        unserved = CounterMetricFamily(
+            "maskbank_unserved_model_request_failure",
+            "Inference requests that named a model this server does not serve (not labelled by the requested name)")
+        unserved.add_metric([], sum(s.fail.count for model, s in counters.items() if model not in served))
+        yield unserved
+        yield from self._models(served)
+        yield from self._cache()
+
+    def _triton(self, served, counters: dict[str, ModelStats]) -> Iterator[Metric]:
+        empty = ModelStats()
+        for name, documentation, read in TRITON_METRICS:
+            family = UnknownMetricFamily(name, documentation, labels=["model", "version"])
+            for model, snapshot in sorted(served.items()):
+                family.add_metric([model, str(snapshot.generation)], read(counters.get(model, empty)))
+            yield family
+
+    def _models(self, served) -> Iterator[Metric]:
+        generation = GaugeMetricFamily("maskbank_model_generation", "Registry generation served now", labels=["model"])
+        tasks = GaugeMetricFamily("maskbank_model_tasks", "Tasks in the served generation", labels=["model"])
+        broken = GaugeMetricFamily("maskbank_model_tasks_out_of_service",
+                                   "Tasks of the served generation kept out of service (their blobs failed to load "
+                                   "or verify; requests for them get DATA_LOSS)", labels=["model"])
+        for model, snapshot in sorted(served.items()):
+            generation.add_metric([model], snapshot.generation)
+            tasks.add_metric([model], len(snapshot.tasks))
+            broken.add_metric([model], len(snapshot.tasks) - len(snapshot.healthy_tasks()))
+        yield from (generation, tasks, broken)
+
+    def _cache(self) -> Iterator[Metric]:
+        stats = self.repository.cache.stats()
+        for name, documentation, value in (
+            ("maskbank_cache_hits", "Effective-weight cache lookups that found the task's weights", stats.hits),
+            ("maskbank_cache_misses", "Effective-weight cache lookups that had to materialise the task's weights",
+             stats.misses),
+            ("maskbank_cache_evictions", "Entries evicted from the effective-weight cache to stay under its bound",
+             stats.evictions),
+        ):
+            yield CounterMetricFamily(name, documentation, value=value)
+        for name, documentation, value in (
+            ("maskbank_cache_bytes", "Bytes held by the effective-weight cache", stats.bytes),
+            ("maskbank_cache_capacity_bytes", "Bound of the effective-weight cache in bytes (--cache-bytes)",
+             stats.capacity_bytes),
+            ("maskbank_cache_entries", "Entries (task weights) in the effective-weight cache", stats.entries),
+        ):
+            yield GaugeMetricFamily(name, documentation, value=value)
+
+
+class MetricsServer:
+    """The metrics HTTP endpoint (`GET /metrics`, Prometheus text format) in a daemon thread."""
+
+    def __init__(self, repository: ModelRepository, statistics: Statistics):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MaskbankCollector(repository, statistics))
+        self._httpd = None
+        self._thread = None
+        self.port: int | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Listen on `host`:`port` (0: a free port); return the bound port."""
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {host}:{port} ({error.strerror or error}): pick another "
+                          "--metrics-port, 0 for a free one, or -1 to turn metrics off") from error
+        self.port = self._httpd.server_port
+        return self.port
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join()
+            self._httpd = None

@@ -1,0 +1,284 @@
+"""Operating the server: Prometheus metrics, bearer-token auth of the admin calls, TLS, message
+size limits, JSON logs and the flags around them. Real `maskbank serve` processes on loopback,
+queried with the stock tritonclient; a few checks of the pieces in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from maskbank.cli import main
+from maskbank.process import ServerProcess
+from serving import InferenceServer, ServerConfig
+from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
+from serving.logs import JsonFormatter
+
+from .conftest import TINY, train_model, wait_for
+
+TOKEN = "s3cret-token"
+MAX_BYTES = 100_000  # the request below of 4 rows is ~1 KB; one of 500 rows is ~128 KB
+X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
+UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
+
+
+def request(x: np.ndarray = X):
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def bearer(token: str) -> dict:
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key, made now (none is committed)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@dataclass
+class Served:
+    process: ServerProcess
+    client: triton.InferenceServerClient
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, certificate) -> dict[str, Served]:
+    """Two servers of one registry:
+    "ops": admin token from MASKBANK_ADMIN_TOKEN, a small message limit, JSON logs, metrics on a free port;
+    "tls": TLS with the self-signed certificate, no admin token configured, metrics off.
+    Servers follow the registry, so the model is trained while they start (the file's time budget is tight)."""
+    root = tmp_path_factory.mktemp("registry")
+    cert, key = certificate
+    started: list[ServerProcess] = []
+    with ThreadPoolExecutor(1) as pool:
+        trained = pool.submit(train_model, root, "a", 2, TINY)
+        try:
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("MASKBANK_ADMIN_TOKEN", TOKEN)
+                started.append(ServerProcess(
+                    root, "--poll-interval", "0.2", "--max-message-bytes", str(MAX_BYTES), "--log-format", "json",
+                    "--metrics-port", "0", "--grace-seconds", "2").start())
+            with pytest.MonkeyPatch.context() as env:
+                env.delenv("MASKBANK_ADMIN_TOKEN", raising=False)
+                started.append(ServerProcess(
+                    root, "--poll-interval", "0.2", "--tls-cert", str(cert), "--tls-key", str(key),
+                    "--metrics-port", "-1").start())
+            trained.result()
+            ops, tls = started
+            served = {"ops": Served(ops, triton.InferenceServerClient(ops.url)),
+                      "tls": Served(tls, triton.InferenceServerClient(tls.url, ssl=True, root_certificates=str(cert)))}
+            for name, s in served.items():
+                wait_for(lambda c=s.client: c.is_model_ready("a") and c.get_model_metadata("a").versions == ["2"],
+                         what=f"model a at generation 2 on the {name} server")
+            yield served
+            for s in served.values():
+                s.client.close()
+        finally:
+            codes = [process.stop() for process in started]
+    assert codes == [0] * len(started), "\n".join(line for p in started for line in p.output)
+
+
+@pytest.fixture
+def ops(servers) -> tuple[ServerProcess, triton.InferenceServerClient]:
+    return servers["ops"].process, servers["ops"].client
+
+
+@pytest.fixture
+def tls(servers) -> tuple[ServerProcess, triton.InferenceServerClient]:
+    return servers["tls"].process, servers["tls"].client
+
+
+def scrape(process: ServerProcess) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the server's metrics endpoint."""
+    port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "\n".join(process.output)).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# --- real servers -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_metrics_count_inferences_failures_cache_and_generation(ops):
+    process, client = ops
+    labels = (("model", "a"), ("version", "2"))
+    before = scrape(process)
+    for task in (0, 0, 1):  # inference needs no token
+        client.infer("a", request(), parameters={"task_id": task})
+    for model, parameters in (("a", {"task_id": 9}), ("nope", {"task_id": 0})):
+        with pytest.raises(InferenceServerException):
+            client.infer(model, request(), parameters=parameters)
+    after = scrape(process)
+
+    def grew(name, key=labels):
+        return after[(name, key)] - before.get((name, key), 0)
+
+    assert grew("nv_inference_request_success") == 3
+    assert grew("nv_inference_request_failure") == 1  # the unknown model is not a label ...
+    assert grew("maskbank_unserved_model_request_failure_total", ()) == 1  # ... but counted here
+    assert not any(dict(key).get("model") == "nope" for _, key in after)
+    assert grew("nv_inference_count") == 3 * len(X) and grew("nv_inference_exec_count") == 3
+    for name in ("nv_inference_request_duration_us", "nv_inference_compute_infer_duration_us"):
+        assert grew(name) > 0
+    assert ("nv_inference_queue_duration_us", labels) in after
+    assert grew("maskbank_cache_hits_total", ()) + grew("maskbank_cache_misses_total", ()) == 3
+    assert after[("maskbank_cache_hits_total", ())] >= 1 and after[("maskbank_cache_evictions_total", ())] == 0
+    assert after[("maskbank_cache_entries", ())] == 2 and after[("maskbank_cache_bytes", ())] > 0
+    assert after[("maskbank_model_generation", (("model", "a"),))] == 2
+    assert after[("maskbank_model_tasks", (("model", "a"),))] == 2
+    assert after[("maskbank_model_tasks_out_of_service", (("model", "a"),))] == 0
+
+
+@pytest.mark.slow
+def test_admin_calls_need_the_bearer_token(ops):
+    _, client = ops
+    for headers, says in ((None, "send the metadata header 'authorization: Bearer <token>'"),
+                          (bearer("wrong"), "not the one this server was started with"),
+                          ({"authorization": TOKEN}, "must be 'Bearer <token>'")):
+        for call in (client.unload_model, client.load_model):
+            with pytest.raises(InferenceServerException) as info:
+                call("a", headers=headers)
+            assert info.value.status() == "StatusCode.UNAUTHENTICATED" and says in info.value.message()
+            assert TOKEN not in info.value.message()
+    assert client.is_model_ready("a")  # nothing was unloaded
+    client.unload_model("a", headers=bearer(TOKEN))
+    assert not client.is_model_ready("a")
+    client.load_model("a", headers={"authorization": f"bearer {TOKEN}"})  # the scheme is case-insensitive
+    assert client.is_model_ready("a")
+    assert client.infer("a", request(), parameters={"task_id": 1}).as_numpy("task_id").tolist() == [1] * len(X)
+
+
+@pytest.mark.slow
+def test_an_oversize_request_is_resource_exhausted_and_the_server_keeps_serving(ops):
+    _, client = ops
+    big = np.zeros((500, 64), np.float32)  # 128 000 bytes of tensor > --max-message-bytes 100000
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("a", request(big), parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert re.search(r"larger than max \(\d+ vs\. 100000\)", info.value.message()), info.value.message()
+    assert client.infer("a", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (len(X), 10)
+
+
+@pytest.mark.slow
+def test_logs_are_one_json_object_per_line(ops):
+    process, client = ops
+    with pytest.raises(InferenceServerException):
+        client.unload_model("a")  # logs a refusal with extra fields
+    wait_for(lambda: any("refused" in line for line in process.output), timeout=10, what="the refusal log")
+    lines = [line for line in list(process.output) if not line.startswith("maskbank serving ")]
+    records = [json.loads(line) for line in lines]  # every other line is JSON
+    assert records and all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= set(r) for r in records)
+    listening = next(r for r in records if r["message"].startswith("listening on"))
+    assert listening["port"] == process.port and listening["tls"] is False and listening["metrics_port"] > 0
+    refusal = next(r for r in records if r["message"].startswith("refused"))
+    assert refusal["level"] == "WARNING" and refusal["method"] == UNLOAD
+    assert refusal["peer"].startswith("ipv4:127.0.0.1:")
+
+
+@pytest.mark.slow
+def test_tls_serves_a_verified_client_refuses_plaintext_and_admin_calls_without_a_token(tls, certificate):
+    process, client = tls
+    startup = next(line for line in process.output if line.startswith("maskbank serving "))
+    assert "TLS" in startup and "metrics off" in startup
+    assert client.infer("a", request(), parameters={"task_id": 0}).as_numpy("task_id").tolist() == [0] * len(X)
+    plaintext = triton.InferenceServerClient(process.url)
+    with pytest.raises(InferenceServerException) as info:
+        plaintext.is_server_live()
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    plaintext.close()
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("a", headers=bearer("anything"))
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert "started without an admin token" in info.value.message() and "--admin-token" in info.value.message()
+    assert client.is_model_ready("a")
+
+
+# --- in-process ---------------------------------------------------------------------------------------------------
+
+def test_serve_refuses_half_a_tls_configuration(tmp_path, certificate, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--registry", str(tmp_path), "--port", "0", "--tls-cert", str(certificate[0])])
+    assert stopped.value.code == 2
+    assert "maskbank serve: error: --tls-cert was given without --tls-key" in capsys.readouterr().err
+
+
+def test_a_busy_metrics_port_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=port))
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port} .*--metrics-port"):
+            server.start()
+        server.repository.close()
+
+
+def test_config_checks_tls_files_and_limits(tmp_path, certificate):
+    cert, key = certificate
+    ServerConfig(registry="r", tls_cert=str(cert), tls_key=str(key))
+    with pytest.raises(ValueError, match="--tls-key was given without --tls-cert"):
+        ServerConfig(registry="r", tls_key=str(key))
+    (tmp_path / "other.pem").write_bytes(b"not a key")
+    for bad_key in (tmp_path / "other.pem", tmp_path / "missing.pem", cert):
+        with pytest.raises(ValueError, match=re.escape(f"cannot use --tls-cert {cert} with --tls-key {bad_key}")):
+            ServerConfig(registry="r", tls_cert=str(cert), tls_key=str(bad_key))
+    for limit in (0, 2**31):
+        with pytest.raises(ValueError, match="--max-message-bytes must be between 1 and 2147483647"):
+            ServerConfig(registry="r", max_message_bytes=limit)
+    with pytest.raises(ValueError, match="--grace-seconds"):
+        ServerConfig(registry="r", grace_seconds=-1)
+
+
+def test_metrics_port_defaults_to_tritons_or_a_free_one():
+    assert ServerConfig(registry="r").metrics_listen_port() == 8002
+    assert ServerConfig(registry="r", port=0).metrics_listen_port() == 0  # tests and the demo: never a fixed port
+    assert ServerConfig(registry="r", metrics_port=9100).metrics_listen_port() == 9100
+    assert ServerConfig(registry="r", metrics_port=-1).metrics_listen_port() is None
+
+
+def test_admin_methods_and_refusals():
+    assert ADMIN_METHODS == {LOAD, UNLOAD}
+    assert "without an admin token" in AdminAuthInterceptor(None).refusal(LOAD, [("authorization", "Bearer x")])
+    assert "without an admin token" in AdminAuthInterceptor("").refusal(LOAD, [])
+    guarded = AdminAuthInterceptor(TOKEN)
+    assert guarded.refusal(LOAD, [("authorization", f"Bearer {TOKEN}")]) is None
+    assert guarded.refusal(LOAD, [("authorization", f"Bearer {TOKEN}x")]) is not None
+    assert guarded.refusal(LOAD, [("authorization", "Basic dXNlcjpwYXNz")]) is not None
+    assert guarded.refusal(LOAD, [("authorization", "Bearer ")]) is not None
+
+
+def test_json_formatter_writes_one_line_with_extra_fields_and_the_traceback():
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.getLogger("maskbank.test").makeRecord(
+            "maskbank.test", logging.ERROR, __file__, 1, "model %s\nfailed", ("a",), sys.exc_info(),
+            extra={"model": "a", "generation": 3, "path": Path("/x")})
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["message"] == "model a\nfailed" and entry["level"] == "ERROR" and entry["logger"] == "maskbank.test"
+    assert (entry["model"], entry["generation"], entry["path"]) == ("a", 3, "/x")
+    assert "RuntimeError: boom" in entry["exception"] and entry["time"].endswith("+00:00")
