@@ -1,0 +1,162 @@
+"""The protocol floor: a minimal Open Inference Protocol server that only decodes the request, runs a
+plain dense network and encodes the answer.
+
+    python -m bench.oip_floor --port 0 --sizes 64,512,512,10 [--threads 1] [--workers 8]
+
+It prints `oip_floor serving on 127.0.0.1:PORT (pid N)` once listening and runs until SIGINT /
+SIGTERM (or `--max-seconds`). ModelInfer reads `raw_input_contents[0]` as little-endian FP32 of the
+input's shape, runs a bias-free ReLU MLP of `--sizes` (the architecture of registry's `mlp`, random
+weights, no masks, no task selection, no validation beyond what numpy and torch do themselves) and
+answers the logits as raw FP32 (`raw_output_contents`). Any model name is accepted; parameters are
+ignored. It uses maskbank's generated stubs and the same gRPC server settings as `maskbank serve`
+(a thread pool of `--workers`, 64 MiB message limits), so what it costs is the protocol and the
+dense compute, nothing else. ServerLive/ServerReady/ModelReady answer true.
+
+Benchmarks start it with `FloorProcess` (a child process, like maskbank.process.ServerProcess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from torch import nn
+
+from serving._proto import pb, pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+_LISTENING = re.compile(r"oip_floor serving on (\S+):(\d+) ")
+
+
+def dense_mlp(sizes: list[int], seed: int = 0) -> nn.Sequential:
+    """Bias-free Linear layers with ReLU between them (registry's `mlp`), random weights, eval mode."""
+    torch.manual_seed(seed)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out, bias=False))
+    return nn.Sequential(*layers).eval()
+
+
+class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, sizes: list[int]):
+        self.net = dense_mlp(sizes)
+
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=True)
+
+    def ModelInfer(self, request, context):
+        x = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(tuple(request.inputs[0].shape))
+        with torch.no_grad():
+            logits = self.net(torch.from_numpy(x)).numpy()
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        response.outputs.add(name="logits", datatype="FP32", shape=list(logits.shape))
+        response.raw_output_contents.append(logits.tobytes())
+        return response
+
+
+def serve(host: str, port: int, sizes: list[int], workers: int, max_seconds: float) -> None:
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only request bytes
+    limits = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=limits)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(sizes), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        sys.exit(f"cannot listen on {host}:{port}")
+    server.start()
+    print(f"oip_floor serving on {host}:{bound} (pid {os.getpid()}) sizes {sizes} "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait(max_seconds if max_seconds > 0 else None)
+    server.stop(1).wait()
+
+
+class FloorProcess:
+    """`python -m bench.oip_floor` as a child process on a free loopback port."""
+
+    def __init__(self, sizes: list[int], threads: int = 1, workers: int = 8, max_seconds: float = 900.0):
+        self.command = [sys.executable, "-m", "bench.oip_floor", "--port", "0", "--sizes", ",".join(map(str, sizes)),
+                        "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds)]
+        self.port: int | None = None
+        self.output: deque[str] = deque(maxlen=200)
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "FloorProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, cwd=ROOT, env=env)
+        found = threading.Event()
+
+        def read():
+            for line in self._process.stdout:
+                self.output.append(line.rstrip())
+                if not found.is_set() and (match := _LISTENING.search(line)):
+                    self.port = int(match.group(2))
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.1):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("oip_floor did not start:\n" + "\n".join(self.output))
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self._process is None or self._process.poll() is not None:
+            return self._process and self._process.returncode
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            return self._process.wait()
+
+    def __enter__(self) -> "FloorProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def cli(argv: list[str] | None = None) -> None:  # not `main`: `python -m bench` runs every module with a main()
+    parser = argparse.ArgumentParser(prog="python -m bench.oip_floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: a free one, printed)")
+    parser.add_argument("--sizes", default="64,512,512,10", help="MLP layer sizes (default 64,512,512,10)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8, as maskbank serve)")
+    parser.add_argument("--max-seconds", type=float, default=0, help="stop by itself after this long (0: never)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    serve(args.host, args.port, [int(s) for s in args.sizes.split(",")], args.workers, args.max_seconds)
+
+
+if __name__ == "__main__":
+    cli()
