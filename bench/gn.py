@@ -1,0 +1,119 @@
+"""Task inference (GN): accuracy and cost per mode (BENCHMARKS.md rows gn_accuracy and gn_cost).
+
+One SupSup model with 100 permuted-digits tasks (MLP 64-128-128-10, 8 epochs per task); views
+of its first T tasks are served in-process exactly as the server does (Snapshot + task
+inference). gn_accuracy: share of test batches whose task is inferred correctly, per mode, T
+and batch size. gn_cost: latency of each mode divided by one task-given forward at the same
+batch (warm-up, then modes and the reference alternated, median of the repetitions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from registry import Registry
+from serving.cache import LRUCache
+from serving.snapshot import Snapshot
+from serving.task_inference import infer_task
+from trainer import get_stream, train
+
+THREADS = 2
+TASKS = 100
+ARCHITECTURE = {"arch": "mlp", "sizes": [64, 128, 128, 10]}
+EPOCHS = 8
+MODES = (("exhaustive", 1), ("oneshot", 1), ("oneshot", 3), ("binary", 1))
+ACCURACY_TS, ACCURACY_BATCHES, ACCURACY_BATCHES_PER_TASK = (5, 20), (1, 4, 16), 6
+COST_TS, COST_BATCH, REPEATS = (10, 50, 100), 16, 7
+RESULTS = Path(__file__).parent / "results" / "gn.json"
+
+
+def label(mode: str, shortlist: int) -> str:
+    return mode if shortlist == 1 else f"{mode} (shortlist {shortlist})"
+
+
+def view(registry: Registry, tasks: int) -> Snapshot:
+    """A snapshot of the model's first `tasks` tasks."""
+    manifest = registry.manifest("gn")
+    partial = dataclasses.replace(manifest, tasks=manifest.tasks[:tasks])
+    return Snapshot.load(registry, partial, None, LRUCache(1 << 30))
+
+
+def accuracy(snapshot: Snapshot, tasks: int, batch: int) -> dict[str, float]:
+    stream = get_stream("permuted-digits")
+    right = {label(*m): 0 for m in MODES}
+    total = 0
+    for task in range(tasks):
+        x = stream.task(task).x_test
+        for b in range(ACCURACY_BATCHES_PER_TASK):
+            rows = x[b * batch : (b + 1) * batch]
+            total += 1
+            for mode, shortlist in MODES:
+                right[label(mode, shortlist)] += infer_task(mode, snapshot, rows, shortlist).task.entry.id == task
+    return {name: count / total for name, count in right.items()}
+
+
+def cost(snapshot: Snapshot) -> dict[str, dict[str, float]]:
+    x = get_stream("permuted-digits").task(0).x_test[:COST_BATCH]
+    reference = snapshot.tasks[0]
+    snapshot.logits(reference, x)
+    runs = {"given": lambda: snapshot.logits(reference, x)}
+    runs.update({label(m, k): (lambda m=m, k=k: infer_task(m, snapshot, x, k)) for m, k in MODES})
+    for run in runs.values():  # warm-up: caches filled, mask stack built
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(REPEATS):
+        for name, run in runs.items():
+            began = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - began)
+    ratios = {name: [t / g for t, g in zip(times[name], times["given"])] for name in runs if name != "given"}
+    return {name: {"median_ratio": statistics.median(r), "min": min(r), "max": max(r),
+                   "median_ms": 1000 * statistics.median(times[name])} for name, r in ratios.items()} | {
+        "given": {"median_ms": 1000 * statistics.median(times["given"])}}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def report(results: dict) -> str:
+    """The two Markdown tables of a run (also usable on a saved bench/results/gn.json)."""
+    names = [label(*m) for m in MODES]
+    accuracy_rows = [[key] + [f"{row[n]:.3f}" for n in names] for key, row in results["gn_accuracy"].items()]
+    cost_rows = [[key, f"{row['given']['median_ms']:.2f}"]
+                 + [f"{row[n]['median_ratio']:.1f}x ({row[n]['min']:.1f}-{row[n]['max']:.1f})" for n in names]
+                 for key, row in results["gn_cost"].items()]
+    return "\n".join([
+        "### gn_accuracy: share of batches whose task is inferred correctly\n",
+        table(["T, batch", *names], accuracy_rows),
+        f"\n### gn_cost: latency / one task-given forward, batch {COST_BATCH} (median, min-max of {REPEATS})\n",
+        table(["T", "given (ms)", *names], cost_rows),
+    ])
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as root:
+        registry = Registry(root)
+        began = time.perf_counter()
+        train(registry, "gn", TASKS, {"method": "supsup", "stream": "permuted-digits", "architecture": ARCHITECTURE,
+                                      "method_config": {"epochs": EPOCHS}}, log=lambda _: None)
+        trained = registry.manifest("gn").training["average_accuracy"]
+        print(f"trained {TASKS} tasks in {time.perf_counter() - began:.0f} s (average accuracy {trained:.3f}); "
+              f"torch.set_num_threads({THREADS})\n")
+        acc = {f"T={t}, batch {b}": accuracy(view(registry, t), t, b) for t in ACCURACY_TS for b in ACCURACY_BATCHES}
+        costs = {f"T={t}": cost(view(registry, t)) for t in COST_TS}
+    results = {"benchmark": "gn", "threads": THREADS, "tasks": TASKS, "architecture": ARCHITECTURE, "epochs": EPOCHS,
+               "trained_average_accuracy": trained, "gn_accuracy": acc, "gn_cost": costs}
+    print(report(results))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {RESULTS}")
