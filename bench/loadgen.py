@@ -234,7 +234,7 @@ def run_phase(spec: dict) -> dict:
         mine: list[float] = []
         try:
             ready.wait()
-            start, warm, end = times["start"], times["warm"], times["end"]
+            warm, end = times["warm"], times["end"]
             while True:
                 began = time.monotonic()
                 if began >= end:

@@ -267,7 +267,7 @@ def fmt(s: dict, unit: str = "x") -> str:
 def tables(results: dict) -> str:
     so, sr, tm, ha = (results[k] for k in ("serve_overhead", "small_requests", "task_mix", "hot_add"))
     rows = [
-        ("serve_overhead (a)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", f"OIP floor server, same load",
+        ("serve_overhead (a)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", "OIP floor server, same load",
          fmt(so["vs_floor"]), ">= 1.0x", so["vs_floor"]["median"] >= 1.0),
         ("serve_overhead (b)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", f"in-process dense forward, batch {BATCH}, 1 thread",
          fmt(so["vs_compute"]), "(reported)", None),

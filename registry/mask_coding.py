@@ -43,7 +43,7 @@ import constriction
 import numpy as np
 import torch
 
-from .codecs import _load, _save, encode, register_codec
+from .codecs import _load, _save, register_codec
 from .errors import InvalidArtifact
 
 Masks = dict[str, torch.Tensor]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from registry import (
-    BackboneVersion,
     BlobCorrupt,
     BlobNotFound,
     InvalidName,

@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from registry import effective_parameters, forward, maskable_parameters
 from registry.codecs import signed_constant
 from registry.errors import MaskbankError
 
+from .fit import fit
 from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
 from .supsup import EdgePopupMask, batchnorm_statistics
@@ -155,32 +153,6 @@ class _FixedMask(nn.Module):
         return weight * self.mask
 
 
-def _fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
-         weight_decay: float, batch_size: int, generator: torch.Generator, desc: str,
-         before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None) -> None:
-    """SupSup's training loop (SGD, cosine schedule, one shuffled pass per epoch) on `params`."""
-    if epochs == 0:
-        return
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    module.train()
-    n = len(task.y_train)
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
-    for _ in bar:
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(module(task.x_train[batch])[:, : task.num_classes], task.y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            before_step()
-            optimizer.step()
-            after_step()
-            total += loss.item() * len(batch)
-        schedule.step()
-        bar.set_postfix(loss=f"{total / n:.3f}")
-
 
 @register_method
 class ExSSNeT(Method):
@@ -208,7 +180,7 @@ class ExSSNeT(Method):
             with torch.no_grad():
                 for name, popup in popups.items():
                     popup.scores.copy_(initial[name])
-        _fit(module, task, [p.scores for p in popups.values()], epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
+        fit(module, task, [p.scores for p in popups.values()], epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
              weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, generator=generator,
              desc=f"task {task.index} ({task.name}) mask")
         with torch.no_grad():
@@ -281,7 +253,7 @@ class ExSSNeT(Method):
             parametrize.register_parametrization(layer, attr, _FixedMask(mask))
             weights[name] = layer.parametrizations[attr].original.requires_grad_(True)
         reference = {name: w.detach().clone() for name, w in weights.items()}
-        _fit(module, task, list(weights.values()), epochs=cfg.weight_epochs, lr=cfg.weight_lr,
+        fit(module, task, list(weights.values()), epochs=cfg.weight_epochs, lr=cfg.weight_lr,
              momentum=cfg.weight_momentum, weight_decay=0.0, batch_size=cfg.batch_size, generator=generator,
              desc=f"task {task.index} ({task.name}) weights",
              before_step=lambda: zero_outside(weights, free),

@@ -37,19 +37,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from registry import effective_parameters, forward, maskable_parameters
 from registry.errors import MaskbankError
 from registry.materialize_packnet import filter_masked, in_key, out_key
 
 from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, register_method
+from .fit import fit
 from .streams import TaskData
 
 Tensors = dict[str, torch.Tensor]
@@ -265,32 +264,6 @@ class _FilterMask(nn.Module):
         return filter_masked(weight, self.out, self.inputs)
 
 
-def _fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
-         batch_size: int, generator: torch.Generator, desc: str, before_step: Callable[[], None],
-         after_step: Callable[[], None]) -> float | None:
-    """SGD (no weight decay, cosine schedule, one shuffled pass per epoch); the last epoch's mean loss."""
-    if epochs == 0:
-        return None
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    n = len(task.y_train)
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
-    for _ in bar:
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(module(task.x_train[batch])[:, : task.num_classes], task.y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            before_step()
-            optimizer.step()
-            after_step()
-            total += loss.item() * len(batch)
-        schedule.step()
-        bar.set_postfix(loss=f"{total / n:.3f}")
-    return total / n
-
 
 # ---------------------------------------------------------------- the method
 
@@ -357,12 +330,12 @@ class PackNetShare(Method):
         reference = {n: context.backbone[n].clone() for n in size}
         guard = {"before_step": lambda: zero_frozen_gradients(hidden_weights, frozen),
                  "after_step": lambda: check_frozen(hidden_weights, reference, frozen)}
-        fit = {"momentum": cfg.momentum, "batch_size": cfg.batch_size, "generator": generator, **guard}
-        loss = _fit(module, task, list(weights.values()), epochs=cfg.epochs, lr=cfg.lr,
-                    desc=f"task {task.index} ({task.name}) train", **fit)
+        common = {"momentum": cfg.momentum, "batch_size": cfg.batch_size, "generator": generator, **guard}
+        loss = fit(module, task, list(weights.values()), epochs=cfg.epochs, lr=cfg.lr,
+                    desc=f"task {task.index} ({task.name}) train", **common)
         out = self._prune(layers, weights, masks, free, shared)
-        tuned = _fit(module, task, list(weights.values()), epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                     desc=f"task {task.index} ({task.name}) fine-tune", **fit)
+        tuned = fit(module, task, list(weights.values()), epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                     desc=f"task {task.index} ({task.name}) fine-tune", **common)
 
         with torch.no_grad():
             filter_mask = {}

@@ -12,14 +12,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from registry.architectures import maskable_parameters
 from registry.codecs import signed_constant
 
+from .fit import fit
 from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
 
@@ -159,24 +158,9 @@ class SupSup(Method):
     def learn_task(self, module: nn.Module, task: TaskData, generator: torch.Generator, context: TrainingContext) -> TaskArtifact:
         cfg = self.config
         masks = self._attach(module, context.backbone, generator)
-        scores = [m.scores for m in masks.values()]
-        optimizer = torch.optim.SGD(scores, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-        n = len(task.y_train)
-        bar = tqdm(range(cfg.epochs), desc=f"task {task.index} ({task.name})", unit="epoch", leave=False, disable=None)
-        for _ in bar:
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in range(0, n, cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                logits = module(task.x_train[batch])[:, : task.num_classes]
-                loss = F.cross_entropy(logits, task.y_train[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            schedule.step()
-            bar.set_postfix(loss=f"{total / n:.3f}")
+        fit(module, task, [m.scores for m in masks.values()], epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, generator=generator,
+            desc=f"task {task.index} ({task.name})")
         with torch.no_grad():
             result = {name: m.mask().to(torch.bool) for name, m in masks.items()}
         density = sum(int(m.sum()) for m in result.values()) / sum(m.numel() for m in result.values())

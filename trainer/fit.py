@@ -1,0 +1,43 @@
+"""The one training loop the methods share: SGD with momentum, a cosine schedule, one shuffled
+pass over the task per epoch, and hooks around each optimiser step for methods that must keep
+some weights frozen (zero their gradients before, check they did not move after)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .streams import TaskData
+
+
+def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
+        batch_size: int, generator: torch.Generator, desc: str, weight_decay: float = 0.0,
+        before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None) -> float | None:
+    """Train `params` of `module` on `task` (cross-entropy on the task's classes); return the last
+    epoch's mean loss, or None when `epochs` is 0."""
+    if epochs == 0:
+        return None
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    module.train()
+    n = len(task.y_train)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
+    for _ in bar:
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(module(task.x_train[batch])[:, : task.num_classes], task.y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            before_step()
+            optimizer.step()
+            after_step()
+            total += loss.item() * len(batch)
+        schedule.step()
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return total / n
