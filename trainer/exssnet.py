@@ -41,7 +41,7 @@ from registry.errors import MaskbankError
 from .fit import fit
 from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
-from .supsup import EdgePopupMask, batchnorm_statistics
+from .supsup import EdgePopupMask, attach_frozen, batchnorm_statistics
 
 Tensors = dict[str, torch.Tensor]
 KKT_FIT_SHARE = 0.66  # the reference's 66/34 split of the KKT sample into kNN fit and held-out parts
@@ -262,16 +262,7 @@ class ExSSNeT(Method):
 
     def _attach(self, module: nn.Module, backbone: Tensors, generator: torch.Generator) -> dict[str, EdgePopupMask]:
         """Load `backbone` into `module`, freeze it, and put an edge-popup mask (top-k) on every weight."""
-        popups = {}
-        for name, weight in backbone.items():
-            owner, attr = name.rsplit(".", 1)
-            layer = module.get_submodule(owner)
-            with torch.no_grad():
-                getattr(layer, attr).copy_(weight)
-            getattr(layer, attr).requires_grad_(False)
-            popups[name] = EdgePopupMask(weight.shape, self.config.density, generator)
-            parametrize.register_parametrization(layer, attr, popups[name])
-        return popups
+        return attach_frozen(module, backbone, lambda name, w: EdgePopupMask(w.shape, self.config.density, generator))
 
     @staticmethod
     def _masks_of(task) -> Tensors:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from registry.errors import InvalidArtifact
@@ -34,7 +33,7 @@ from registry.materialize_impresslearn import superpose
 
 from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
-from .supsup import EdgePopupMask, SupSup, SupSupConfig
+from .supsup import EdgePopupMask, SupSup, SupSupConfig, attach_frozen
 
 Tensors = dict[str, torch.Tensor]
 BASES = ("hetero", "homo", "random")
@@ -187,15 +186,7 @@ class ImpressLearn(Method):
                      basis: Tensors) -> tuple[Tensors, dict]:
         """Train alpha over `basis` on `task`; the backbone and the basis stay fixed."""
         cfg = self.config
-        layers = {}
-        for name, weight in backbone.items():
-            owner, attr = name.rsplit(".", 1)
-            layer = module.get_submodule(owner)
-            with torch.no_grad():
-                getattr(layer, attr).copy_(weight)
-            getattr(layer, attr).requires_grad_(False)
-            layers[name] = BasisCombination(basis[name])
-            parametrize.register_parametrization(layer, attr, layers[name])
+        layers = attach_frozen(module, backbone, lambda name, w: BasisCombination(basis[name]))
         alphas = [c.alpha for c in layers.values()]
         optimizer = OPTIMIZERS[cfg.alpha_optimizer](alphas, lr=cfg.alpha_lr)
         n = len(task.y_train)

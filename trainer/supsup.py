@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +22,22 @@ from registry.codecs import signed_constant
 from .fit import fit
 from .methods import Method, TaskArtifact, TrainingContext, register_method
 from .streams import TaskData
+
+
+def attach_frozen(module: nn.Module, backbone: dict[str, torch.Tensor],
+                  make: Callable[[str, torch.Tensor], nn.Module]) -> dict[str, nn.Module]:
+    """Load `backbone` into `module`, freeze it, and put the parametrization `make(name, weight)` on
+    every backbone weight (in the backbone's order); return the parametrizations by weight name."""
+    attached = {}
+    for name, weight in backbone.items():
+        owner, attr = name.rsplit(".", 1)
+        layer = module.get_submodule(owner)
+        with torch.no_grad():
+            getattr(layer, attr).copy_(weight)
+        getattr(layer, attr).requires_grad_(False)
+        attached[name] = make(name, weight)
+        parametrize.register_parametrization(layer, attr, attached[name])
+    return attached
 
 
 def batchnorm_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,14 +187,5 @@ class SupSup(Method):
         return TaskArtifact(parts=parts, metrics={"density": density})
 
     def _attach(self, module: nn.Module, backbone: dict[str, torch.Tensor], generator) -> dict[str, EdgePopupMask]:
-        masks = {}
-        rule = self.config.mask
-        for name, weight in backbone.items():
-            owner, attr = name.rsplit(".", 1)
-            layer = module.get_submodule(owner)
-            with torch.no_grad():
-                getattr(layer, attr).copy_(weight)
-            getattr(layer, attr).requires_grad_(False)
-            masks[name] = EdgePopupMask(weight.shape, self.config.density, generator, rule)
-            parametrize.register_parametrization(layer, attr, masks[name])
-        return masks
+        cfg = self.config
+        return attach_frozen(module, backbone, lambda name, w: EdgePopupMask(w.shape, cfg.density, generator, cfg.mask))
