@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from registry import Registry
+from registry import Manifest, Registry, TaskEntry
 from trainer import train
 
 # Small enough for 2 CPU cores, accurate enough (~95%) for task inference to be meaningful.
@@ -42,3 +42,15 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
+    """A small hand-made manifest of `tasks` SupSup-style tasks over a 2x2 backbone, blobs stored."""
+    backbone = registry.put_backbone({"w": torch.ones(2, 2)})
+    entries = tuple(
+        TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
+                  parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
+        for i in range(tasks)
+    )
+    return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
+                    backbones={"1": backbone}, tasks=entries)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.exssnet  # noqa: F401  (registers the method until trainer/__init__ imports it)
 from registry import MaskbankError, Registry, build_architecture, effective_parameters, forward
 from trainer import PublishedTask, TrainingContext, get_method, get_stream, train
 from trainer.exssnet import check_exclusive, free_mask, sparse_overlap

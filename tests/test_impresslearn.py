@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.impresslearn  # noqa: F401  (registers the method until trainer/__init__ imports it)
 from maskbank.process import ServerProcess
 from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters, forward
 from registry.audit import audit

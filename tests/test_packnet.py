@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.packnet  # noqa: F401  (registers the method until trainer/__init__ imports it)
 from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters, forward
 from registry.materialize_packnet import in_key, out_key
 from trainer import PublishedTask, TrainingContext, get_method, get_stream, train

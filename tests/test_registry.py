@@ -10,27 +10,16 @@ from registry import (
     BlobCorrupt,
     BlobNotFound,
     InvalidName,
-    Manifest,
     ManifestError,
     ModelNotFound,
     PublishConflict,
     Registry,
-    TaskEntry,
     TaskNotFound,
     build_architecture,
 )
 from registry.errors import UnknownName
 
-
-def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
-    backbone = registry.put_backbone({"w": torch.ones(2, 2)})
-    entries = tuple(
-        TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
-                  parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
-        for i in range(tasks)
-    )
-    return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
-                    backbones={"1": backbone}, tasks=entries)
+from .conftest import manifest_with
 
 
 def test_blob_round_trip_and_content_address(tmp_path):

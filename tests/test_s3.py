@@ -18,24 +18,13 @@ from moto.server import ThreadedMotoServer
 from s3fs import S3FileSystem
 
 from maskbank.process import ServerProcess
-from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError, TaskEntry
+from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError
 from trainer import get_stream
 
-from .conftest import TINY, train_model, wait_for
+from .conftest import TINY, manifest_with, train_model, wait_for
 
 BUCKET = "maskbank-test"
 RACERS = 8
-
-
-def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:
-    backbone = registry.put_backbone({"w": torch.ones(2, 2)})
-    entries = tuple(
-        TaskEntry(id=i, name=f"t{i}", method="supsup", backbone="1", num_classes=2,
-                  parts={"masks": registry.put("bitmask/v1", {"w": torch.eye(2, dtype=torch.bool) ^ bool(i)})})
-        for i in range(tasks)
-    )
-    return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
-                    backbones={"1": backbone}, tasks=entries)
 
 
 @pytest.fixture(scope="module")
