@@ -101,7 +101,7 @@ def test_weight_phase_moves_only_free_weights_and_the_check_guards_the_optimiser
     assert second.metrics["sparse_overlap"] > 0.3  # at density 0.5 the masks must overlap
     assert second.metrics["free_fraction"] == pytest.approx(1 - second.metrics["sparse_overlap"])
     # Without the gradient restriction the shared weights of M_1 move, and the per-step check says so.
-    monkeypatch.setattr(trainer.exssnet, "zero_outside", lambda weights, free: None)
+    monkeypatch.setattr("trainer.exssnet.zero_outside", lambda weights, free: None)
     with pytest.raises(RuntimeError, match="exclusivity violated"):
         method.learn_task(build_architecture(arch), task1, task_generator(0, 1), context)
 
