@@ -1,0 +1,82 @@
+"""Where a served forward pass spends its time, in-process (no gRPC): a plain module holding the
+task's effective weights, torch.func.functional_call, registry.forward (eval switch + BatchNorm
+counters + functional_call), and Snapshot.logits (plus the effective-weight cache lookup).
+
+One SupSup task on MLP 64-512-512-10 (1 epoch: the weights' values do not matter here), batch 1
+and 32, torch.set_num_threads(1); each measurement is a loop of calls, alternated A B C D and
+repeated; medians (min-max) of the per-call time and of the ratio to the plain module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from registry import Registry, forward
+from serving import ModelRepository
+from trainer import train
+
+THREADS, CALLS, REPEATS = 1, 300, 7
+ARCHITECTURE = {"arch": "mlp", "sizes": [64, 512, 512, 10]}
+RESULTS = Path(__file__).parent / "results" / "forward_cost.json"
+
+
+def per_call_us(fn) -> float:
+    began = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    return (time.perf_counter() - began) / CALLS * 1e6
+
+
+def measure(repository: ModelRepository, batch: int) -> dict[str, dict[str, float]]:
+    snapshot = repository.get("m")
+    task = snapshot.task(0)
+    params = snapshot.parameters(task)
+    module = snapshot.module
+    plain = copy.deepcopy(module)
+    plain.load_state_dict(dict(params))
+    x = torch.rand(batch, 64, generator=torch.Generator().manual_seed(0))
+    runs = {
+        "plain module": lambda: plain(x),
+        "functional_call": lambda: torch.func.functional_call(module, params, (x,)),
+        "registry.forward": lambda: forward(module, params, x),
+        "Snapshot.logits": lambda: snapshot.logits(task, x),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for name, run in runs.items():  # warm-up
+            per_call_us(run)
+        for _ in range(REPEATS):
+            for name, run in runs.items():
+                times[name].append(per_call_us(run))
+    return {name: {"median_us": statistics.median(t),
+                   "ratio": statistics.median(a / b for a, b in zip(t, times["plain module"])),
+                   "ratio_min": min(a / b for a, b in zip(t, times["plain module"])),
+                   "ratio_max": max(a / b for a, b in zip(t, times["plain module"]))} for name, t in times.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as root:
+        registry = Registry(root)
+        train(registry, "m", 1, {"method": "supsup", "stream": "permuted-digits", "architecture": ARCHITECTURE,
+                                 "method_config": {"epochs": 1}}, log=lambda _: None)
+        repository = ModelRepository(registry)
+        repository.refresh()
+        results = {f"batch {b}": measure(repository, b) for b in (1, 32)}
+    print(f"In-process cost of one forward, MLP 64-512-512-10, torch.set_num_threads({THREADS}); "
+          f"{REPEATS} alternating repetitions of {CALLS} calls\n")
+    print("| batch | path | µs per call (median) | / plain module (median, min-max) |\n|---|---|---|---|")
+    for batch, rows in results.items():
+        for name, row in rows.items():
+            print(f"| {batch} | {name} | {row['median_us']:.1f} | {row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "forward_cost", "threads": THREADS, "architecture": ARCHITECTURE,
+                                   "results": results}, indent=2))
+    print(f"\nwrote {RESULTS}")
