@@ -21,12 +21,9 @@ import argparse
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
-import time
 import warnings
-from collections import deque
 from concurrent import futures
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskbank.process import ChildServer
 from serving._proto import pb, pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,56 +91,15 @@ def serve(host: str, port: int, sizes: list[int], workers: int, max_seconds: flo
     server.stop(1).wait()
 
 
-class FloorProcess:
+class FloorProcess(ChildServer):
     """`python -m bench.oip_floor` as a child process on a free loopback port."""
 
+    name = "oip_floor"
+
     def __init__(self, sizes: list[int], threads: int = 1, workers: int = 8, max_seconds: float = 900.0):
-        self.command = [sys.executable, "-m", "bench.oip_floor", "--port", "0", "--sizes", ",".join(map(str, sizes)),
-                        "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds)]
-        self.port: int | None = None
-        self.output: deque[str] = deque(maxlen=200)
-        self._process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> "FloorProcess":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, cwd=ROOT, env=env)
-        found = threading.Event()
-
-        def read():
-            for line in self._process.stdout:
-                self.output.append(line.rstrip())
-                if not found.is_set() and (match := _LISTENING.search(line)):
-                    self.port = int(match.group(2))
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not found.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("oip_floor did not start:\n" + "\n".join(self.output))
-        return self
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self._process is None or self._process.poll() is not None:
-            return self._process and self._process.returncode
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            return self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            return self._process.wait()
-
-    def __enter__(self) -> "FloorProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        command = [sys.executable, "-m", "bench.oip_floor", "--port", "0", "--sizes", ",".join(map(str, sizes)),
+                   "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds)]
+        super().__init__(command, _LISTENING, cwd=str(ROOT))
 
 
 def cli(argv: list[str] | None = None) -> None:  # not `main`: `python -m bench` runs every module with a main()

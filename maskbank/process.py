@@ -1,4 +1,5 @@
-"""Run `maskbank serve` as a child process on a loopback port (the demo and the tests use it)."""
+"""Run a gRPC server as a child process on a loopback port and learn the port it bound from its
+startup line (`maskbank serve` for the demo and the tests; bench/oip_floor.py reuses this)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import threading
 import time
 from collections import deque
 
-_LISTENING = re.compile(r"maskbank serving .* on (\S+):(\d+) ")
 
+class ChildServer:
+    """A server child process whose startup line matches `listening` (groups: host, port); use as
+    a context manager, or call start()/stop()."""
 
-class ServerProcess:
-    """A real `maskbank serve` process; use as a context manager, or call start()/stop()."""
+    name = "server"
 
-    def __init__(self, registry: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 120.0):
-        self.command = [sys.executable, "-m", "maskbank", "serve", "--registry", str(registry),
-                        "--host", host, "--port", "0", *extra_args]
+    def __init__(self, command: list[str], listening: re.Pattern, host: str = "127.0.0.1",
+                 startup_timeout: float = 120.0, cwd: str | None = None):
+        self.command = command
+        self.listening = listening
         self.host = host
+        self.cwd = cwd
         self.port: int | None = None
         self.startup_timeout = startup_timeout
         self.output: deque[str] = deque(maxlen=500)  # the server's recent output, for error messages
@@ -30,22 +34,23 @@ class ServerProcess:
     def url(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> "ChildServer":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=env, cwd=self.cwd)
         found = threading.Event()
         threading.Thread(target=self._read_output, args=(found,), daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout
         while not found.wait(0.1):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("maskbank serve did not start:\n" + "\n".join(self.output))
+                raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.output))
         return self
 
     def _read_output(self, found: threading.Event) -> None:
         for line in self._process.stdout:
             self.output.append(line.rstrip())
-            if not found.is_set() and (match := _LISTENING.search(line)):
+            if not found.is_set() and (match := self.listening.search(line)):
                 self.port = int(match.group(2))
                 found.set()
 
@@ -60,8 +65,19 @@ class ServerProcess:
             self._process.kill()
             return self._process.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess(ChildServer):
+    """A real `maskbank serve` process on a free port of `host`."""
+
+    name = "maskbank serve"
+
+    def __init__(self, registry: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 120.0):
+        command = [sys.executable, "-m", "maskbank", "serve", "--registry", str(registry),
+                   "--host", host, "--port", "0", *extra_args]
+        super().__init__(command, re.compile(r"maskbank serving .* on (\S+):(\d+) "), host, startup_timeout)
