@@ -6,6 +6,7 @@ everywhere; the forward pass is `torch.func.functional_call` over the plain arch
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping
 
 import torch
@@ -66,9 +67,21 @@ def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor
     its statistics is an error, not a silent mean 0 / variance 1. Only BatchNorm's batch
     counters, which eval mode never reads, are filled from the module.
     """
-    module.eval()  # in training mode BatchNorm would use batch statistics and overwrite the task's
-    counters = {n: b for n, b in module.named_buffers() if n.endswith("num_batches_tracked") and n not in params}
+    if module.training:  # in training mode BatchNorm would use batch statistics and overwrite the task's
+        module.eval()
+    counters = {n: b for n, b in _batch_counters(module).items() if n not in params}
     return torch.func.functional_call(module, {**params, **counters}, (x,), strict=True)
+
+
+_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batch_counters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's BatchNorm batch counters, found once per module (forward is on the hot path)."""
+    counters = _COUNTERS.get(module)
+    if counters is None:
+        counters = _COUNTERS[module] = {n: b for n, b in module.named_buffers() if n.endswith("num_batches_tracked")}
+    return counters
 
 
 def _discover_materializers() -> None:
