@@ -18,7 +18,7 @@ from .errors import (
     UnknownName,
 )
 from .manifest import FORMAT_VERSION, BackboneVersion, BlobRef, Manifest, TaskEntry
-from .materialize import effective_parameters, forward, register_materializer
+from .materialize import effective_parameters, forward, head_input, head_name, materialization, register_materializer, served_backbone
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,7 +41,11 @@ __all__ = [
     "build_architecture",
     "effective_parameters",
     "forward",
+    "head_input",
+    "head_name",
+    "materialization",
     "maskable_parameters",
     "register_architecture",
     "register_materializer",
+    "served_backbone",
 ]

@@ -7,37 +7,72 @@ everywhere; the forward pass is `torch.func.functional_call` over the plain arch
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
 
+from .architectures import maskable_parameters
 from .errors import InvalidArtifact, unknown
 
 Tensors = Mapping[str, torch.Tensor]
 Materializer = Callable[[Tensors, Mapping[str, Tensors], Mapping[str, Tensors]], dict[str, torch.Tensor]]
-_MATERIALIZERS: dict[str, Materializer] = {}
 
 
-def register_materializer(*methods: str):
+@dataclass(frozen=True)
+class Materialization:
+    """How a method's tasks are served.
+
+    build: (backbone, task parts, the model's shared parts) -> effective parameters and buffers.
+    backbone: which backbone version a task runs on. "own": the version it was published with
+        (methods whose published tasks never change). "latest": the model's newest version, so
+        earlier tasks see what later tasks taught the shared network (SPG, fine-tuning, EWC:
+        their forgetting or transfer is part of the method and is measured as BWT).
+    head_only: a task differs from the backbone only in its output layer (the `head` part), so
+        tasks on one backbone version can share a single pass up to that layer (GN exhaustive).
+    """
+
+    build: Materializer
+    backbone: Literal["own", "latest"] = "own"
+    head_only: bool = False
+
+
+_MATERIALIZERS: dict[str, Materialization] = {}
+
+
+def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "own", head_only: bool = False):
     """Decorator: how tasks of `methods` turn (backbone, task parts, the model's shared parts)
-    into the effective parameters (and buffers) of a forward pass."""
+    into the effective parameters (and buffers) of a forward pass; see `Materialization`."""
+    if backbone not in ("own", "latest"):
+        raise ValueError(f"backbone must be 'own' or 'latest', got {backbone!r}")
 
     def decorate(fn: Materializer) -> Materializer:
         for method in methods:
-            _MATERIALIZERS[method] = fn
+            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only)
         return fn
 
     return decorate
+
+
+def materialization(method: str) -> Materialization:
+    """The registered materialisation of `method` (UnknownName naming the known ones otherwise)."""
+    if method not in _MATERIALIZERS:
+        raise unknown("method", method, _MATERIALIZERS)
+    return _MATERIALIZERS[method]
+
+
+def served_backbone(method: str, own: str, versions: Iterable[str]) -> str:
+    """The backbone version a task of `method`, published with version `own`, runs on in a model
+    whose versions are `versions` (numbered "1", "2", ...)."""
+    return max(versions, key=int) if materialization(method).backbone == "latest" else own
 
 
 def effective_parameters(
     method: str, backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors] | None = None
 ) -> dict[str, torch.Tensor]:
     """The parameters a task's forward pass uses, checked against the backbone."""
-    if method not in _MATERIALIZERS:
-        raise unknown("method", method, _MATERIALIZERS)
-    return _MATERIALIZERS[method](backbone, parts, shared or {})
+    return materialization(method).build(backbone, parts, shared or {})
 
 
 def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
@@ -51,6 +86,16 @@ def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
             raise InvalidArtifact(
                 f"{what} '{name}' has shape {list(tensor.shape)}, the backbone {list(backbone[name].shape)}"
             )
+
+
+def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
+    """Raise InvalidArtifact unless every tensor of a task's `head` replaces a backbone weight of its shape."""
+    for name, tensor in head.items():
+        if name not in backbone:
+            raise InvalidArtifact(f"{method} head '{name}' is not a backbone weight (weights: {sorted(backbone)})")
+        if tensor.shape != backbone[name].shape:
+            raise InvalidArtifact(f"{method} head '{name}' has shape {list(tensor.shape)}, "
+                                  f"the backbone {list(backbone[name].shape)}")
 
 
 @register_materializer("supsup")
@@ -71,6 +116,25 @@ def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor
         module.eval()
     counters = {n: b for n, b in _batch_counters(module).items() if n not in params}
     return torch.func.functional_call(module, {**params, **counters}, (x,), strict=True)
+
+
+def head_name(module: nn.Module) -> str:
+    """The name of the output layer's weight (the network's last matrix or kernel): a per-task
+    `head` part replaces it."""
+    return maskable_parameters(module)[-1]
+
+
+def head_input(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """What the output layer receives when `module` runs with `params` on `x`: the shared part of
+    the computation of every task that differs from `params` only in its head."""
+    captured: list[torch.Tensor] = []
+    layer = module.get_submodule(head_name(module).rsplit(".", 1)[0])
+    handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        forward(module, params, x)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 _COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

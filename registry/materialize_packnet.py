@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 
 from .errors import InvalidArtifact
-from .materialize import Tensors, register_materializer
+from .materialize import Tensors, check_head, register_materializer
 
 METHOD = "packnet-share"
 
@@ -61,12 +61,7 @@ def check_filter_mask(filter_mask: Tensors, head: Tensors, backbone: Tensors) ->
             if mask.dtype != torch.bool or tuple(mask.shape) != (weight.shape[dim],):
                 raise InvalidArtifact(f"{METHOD} filter_mask '{key}' must be bool [{weight.shape[dim]}], "
                                       f"got {mask.dtype} {list(mask.shape)}")
-    for name, tensor in head.items():
-        if name not in backbone:
-            raise InvalidArtifact(f"{METHOD} head '{name}' is not a backbone weight (weights: {sorted(backbone)})")
-        if tensor.shape != backbone[name].shape:
-            raise InvalidArtifact(f"{METHOD} head '{name}' has shape {list(tensor.shape)}, "
-                                  f"the backbone {list(backbone[name].shape)}")
+    check_head(METHOD, head, backbone)
 
 
 def filter_masked(weight: torch.Tensor, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:

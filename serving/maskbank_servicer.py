@@ -6,16 +6,16 @@ from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
 from .repository import ModelRepository
 from .servicer import InferenceServicer
-from .snapshot import LoadedTask
+from .snapshot import LoadedTask, Snapshot
 
 WATCH_POLL_SECONDS = 1.0  # how often a watch checks that its client is still there
 
 
-def task_info(task: LoadedTask) -> mb.TaskInfo:
+def task_info(snapshot: Snapshot, task: LoadedTask) -> mb.TaskInfo:
     entry = task.entry
     return mb.TaskInfo(
         id=entry.id, name=entry.name, method=entry.method, num_classes=entry.num_classes,
-        backbone_version=entry.backbone,
+        backbone_version=snapshot.backbone_version(task),
         metrics={k: float(v) for k, v in entry.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         bytes=sum(r.size for r in entry.parts.values()),
         parts={name: mb.PartInfo(codec=r.codec, bytes=r.size, digest=r.digest) for name, r in entry.parts.items()},
@@ -31,12 +31,12 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
     def ListTasks(self, request, context):
         snapshot = self.repository.get(request.model)
         return mb.ListTasksResponse(model=snapshot.model, generation=snapshot.generation,
-                                    tasks=[task_info(snapshot.tasks[t.id]) for t in snapshot.manifest.tasks])
+                                    tasks=[task_info(snapshot, snapshot.tasks[t.id]) for t in snapshot.manifest.tasks])
 
     def DescribeTask(self, request, context):
         snapshot = self.repository.get(request.model)
         key = request.task_name if request.WhichOneof("task") == "task_name" else request.task_id
-        return task_info(snapshot.tasks[snapshot.manifest.task(key).id])
+        return task_info(snapshot, snapshot.tasks[snapshot.manifest.task(key).id])
 
     def InferTask(self, request, context):
         response, result = self.inference.answer(request.request)

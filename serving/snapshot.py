@@ -16,7 +16,19 @@ from typing import Mapping
 
 import torch
 
-from registry import Manifest, MaskbankError, Registry, TaskEntry, build_architecture, effective_parameters, forward
+from registry import (
+    Manifest,
+    MaskbankError,
+    Registry,
+    TaskEntry,
+    build_architecture,
+    effective_parameters,
+    forward,
+    head_input,
+    head_name,
+    materialization,
+    served_backbone,
+)
 
 from .cache import LRUCache
 
@@ -97,19 +109,49 @@ class Snapshot:
     def healthy_tasks(self) -> list[LoadedTask]:
         return [t for t in self.tasks.values() if t.error is None]
 
+    def backbone_version(self, task: LoadedTask) -> str:
+        """The backbone version `task` runs on in this generation (its own, or the newest for
+        methods whose earlier tasks follow the shared network: registry.served_backbone)."""
+        return served_backbone(task.entry.method, task.entry.backbone, self.backbones)
+
     def parameters(self, task: LoadedTask) -> Tensors:
         """The task's effective parameters, from the byte-bounded LRU cache."""
+        version = self.backbone_version(task)
 
         def build():
-            params = effective_parameters(task.entry.method, self.backbones[task.entry.backbone], task.parts, self.shared)
-            return params, sum(p.numel() * p.element_size() for p in params.values())
+            backbone = self.backbones[version]
+            params = effective_parameters(task.entry.method, backbone, task.parts, self.shared)
+            resident = {id(t) for t in backbone.values()}  # held by the snapshot anyway: not the cache's bytes
+            return params, sum(p.numel() * p.element_size() for p in params.values() if id(p) not in resident)
 
-        return self._cache.get_or_create((self.model, task.key), build)
+        return self._cache.get_or_create((self.model, version, task.key), build)
 
     def logits(self, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
         """[N, classes of the task] logits of `x` under `task`."""
         with torch.no_grad():
             return forward(self.module, self.parameters(task), x)[:, : task.entry.num_classes]
+
+    def logits_of(self, tasks: list[LoadedTask], x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each task's logits of `x`, by task id. Tasks that differ from their backbone only in the
+        head (registry.materialization(...).head_only) and run on one backbone version share a
+        single pass up to the output layer: T heads cost one forward plus T output layers."""
+        logits, groups = {}, {}
+        for task in tasks:
+            if materialization(task.entry.method).head_only:
+                groups.setdefault(self.backbone_version(task), []).append(task)
+            else:
+                logits[task.entry.id] = self.logits(task, x)
+        if groups:
+            layer_name = head_name(self.module).rsplit(".", 1)[0]
+            layer = self.module.get_submodule(layer_name)
+            with torch.no_grad():
+                for group in groups.values():
+                    features = head_input(self.module, self.parameters(group[0]), x)
+                    for task in group:
+                        own = {k[len(layer_name) + 1 :]: v for k, v in self.parameters(task).items() if k.startswith(f"{layer_name}.")}
+                        out = torch.func.functional_call(layer, own, (features,), strict=True)
+                        logits[task.entry.id] = out[:, : task.entry.num_classes]
+        return logits
 
     def mask_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
         """(task ids, per layer a float [T, *weight shape] stack of their masks), for superposition."""

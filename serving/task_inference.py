@@ -1,7 +1,8 @@
 """Task inference (GN): choose the task of an unlabeled batch when the caller does not name one.
 
 * `exhaustive`: run every task and pick the lowest mean output entropy, normalised by log(classes)
-  so tasks with different class counts compare fairly. Exact; cost grows with the task count.
+  so tasks with different class counts compare fairly. Exact; cost grows with the task count
+  (for head-based methods only by one output layer per task: the backbone runs once).
 * `oneshot` (SupSup): superpose all task masks with alpha_i = 1/T, take one gradient of the mean
   output entropy with respect to alpha, and pick the task whose alpha lowers it fastest
   (the most negative gradient). Needs mask-based tasks of one backbone.
@@ -75,7 +76,7 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @register_mode("exhaustive")
 def exhaustive(snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
-    logits = {t.entry.id: snapshot.logits(t, x) for t in snapshot.healthy_tasks()}
+    logits = snapshot.logits_of(snapshot.healthy_tasks(), x)
     scores = {i: float(mean_entropy(out)) for i, out in logits.items()}
     best = min(scores, key=lambda i: (scores[i], i))
     return TaskChoice(snapshot.tasks[best], "exhaustive", scores, logits[best])

@@ -34,7 +34,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torch.nn.utils import parametrize
 
-from registry import effective_parameters, forward, maskable_parameters
+from registry import effective_parameters, head_input, maskable_parameters
 from registry.codecs import signed_constant
 from registry.errors import MaskbankError
 
@@ -121,18 +121,12 @@ def check_exclusive(weights: dict[str, torch.Tensor], reference: Tensors, free: 
 
 def penultimate_features(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:
     """[N, features] input of the module's last masked layer when run with `params`."""
-    last = maskable_parameters(module)[-1].rsplit(".", 1)[0]
-    captured: list[torch.Tensor] = []
-    handle = module.get_submodule(last).register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     training = module.training
-    module.eval()  # BatchNorm normalises with the subnetwork's own statistics, as served
     try:
-        with torch.no_grad():
-            forward(module, params, x)
+        with torch.no_grad():  # eval: BatchNorm normalises with the subnetwork's own statistics, as served
+            return head_input(module, params, x).flatten(1)
     finally:
-        handle.remove()
         module.train(training)
-    return captured[0].flatten(1)
 
 
 def knn_accuracy(fit_x: torch.Tensor, fit_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int) -> float:

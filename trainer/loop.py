@@ -25,6 +25,7 @@ from registry import (
     build_architecture,
     effective_parameters,
     forward,
+    served_backbone,
 )
 from registry.errors import MaskbankError
 
@@ -204,7 +205,8 @@ def train(
         seconds = time.perf_counter() - began
         version, parts, task_state = _store_artifact(registry, state, artifact)
         state.tasks.append(PublishedTask(index, task.name, task.num_classes, version, artifact.parts, artifact.state, artifact.shares))
-        row = [accuracy(module, method.name, state.backbones[t.backbone], t.parts, state.shared, stream.task(t.id))
+        row = [accuracy(module, method.name, state.backbones[served_backbone(method.name, t.backbone, state.backbones)],
+                        t.parts, state.shared, stream.task(t.id))
                for t in state.tasks]
         state.matrix.append(row)
         state.alone.append(accuracy_alone(method, settings, task) if fwt else None)
