@@ -4,6 +4,7 @@ some weights frozen (zero their gradients before, check they did not move after)
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -11,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from registry.errors import MaskbankError
+
 from .streams import TaskData
+
+
+class TrainingDiverged(MaskbankError):
+    """The loss stopped being a finite number: the settings are unstable for this task."""
 
 
 def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
@@ -37,6 +44,9 @@ def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs
             before_step()
             optimizer.step()
             after_step()
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(f"{desc}: the training loss became {loss.item()} (diverged); "
+                                       "lower the learning rate (--lr) or the method's penalty or scale")
             total += loss.item() * len(batch)
         schedule.step()
         bar.set_postfix(loss=f"{total / n:.3f}")
