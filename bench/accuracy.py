@@ -78,6 +78,7 @@ def run(method: str, stream: str, sizes: list[int], options: dict, tasks: int, s
         "forgetting": manifest.training["forgetting"],
         "bwt": manifest.training["bwt"],
         "accuracy_matrix": manifest.training["accuracy_matrix"],
+        "task_metrics": [t.metrics for t in manifest.tasks],
         "task_bytes": bytes_.task_bytes,
         "shared_bytes": bytes_.shared_bytes,
         "shared_parts_bytes": {kind: ref.size for kind, ref in manifest.shared.items()},
