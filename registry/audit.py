@@ -54,6 +54,7 @@ class ModelAudit:
     backbone_weights: int
     dense_model_bytes: int  # one 32-bit copy of the network
     shared_bytes: int  # backbone versions and other shared parts
+    state_bytes: int = 0  # training-only state (KKT scores, SPG importance, EWC Fisher): stored, never served
     parts: list[PartAudit] = field(default_factory=list)
 
     @property
@@ -66,7 +67,7 @@ class ModelAudit:
 
     @property
     def registry_bytes(self) -> int:
-        return self.shared_bytes + sum(self.task_bytes)
+        return self.shared_bytes + sum(self.task_bytes) + self.state_bytes
 
     def to_dict(self) -> dict:
         per_task = self.task_bytes
@@ -118,6 +119,7 @@ def audit(registry: Registry, model: str) -> ModelAudit:
         model=model, generation=manifest.generation, tasks=len(manifest.tasks), backbone_weights=backbone_weights,
         dense_model_bytes=4 * backbone_weights,
         shared_bytes=sum(v.blob.size for v in manifest.backbones.values()) + sum(r.size for r in manifest.shared.values()),
+        state_bytes=sum(r.size for t in manifest.tasks for r in t.state.values()),
     )
     for task in manifest.tasks:
         for part, ref in task.parts.items():
@@ -156,8 +158,9 @@ def format_audit(result: ModelAudit) -> str:
     rows += [
         "",
         f"shared (backbone versions, shared parts): {result.shared_bytes:,} bytes = {totals['shared_bytes_per_task']:,.0f} per task",
+        f"training state (kept for later tasks, never served): {result.state_bytes:,} bytes",
         f"registry for this model: {result.registry_bytes:,} bytes; one dense model per task would take "
-        f"{totals['dense_per_task_bytes']:,} ({totals['compression_vs_dense_per_task']:.1f}x more)",
+        f"{totals['dense_per_task_bytes']:,} ({totals['compression_vs_dense_per_task']:.1f}x the registry's bytes)",
         "(x ...: the reference's bytes divided by the stored bytes; above 1 means the registry stores less)",
     ]
     return "\n".join(rows)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from registry import MaskbankError, Registry, build_architecture, effective_parameters, forward
+from registry.audit import audit
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 from trainer import PublishedTask, TrainingContext, get_method, get_stream, train
@@ -80,6 +81,7 @@ def test_spg_accumulated_importance_only_grows_and_blocked_share_is_reported(spg
     for entry, state in zip(manifest.tasks, states):
         blocked = sum(int((v == 1).sum()) for v in state.values()) / sum(v.numel() for v in state.values())
         assert entry.metrics["blocked_fraction"] == pytest.approx(blocked)
+    assert audit(spg_model, "m").state_bytes == sum(r.size for t in manifest.tasks for r in t.state.values()) > 0
 
 
 def test_ewc_fisher_is_the_mean_squared_per_example_gradient():

@@ -92,7 +92,7 @@ def test_audit_figures(trained, capsys, tmp_path):
         assert mask["weights"] == weights and mask["density"] == pytest.approx(0.5, abs=0.01)
         assert part["vs_dense"] == pytest.approx(4 * weights / part["bytes"])
         assert part["vs_entropy"] == pytest.approx(weights * binary_entropy(mask["density"]) / 8 / part["bytes"])
-    assert result["registry_bytes"] == result["shared_bytes"] + sum(result["task_bytes"])
+    assert result["registry_bytes"] == result["shared_bytes"] + sum(result["task_bytes"]) + result["state_bytes"]
 
 
 def test_impresslearn_cost_matches_the_paper_example():
