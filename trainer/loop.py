@@ -118,6 +118,7 @@ class _Model:
     tasks: list[PublishedTask]
     matrix: list[list[float]]
     alone: list[float | None]  # each task's accuracy when trained alone (the FWT reference), if measured
+    evaluated: dict[tuple[int, str], float]  # (task id, backbone version it ran on) -> test accuracy
 
     @property
     def latest(self) -> str:
@@ -127,7 +128,7 @@ class _Model:
 def _new_model(registry: Registry, method: Method, module, seed: int) -> _Model:
     backbone = method.create_backbone(module, task_generator(seed, _BACKBONE_SEED_KEY))
     ref = registry.put_backbone(backbone, method.backbone_codec)
-    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [], [])
+    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [], [], {})
 
 
 def _load_model(registry: Registry, manifest: Manifest) -> _Model:
@@ -136,15 +137,19 @@ def _load_model(registry: Registry, manifest: Manifest) -> _Model:
                       {k: registry.load(r) for k, r in t.state.items()}, t.shares)
         for t in manifest.tasks
     ]
+    backbones = {v: registry.load_backbone(manifest, v) for v in manifest.backbones}
+    last_row = manifest.training["accuracy_matrix"][-1]  # measured on the versions the tasks run on now
+    evaluated = {(t.id, served_backbone(t.method, t.backbone, backbones)): a for t, a in zip(manifest.tasks, last_row)}
     return _Model(
         manifest=manifest,
-        backbones={v: registry.load_backbone(manifest, v) for v in manifest.backbones},
+        backbones=backbones,
         backbone_refs=dict(manifest.backbones),
         shared={k: registry.load(r) for k, r in manifest.shared.items()},
         shared_refs=dict(manifest.shared),
         tasks=tasks,
         matrix=[list(row) for row in manifest.training["accuracy_matrix"]],
         alone=[t.metrics.get("alone_accuracy") for t in manifest.tasks],
+        evaluated=evaluated,
     )
 
 
@@ -163,6 +168,19 @@ def _store_artifact(registry: Registry, model: _Model, artifact: TaskArtifact) -
     parts = {kind: registry.put_part(kind, tensors, backbone) for kind, tensors in artifact.parts.items()}
     state = {name: registry.put("tensors/v1", tensors) for name, tensors in artifact.state.items()}
     return version, parts, state
+
+
+def _evaluate(model: _Model, module, method: str, stream: TaskStream) -> list[float]:
+    """Every task's test accuracy now, as served. A task evaluated before on the backbone version it
+    runs on now computes exactly what it did then, so its accuracy is reused: for methods whose tasks
+    keep their own version this makes evaluation O(T) per task, not O(T^2) in total."""
+    row = []
+    for t in model.tasks:
+        key = (t.id, served_backbone(method, t.backbone, model.backbones))
+        if key not in model.evaluated:
+            model.evaluated[key] = accuracy(module, method, model.backbones[key[1]], t.parts, model.shared, stream.task(t.id))
+        row.append(model.evaluated[key])
+    return row
 
 
 def accuracy_alone(method: Method, settings: TrainSettings, task: TaskData) -> float:
@@ -205,9 +223,7 @@ def train(
         seconds = time.perf_counter() - began
         version, parts, task_state = _store_artifact(registry, state, artifact)
         state.tasks.append(PublishedTask(index, task.name, task.num_classes, version, artifact.parts, artifact.state, artifact.shares))
-        row = [accuracy(module, method.name, state.backbones[served_backbone(method.name, t.backbone, state.backbones)],
-                        t.parts, state.shared, stream.task(t.id))
-               for t in state.tasks]
+        row = _evaluate(state, module, method.name, stream)
         state.matrix.append(row)
         state.alone.append(accuracy_alone(method, settings, task) if fwt else None)
         task_metrics = {"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics}
