@@ -1,4 +1,4 @@
-"""Command line: `maskbank train | serve | demo`. Run `maskbank COMMAND --help` for details."""
+"""Command line: `maskbank train | serve | demo | report | registry | export`. Run `maskbank COMMAND --help` for details."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ EXAMPLES = """examples:
   maskbank train --method supsup --stream permuted-digits --tasks 5 --registry ./demo-registry --model digits
   maskbank train --tasks 8 --registry ./demo-registry --model digits      # append tasks 5..7
   maskbank serve --registry ./demo-registry --port 8001
+  maskbank serve --registry ./demo-registry --backend onnxruntime
+  maskbank export onnx digits --registry ./demo-registry --out digits-onnx
+  maskbank export triton digits --registry ./demo-registry --out triton-repo
   maskbank report digits --registry ./demo-registry --plot matrix.png
   maskbank registry audit digits --registry ./demo-registry --plot audit.png
   maskbank demo
@@ -94,6 +97,7 @@ def _add_report(commands) -> None:
 
 def _add_serve(commands) -> None:
     from serving import ServerConfig, mode_names
+    from serving.backends import BACKENDS
     from serving.logs import FORMATS
 
     d = ServerConfig(registry="")
@@ -116,7 +120,11 @@ def _add_serve(commands) -> None:
                    help="how long the dynamic batcher lets the first request of a batch wait for others to join, in "
                    f"microseconds (default {d.max_queue_delay_us}: requests still merge while an execution runs)")
     p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
-    p.add_argument("--threads", type=int, help="torch intra-op threads for inference")
+    p.add_argument("--threads", type=int, help="intra-op threads for inference (torch's, and ONNX Runtime's)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help=f"what runs the forward passes (default {d.backend}); onnxruntime uses the CUDA provider when a "
+                   "GPU is usable, else the CPU; task inference by gradients (oneshot, binary) always runs on PyTorch, "
+                   "and every response's parameter 'backend' says which ran")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                      help="port of the Prometheus metrics endpoint http://HOST:PORT/metrics, bound on --host "
@@ -162,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_demo(commands)
     _add_report(commands)
+    from .export_cli import add_export_commands
     from .registry_cli import add_registry_commands
 
     add_registry_commands(commands)
+    add_export_commands(commands)
     return parser
 
 
@@ -230,7 +240,7 @@ def _serve(args) -> None:
         config = ServerConfig(
             registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-            torch_threads=args.threads, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+            torch_threads=args.threads, backend=args.backend, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -260,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             from .registry_cli import run_registry_command
 
             return run_registry_command(args)
+        if args.command == "export":
+            from .export_cli import run_export_command
+
+            return run_export_command(args)
         {"train": _train, "serve": _serve, "demo": _demo, "report": _report}[args.command](args)
     except MaskbankError as error:
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)

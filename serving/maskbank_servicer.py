@@ -41,7 +41,8 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
     def InferTask(self, request, context):
         response, result = self.inference.answer(request.request)
         return mb.InferTaskResponse(response=response, mode=result.mode, task_id=result.task.entry.id,
-                                    task_name=result.task.entry.name, scores=result.scores or {})
+                                    task_name=result.task.entry.name, scores=result.scores or {},
+                                    backend=result.backend)
 
     def WatchModel(self, request, context):
         snapshot = self.repository.get(request.model)

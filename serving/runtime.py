@@ -8,11 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .snapshot import LoadedTask, Snapshot
-from .task_inference import infer_task
+from .task_inference import infer_task, needs_gradients
+
+PYTORCH = PyTorchBackend()
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class InferenceResult:
     task: LoadedTask
     logits: np.ndarray  # float32 [N, classes of the task]
     mode: str  # 'given', or the task-inference mode that chose the task
+    backend: str  # the backend that computed the logits: 'pytorch' or 'onnxruntime'
     scores: dict[int, float] | None = None
 
 
@@ -46,20 +50,26 @@ def infer(
     mode: str = "exhaustive",
     batcher: DynamicBatcher | None = None,
     shortlist: int = 1,
+    backend: Backend = PYTORCH,
 ) -> InferenceResult:
     """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None.
-    With a batcher, task-given requests run batched with concurrent ones for the same task."""
+    With a batcher, task-given requests run batched with concurrent ones for the same task.
+    Forwards run on `backend`, except task inference by gradients, which always runs on PyTorch."""
     snapshot = repository.get(model, version)
     inputs = check_input(snapshot, x)
     if task is not None:
         chosen = snapshot.task(task)
-        if batcher is None:
-            return InferenceResult(snapshot, chosen, snapshot.logits(chosen, inputs).numpy(), "given")
-        logits = batcher.run(model, (id(snapshot), chosen.key), inputs, lambda batch: snapshot.logits(chosen, batch))
-        return InferenceResult(snapshot, chosen, logits.numpy(), "given")
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            return backend.logits(snapshot, chosen, batch)
+
+        logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run)
+        return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
+    if needs_gradients(mode):
+        backend = PYTORCH
     started = time.perf_counter_ns()
-    choice = infer_task(mode, snapshot, inputs, shortlist)
-    logits = choice.logits if choice.logits is not None else snapshot.logits(choice.task, inputs)
+    choice = infer_task(mode, snapshot, inputs, shortlist, lambda tasks, batch: backend.logits_of(snapshot, tasks, batch))
+    logits = choice.logits if choice.logits is not None else backend.logits(snapshot, choice.task, inputs)
     if batcher is not None:
         batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
-    return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, choice.scores)
+    return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, backend.name, choice.scores)

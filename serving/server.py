@@ -23,6 +23,7 @@ from ._proto import POOL, pb, pb_grpc
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
 from .auth import AdminAuthInterceptor
+from .backends import BACKENDS, create_backend
 from .maskbank_servicer import MaskbankServicer
 from .metrics import MetricsServer
 from .repository import ModelRepository
@@ -47,7 +48,8 @@ class ServerConfig:
     task_inference: str = "exhaustive"  # default GN mode when a request names no task
     cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
     workers: int = 8  # gRPC handler threads
-    torch_threads: int | None = None  # intra-op threads for inference (default: torch's)
+    torch_threads: int | None = None  # intra-op threads for inference, torch's and ONNX Runtime's (default: theirs)
+    backend: str = "pytorch"  # what runs forwards: pytorch or onnxruntime (gradient-based GN always runs on pytorch)
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
@@ -62,6 +64,8 @@ class ServerConfig:
     def __post_init__(self):
         if self.task_inference not in mode_names():
             raise ValueError(f"unknown task inference mode '{self.task_inference}' (known: {', '.join(mode_names())})")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(BACKENDS)})")
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
             raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
@@ -104,6 +108,7 @@ class InferenceServer:
         self.servicer = InferenceServicer(
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
+            backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
         )
         self.health = health.HealthServicer()
         self._credentials = None

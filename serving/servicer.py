@@ -11,6 +11,7 @@ from registry import MaskbankError
 
 from . import oip
 from ._proto import model_config, pb, pb_grpc
+from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher
 from .errors import InvalidRequest
 from .repository import ModelRepository
@@ -18,13 +19,15 @@ from .statistics import Statistics
 from .status import status_code
 from .runtime import InferenceResult, infer
 
-PLATFORM = "maskbank_pytorch"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
-                 max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1):
+                 max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
+                 backend: Backend | None = None):
         self.repository = repository
+        self.backend = backend or PyTorchBackend()
+        self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
         self.statistics = statistics
         self.version = version
         self.default_mode = default_mode
@@ -57,7 +60,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=snapshot.model,
             versions=[str(snapshot.generation)],
-            platform=PLATFORM,
+            platform=self.platform,
             inputs=[tensor(name=oip.INPUT_NAME, datatype="FP32", shape=[-1, *snapshot.manifest.input_shape])],
             outputs=[
                 tensor(name="logits", datatype="FP32", shape=[-1, classes.pop() if len(classes) == 1 else -1]),
@@ -82,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         mc = model_config
         classes = {t.num_classes for t in snapshot.manifest.tasks}
         config = mc.ModelConfig(
-            name=snapshot.model, platform=PLATFORM, backend="maskbank", max_batch_size=self.max_batch_size,
+            name=snapshot.model, platform=self.platform, backend="maskbank", max_batch_size=self.max_batch_size,
             input=[mc.ModelInput(name=oip.INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(snapshot.manifest.input_shape))],
             output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[classes.pop() if len(classes) == 1 else -1]),
                     mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
@@ -153,7 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = infer(
             self.repository, request.model_name, x, version=request.model_version,
             task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
-            shortlist=selection.shortlist or self.default_shortlist,
+            shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
         )
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id
@@ -167,6 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         oip.set_parameter(response.parameters, "task_id", result.task.entry.id)
         oip.set_parameter(response.parameters, "task", result.task.entry.name)
         oip.set_parameter(response.parameters, "task_inference", result.mode)
+        oip.set_parameter(response.parameters, "backend", result.backend)
         if result.scores is not None:
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response, result

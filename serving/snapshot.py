@@ -114,14 +114,18 @@ class Snapshot:
         methods whose earlier tasks follow the shared network: registry.served_backbone)."""
         return served_backbone(task.entry.method, task.entry.backbone, self.backbones)
 
+    def effective_parameters(self, task: LoadedTask) -> Tensors:
+        """The task's effective parameters on the backbone it is served with, computed now
+        (`parameters` caches them)."""
+        return effective_parameters(task.entry.method, self.backbones[self.backbone_version(task)], task.parts, self.shared)
+
     def parameters(self, task: LoadedTask) -> Tensors:
         """The task's effective parameters, from the byte-bounded LRU cache."""
         version = self.backbone_version(task)
 
         def build():
-            backbone = self.backbones[version]
-            params = effective_parameters(task.entry.method, backbone, task.parts, self.shared)
-            resident = {id(t) for t in backbone.values()}  # held by the snapshot anyway: not the cache's bytes
+            params = self.effective_parameters(task)
+            resident = {id(t) for t in self.backbones[version].values()}  # held by the snapshot anyway: not the cache's bytes
             return params, sum(p.numel() * p.element_size() for p in params.values() if id(p) not in resident)
 
         return self._cache.get_or_create((self.model, version, task.key), build)

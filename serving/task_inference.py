@@ -40,12 +40,18 @@ class TaskChoice:
     logits: torch.Tensor | None = None  # the chosen task's logits, when the mode computed them
 
 
-_MODES: dict[str, Callable[[Snapshot, torch.Tensor], TaskChoice]] = {}
+LogitsOf = Callable[[list[LoadedTask], torch.Tensor], dict[int, torch.Tensor]]  # tasks' forwards, by task id
+_MODES: dict[str, Callable[..., TaskChoice]] = {}
+_GRADIENT_MODES: set[str] = set()
 
 
-def register_mode(name: str):
+def register_mode(name: str, gradients: bool = False):
+    """Decorator: a GN mode; `gradients` marks one that differentiates through the network."""
+
     def decorate(fn):
         _MODES[name] = fn
+        if gradients:
+            _GRADIENT_MODES.add(name)
         return fn
 
     return decorate
@@ -55,16 +61,24 @@ def mode_names() -> list[str]:
     return sorted(_MODES)
 
 
-def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+def needs_gradients(mode: str) -> bool:
+    """Whether `mode` differentiates through the network (so only the PyTorch backend can run it)."""
+    return mode in _GRADIENT_MODES
+
+
+def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1,
+               logits_of: LogitsOf | None = None) -> TaskChoice:
     """Choose the task of `x` with `mode`. `shortlist` k > 1 makes the gradient modes check their
-    k best candidates exactly (lowest entropy), trading k forward passes for reliability."""
+    k best candidates exactly (lowest entropy), trading k forward passes for reliability.
+    `logits_of` runs the plain forward passes (default: the snapshot's, on PyTorch)."""
     if mode not in _MODES:
         raise InvalidRequest(str(unknown("task_inference mode", mode, _MODES)))
     if not snapshot.healthy_tasks():
         raise InvalidRequest(f"model '{snapshot.model}' has no task in service to infer from")
+    logits_of = logits_of or snapshot.logits_of
     if mode == "exhaustive":
-        return _MODES[mode](snapshot, x)
-    return _MODES[mode](snapshot, x, shortlist)
+        return _MODES[mode](snapshot, x, logits_of)
+    return _MODES[mode](snapshot, x, logits_of, shortlist)
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -75,11 +89,11 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register_mode("exhaustive")
-def exhaustive(snapshot: Snapshot, x: torch.Tensor) -> TaskChoice:
-    logits = snapshot.logits_of(snapshot.healthy_tasks(), x)
-    scores = {i: float(mean_entropy(out)) for i, out in logits.items()}
+def exhaustive(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf) -> TaskChoice:
+    outputs = logits_of(snapshot.healthy_tasks(), x)
+    scores = {i: float(mean_entropy(out)) for i, out in outputs.items()}
     best = min(scores, key=lambda i: (scores[i], i))
-    return TaskChoice(snapshot.tasks[best], "exhaustive", scores, logits[best])
+    return TaskChoice(snapshot.tasks[best], "exhaustive", scores, outputs[best])
 
 
 def _superposition(snapshot: Snapshot) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -107,27 +121,28 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     return dict(zip(candidates, gradient.tolist()))
 
 
-def _shortlisted(snapshot: Snapshot, x: torch.Tensor, ranked: list[int], mode: str, scores: dict, shortlist: int) -> TaskChoice:
+def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, ranked: list[int], mode: str,
+                 scores: dict, shortlist: int) -> TaskChoice:
     """The best-ranked task, or, with shortlist k > 1, the lowest-entropy task among the k best
     ranked (k forward passes: a cost bounded by k, not by the number of tasks)."""
     if shortlist <= 1 or len(ranked) == 1:
         return TaskChoice(snapshot.tasks[ranked[0]], mode, scores)
-    logits = {i: snapshot.logits(snapshot.tasks[i], x) for i in ranked[:shortlist]}
-    entropy = {i: float(mean_entropy(out)) for i, out in logits.items()}
+    outputs = logits_of([snapshot.tasks[i] for i in ranked[:shortlist]], x)
+    entropy = {i: float(mean_entropy(out)) for i, out in outputs.items()}
     best = min(entropy, key=lambda i: (entropy[i], i))
-    return TaskChoice(snapshot.tasks[best], mode, scores, logits[best])
+    return TaskChoice(snapshot.tasks[best], mode, scores, outputs[best])
 
 
-@register_mode("oneshot")
-def oneshot(snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+@register_mode("oneshot", gradients=True)
+def oneshot(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
     """One gradient over all tasks superposed; the most negative wins (SupSup)."""
     ids = _superposition(snapshot)[0]
     scores = superposition_gradient(snapshot, x, ids)
-    return _shortlisted(snapshot, x, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
+    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
 
 
-@register_mode("binary")
-def binary(snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoice:
+@register_mode("binary", gradients=True)
+def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
     """SupSup's multi-shot rule: each round keeps the tasks whose gradient is at or below the
     median and superposes them again, until one (or `shortlist`) remain: about log2(T) rounds."""
     candidates = list(_superposition(snapshot)[0])
@@ -139,4 +154,5 @@ def binary(snapshot: Snapshot, x: torch.Tensor, shortlist: int = 1) -> TaskChoic
         ranked = sorted(candidates, key=lambda i: (gradient[i], i))
         keep = [i for i in ranked if gradient[i] <= median]
         candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
-    return _shortlisted(snapshot, x, sorted(candidates, key=lambda i: (scores.get(i, 0.0), i)), "binary", scores, shortlist)
+    return _shortlisted(snapshot, x, logits_of, sorted(candidates, key=lambda i: (scores.get(i, 0.0), i)), "binary",
+                        scores, shortlist)

@@ -1,0 +1,63 @@
+"""`maskbank export onnx | triton`: take a registry model out of Python."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from registry import Registry
+from registry.onnx_export import LAYOUTS, export_onnx
+
+ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
+FP32 [N, classes], every weight a graph input named after the network's parameter, batch dimension dynamic) and,
+per task, its effective weights (DIR/tasks/ID.safetensors, to feed as those inputs) or with --layout self-contained
+a standalone model (DIR/tasks/ID.onnx, logits cut to the task's classes). DIR/export.json lists the tasks and
+files. Every ONNX file passes onnx.checker."""
+
+TRITON_HELP = """Writes one Triton model per task, REPO/MODEL.task-ID/config.pbtxt and
+REPO/MODEL.task-ID/GENERATION/model.onnx (platform onnxruntime_onnx, dynamic batching). A Triton ONNX model cannot
+take weights from outside at run time, so every task is its own self-contained model; the client picks the task by
+picking the model."""
+
+
+def add_export_commands(commands) -> None:
+    p = commands.add_parser("export", help="export a registry model as ONNX files or a Triton model repository",
+                            description="Export the newest generation of a registry model for ONNX Runtime, Triton "
+                            "or any other ONNX consumer.")
+    sub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    onnx = sub.add_parser("onnx", help="the backbone graph once, plus each task's weights or a model per task",
+                          description=ONNX_HELP)
+    onnx.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    onnx.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
+                      help="per task: its weights for the shared graph (default), or a standalone ONNX model")
+    triton = sub.add_parser("triton", help="a Triton model repository, one ONNX model per task", description=TRITON_HELP)
+    triton.add_argument("--out", required=True, metavar="REPO", help="model repository folder (created if missing)")
+    triton.add_argument("--max-batch-size", type=int, default=1024, help="Triton's max_batch_size (default 1024)")
+    for parser in (onnx, triton):
+        parser.add_argument("model", help="model name in the registry")
+        parser.add_argument("--registry", required=True, help="registry directory or URL")
+        parser.add_argument("--task", dest="tasks", action="append", type=_task_key, default=[], metavar="ID",
+                            help="a task id or name to export (repeatable; default: every task)")
+
+
+def _task_key(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _progress(items, total: int):
+    return tqdm(items, total=total, desc="exporting tasks", unit="task", disable=None)
+
+
+def run_export_command(args) -> int:
+    registry = Registry(args.registry)
+    if args.export_command == "onnx":
+        index = export_onnx(registry, args.model, args.out, args.tasks, layout=args.layout, progress=_progress)
+        print(f"wrote {index.parent} (index: {index})", file=sys.stderr)
+    else:
+        from serving.triton_export import export_triton
+
+        models = export_triton(registry, args.model, args.out, args.tasks, max_batch_size=args.max_batch_size,
+                               progress=_progress)
+        print(f"wrote {len(models)} Triton model(s) into {args.out}", file=sys.stderr)
+    return 0

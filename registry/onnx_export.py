@@ -1,0 +1,198 @@
+"""ONNX export: one graph per architecture, a task's effective weights supplied from outside.
+
+Every architecture is a plain module whose parameters and BatchNorm statistics are exactly the
+names `effective_parameters` returns, so one traced graph serves every task of every method:
+
+- `architecture_graph(spec)`: the traced graph; each weight is an initializer named as in the
+  module (`fc0.weight`, `layer1.0.bn1.running_mean`, ...), holding the module's own initial
+  values as placeholders. ONNX Runtime replaces them per session (`SessionOptions.add_initializer`).
+- `weights_as_inputs(graph)`: the same graph with every weight a graph input instead (no values):
+  the shared backbone file, fed a task's weights at run time by any ONNX consumer.
+- `self_contained(graph, weights, num_classes)`: one task's standalone model (its weights as
+  initializers, its logits cut to its class count), for tools that take one file per model.
+
+The graph is traced with torch's TorchScript exporter (`dynamo=False`: deterministic and offline),
+without constant folding, which would fold BatchNorm into the preceding convolution and so bake one
+task's statistics into the shared graph. The batch dimension is dynamic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import safetensors.numpy
+import torch
+from onnx import helper, numpy_helper
+
+from .architectures import build_architecture, input_features
+from .catalog import Registry
+from .errors import InvalidArtifact, UnknownName
+from .manifest import Manifest, TaskEntry
+from .materialize import effective_parameters, served_backbone
+
+OPSET = 17
+INPUT = "input"
+OUTPUT = "logits"
+BATCH = "batch"
+LAYOUTS = ("shared", "self-contained")  # per task: weights for backbone.onnx, or a standalone model
+
+
+def architecture_graph(spec: Mapping[str, Any]) -> onnx.ModelProto:
+    """The architecture's forward pass as ONNX: `input` FP32 [batch, features] -> `logits` FP32
+    [batch, num_classes], every weight an initializer named after the module's parameter or buffer."""
+    module = build_architecture(spec).eval()
+    example = torch.zeros(2, input_features(spec))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation on every call
+        warnings.simplefilter("ignore")
+        # Weights kept as inputs while exporting: otherwise the exporter merges initializers of equal
+        # value (every BatchNorm's initial zero means of one width) into one, and tasks could not
+        # give each its own statistics. They become plain initializers below.
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, do_constant_folding=False,
+                          keep_initializers_as_inputs=True, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}})
+    graph = onnx.load_from_string(buffer.getvalue())
+    inputs = [i for i in graph.graph.input if i.name == INPUT]
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+    graph.doc_string = f"maskbank architecture {dict(spec)}"
+    expected = {name for name, _ in module.named_parameters()} | {
+        name for name, _ in module.named_buffers() if not name.endswith("num_batches_tracked")}
+    if set(weight_names(graph)) != expected:
+        raise InvalidArtifact(f"the ONNX graph of {dict(spec)} has weights {sorted(weight_names(graph))}, "
+                              f"the module {sorted(expected)}")
+    return graph
+
+
+def weight_names(graph: onnx.ModelProto) -> list[str]:
+    """The names of the weights a task must supply, in graph order."""
+    inputs = [i.name for i in graph.graph.input if i.name != INPUT]
+    return [t.name for t in graph.graph.initializer] + inputs
+
+
+def onnx_weights(graph: onnx.ModelProto, params: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A task's effective parameters as the float32 arrays the graph's weights take, checked by
+    name and shape (BatchNorm's batch counters, which inference never reads, are left out)."""
+    shapes = _weight_shapes(graph)
+    if missing := sorted(set(shapes) - set(params)):
+        raise InvalidArtifact(f"the effective parameters lack {missing}, which the ONNX graph needs")
+    arrays = {}
+    for name, shape in shapes.items():
+        array = np.ascontiguousarray(params[name].detach().cpu().numpy(), dtype=np.float32)
+        if array.shape != shape:
+            raise InvalidArtifact(f"weight '{name}' has shape {list(array.shape)}, the ONNX graph {list(shape)}")
+        arrays[name] = array
+    return arrays
+
+
+def _weight_shapes(graph: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {t.name: tuple(t.dims) for t in graph.graph.initializer}
+    for value in graph.graph.input:
+        if value.name != INPUT:
+            shapes[value.name] = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+    return shapes
+
+
+def weights_as_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every weight initializer turned into a graph input of the same name and shape."""
+    shared = onnx.ModelProto()
+    shared.CopyFrom(graph)
+    weights = list(shared.graph.initializer)
+    del shared.graph.initializer[:]
+    shared.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights)
+    return shared
+
+
+def self_contained(graph: onnx.ModelProto, weights: Mapping[str, np.ndarray], num_classes: int) -> onnx.ModelProto:
+    """One task's standalone model: `weights` (from `onnx_weights`) as initializers and the logits
+    cut to the task's first `num_classes` outputs."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    del model.graph.initializer[:]
+    inputs = [i for i in model.graph.input if i.name == INPUT]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in weights.items())
+    _cut_logits(model, num_classes)
+    return model
+
+
+def _cut_logits(model: onnx.ModelProto, num_classes: int) -> None:
+    """Rename the graph's logits and add `logits = all_logits[:, :num_classes]`."""
+    (output,) = model.graph.output
+    full = f"{OUTPUT}_all_classes"
+    for node in model.graph.node:
+        node.output[:] = [full if name == OUTPUT else name for name in node.output]
+    bounds = {"starts": 0, "ends": num_classes, "axes": 1}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"{OUTPUT}_slice_{k}")
+                                   for k, v in bounds.items())
+    model.graph.node.append(helper.make_node("Slice", [full, *(f"{OUTPUT}_slice_{k}" for k in bounds)], [OUTPUT]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(OUTPUT, output.type.tensor_type.elem_type, [BATCH, num_classes]))
+
+
+def task_weights(registry: Registry, manifest: Manifest, keys: Sequence[int | str] = ()) -> Iterator[tuple[TaskEntry, dict[str, torch.Tensor]]]:
+    """(task, effective parameters) for the tasks `keys` names (ids or names; all when empty), in
+    that order, each on the backbone version a server runs it on. Unknown keys raise TaskNotFound
+    naming the model's tasks before any work is done."""
+    entries = [manifest.task(key) for key in keys] if keys else list(manifest.tasks)
+    shared = {kind: registry.load(ref) for kind, ref in manifest.shared.items()}
+    backbones: dict[str, dict[str, torch.Tensor]] = {}
+    for entry in entries:
+        version = served_backbone(entry.method, entry.backbone, manifest.backbones)
+        if version not in backbones:
+            backbones[version] = registry.load_backbone(manifest, version)
+        parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
+        with torch.no_grad():
+            yield entry, effective_parameters(entry.method, backbones[version], parts, shared)
+
+
+Progress = Callable[[Iterable, int], Iterable]
+
+
+def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[int | str] = (), *,
+                layout: str = "shared", progress: Progress = lambda items, total: items) -> Path:
+    """Write `model`'s newest generation as ONNX into the folder `out`; return the index file.
+
+    `out/backbone.onnx` is always written: the graph with every weight a graph input. Per task,
+    layout "shared" writes its weights (`tasks/ID.safetensors`, tensors named as the graph's
+    inputs) and "self-contained" a standalone model (`tasks/ID.onnx`). `out/export.json` lists
+    the tasks with their files. Every ONNX file passes `onnx.checker`. `progress(items, total)`
+    may wrap the per-task loop (a progress bar).
+    """
+    if layout not in LAYOUTS:
+        raise UnknownName(f"Unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
+    manifest = registry.manifest(model)
+    graph = architecture_graph(manifest.architecture)
+    out = Path(out)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    save_checked(weights_as_inputs(graph), out / "backbone.onnx")
+    tasks = []
+    for entry, params in progress(task_weights(registry, manifest, keys), len(keys) or len(manifest.tasks)):
+        weights = onnx_weights(graph, params)
+        if layout == "shared":
+            file = f"tasks/{entry.id}.safetensors"
+            safetensors.numpy.save_file(weights, str(out / file))
+        else:
+            file = f"tasks/{entry.id}.onnx"
+            save_checked(self_contained(graph, weights, entry.num_classes), out / file)
+        tasks.append({"id": entry.id, "name": entry.name, "method": entry.method, "num_classes": entry.num_classes,
+                      "file": file})
+    index = out / "export.json"
+    index.write_text(json.dumps({"model": manifest.model, "generation": manifest.generation, "layout": layout,
+                                 "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
+                                 "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, indent=2))
+    return index
+
+
+
+def save_checked(model: onnx.ModelProto, path: Path) -> None:
+    """Check `model` with onnx.checker (full check, with shape inference), then write it."""
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))

@@ -1,0 +1,106 @@
+"""The ONNX Runtime backend: a task's logits from the architecture's exported graph.
+
+The graph is exported once per architecture (registry.onnx_export). Each task gets its own ONNX
+Runtime session of that graph with the task's effective weights as initializers (the very model
+`maskbank export onnx --layout self-contained` writes); the session lives in the server's
+effective-weight LRU cache, sized by the task's weight bytes, so a task switch costs a cache
+lookup, and a cold task one session creation, never a re-export.
+
+Note:
+    `SessionOptions.add_initializer` would spare the copy of the weights into the model, but
+    ONNX Runtime 1.31 constant-folds the graph's own placeholder initializers (the transposes of
+    the linear weights) before applying it, so its sessions compute with the placeholders
+    (measured: logits off by hundreds). A self-contained model per task has no such trap.
+
+Why sessions per task rather than the weights fed as graph inputs on every run: measured by
+`python -m bench onnx_backend` (README), per-task sessions run faster, because ONNX Runtime can
+pre-pack constant weights and fold BatchNorm into the convolutions before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from registry.onnx_export import INPUT, OUTPUT, architecture_graph, onnx_weights, self_contained
+
+from .cache import LRUCache
+from .snapshot import LoadedTask, Snapshot
+
+log = logging.getLogger("maskbank.serving")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_QUIET, _ERRORS = 4, 3  # ONNX Runtime log severities: fatal only; errors and worse
+
+
+def choose_providers() -> list[str]:
+    """[CUDA, CPU] when the CUDA provider is built in, a GPU is visible and the provider really
+    loads; else [CPU]. Asking for CUDA without its libraries makes ONNX Runtime log errors and fall
+    back, so the probe runs with its logging silenced."""
+    if CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
+        return [CPU]
+    ort.set_default_logger_severity(_QUIET)
+    try:
+        probe = ort.InferenceSession(architecture_graph({"arch": "mlp", "sizes": [1, 1]}).SerializeToString(),
+                                     providers=[CUDA, CPU])
+        usable = probe.get_providers()[0] == CUDA
+    except Exception:  # noqa: BLE001  any failure to start CUDA means: run on the CPU
+        usable = False
+    finally:
+        ort.set_default_logger_severity(_ERRORS)
+    return [CUDA, CPU] if usable else [CPU]
+
+
+class OnnxRuntimeBackend:
+    """Runs task-given forwards in ONNX Runtime; thread-safe (a session may run on several threads)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, cache: LRUCache, threads: int | None = None):
+        ort.set_default_logger_severity(_ERRORS)
+        self.providers = choose_providers()
+        self._cache = cache
+        self._threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
+        self._graphs: dict[str, onnx.ModelProto] = {}  # per architecture (its spec as JSON)
+        self._lock = threading.Lock()
+        log.info("ONNX Runtime %s backend on %s (intra-op threads: %s)", ort.__version__, self.providers[0],
+                 self._threads or "one per physical core")
+
+    def logits(self, snapshot: Snapshot, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
+        """[N, classes of the task] logits of `x` [N, features], computed by ONNX Runtime."""
+        (logits,) = self._session(snapshot, task).run([OUTPUT], {INPUT: x.numpy()})
+        return torch.from_numpy(logits)
+
+    def logits_of(self, snapshot: Snapshot, tasks: list[LoadedTask], x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each task's logits of `x`, by task id: one session run per task."""
+        return {task.entry.id: self.logits(snapshot, task, x) for task in tasks}
+
+    def _session(self, snapshot: Snapshot, task: LoadedTask) -> ort.InferenceSession:
+        def build() -> tuple[ort.InferenceSession, int]:
+            graph = self._graph(snapshot.manifest.architecture)
+            weights = onnx_weights(graph, snapshot.effective_parameters(task))
+            model = self_contained(graph, weights, task.entry.num_classes)
+            return self._create(model.SerializeToString()), sum(a.nbytes for a in weights.values())
+
+        return self._cache.get_or_create((snapshot.model, snapshot.backbone_version(task), task.key, self.name), build)
+
+    def _graph(self, architecture: dict) -> onnx.ModelProto:
+        """The architecture's graph, exported on first use."""
+        key = json.dumps(architecture, sort_keys=True)
+        with self._lock:  # exported once per architecture, whichever request comes first
+            if key not in self._graphs:
+                graph = architecture_graph(architecture)
+                self._graphs[key] = graph
+            return self._graphs[key]
+
+    def _create(self, model: bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        return ort.InferenceSession(model, options, providers=self.providers)

@@ -1,0 +1,79 @@
+"""Export a registry model as a Triton model repository (ONNX Runtime platform).
+
+Layout, one Triton model per task (the honest mapping: a Triton ONNX model cannot take weights
+from outside at run time, so each task is its own self-contained model):
+
+    REPO/MODEL.task-ID/config.pbtxt                 Triton's ModelConfig, protobuf text format
+    REPO/MODEL.task-ID/GENERATION/model.onnx        the task's standalone ONNX model
+
+The version directory is the registry generation exported, as the maskbank server reports it.
+Inputs and outputs keep maskbank's names (`input` FP32 [N, features], `logits` FP32 [N, classes
+of the task]); the batch dimension is Triton's (`max_batch_size`) with dynamic batching on.
+Task inference has no equivalent in Triton: the caller picks the task by picking the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from google.protobuf import text_format
+
+from registry import Registry, TaskEntry
+from registry.architectures import input_features
+from registry.onnx_export import (
+    INPUT,
+    OUTPUT,
+    Progress,
+    architecture_graph,
+    onnx_weights,
+    save_checked,
+    self_contained,
+    task_weights,
+)
+
+from ._proto import model_config as mc
+
+PLATFORM = "onnxruntime_onnx"
+CONFIG = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+
+
+def triton_model_name(model: str, task: TaskEntry) -> str:
+    return f"{model}.task-{task.id}"
+
+
+def triton_config(name: str, features: int, task: TaskEntry, model: str, generation: int,
+                  max_batch_size: int) -> mc.ModelConfig:
+    """The Triton ModelConfig of one exported task."""
+    config = mc.ModelConfig(
+        name=name, platform=PLATFORM, max_batch_size=max_batch_size,
+        input=[mc.ModelInput(name=INPUT, data_type=mc.TYPE_FP32, dims=[features])],
+        output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[task.num_classes])],
+        dynamic_batching=mc.ModelDynamicBatching(),
+    )
+    details = {"maskbank_model": model, "maskbank_generation": str(generation), "task_id": str(task.id),
+               "task_name": task.name, "method": task.method}
+    for key, value in details.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequence[int | str] = (), *,
+                  max_batch_size: int = 1024, progress: Progress = lambda items, total: items) -> list[Path]:
+    """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
+    the model directories. Every ONNX file passes onnx.checker before it is written."""
+    manifest = registry.manifest(model)
+    graph = architecture_graph(manifest.architecture)
+    features = input_features(manifest.architecture)
+    written = []
+    for entry, params in progress(task_weights(registry, manifest, keys), len(keys) or len(manifest.tasks)):
+        name = triton_model_name(manifest.model, entry)
+        directory = Path(repo) / name
+        (directory / str(manifest.generation)).mkdir(parents=True, exist_ok=True)
+        save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes),
+                     directory / str(manifest.generation) / MODEL_FILE)
+        config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
+        (directory / CONFIG).write_text(text_format.MessageToString(config))
+        written.append(directory)
+    return written

@@ -1,0 +1,264 @@
+"""ONNX export and the ONNX Runtime backend: parity with PyTorch for every method, the exported
+files (checker, dynamic batch, both layouts), the Triton repository, the CLI, and a real server.
+
+Tolerance: ONNX Runtime's logits must match PyTorch's within 1e-5 absolute. Both compute in
+float32 from the same effective weights, but their kernels sum in different orders (MLAS vs
+oneDNN/MKL blocking, and ONNX Runtime folds BatchNorm into the convolution weights when the
+weights are constant), so results differ by float32 reassociation error: a few ulps of the
+accumulated values, about 1e-6 for logits of magnitude 1-10 here. 1e-5 leaves room for that and
+is far below any difference a wrong weight, a missed BatchNorm statistic or a wrong task makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import safetensors.numpy
+import torch
+import tritonclient.grpc as triton
+from google.protobuf import text_format
+
+from maskbank.cli import main
+from maskbank.process import ServerProcess
+from registry import Registry, TaskNotFound
+from registry.materialize import _MATERIALIZERS
+from registry.onnx_export import architecture_graph, export_onnx, onnx_weights, task_weights, weights_as_inputs
+from serving._proto import maskbank_pb2 as mb
+from serving._proto import maskbank_pb2_grpc as mb_grpc
+from serving._proto import model_config as mc
+from serving.cache import LRUCache
+from serving.onnx_backend import OnnxRuntimeBackend
+from serving.snapshot import Snapshot
+from serving.triton_export import export_triton
+from trainer import get_method, method_names, train
+
+from .conftest import TINY, train_model, wait_for
+
+TOLERANCE = 1e-5  # absolute, on logits (module docstring)
+MLP = {"arch": "mlp", "sizes": [64, 32, 10]}
+CNN_BN = {"arch": "cnn", "input_shape": [1, 8, 8], "width": 4, "bn": "nonaffine"}
+RESNET_BN = {"arch": "resnet18", "input_shape": [1, 8, 8], "width": 4}
+X = np.random.default_rng(0).random((7, 64), dtype=np.float32)
+
+
+def quick_config(method: str) -> dict:
+    """The method's defaults with every epoch count at 1: the weights need not be good, only real."""
+    return {f.name: 1 for f in dataclasses.fields(get_method(method).Config) if f.name.endswith("epochs")}
+
+
+def train_quickly(root, method: str, architecture: dict, tasks: int = 2) -> Registry:
+    registry = Registry(root)
+    requested = {"method": method, "stream": "permuted-digits", "architecture": architecture,
+                 "method_config": quick_config(method)}
+    train(registry, "m", tasks, requested, log=lambda _: None)
+    return registry
+
+
+def snapshot_of(registry: Registry) -> Snapshot:
+    return Snapshot.load(registry, registry.manifest("m"), None, LRUCache(64 << 20))
+
+
+def assert_onnxruntime_matches_pytorch(registry: Registry) -> None:
+    """Every task: the serving backend's ONNX Runtime logits, and the exported graph with the weights
+    fed as inputs, against the PyTorch forward, within TOLERANCE."""
+    snapshot = snapshot_of(registry)
+    backend = OnnxRuntimeBackend(LRUCache(64 << 20), threads=1)
+    graph = architecture_graph(snapshot.manifest.architecture)
+    shared = ort.InferenceSession(weights_as_inputs(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.from_numpy(X)
+    for task in snapshot.healthy_tasks():
+        expected = snapshot.logits(task, x).numpy()
+        served = backend.logits(snapshot, task, x).numpy()
+        fed = shared.run(None, {"input": X, **onnx_weights(graph, snapshot.parameters(task))})[0]
+        assert served.shape == expected.shape == (len(X), task.entry.num_classes)
+        np.testing.assert_allclose(served, expected, rtol=0, atol=TOLERANCE)
+        np.testing.assert_allclose(fed[:, : task.entry.num_classes], expected, rtol=0, atol=TOLERANCE)
+
+
+def test_the_parity_sweep_covers_every_served_method():
+    """Every method a server can materialise is one the trainer can make a test model of."""
+    assert set(_MATERIALIZERS) <= set(method_names())
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_onnxruntime_matches_pytorch_for_every_method(tmp_path, method):
+    assert_onnxruntime_matches_pytorch(train_quickly(tmp_path, method, MLP))
+
+
+@pytest.mark.parametrize("architecture", [CNN_BN, pytest.param(RESNET_BN, marks=pytest.mark.slow)], ids=["cnn-bn", "resnet18-bn"])
+def test_onnxruntime_matches_pytorch_with_per_task_batchnorm_statistics(tmp_path, architecture):
+    registry = train_quickly(tmp_path, "supsup", architecture)
+    tasks = snapshot_of(registry).healthy_tasks()
+    assert tasks[0].parts["bn_stats"]  # per-task statistics: a shared graph with folded BN would fail below
+    assert_onnxruntime_matches_pytorch(registry)
+
+
+@pytest.fixture(scope="module")
+def bn_registry(tmp_path_factory) -> Registry:
+    return train_quickly(tmp_path_factory.mktemp("bn"), "supsup", CNN_BN)
+
+
+def pytorch_logits(registry: Registry, x: np.ndarray) -> dict[int, np.ndarray]:
+    snapshot = snapshot_of(registry)
+    return {t.entry.id: snapshot.logits(t, torch.from_numpy(x)).numpy() for t in snapshot.healthy_tasks()}
+
+
+def test_export_onnx_both_layouts_check_run_any_batch_and_agree(bn_registry, tmp_path):
+    shared_index = json.loads(export_onnx(bn_registry, "m", tmp_path / "shared").read_text())
+    contained_index = json.loads(export_onnx(bn_registry, "m", tmp_path / "contained", layout="self-contained").read_text())
+    assert [t["id"] for t in shared_index["tasks"]] == [t["id"] for t in contained_index["tasks"]] == [0, 1]
+    backbone = onnx.load(tmp_path / "shared" / "backbone.onnx")
+    onnx.checker.check_model(backbone, full_check=True)
+    assert [i.name for i in backbone.graph.input] == ["input", *shared_index["weights"]]
+    assert not backbone.graph.initializer  # the weights come from outside
+    shared = ort.InferenceSession(str(tmp_path / "shared" / "backbone.onnx"), providers=["CPUExecutionProvider"])
+    for rows in (1, 7):
+        x = X[:rows]
+        expected = pytorch_logits(bn_registry, x)
+        for task, contained_task in zip(shared_index["tasks"], contained_index["tasks"]):
+            weights = safetensors.numpy.load_file(tmp_path / "shared" / task["file"])
+            fed = shared.run(None, {"input": x, **weights})[0][:, : task["num_classes"]]
+            contained_file = tmp_path / "contained" / contained_task["file"]
+            onnx.checker.check_model(onnx.load(contained_file), full_check=True)
+            session = ort.InferenceSession(str(contained_file), providers=["CPUExecutionProvider"])
+            contained = session.run(None, {"input": x})[0]
+            assert fed.shape == contained.shape == (rows, task["num_classes"])
+            np.testing.assert_allclose(contained, fed, rtol=0, atol=TOLERANCE)
+            np.testing.assert_allclose(contained, expected[task["id"]], rtol=0, atol=TOLERANCE)
+
+
+def test_export_only_the_tasks_asked_for(bn_registry, tmp_path):
+    index = json.loads(export_onnx(bn_registry, "m", tmp_path, ["perm-1"]).read_text())
+    assert [t["id"] for t in index["tasks"]] == [1]
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["1.safetensors"]
+    with pytest.raises(TaskNotFound, match=r"no task 5 .*tasks: 0 \(perm-0\), 1 \(perm-1\)"):
+        list(task_weights(bn_registry, bn_registry.manifest("m"), [5]))
+
+
+def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_path):
+    models = export_triton(bn_registry, "m", tmp_path, max_batch_size=64)
+    assert [m.name for m in models] == ["m.task-0", "m.task-1"]
+    expected = pytorch_logits(bn_registry, X)
+    for task, directory in enumerate(models):
+        config = text_format.Parse((directory / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert (config.name, config.platform, config.max_batch_size) == (directory.name, "onnxruntime_onnx", 64)
+        assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("input", mc.TYPE_FP32, [64])]
+        assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("logits", mc.TYPE_FP32, [10])]
+        assert config.HasField("dynamic_batching") and config.parameters["task_id"].string_value == str(task)
+        versions = [p.name for p in directory.iterdir() if p.is_dir()]
+        assert versions == [str(bn_registry.latest_generation("m"))]
+        session = ort.InferenceSession(str(directory / versions[0] / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"input": X})[0], expected[task], rtol=0, atol=TOLERANCE)
+
+
+def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
+    root = str(bn_registry.location)
+    assert main(["export", "onnx", "m", "--registry", root, "--out", str(tmp_path / "o"), "--task", "0"]) == 0
+    assert (tmp_path / "o" / "tasks" / "0.safetensors").exists()
+    assert main(["export", "triton", "m", "--registry", root, "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "m.task-1" / "config.pbtxt").exists()
+    assert main(["export", "onnx", "nope", "--registry", root, "--out", str(tmp_path / "x")]) == 2
+    assert "has no model 'nope' (models: m)" in capsys.readouterr().err
+    assert main(["export", "triton", "m", "--registry", root, "--out", str(tmp_path / "x"), "--task", "9"]) == 2
+    assert "no task 9 at generation 2 (tasks: 0 (perm-0), 1 (perm-1))" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real server with --backend onnxruntime
+
+
+def infer(client, x: np.ndarray, **parameters):
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer("m", [inp], parameters=parameters)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A PyTorch and an ONNX Runtime server over the same registry (5 tiny SupSup tasks)."""
+    root = tmp_path_factory.mktemp("served")
+    train_model(root, "m", 5, TINY)
+    with ServerProcess(root) as torch_server, \
+            ServerProcess(root, "--backend", "onnxruntime", "--max-queue-delay-us", "50000") as ort_server:
+        clients = {name: triton.InferenceServerClient(s.url) for name, s in (("pytorch", torch_server), ("onnxruntime", ort_server))}
+        for client in clients.values():
+            wait_for(lambda c=client: c.is_model_ready("m"), what="the model to be ready")
+        yield clients, ort_server
+        for client in clients.values():
+            client.close()
+
+
+@pytest.mark.slow
+def test_served_onnxruntime_logits_match_the_pytorch_server(servers):
+    clients, _ = servers
+    for task in range(5):
+        answers = {name: infer(client, X, task_id=task) for name, client in clients.items()}
+        for name, answer in answers.items():
+            assert answer.get_response().parameters["backend"].string_param == name
+        np.testing.assert_allclose(answers["onnxruntime"].as_numpy("logits"), answers["pytorch"].as_numpy("logits"),
+                                   rtol=0, atol=TOLERANCE)
+    assert clients["onnxruntime"].get_model_metadata("m").platform == "maskbank_onnxruntime"
+
+
+@pytest.mark.slow
+def test_the_provider_is_logged_once_and_onnxruntime_stays_quiet(servers):
+    _, server = servers
+    output = list(server.output)
+    assert len([line for line in output if "ONNX Runtime" in line and "backend on" in line]) == 1
+    assert not [line for line in output if ":onnxruntime:" in line]  # ONNX Runtime's own warnings and errors
+
+
+@pytest.mark.slow
+def test_served_task_inference_exhaustive_on_onnxruntime_gradients_on_pytorch(servers):
+    clients, _ = servers
+    client = clients["onnxruntime"]
+    exhaustive = infer(client, X, task_inference="exhaustive").get_response().parameters
+    assert (exhaustive["task_inference"].string_param, exhaustive["backend"].string_param) == ("exhaustive", "onnxruntime")
+    reference = infer(clients["pytorch"], X, task_inference="exhaustive").get_response().parameters
+    assert exhaustive["task_id"].int64_param == reference["task_id"].int64_param
+    oneshot = infer(client, X, task_inference="oneshot").get_response().parameters
+    assert (oneshot["task_inference"].string_param, oneshot["backend"].string_param) == ("oneshot", "pytorch")
+
+
+@pytest.mark.slow
+def test_the_dynamic_batcher_merges_requests_on_onnxruntime(servers):
+    clients, server = servers
+    expected = infer(clients["pytorch"], X, task_id=3).as_numpy("logits")
+    before = clients["onnxruntime"].get_inference_statistics("m").model_stats[0]
+    answers: list = []
+
+    def ask():
+        with triton.InferenceServerClient(server.url) as own:
+            answers.append(infer(own, X, task_id=3).as_numpy("logits"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = clients["onnxruntime"].get_inference_statistics("m").model_stats[0]
+    assert len(answers) == 8
+    for logits in answers:
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=TOLERANCE)
+    requests = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert requests == 8 * len(X) and executions < 8  # merged: fewer executions than requests
+
+
+@pytest.mark.slow
+def test_maskbank_infer_task_names_the_backend(servers):
+    _, server = servers
+    request = mb.InferTaskRequest()
+    request.request.model_name = "m"
+    request.request.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
+    request.request.raw_input_contents.append(X.tobytes())
+    request.request.parameters["task_id"].int64_param = 1
+    with grpc.insecure_channel(server.url) as channel:
+        answer = mb_grpc.MaskbankStub(channel).InferTask(request)
+    assert (answer.task_id, answer.backend) == (1, "onnxruntime")
