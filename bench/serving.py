@@ -68,23 +68,25 @@ def train_base(root: Path) -> Registry:
 
 
 def synthetic_entry(registry: Registry, manifest, task_id: int, generator: torch.Generator) -> TaskEntry:
-    """A SupSup task with a random supermask at DENSITY, its blob already stored."""
-    backbone_version = manifest.tasks[0].backbone
+    """A SupSup task with a random supermask at DENSITY, its blob already stored; its other parts
+    (BatchNorm statistics, if the network has any) are task 0's."""
+    first = manifest.tasks[0]
     shapes = _backbone_shapes(registry, manifest)
     masks = {name: torch.rand(shape, generator=generator) < DENSITY for name, shape in shapes.items()}
     ref = registry.put("bitmask/v1", masks)
-    return TaskEntry(id=task_id, name=f"synthetic-{task_id}", method="supsup", backbone=backbone_version,
-                     num_classes=SIZES[-1], parts={"masks": ref})
+    return TaskEntry(id=task_id, name=f"synthetic-{task_id}", method="supsup", backbone=first.backbone,
+                     num_classes=first.num_classes, parts={**first.parts, "masks": ref})
 
 
-_SHAPES: dict[str, tuple] = {}
+_SHAPES: dict[tuple, dict[str, tuple]] = {}  # per (registry, model): the backbone's weight shapes
 
 
 def _backbone_shapes(registry: Registry, manifest) -> dict[str, tuple]:
-    if not _SHAPES:
+    key = (str(registry.location), manifest.model)
+    if key not in _SHAPES:
         backbone = registry.load_backbone(manifest, manifest.tasks[0].backbone)
-        _SHAPES.update({name: tuple(w.shape) for name, w in backbone.items()})
-    return _SHAPES
+        _SHAPES[key] = {name: tuple(w.shape) for name, w in backbone.items()}
+    return _SHAPES[key]
 
 
 def reference_logits(registry: Registry, entries, batch: int) -> dict[int, list]:
