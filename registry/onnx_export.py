@@ -5,7 +5,7 @@ names `effective_parameters` returns, so one traced graph serves every task of e
 
 - `architecture_graph(spec)`: the traced graph; each weight is an initializer named as in the
   module (`fc0.weight`, `layer1.0.bn1.running_mean`, ...), holding the module's own initial
-  values as placeholders. ONNX Runtime replaces them per session (`SessionOptions.add_initializer`).
+  values as placeholders for a task's.
 - `weights_as_inputs(graph)`: the same graph with every weight a graph input instead (no values):
   the shared backbone file, fed a task's weights at run time by any ONNX consumer.
 - `self_contained(graph, weights, num_classes)`: one task's standalone model (its weights as
@@ -14,6 +14,9 @@ names `effective_parameters` returns, so one traced graph serves every task of e
 The graph is traced with torch's TorchScript exporter (`dynamo=False`: deterministic and offline),
 without constant folding, which would fold BatchNorm into the preceding convolution and so bake one
 task's statistics into the shared graph. The batch dimension is dynamic.
+
+`export_onnx` writes a registry model's tasks as files; serving/triton_export.py builds on the same
+functions, and so does the ONNX Runtime backend (serving/onnx_backend.py).
 """
 
 from __future__ import annotations
@@ -58,9 +61,7 @@ def architecture_graph(spec: Mapping[str, Any]) -> onnx.ModelProto:
                           keep_initializers_as_inputs=True, input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}})
     graph = onnx.load_from_string(buffer.getvalue())
-    inputs = [i for i in graph.graph.input if i.name == INPUT]
-    del graph.graph.input[:]
-    graph.graph.input.extend(inputs)
+    _keep_only_the_data_input(graph)
     graph.doc_string = f"maskbank architecture {dict(spec)}"
     expected = {name for name, _ in module.named_parameters()} | {
         name for name, _ in module.named_buffers() if not name.endswith("num_batches_tracked")}
@@ -68,6 +69,13 @@ def architecture_graph(spec: Mapping[str, Any]) -> onnx.ModelProto:
         raise InvalidArtifact(f"the ONNX graph of {dict(spec)} has weights {sorted(weight_names(graph))}, "
                               f"the module {sorted(expected)}")
     return graph
+
+
+def _keep_only_the_data_input(model: onnx.ModelProto) -> None:
+    """Drop every graph input but `input` (the weights stay as initializers, if the model has them)."""
+    inputs = [i for i in model.graph.input if i.name == INPUT]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def weight_names(graph: onnx.ModelProto) -> list[str]:
@@ -115,9 +123,7 @@ def self_contained(graph: onnx.ModelProto, weights: Mapping[str, np.ndarray], nu
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     del model.graph.initializer[:]
-    inputs = [i for i in model.graph.input if i.name == INPUT]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
+    _keep_only_the_data_input(model)
     model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in weights.items())
     _cut_logits(model, num_classes)
     return model
