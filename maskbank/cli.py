@@ -1,4 +1,5 @@
-"""Command line: `maskbank train | serve | demo | report | registry | export`. Run `maskbank COMMAND --help` for details."""
+"""Command line: `maskbank train | serve | demo | report | registry | export`.
+Run `maskbank COMMAND --help` for details."""
 
 from __future__ import annotations
 
@@ -240,7 +241,8 @@ def _serve(args) -> None:
         config = ServerConfig(
             registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-            torch_threads=args.threads, backend=args.backend, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+            torch_threads=args.threads, backend=args.backend, max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -140,10 +140,12 @@ def _cut_logits(model: onnx.ModelProto, num_classes: int) -> None:
                                    for k, v in bounds.items())
     model.graph.node.append(helper.make_node("Slice", [full, *(f"{OUTPUT}_slice_{k}" for k in bounds)], [OUTPUT]))
     del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(OUTPUT, output.type.tensor_type.elem_type, [BATCH, num_classes]))
+    elem_type = output.type.tensor_type.elem_type
+    model.graph.output.append(helper.make_tensor_value_info(OUTPUT, elem_type, [BATCH, num_classes]))
 
 
-def task_weights(registry: Registry, manifest: Manifest, keys: Sequence[int | str] = ()) -> Iterator[tuple[TaskEntry, dict[str, torch.Tensor]]]:
+def task_weights(registry: Registry, manifest: Manifest,
+                 keys: Sequence[int | str] = ()) -> Iterator[tuple[TaskEntry, dict[str, torch.Tensor]]]:
     """(task, effective parameters) for the tasks `keys` names (ids or names; all when empty), in
     that order, each on the backbone version a server runs it on. Unknown keys raise TaskNotFound
     naming the model's tasks before any work is done."""

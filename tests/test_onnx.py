@@ -92,7 +92,8 @@ def test_onnxruntime_matches_pytorch_for_every_method(tmp_path, method):
     assert_onnxruntime_matches_pytorch(train_quickly(tmp_path, method, MLP))
 
 
-@pytest.mark.parametrize("architecture", [CNN_BN, pytest.param(RESNET_BN, marks=pytest.mark.slow)], ids=["cnn-bn", "resnet18-bn"])
+@pytest.mark.parametrize("architecture", [CNN_BN, pytest.param(RESNET_BN, marks=pytest.mark.slow)],
+                         ids=["cnn-bn", "resnet18-bn"])
 def test_onnxruntime_matches_pytorch_with_per_task_batchnorm_statistics(tmp_path, architecture):
     registry = train_quickly(tmp_path, "supsup", architecture)
     tasks = snapshot_of(registry).healthy_tasks()
@@ -186,7 +187,8 @@ def servers(tmp_path_factory):
     train_model(root, "m", 5, TINY)
     with ServerProcess(root) as torch_server, \
             ServerProcess(root, "--backend", "onnxruntime", "--max-queue-delay-us", "50000") as ort_server:
-        clients = {name: triton.InferenceServerClient(s.url) for name, s in (("pytorch", torch_server), ("onnxruntime", ort_server))}
+        clients = {name: triton.InferenceServerClient(server.url)
+                   for name, server in (("pytorch", torch_server), ("onnxruntime", ort_server))}
         for client in clients.values():
             wait_for(lambda c=client: c.is_model_ready("m"), what="the model to be ready")
         yield clients, ort_server
