@@ -11,7 +11,7 @@ at publish time with expected vs actual in the message, not discovered by a serv
 | alpha         | task               | float [B] per masked weight: coefficients over the basis    |
 | head          | task               | float tensors of a per-task output layer                    |
 | bn_stats      | task               | float 'LAYER.running_mean' / 'LAYER.running_var', 1-D pairs |
-| growth_masks  | task               | bool 'LAYER.channels' [C] and 'LAYER.kernels' [out, in]     |
+| growth_masks  | task               | bool 'LAYER.channels' [out], 'LAYER.kernels' [out, in]      |
 | grown_weights | task               | float tensors of the channels a task grew                   |
 | filter_mask   | task               | bool [out channels] per layer                               |
 """
@@ -87,11 +87,19 @@ def _check_bn_stats(value: Tensors, backbone: Tensors) -> None:
 
 
 def _check_growth(value: Tensors, backbone: Tensors) -> None:
+    """'LAYER.channels' [out] and 'LAYER.kernels' [out, in] of the backbone weight 'LAYER.weight'."""
     _dtype("growth mask", value, floating=False)
     for name, tensor in value.items():
-        suffix = name.rsplit(".", 1)[-1]
+        layer, _, suffix = name.rpartition(".")
         if (suffix, tensor.dim()) not in {("channels", 1), ("kernels", 2)}:
             raise InvalidArtifact(f"growth mask '{name}': expected 'LAYER.channels' [C] or 'LAYER.kernels' [out, in]")
+        weight = backbone.get(f"{layer}.weight")
+        if weight is None or weight.dim() < 2:
+            raise InvalidArtifact(f"growth mask '{name}': the backbone has no weight '{layer}.weight' with "
+                                  f"[out, in, ...] dimensions (weights: {sorted(backbone)})")
+        expected = tuple(weight.shape[: tensor.dim()])
+        if tuple(tensor.shape) != expected:
+            raise InvalidArtifact(f"growth mask '{name}' has shape {list(tensor.shape)}, expected {list(expected)}")
 
 
 def _check_filter_mask(value: Tensors, backbone: Tensors) -> None:

@@ -17,7 +17,7 @@ VALID = {
     "alpha": {n: torch.rand(5, generator=g) for n in BACKBONE},
     "head": {"weight": torch.randn(3, 16, generator=g), "bias": torch.zeros(3)},
     "bn_stats": {"bn1.running_mean": torch.randn(16, generator=g), "bn1.running_var": torch.rand(16, generator=g)},
-    "growth_masks": {"conv2.channels": torch.rand(8, generator=g) < 0.5, "conv2.kernels": torch.rand(8, 4, generator=g) < 0.5},
+    "growth_masks": {"fc0.channels": torch.rand(16, generator=g) < 0.5, "fc0.kernels": torch.rand(16, 8, generator=g) < 0.5},
     "grown_weights": {"conv2.weight": torch.randn(2, 4, 3, 3, generator=g)},
     "filter_mask": {"conv1": torch.tensor([True, False, True, True]), "conv2": torch.ones(8, dtype=torch.bool)},
 }
@@ -27,7 +27,7 @@ INVALID = {
     "alpha": ({n: torch.ones(5, dtype=torch.int64) for n in BACKBONE}, "must be floating point"),
     "head": ({"weight": torch.ones(3, dtype=torch.bool)}, "must be floating point"),
     "bn_stats": ({"bn1.running_mean": torch.zeros(16)}, "need 1-D running_mean and running_var"),
-    "growth_masks": ({"conv2.kernels": torch.ones(8, dtype=torch.bool)}, "expected 'LAYER.channels'"),
+    "growth_masks": ({"fc0.kernels": torch.ones(16, dtype=torch.bool)}, "expected 'LAYER.channels'"),
     "grown_weights": ({"w": torch.ones(2, dtype=torch.int32)}, "must be floating point"),
     "filter_mask": ({"conv1": torch.ones(2, 2, dtype=torch.bool)}, "one 1-D boolean vector"),
 }

@@ -1,7 +1,7 @@
 """maskbank's trainer: task streams, continual-learning methods, metrics, and the loop that
 publishes each learned task into a registry. It imports registry, never serving."""
 
-from . import ewc, exssnet, heads, impresslearn, packnet, spg, supsup  # noqa: F401  (each registers its method)
+from . import cl_lsg, ewc, exssnet, heads, impresslearn, packnet, spg, supsup  # noqa: F401  (each registers its method)
 from .loop import TrainingError, TrainSettings, train
 from .methods import (
     Method,
