@@ -160,7 +160,7 @@ def gumbel_hard(scores: torch.Tensor, temperature: float, generator: torch.Gener
     sigmoid((scores + noise) / temperature) > 0.5, with that sigmoid's gradient (straight-through)."""
     u = torch.rand(scores.shape, generator=generator).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((scores + u.log() - (-u).log1p()) / temperature)
-    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())  # exactly 0 or 1 forward: the bracket is 0
 
 
 class GrowthMask(nn.Module):
