@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from registry import Manifest, Registry, TaskEntry
+from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
 from trainer import train
 
 # Small enough for 2 CPU cores, accurate enough (~95%) for task inference to be meaningful.
@@ -54,3 +55,42 @@ def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Ma
     )
     return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
                     backbones={"1": backbone}, tasks=entries)
+
+
+def task_logits(registry: Registry, task: int, x: torch.Tensor, model: str = "m", backbone: str | None = None) -> torch.Tensor:
+    """Task `task`'s logits computed from the registry alone, as a server computes them (over its own
+    backbone version, or over `backbone`)."""
+    manifest = registry.manifest(model)
+    entry = manifest.task(task)
+    parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
+    params = effective_parameters(entry.method, registry.load_backbone(manifest, backbone or entry.backbone), parts)
+    with torch.no_grad():
+        return forward(build_architecture(manifest.architecture), params, x)[:, : entry.num_classes]
+
+
+def check_served_while_appending(root, registry: Registry, model: str, x: np.ndarray, append, generation: int) -> None:
+    """Serve `root` with a real `maskbank serve`; record task 0's served logits on `x`; `append()` publishes
+    more tasks, up to `generation`; then task 0 must be served bit-identically and every task exactly
+    as `task_logits` computes it from the registry."""
+    import tritonclient.grpc as triton
+
+    from maskbank.process import ServerProcess
+
+    def served(task: int) -> np.ndarray:
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp], parameters={"task_id": task}).as_numpy("logits")
+
+    with ServerProcess(root, "--poll-interval", "0.2") as server:
+        client = triton.InferenceServerClient(server.url)
+        try:
+            wait_for(lambda: client.is_model_ready(model), what="the model to be ready")
+            before = served(0)
+            append()
+            wait_for(lambda: client.get_model_metadata(model).versions == [str(generation)],
+                     what=f"the server to load generation {generation}")
+            assert np.array_equal(served(0), before)
+            for task in range(len(registry.manifest(model).tasks)):
+                assert np.array_equal(served(task), task_logits(registry, task, torch.from_numpy(x), model=model).numpy())
+        finally:
+            client.close()

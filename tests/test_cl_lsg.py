@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters, forward
+from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters
 from registry.audit import audit
 from registry.codecs import sparse_delta
 from trainer import get_method, get_stream, train
 from trainer.cl_lsg import GrowthMask, gumbel_hard, network_layers, next_units, prune_dead
 
-from .conftest import cli, wait_for
+from .conftest import check_served_while_appending, cli, task_logits
 
 ARCH = {"arch": "mlp", "sizes": [64, 32, 32, 2]}
 FAST = {"epochs": 3, "grow_epochs": 3, "scratch_epochs": 3, "batch_size": 64}
@@ -42,16 +41,6 @@ def train_cl_lsg(root, tasks: int, model: str = "m", **config) -> Registry:
     train(registry, model, tasks, {"method": "cl-lsg", "stream": "split-digits", "architecture": ARCH,
                                    "method_config": {**FAST, **config}}, log=lambda _: None)
     return registry
-
-
-def task_logits(registry: Registry, task: int, x: torch.Tensor, model: str = "m", backbone: str | None = None) -> torch.Tensor:
-    """Task `task`'s logits computed from the registry alone, as a server computes them."""
-    manifest = registry.manifest(model)
-    entry = manifest.task(task)
-    parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
-    params = effective_parameters(entry.method, registry.load_backbone(manifest, backbone or entry.backbone), parts)
-    with torch.no_grad():
-        return forward(build_architecture(manifest.architecture), params, x)[:, : entry.num_classes]
 
 
 def growth_masks(registry: Registry, task: int, model: str = "m") -> dict[str, torch.Tensor]:
@@ -245,28 +234,7 @@ def test_errors_name_the_problem(tmp_path):
 
 @pytest.mark.slow
 def test_served_old_tasks_are_bit_exact_while_the_network_grows(tmp_path):
-    import tritonclient.grpc as triton
-
-    from maskbank.process import ServerProcess
-
     registry = train_cl_lsg(tmp_path, 1, model="lsg", target=2.0)
     x = get_stream("split-digits").task(0).x_test.numpy()
-
-    def served(task: int) -> np.ndarray:
-        inp = triton.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("lsg", [inp], parameters={"task_id": task}).as_numpy("logits")
-
-    with ServerProcess(tmp_path, "--poll-interval", "0.2") as server:
-        client = triton.InferenceServerClient(server.url)
-        try:
-            wait_for(lambda: client.is_model_ready("lsg"), what="the model to be ready")
-            before = served(0)
-            train(registry, "lsg", 3, {}, log=lambda _: None)  # two more tasks, each growing the network
-            wait_for(lambda: client.get_model_metadata("lsg").versions == ["3"], what="the server to load generation 3")
-            assert all(t.metrics["grew"] for t in registry.manifest("lsg").tasks)
-            assert np.array_equal(served(0), before)
-            for task in range(3):
-                assert np.array_equal(served(task), task_logits(registry, task, torch.from_numpy(x), model="lsg").numpy())
-        finally:
-            client.close()
+    check_served_while_appending(tmp_path, registry, "lsg", x, lambda: train(registry, "lsg", 3, {}, log=lambda _: None), 3)
+    assert all(t.metrics["grew"] for t in registry.manifest("lsg").tasks)  # each of the tasks grew the served network

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters, forward
+from registry import InvalidArtifact, MaskbankError, Registry, build_architecture, effective_parameters
 from registry.materialize_packnet import in_key, out_key
 from trainer import PublishedTask, TrainingContext, get_method, get_stream, train
 from trainer.loop import task_generator
@@ -28,7 +27,7 @@ from trainer.packnet import (
     squared_correlations,
 )
 
-from .conftest import wait_for
+from .conftest import check_served_while_appending, task_logits
 
 ARCH = {"arch": "mlp", "sizes": [64, 128, 128, 2]}
 FAST = {"epochs": 4, "finetune_epochs": 2, "batch_size": 64, "score_samples": 128}
@@ -54,16 +53,6 @@ def train_packnet(root, tasks: int, share: str = "all", model: str = "m", **conf
     registry = Registry(root)
     train(registry, model, tasks, settings(share, **config), log=lambda _: None)
     return registry
-
-
-def task_logits(registry: Registry, task: int, x: torch.Tensor, model: str = "m", backbone: str | None = None) -> torch.Tensor:
-    """Task `task`'s logits computed from the registry alone, as a server computes them."""
-    manifest = registry.manifest(model)
-    entry = manifest.task(task)
-    parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
-    params = effective_parameters(entry.method, registry.load_backbone(manifest, backbone or entry.backbone), parts)
-    with torch.no_grad():
-        return forward(build_architecture(manifest.architecture), params, x)[:, : entry.num_classes]
 
 
 def own_filters(registry: Registry, model: str = "m") -> dict[int, dict[str, torch.Tensor]]:
@@ -293,27 +282,6 @@ def test_conv_networks_prune_channels():
 
 @pytest.mark.slow
 def test_served_task_is_bit_exact_after_later_tasks_are_published(tmp_path):
-    import tritonclient.grpc as triton
-
-    from maskbank.process import ServerProcess
-
     registry = train_packnet(tmp_path, 1, "all", model="pack")
     x = get_stream("split-digits").task(0).x_test.numpy()
-
-    def served(task: int) -> np.ndarray:
-        inp = triton.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("pack", [inp], parameters={"task_id": task}).as_numpy("logits")
-
-    with ServerProcess(tmp_path, "--poll-interval", "0.2") as server:
-        client = triton.InferenceServerClient(server.url)
-        try:
-            wait_for(lambda: client.is_model_ready("pack"), what="the model to be ready")
-            before = served(0)
-            train(registry, "pack", 3, {}, log=lambda _: None)
-            wait_for(lambda: client.get_model_metadata("pack").versions == ["3"], what="the server to load generation 3")
-            assert np.array_equal(served(0), before)
-            for task in range(3):
-                assert np.array_equal(served(task), task_logits(registry, task, torch.from_numpy(x), model="pack").numpy())
-        finally:
-            client.close()
+    check_served_while_appending(tmp_path, registry, "pack", x, lambda: train(registry, "pack", 3, {}, log=lambda _: None), 3)
