@@ -37,8 +37,9 @@ and G = the units grown so far (the seed network before task 0):
 
 Everything a later task needs (F and G) is the union of the published tasks' growth masks; there
 is no training state. All randomness (holdout split, initialisations, batch order, Gumbel noise)
-comes from the task's generator. Metrics per task: `grew`, `reuse_accuracy`, `validation_accuracy`,
-`target`, `scratch_accuracy`, units grown per layer, kernels reused / newly kept, and
+comes from the task's generator. Metrics per task: `below_target` and `grew` (the growth phase ran:
+below the target with candidates left), `reuse_accuracy`, `validation_accuracy` (after growth, if
+any), `target`, `scratch_accuracy`, units grown per layer, kernels reused / newly kept, and
 `model_size`: the weights some task uses (the backbone's kept kernels plus every task's head
 entries) over the weights of one full-width network; `grown_size`: the same for the whole grown
 architecture (every kernel between grown units, kept or released).
@@ -109,7 +110,8 @@ def network_layers(module: nn.Module) -> list[str]:
     MaskbankError unless it is a chain of at least two bias-free Linear layers."""
     names = maskable_parameters(module)
     weights = [module.get_parameter(n) for n in names]
-    linear = isinstance(module, nn.Sequential) and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in module.children())
+    linear = isinstance(module, nn.Sequential) and all(
+        isinstance(m, nn.ReLU) or (isinstance(m, nn.Linear) and m.bias is None) for m in module.children())
     if not linear or len(names) < 2 or any(b.shape[1] != a.shape[0] for a, b in zip(weights, weights[1:])):
         raise MaskbankError(f"cl-lsg grows fully connected networks (mlp, lenet300-100: bias-free Linear layers with "
                             f"ReLU between them, at least one hidden layer); this architecture has "
@@ -256,7 +258,7 @@ class CLLSG(Method):
     def learn_task(self, module: nn.Module, task: TaskData, generator: torch.Generator, context: TrainingContext) -> TaskArtifact:
         cfg = self.config
         names = network_layers(module)
-        hidden, head = names[:-1], names[-1]
+        hidden = names[:-1]
         frozen, grown = _history(context.tasks, context.backbone, hidden)
         if not context.tasks:
             grown = {n: next_units(g, cfg.seed_fraction) for n, g in grown.items()}
@@ -273,18 +275,30 @@ class CLLSG(Method):
             self._make_available(masks, hidden, {n: grown[n] | candidates[n] for n in hidden}, candidates)
             self._train(module, masks, train_part, cfg.grow_epochs, generator, f"task {task.index} ({task.name}) grow")
             outcome = self._outcome(module, plain, masks, names, context.backbone, frozen, holdout, task)
-        new_units = {n: k.any(1) & (candidates[n] if grow else torch.zeros_like(grown[n])) for n, k in zip(hidden, outcome.kernels)}
-        channels = {n: new_units[n] | (grown[n] if not context.tasks else torch.zeros_like(grown[n])) for n in hidden}
+        new = candidates if grow else {n: torch.zeros_like(g) for n, g in grown.items()}
+        if not context.tasks:  # the seed network is task 0's growth
+            new = {n: new[n] | grown[n] for n in hidden}
+        decision = {"below_target": reuse_accuracy < target, "grew": grow, "reuse_accuracy": reuse_accuracy,
+                    "target": target, "target_source": "option" if cfg.target is not None else "scratch",
+                    "scratch_accuracy": scratch}
+        return self._artifact(context, names, frozen, grown, new, outcome, decision)
+
+    def _artifact(self, context: TrainingContext, names: list[str], frozen: Tensors, grown: Tensors, new: Tensors,
+                  outcome: _Outcome, decision: dict) -> TaskArtifact:
+        """The task's parts (kernels it keeps; units of `new` it keeps, as its grown channels), new
+        backbone, and metrics."""
+        hidden, head = names[:-1], names[-1]
+        channels = {n: k.any(1) & new[n] for n, k in zip(hidden, outcome.kernels)}
         growth_masks = {**{f"{layer_of(n)}.kernels": k for n, k in zip(hidden, outcome.kernels)},
                         **{f"{layer_of(n)}.channels": c for n, c in channels.items()}}
+        units = {n: grown[n] | channels[n] for n in hidden}
         metrics = {
-            "grew": grow, "reuse_accuracy": reuse_accuracy, "validation_accuracy": outcome.accuracy,
-            "target": target, "target_source": "option" if cfg.target is not None else "scratch", "scratch_accuracy": scratch,
+            **decision, "validation_accuracy": outcome.accuracy,
             "grown_units": {n: int(c.sum()) for n, c in channels.items()},
-            "units": {n: int((grown[n] | channels[n]).sum()) for n in hidden},
+            "units": {n: int(u.sum()) for n, u in units.items()},
             "reused_kernels": sum(int((k & frozen[n]).sum()) for n, k in zip(hidden, outcome.kernels)),
             "new_kernels": sum(int((k & ~frozen[n]).sum()) for n, k in zip(hidden, outcome.kernels)),
-            **self._sizes(context, outcome, hidden, head, {n: grown[n] | channels[n] for n in hidden}),
+            **self._sizes(context, outcome, hidden, head, units),
         }
         return TaskArtifact(parts={"growth_masks": growth_masks, "head": outcome.head}, metrics=metrics,
                             backbone=outcome.backbone)
