@@ -25,6 +25,7 @@ from .conftest import check_served_while_appending, cli, task_logits
 ARCH = {"arch": "mlp", "sizes": [64, 32, 32, 2]}
 FAST = {"epochs": 3, "grow_epochs": 3, "scratch_epochs": 3, "batch_size": 64}
 HIDDEN = ("fc0", "fc1")
+CNN = {"arch": "cnn", "input_shape": [1, 8, 8], "num_classes": 2, "width": 4}  # conv0: 4 channels, conv2: 8, fc: 8 x 2 x 2
 
 
 @pytest.fixture(autouse=True)
@@ -185,6 +186,31 @@ def test_appending_equals_training_at_once(tmp_path):
     assert any(t.metrics["grew"] for t in once.tasks) and not all(t.metrics["grew"] for t in once.tasks)
 
 
+def test_conv_networks_grow_channels_with_kernel_masks(tmp_path):
+    registry = Registry(tmp_path)
+    train(registry, "cnn", 1, {"method": "cl-lsg", "stream": "split-digits", "architecture": CNN,
+                               "method_config": {**FAST, "target": 2.0}}, log=lambda _: None)
+    x = get_stream("split-digits").task(0).x_test
+    before = task_logits(registry, 0, x, model="cnn")
+    train(registry, "cnn", 2, {}, log=lambda _: None)
+    manifest = registry.manifest("cnn")
+    assert torch.equal(task_logits(registry, 0, x, model="cnn", backbone="3"), before)
+    assert all(t.metrics["grew"] for t in manifest.tasks)
+    channels = [growth_masks(registry, t, model="cnn") for t in (0, 1)]
+    for layer in ("conv0", "conv2"):
+        assert not (channels[0][f"{layer}.channels"] & channels[1][f"{layer}.channels"]).any()
+        assert manifest.tasks[1].metrics["units"][f"{layer}.weight"] == int(
+            (channels[0][f"{layer}.channels"] | channels[1][f"{layer}.channels"]).sum())
+    masks = growth_masks(registry, 1, model="cnn")
+    assert masks["conv2.kernels"].shape == (8, 4) and masks["conv2.channels"].shape == (8,)
+    backbone = registry.load_backbone(manifest, "3")
+    kept = masks["conv2.kernels"] | growth_masks(registry, 0, model="cnn")["conv2.kernels"]
+    assert torch.equal((backbone["conv2.weight"] != 0).any(3).any(2), kept)  # whole 3x3 kernels, kept or not
+    head = registry.load(manifest.tasks[1].parts["head"])["fc.weight"]
+    used = masks["conv2.kernels"].any(1).repeat_interleave(4)  # each channel feeds 2 x 2 inputs of the head
+    assert not head[:, ~used].any() and head[:2, used].all()
+
+
 # ---------------------------------------------------------------- command line, audit and errors
 
 
@@ -211,8 +237,8 @@ def test_errors_name_the_problem(tmp_path):
         get_method("cl-lsg", seed_fraction=0)
     with pytest.raises(ValueError, match="target must be >= 0"):
         get_method("cl-lsg", target=-0.5)
-    with pytest.raises(MaskbankError, match="cl-lsg grows fully connected networks"):
-        network_layers(build_architecture({"arch": "cnn", "input_shape": [1, 8, 8], "num_classes": 2, "width": 4}))
+    with pytest.raises(MaskbankError, match="cl-lsg needs a plain chain of .* BatchNorm and residual blocks are not"):
+        network_layers(build_architecture({**CNN, "bn": "nonaffine"}))
     registry = Registry(tmp_path)
     backbone = {"fc0.weight": torch.ones(4, 3), "fc1.weight": torch.ones(2, 4)}
     with pytest.raises(InvalidArtifact, match=r"growth mask 'fc0.kernels' has shape \[3, 4\], expected \[4, 3\]"):

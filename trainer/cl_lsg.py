@@ -2,10 +2,12 @@
 
 Representation. The architecture spec is the *full-width* network, the capacity growth may use; the
 backbone holds every weight of it, zero (stored as -0.0, see `create_backbone`) where nothing has
-been kept yet. A *unit* is an output unit of a hidden Linear layer, a *kernel* one weight W[o, i]
-(kernel-wise masks over [out, in] pairs; for a convolution the kernel would be the [kh, kw] slice,
-and the materialiser already broadcasts so, but the trainer takes fully connected networks only:
-mlp, lenet300-100). The *seed network* is the first `seed_fraction` of each hidden layer's units.
+been kept yet. A *unit* is an output unit of a hidden layer (a channel of a convolution), a
+*kernel* the weights between two units: one weight W[o, i] of a Linear layer, the [kh, kw] slice
+W[o, i] of a Conv2d; masks are kernel-wise, over [out, in] pairs. Networks: plain chains of
+bias-free Linear / Conv2d layers with ReLU and pooling between them and a flatten only before the
+output layer (mlp, lenet300-100, cnn and vgg with bn 'none'). The *seed network* is the first
+`seed_fraction` of each hidden layer's units.
 
 Per task t, with F = the kernels some published task uses (frozen: their values never change again)
 and G = the units grown so far (the seed network before task 0):
@@ -29,8 +31,9 @@ and G = the units grown so far (the seed network before task 0):
    candidates and every other unit join the trainable set. Units whose grown mask ends at 0 are
    not grown.
 5. The task keeps the kernels its binary masks select, minus those of units that can no longer
-   matter (no incoming kernel, or no outgoing one): `growth_masks` 'LAYER.kernels'. Its newly grown
-   units are 'LAYER.channels' (the seed network's for task 0). The next backbone version is the
+   matter (no incoming kernel, or no outgoing one): `growth_masks` 'LAYER.kernels'. The grown or
+   seed units it keeps are its 'LAYER.channels' (seed units task 0 leaves unused are not grown:
+   a later task may grow them). The next backbone version is the
    previous one with only the kernels this task newly keeps written in, so it is stored as a sparse
    delta of exactly the weights the task added, and every kernel a published task reads is never
    written again: old tasks are bit-exact. Kernels trained but not kept stay zero (released).
@@ -61,10 +64,11 @@ from torch.nn.utils import parametrize
 
 from registry import effective_parameters, forward, maskable_parameters
 from registry.errors import MaskbankError
-from registry.materialize_cl_lsg import kernel_masked, layer_of
+from registry.materialize_cl_lsg import METHOD, kernel_masked, layer_of
 
 from .fit import fit
 from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, register_method
+from .packnet import filter_layers
 from .streams import TaskData
 
 Tensors = dict[str, torch.Tensor]
@@ -106,17 +110,18 @@ class CLLSGConfig:
 
 
 def network_layers(module: nn.Module) -> list[str]:
-    """The weight names of `module`'s layers in order (the last one is the head); raises
-    MaskbankError unless it is a chain of at least two bias-free Linear layers."""
-    names = maskable_parameters(module)
-    weights = [module.get_parameter(n) for n in names]
-    linear = isinstance(module, nn.Sequential) and all(
-        isinstance(m, nn.ReLU) or (isinstance(m, nn.Linear) and m.bias is None) for m in module.children())
-    if not linear or len(names) < 2 or any(b.shape[1] != a.shape[0] for a, b in zip(weights, weights[1:])):
-        raise MaskbankError(f"cl-lsg grows fully connected networks (mlp, lenet300-100: bias-free Linear layers with "
-                            f"ReLU between them, at least one hidden layer); this architecture has "
-                            f"{sorted({type(m).__name__ for m in module.children()})} with weights {names}")
-    return names
+    """The weight names of `module`'s layers in order (the last one is the head); raises MaskbankError
+    unless it is a chain of bias-free Linear / Conv2d layers whose only flatten is before the head."""
+    layers = filter_layers(module, METHOD)
+    if any(layer.repeat != 1 for layer in layers[:-1]):
+        raise MaskbankError(f"{METHOD} grows hidden layers unit by unit; only the output layer may follow a flatten, "
+                            f"got layers {[(layer.name, layer.repeat) for layer in layers]} (name, inputs per unit)")
+    return [layer.name for layer in layers]
+
+
+def per_kernel(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An [out, in] mask viewed so that it broadcasts over `weight`'s kernel dimensions."""
+    return mask.view(*mask.shape, *(1,) * (weight.dim() - 2))
 
 
 def _history(tasks: list[PublishedTask], backbone: Tensors, hidden: list[str]) -> tuple[Tensors, Tensors]:
@@ -189,9 +194,8 @@ class GrowthMask(nn.Module):
         selective = gumbel_hard(self.selective, self.temperature, self.generator) if self.training else \
             (self.selective > 0).to(weight.dtype)
         rows = torch.where(self.candidates, self._relaxed(self.grown), torch.ones_like(self.grown))
-        trainable = (self.available & ~self.frozen).to(weight.dtype)
-        released = kernel_masked(weight, trainable) * self._relaxed(self.attentive) * rows[:, None]
-        return torch.where(self.frozen, self.old * selective, released)
+        trainable = (self.available & ~self.frozen).to(weight.dtype) * self._relaxed(self.attentive) * rows[:, None]
+        return torch.where(per_kernel(self.frozen, weight), kernel_masked(self.old, selective), kernel_masked(weight, trainable))
 
     def penalty(self) -> torch.Tensor:
         """Sum of the relaxed attentive masks of the trainable kernels and grown masks of the candidates."""
@@ -245,7 +249,7 @@ class _Outcome:
 class CLLSG(Method):
     """Pick-and-reuse over frozen kernels, and learnable sparse growth below a target accuracy."""
 
-    name = "cl-lsg"
+    name = METHOD
     backbone_codec = "signed-constant/v1"  # version 1 is all zeros: one bit per weight
     Config = CLLSGConfig
 
@@ -276,8 +280,8 @@ class CLLSG(Method):
             self._train(module, masks, train_part, cfg.grow_epochs, generator, f"task {task.index} ({task.name}) grow")
             outcome = self._outcome(module, plain, masks, names, context.backbone, frozen, holdout, task)
         new = candidates if grow else {n: torch.zeros_like(g) for n, g in grown.items()}
-        if not context.tasks:  # the seed network is task 0's growth
-            new = {n: new[n] | grown[n] for n in hidden}
+        if not context.tasks:  # the seed network is task 0's growth; nothing is recorded as grown before it
+            new, grown = {n: new[n] | grown[n] for n in hidden}, {n: torch.zeros_like(g) for n, g in grown.items()}
         decision = {"below_target": reuse_accuracy < target, "grew": grow, "reuse_accuracy": reuse_accuracy,
                     "target": target, "target_source": "option" if cfg.target is not None else "scratch",
                     "scratch_accuracy": scratch}
@@ -323,18 +327,19 @@ class CLLSG(Method):
 
     def _attach(self, module: nn.Module, backbone: Tensors, frozen: Tensors, grown: Tensors,
                 generator: torch.Generator) -> dict[str, GrowthMask]:
-        """Fresh weights in `module` (He-normal over the grown inputs of each layer) and growth masks
-        on its hidden layers; the last layer is the task's fresh head."""
-        masks, fan_in = {}, None
+        """Fresh weights in `module` (He-normal over each layer's inputs from grown units) and growth
+        masks on its hidden layers; the last layer is the task's fresh head."""
+        masks, share = {}, 1.0  # share: the fraction of a layer's inputs that come from grown units
         for name in maskable_parameters(module):
             owner, attr = name.rsplit(".", 1)
             layer, weight = module.get_submodule(owner), module.get_parameter(name)
+            fan_in = max(1.0, weight[0].numel() * share)
             with torch.no_grad():
-                weight.copy_(torch.randn(weight.shape, generator=generator) * math.sqrt(2 / (fan_in or weight.shape[1])))
+                weight.copy_(torch.randn(weight.shape, generator=generator) * math.sqrt(2 / fan_in))
             if name in frozen:
                 masks[name] = GrowthMask(backbone[name], frozen[name], self.config, generator)
                 parametrize.register_parametrization(layer, attr, masks[name])
-                fan_in = max(1, int(grown[name].sum()))
+                share = float(grown[name].float().mean())
         return masks
 
     @staticmethod
@@ -367,10 +372,11 @@ class CLLSG(Method):
             for name, kept in zip(hidden, kernels):
                 owner, attr = name.rsplit(".", 1)
                 trained = module.get_submodule(owner).parametrizations[attr].original
-                new_backbone[name] = torch.where(kept & ~frozen[name], trained, backbone[name])
+                new_backbone[name] = torch.where(per_kernel(kept & ~frozen[name], trained), trained, backbone[name])
             head_weight = module.get_parameter(head).detach().clone()
             head_weight[task.num_classes:] = 0.0  # rows of classes the task does not have
-            head_weight[:, ~kernels[-1].any(1)] = 0.0  # columns of units the task does not use
+            unused = ~kernels[-1].any(1)  # units of the last hidden layer the task does not use: their columns
+            head_weight[:, unused.repeat_interleave(head_weight.shape[1] // len(unused))] = 0.0
         parts = {"growth_masks": {f"{layer_of(n)}.kernels": k for n, k in zip(hidden, kernels)}, "head": {head: head_weight}}
         params = effective_parameters(self.name, new_backbone, parts)
         return _Outcome(kernels, new_backbone, {head: head_weight}, _accuracy(plain, params, *holdout, task.num_classes))
@@ -379,14 +385,13 @@ class CLLSG(Method):
         """model_size (weights some task uses) and grown_size (the grown architecture) over one full-width network."""
         full = sum(t.numel() for t in context.backbone.values())
         heads = [t.parts["head"][head] for t in context.tasks] + [outcome.head[head]]
-        used_heads = sum(int((h != 0).sum()) for h in heads)
-        kept = sum(int((outcome.backbone[n] != 0).sum()) for n in hidden)
-        inputs, architecture = context.backbone[hidden[0]].shape[1], 0
+        kept = sum(int((outcome.backbone[n] != 0).sum()) for n in hidden) + sum(int((h != 0).sum()) for h in heads)
+        architecture, share = 0.0, 1.0  # share: the fraction of a layer's inputs that come from grown units
         for name in hidden:
-            architecture += int(units[name].sum()) * inputs
-            inputs = int(units[name].sum())
-        architecture += sum(int(h.any(1).sum()) for h in heads) * inputs
-        return {"model_size": (kept + used_heads) / full, "grown_size": architecture / full}
+            architecture += int(units[name].sum()) * context.backbone[name][0].numel() * share
+            share = float(units[name].float().mean())
+        architecture += sum(int(h.any(1).sum()) for h in heads) * context.backbone[head][0].numel() * share
+        return {"model_size": kept / full, "grown_size": architecture / full}
 
 
 def _accuracy(module: nn.Module, params: Tensors, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:

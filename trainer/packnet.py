@@ -109,8 +109,9 @@ class FilterLayer:
 _PASSIVE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity)
 
 
-def filter_layers(module: nn.Module) -> list[FilterLayer]:
-    """The masked layers of `module` in forward order; raises MaskbankError for what packnet-share cannot mask."""
+def filter_layers(module: nn.Module, method: str = "packnet-share") -> list[FilterLayer]:
+    """The masked layers of `module` in forward order; raises MaskbankError (naming `method`) for what
+    cannot be masked filter by filter."""
     found: list[tuple[str, nn.Module]] = []
     relu: set[int] = set()
     if isinstance(module, nn.Sequential):
@@ -125,7 +126,7 @@ def filter_layers(module: nn.Module) -> list[FilterLayer]:
     if not found or [name for name, _ in found] != maskable_parameters(module) or len(found) < 2:
         kinds = sorted({type(m).__name__ for m in module.modules()} - {type(module).__name__})
         raise MaskbankError(
-            "packnet-share needs a plain chain of at least two bias-free Linear/Conv2d layers with only ReLU, "
+            f"{method} needs a plain chain of at least two bias-free Linear/Conv2d layers with only ReLU, "
             f"pooling and flatten between them (mlp, lenet300-100, cnn or vgg with bn 'none'); this architecture "
             f"has {kinds}. BatchNorm and residual blocks are not supported")
     layers = []
@@ -134,7 +135,7 @@ def filter_layers(module: nn.Module) -> list[FilterLayer]:
         if i:
             fan_in, previous = layer.weight.shape[1], found[i - 1][1].weight.shape[0]
             if fan_in % previous:
-                raise MaskbankError(f"packnet-share: '{name}' takes {fan_in} inputs, not a multiple of the "
+                raise MaskbankError(f"{method}: '{name}' takes {fan_in} inputs, not a multiple of the "
                                     f"{previous} filters of the layer before it")
             repeat = fan_in // previous
         layers.append(FilterLayer(name, layer, repeat, i in relu))
