@@ -15,6 +15,9 @@ Spec keys (defaults in DEFAULTS):
       probe_interval seconds; NOT_FOUND is the expected answer until the task is served; the first
       success time (time.monotonic(), comparable across processes) is recorded, and the task joins
       the pool GG requests pick from.
+  probe_until: with probe_from, a count N: the phase runs for at least `seconds` and then on
+      (up to MAX_SECONDS) until the probe has found N tasks, so a slow publisher (a busy machine)
+      shortens nothing that a test asserts about.
 
   check: compare every answer's logits with the reference of the task that answered it (GG: the
       task asked for; GN: the task the response names): `references` {task id: logits} when given,
@@ -48,6 +51,7 @@ DEFAULTS = {
     "url": None, "model": "bench", "clients": 4, "batch": 32, "features": 64, "classes": 10,
     "seconds": 3.0, "warmup_seconds": 0.3, "max_requests": 200_000, "client": "raw",
     "tasks": [0], "gn_share": 0.0, "gn_mode": "exhaustive", "probe_from": None, "probe_interval": 0.01,
+    "probe_until": None,
     "seed": 0, "parameters": True, "check": False, "references": None,
 }
 MAX_SECONDS = 120.0  # no single phase may run longer than this, whatever the spec says
@@ -234,10 +238,10 @@ def run_phase(spec: dict) -> dict:
         mine: list[float] = []
         try:
             ready.wait()
-            warm, end = times["warm"], times["end"]
+            warm = times["warm"]
             while True:
                 began = time.monotonic()
-                if began >= end:
+                if began >= times["end"]:  # read each time: the probe may move it (probe_until)
                     break
                 with lock:
                     if counts["started"] >= spec["max_requests"]:
@@ -285,6 +289,9 @@ def run_phase(spec: dict) -> dict:
                 with pool.lock:
                     pool.tasks.append(task)
                 task += 1
+                if spec["probe_until"] is not None and len(discovered) >= spec["probe_until"]:
+                    times["end"] = max(times["nominal_end"], time.monotonic())
+                    break
         finally:
             close()
 
@@ -294,10 +301,13 @@ def run_phase(spec: dict) -> dict:
     for thread in threads:
         thread.start()
     now = time.monotonic()
-    times.update(start=now, warm=now + spec["warmup_seconds"], end=now + spec["warmup_seconds"] + seconds)
+    nominal_end = now + spec["warmup_seconds"] + seconds
+    until = probing and spec["probe_until"] is not None
+    times.update(start=now, warm=now + spec["warmup_seconds"], nominal_end=nominal_end,
+                 end=now + spec["warmup_seconds"] + MAX_SECONDS if until else nominal_end)
     ready.wait()
     for thread in threads:
-        thread.join(seconds + spec["warmup_seconds"] + 60)
+        thread.join(max(0.0, times["end"] - time.monotonic()) + 60)
     window = max(times.get("last", times["end"]) - times["warm"], 1e-9)
     latencies.sort()
 
