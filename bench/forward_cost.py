@@ -1,6 +1,7 @@
 """Where a served forward pass spends its time, in-process (no gRPC): a plain module holding the
 task's effective weights, torch.func.functional_call, registry.forward (eval switch + BatchNorm
-counters + functional_call), and Snapshot.logits (plus the effective-weight cache lookup).
+counters + functional_call), Snapshot.forward (serving's BoundModule: slots found once) and
+Snapshot.logits (Snapshot.forward plus the effective-weight cache lookup).
 
 One SupSup task on MLP 64-512-512-10 (1 epoch: the weights' values do not matter here), batch 1
 and 32, torch.set_num_threads(1); each measurement is a loop of calls, alternated A B C D and
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from registry import Registry, forward
+from registry import Registry, build_architecture, forward
 from serving import ModelRepository
 from trainer import train
 
@@ -38,7 +39,7 @@ def measure(repository: ModelRepository, batch: int) -> dict[str, dict[str, floa
     snapshot = repository.get("m")
     task = snapshot.task(0)
     params = snapshot.parameters(task)
-    module = snapshot.module
+    module = build_architecture(snapshot.manifest.architecture).eval()
     plain = copy.deepcopy(module)
     plain.load_state_dict(dict(params))
     x = torch.rand(batch, 64, generator=torch.Generator().manual_seed(0))
@@ -46,6 +47,7 @@ def measure(repository: ModelRepository, batch: int) -> dict[str, dict[str, floa
         "plain module": lambda: plain(x),
         "functional_call": lambda: torch.func.functional_call(module, params, (x,)),
         "registry.forward": lambda: forward(module, params, x),
+        "Snapshot.forward": lambda: snapshot.forward(params, x),
         "Snapshot.logits": lambda: snapshot.logits(task, x),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -120,6 +120,9 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
                    help="how long the dynamic batcher lets the first request of a batch wait for others to join, in "
                    f"microseconds (default {d.max_queue_delay_us}: requests still merge while an execution runs)")
+    p.add_argument("--instances", type=int, default=d.instances,
+                   help="batches of one task that may run at once, like Triton's instance count; requests beyond "
+                   f"them queue and are merged into the next batch (default {d.instances})")
     p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
     p.add_argument("--threads", type=int, help="intra-op threads for inference (torch's, and ONNX Runtime's)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
@@ -243,6 +246,7 @@ def _serve(args) -> None:
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
             torch_threads=args.threads, backend=args.backend, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
+            instances=args.instances,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

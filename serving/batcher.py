@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent requests for the same (snapshot, task) run as one forward pass.
 
 Like Triton's dynamic batcher, with two knobs: `max_batch_size` (rows in one execution) and
-`max_queue_delay` (how long the first request of a batch waits for others to join). It needs no
+`max_queue_delay` (how long the first request of a batch waits for others to join); and, like
+Triton's instance count, `instances`: how many batches of one key may run at once (on a
+multi-core CPU one execution at a time leaves cores idle while requests queue). It needs no
 thread of its own: the first request of a batch leads it: waits up to the delay, takes the
 queued requests (up to max_batch_size rows), runs them, hands each its rows, then passes the
-lead to the next queued request, if any. With a delay of 0 requests still merge whenever they
+lead to the oldest request still queued, if any. With a delay of 0 requests still merge whenever they
 queue up behind a running execution.
 
 Note: merging rows into one matrix product can change the last bits of a row's logits (the
@@ -28,80 +30,98 @@ from .statistics import Statistics
 class _Pending:
     x: torch.Tensor
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # only a request that waits gets one
     lead: bool = False  # set when this request is handed the lead of the next batch
     result: torch.Tensor | None = None
     error: BaseException | None = None
 
 
 class DynamicBatcher:
-    def __init__(self, statistics: Statistics, max_batch_size: int = 1024, max_queue_delay_us: int = 0):
+    def __init__(self, statistics: Statistics, max_batch_size: int = 1024, max_queue_delay_us: int = 0,
+                 instances: int = 1):
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
         self.statistics = statistics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
-        self._queues: dict[Hashable, list[_Pending]] = {}
-        self._led: set[Hashable] = set()  # keys whose queue has a leader
+        self.instances = instances
+        # key -> [batches of that key running now, the requests waiting for one to finish]; a key
+        # is present exactly while at least one batch of it runs.
+        self._keys: dict[Hashable, tuple[list[int], list[_Pending]]] = {}
         self._cond = threading.Condition()
 
     def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`."""
+        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`.
+
+        A request that finds fewer than `instances` batches of its key running leads one at once
+        (no Event, no hand-off: the uncontended path costs two lock round trips); the others queue
+        and wait."""
         item = _Pending(x)
         with self._cond:
-            self._queues.setdefault(key, []).append(item)
-            leads = key not in self._led
+            running, queue = self._keys.setdefault(key, ([0], []))
+            leads = running[0] < self.instances
             if leads:
-                self._led.add(key)
-            self._cond.notify_all()
-        while True:
-            if leads or item.lead:
-                self._lead_one_batch(model, key, compute, wait=leads)
-                leads = False
+                running[0] += 1
+            else:
+                item.done = threading.Event()
+                queue.append(item)
+                if self.max_queue_delay_s:
+                    self._cond.notify_all()  # a leader may be waiting for company
+        if leads:
+            self._lead_one_batch(model, key, item, compute, wait=True)
+        else:
             item.done.wait()
-            if item.lead and item.result is None and item.error is None:
-                continue  # handed the lead before its own rows ran
-            break
+            if item.lead:  # handed the lead before its own rows ran
+                self._lead_one_batch(model, key, item, compute, wait=False)
         if item.error is not None:
             raise item.error
         return item.result
 
-    def _lead_one_batch(self, model: str, key: Hashable, compute, wait: bool) -> None:
-        deadline = time.monotonic() + (self.max_queue_delay_s if wait else 0.0)
+    def _lead_one_batch(self, model: str, key: Hashable, leader: _Pending, compute, wait: bool) -> None:
+        """Run `leader` with the requests queued behind it (after waiting up to the delay for more
+        when `wait`), hand each its rows, then pass the lead to the oldest request still queued."""
         with self._cond:
-            while self._rows(key) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
-                self._cond.wait(remaining)
-            batch = self._take(key)
+            if wait and self.max_queue_delay_s:
+                deadline = time.monotonic() + self.max_queue_delay_s
+                while self._rows(leader, key) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+                    self._cond.wait(remaining)
+            batch = self._take(leader, key)
         started = time.perf_counter_ns()
         try:
-            outputs = compute(torch.cat([p.x for p in batch])) if len(batch) > 1 else compute(batch[0].x)
-            for pending, rows in zip(batch, outputs.split([len(p.x) for p in batch])):
-                pending.result = rows
+            if len(batch) == 1:
+                leader.result = compute(leader.x)
+            else:
+                outputs = compute(torch.cat([p.x for p in batch]))
+                for pending, rows in zip(batch, outputs.split([p.x.shape[0] for p in batch])):
+                    pending.result = rows
         except BaseException as error:  # every request of the batch gets the error
             for pending in batch:
                 pending.error = error
         finished = time.perf_counter_ns()
         queue_ns = sum(started - p.enqueued_ns for p in batch)
-        self.statistics.execution(model, sum(len(p.x) for p in batch), len(batch), queue_ns, (finished - started) * len(batch))
+        rows = sum(p.x.shape[0] for p in batch)
+        self.statistics.execution(model, rows, len(batch), queue_ns, (finished - started) * len(batch))
         with self._cond:
-            waiting = self._queues.get(key)
+            running, waiting = self._keys[key]
             if waiting:
-                waiting[0].lead = True  # the next batch is led by the oldest waiting request
-                waiting[0].done.set()
+                successor = waiting.pop(0)  # the next batch is led by the oldest waiting request
+                successor.lead = True
+                successor.done.set()
+            elif running[0] == 1:
+                del self._keys[key]
             else:
-                self._queues.pop(key, None)
-                self._led.discard(key)
-        for pending in batch:
+                running[0] -= 1
+        for pending in batch[1:]:
             pending.done.set()
 
-    def _rows(self, key: Hashable) -> int:
-        return sum(len(p.x) for p in self._queues.get(key, []))
+    def _rows(self, leader: _Pending, key: Hashable) -> int:
+        return leader.x.shape[0] + sum(p.x.shape[0] for p in self._keys[key][1])
 
-    def _take(self, key: Hashable) -> list[_Pending]:
-        """Queued requests up to max_batch_size rows (at least one), oldest first."""
-        queue, batch, rows = self._queues[key], [], 0
-        while queue and (not batch or rows + len(queue[0].x) <= self.max_batch_size):
+    def _take(self, leader: _Pending, key: Hashable) -> list[_Pending]:
+        """The leader and the queued requests after it, up to max_batch_size rows, oldest first."""
+        queue, batch, rows = self._keys[key][1], [leader], leader.x.shape[0]
+        while queue and rows + queue[0].x.shape[0] <= self.max_batch_size:
             item = queue.pop(0)
-            item.lead = False
-            item.done.clear()
             batch.append(item)
-            rows += len(item.x)
+            rows += item.x.shape[0]
         return batch

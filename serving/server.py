@@ -52,6 +52,7 @@ class ServerConfig:
     backend: str = "pytorch"  # what runs forwards: pytorch or onnxruntime (gradient-based GN always runs on pytorch)
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
+    instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
@@ -73,6 +74,8 @@ class ServerConfig:
         if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"--max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES} (2 GiB - 1, gRPC's "
                              f"limit), got {self.max_message_bytes}")
+        if self.instances < 1:
+            raise ValueError(f"--instances must be at least 1, got {self.instances}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
         if self.tls:
@@ -109,6 +112,7 @@ class InferenceServer:
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
+            instances=config.instances,
         )
         self.health = health.HealthServicer()
         self._credentials = None

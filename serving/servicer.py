@@ -23,7 +23,7 @@ from .runtime import InferenceResult, infer
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, instances: int = 1):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -33,7 +33,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.default_shortlist = default_shortlist
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
-        self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us)
+        self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -92,7 +92,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         methods = sorted({t.method for t in snapshot.manifest.tasks})
         for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
-                           ("generation", str(snapshot.generation)), ("default_task_inference", self.default_mode)):
+                           ("generation", str(snapshot.generation)), ("default_task_inference", self.default_mode),
+                           ("instances", str(self.batcher.instances))):
             config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
 

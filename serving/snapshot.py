@@ -12,6 +12,7 @@ import copy
 import logging
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import torch
@@ -23,13 +24,13 @@ from registry import (
     TaskEntry,
     build_architecture,
     effective_parameters,
-    forward,
     head_input,
     head_name,
     materialization,
     served_backbone,
 )
 
+from .bound import BoundModule
 from .cache import LRUCache
 
 log = logging.getLogger("maskbank.serving")
@@ -44,7 +45,7 @@ class LoadedTask:
     parts: Mapping[str, Tensors] | None
     error: MaskbankError | None = None
 
-    @property
+    @cached_property  # on the request path: computed once per task
     def key(self) -> tuple:
         return (self.entry.backbone, *sorted((n, r.digest) for n, r in self.entry.parts.items()))
 
@@ -66,12 +67,20 @@ class Snapshot:
 
     @property
     def module(self) -> torch.nn.Module:
-        """This thread's copy of the architecture. functional_call swaps a task's weights into
-        the module for the length of a forward pass, so threads must never share one."""
+        """This thread's copy of the architecture with its own weights, for functional_call (a call
+        swaps a task's weights into the module for its length, so threads must never share one)."""
         module = getattr(self._per_thread, "module", None)
         if module is None:
             module = self._per_thread.module = copy.deepcopy(self._template)
         return module
+
+    def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+        """The architecture's output for `x` under `params`, on this thread's own copy of the module
+        (a forward fills the copy's slots with one task's tensors, so threads must never share one)."""
+        bound = getattr(self._per_thread, "bound", None)
+        if bound is None:
+            bound = self._per_thread.bound = BoundModule(self._template)
+        return bound(params, x)
 
     @property
     def model(self) -> str:
@@ -133,7 +142,7 @@ class Snapshot:
     def logits(self, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
         """[N, classes of the task] logits of `x` under `task`."""
         with torch.no_grad():
-            return forward(self.module, self.parameters(task), x)[:, : task.entry.num_classes]
+            return self.forward(self.parameters(task), x)[:, : task.entry.num_classes]
 
     def logits_of(self, tasks: list[LoadedTask], x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each task's logits of `x`, by task id. Tasks that differ from their backbone only in the

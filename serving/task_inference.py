@@ -23,7 +23,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from registry import forward
 from registry.errors import unknown
 
 from .errors import InvalidRequest
@@ -116,7 +115,7 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     alpha = torch.full((len(rows),), 1.0 / len(rows), requires_grad=True)
     with torch.enable_grad():
         params = {n: w * torch.tensordot(alpha, stack[n][rows], dims=1) for n, w in backbone.items()}
-        entropy = mean_entropy(forward(snapshot.module, params, x)[:, :classes])
+        entropy = mean_entropy(snapshot.forward(params, x)[:, :classes])
         (gradient,) = torch.autograd.grad(entropy, alpha)
     return dict(zip(candidates, gradient.tolist()))
 

@@ -112,3 +112,24 @@ def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path):
         answers = list(pool.map(lambda i: (i % 2, infer(repository, "m", x, task=i % 2).logits), range(400)))
     wrong = sum(not np.array_equal(logits, expected[task]) for task, logits in answers)
     assert wrong == 0
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_how_many_batches_of_one_key_run_at_once(instances):
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def compute(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return x
+
+    batcher = DynamicBatcher(Statistics(), max_batch_size=1, instances=instances)  # batches of one request
+    inputs = [torch.full((1, 1), float(i)) for i in range(6)]
+    results = run_concurrently(batcher, inputs, compute)
+    assert all(torch.equal(r, x) for r, x in zip(results, inputs))
+    assert most[0] == instances
