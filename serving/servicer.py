@@ -172,5 +172,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         oip.set_parameter(response.parameters, "task_inference", result.mode)
         oip.set_parameter(response.parameters, "backend", result.backend)
         if result.scores is not None:
+            oip.set_parameter(response.parameters, "task_score", float(result.scores[result.task.entry.id]))
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response, result

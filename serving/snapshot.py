@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from registry import (
     Manifest,
@@ -63,6 +64,7 @@ class Snapshot:
         self.tasks = tasks
         self._cache = cache
         self._mask_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
+        self._alpha_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -175,6 +177,37 @@ class Snapshot:
                 stack = {n: torch.stack([t.parts["masks"][n].to(torch.float32) for t in tasks]) for n in names}
                 self._mask_stack = ([t.entry.id for t in tasks], stack)
             return self._mask_stack
+
+    def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """(task ids, per layer a float [T, B] stack of their alpha over the model's B basis masks),
+        for basis task inference. A task published while the basis was smaller combines only the
+        first masks (registry/materialize_impresslearn.py), so its alpha is zero-padded to B."""
+        with self._lock:
+            if self._alpha_stack is None:
+                basis = self.shared.get("basis_masks", {})
+                tasks = [t for t in self.healthy_tasks() if "alpha" in (t.parts or {})]
+                stack = {name: torch.stack([F.pad(t.parts["alpha"][name].to(torch.float32),
+                                                  (0, masks.shape[0] - t.parts["alpha"][name].numel())) for t in tasks])
+                         for name, masks in basis.items()} if tasks else {}
+                self._alpha_stack = ([t.entry.id for t in tasks], stack)
+            return self._alpha_stack
+
+    def basis_parameters(self, method: str, backbone: str, index: int) -> Tensors:
+        """The effective parameters of basis mask `index` alone (a one-hot alpha, materialised by
+        `method` on `backbone`): the basis-GN candidates. From the byte-bounded LRU cache."""
+
+        def build():
+            alpha = {name: F.one_hot(torch.tensor(index), masks.shape[0]).to(torch.float32)
+                     for name, masks in self.shared["basis_masks"].items()}
+            params = effective_parameters(method, self.backbones[backbone], {"alpha": alpha}, self.shared)
+            return params, _nbytes(params)
+
+        key = (self.model, "basis", self.manifest.shared["basis_masks"].digest, method, backbone, index)
+        return self._cache.get_or_create(key, build)
+
+
+def _nbytes(params: Tensors) -> int:
+    return sum(p.numel() * p.element_size() for p in params.values())
 
 
 def _load_task(registry: Registry, entry: TaskEntry) -> LoadedTask:

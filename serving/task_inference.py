@@ -7,6 +7,8 @@
   output entropy with respect to alpha, and pick the task whose alpha lowers it fastest
   (the most negative gradient). Needs mask-based tasks of one backbone.
 * `binary` (SupSup's multi-shot): halve the candidates by that gradient, about log2(T) rounds.
+* `alpha` (ImpressLearn basis-GN): the lowest-entropy basis mask (one forward per basis mask),
+  then the task whose alpha is nearest to it. Needs ImpressLearn tasks over a shared basis.
 
 On small networks the gradient rule is biased toward some tasks (measured: 81% of batches right
 on 5 permuted-digits tasks, against 100% for exhaustive; binary 94%). A `shortlist` of k > 1
@@ -22,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from registry.errors import unknown
 
@@ -75,6 +78,8 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
     if not snapshot.healthy_tasks():
         raise InvalidRequest(f"model '{snapshot.model}' has no task in service to infer from")
     logits_of = logits_of or snapshot.logits_of
+    if mode in _REQUIREMENTS:
+        _require(mode, snapshot)
     if mode == "exhaustive":
         return _MODES[mode](snapshot, x, logits_of)
     return _MODES[mode](snapshot, x, logits_of, shortlist)
@@ -95,16 +100,51 @@ def exhaustive(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf) -> Task
     return TaskChoice(snapshot.tasks[best], "exhaustive", scores, outputs[best])
 
 
+def _superposition_problem(snapshot: Snapshot) -> str | None:
+    """Why the superposition modes (oneshot, binary) cannot run on `snapshot`, or None."""
+    ids, _ = snapshot.mask_stack()
+    if not ids or len(ids) != len(snapshot.healthy_tasks()) or len(_backbones(snapshot)) != 1:
+        return "needs mask-based tasks (SupSup, ExSSNeT) on one backbone"
+    return None
+
+
+def _basis_problem(snapshot: Snapshot) -> str | None:
+    """Why basis task inference (alpha) cannot run on `snapshot`, or None."""
+    ids, _ = snapshot.alpha_stack()
+    if not ids or len(ids) != len(snapshot.healthy_tasks()) or len(_backbones(snapshot)) != 1:
+        return "needs ImpressLearn tasks (alpha over shared basis masks) on one backbone"
+    return None
+
+
+_REQUIREMENTS: dict[str, Callable[[Snapshot], str | None]] = {
+    "oneshot": _superposition_problem, "binary": _superposition_problem, "alpha": _basis_problem,
+}
+
+
+def usable_modes(snapshot: Snapshot) -> list[str]:
+    """The task-inference modes that can run on this model (exhaustive always can)."""
+    return [m for m in mode_names() if m not in _REQUIREMENTS or _REQUIREMENTS[m](snapshot) is None]
+
+
+def _require(mode: str, snapshot: Snapshot) -> None:
+    """InvalidRequest naming the modes that work, unless `mode` can run on `snapshot`."""
+    problem = _REQUIREMENTS[mode](snapshot)
+    if problem is not None:
+        methods = ", ".join(sorted({t.entry.method for t in snapshot.healthy_tasks()}))
+        usable = [f"'{m}'" for m in usable_modes(snapshot)]
+        choices = f"{', '.join(usable[:-1])} or {usable[-1]}" if len(usable) > 1 else usable[0]
+        raise InvalidRequest(f"task_inference '{mode}' {problem}; model '{snapshot.model}' has {methods} tasks: "
+                             f"use {choices}")
+
+
+def _backbones(snapshot: Snapshot) -> set[str]:
+    return {t.entry.backbone for t in snapshot.healthy_tasks()}
+
+
 def _superposition(snapshot: Snapshot) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(task ids, stacked masks, backbone) for the superposition modes, or InvalidRequest."""
+    """(task ids, stacked masks, backbone) for the superposition modes (infer_task checked they apply)."""
     ids, stack = snapshot.mask_stack()
-    backbones = {t.entry.backbone for t in snapshot.healthy_tasks()}
-    if not ids or len(ids) != len(snapshot.healthy_tasks()) or len(backbones) != 1:
-        raise InvalidRequest(
-            f"this task_inference mode needs mask-based tasks on one backbone; model '{snapshot.model}' "
-            "does not have them: use 'exhaustive'"
-        )
-    return ids, stack, snapshot.backbones[backbones.pop()]
+    return ids, stack, snapshot.backbones[_backbones(snapshot).pop()]
 
 
 def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
@@ -155,3 +195,26 @@ def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: 
         candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
     return _shortlisted(snapshot, x, logits_of, sorted(candidates, key=lambda i: (scores.get(i, 0.0), i)), "binary",
                         scores, shortlist)
+
+
+@register_mode("alpha")
+def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
+    """ImpressLearn basis-GN: the alpha over the B basis masks that makes the network most confident
+    on the batch, then the tasks ranked by how far their alpha is from it.
+
+    The lowest-entropy alpha is searched at the simplex's vertices, one forward pass per basis
+    mask (B of them, however many tasks): gradient descent from uniform alpha was measured to stop
+    at mixed masks (bench/gn_basis.py). Scores: the squared distance, summed over layers, between a
+    task's alpha and the chosen mask's one-hot alpha (lower wins; 0 for the task that owns it).
+    """
+    ids, stack = snapshot.alpha_stack()
+    first = snapshot.tasks[ids[0]].entry
+    classes = max(snapshot.tasks[i].entry.num_classes for i in ids)
+    size = next(iter(stack.values())).shape[1]
+    with torch.no_grad():
+        entropy = [float(mean_entropy(snapshot.forward(snapshot.basis_parameters(first.method, first.backbone, b), x)[:, :classes]))
+                   for b in range(size)]
+    target = F.one_hot(torch.tensor(min(range(size), key=lambda b: (entropy[b], b))), size).to(torch.float32)
+    distance = sum(((layer - target) ** 2).sum(dim=1) for layer in stack.values())
+    scores = dict(zip(ids, distance.tolist()))
+    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "alpha", scores, shortlist)

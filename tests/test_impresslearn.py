@@ -219,3 +219,31 @@ def test_server_serves_tasks_bit_exact_while_the_basis_grows_and_infers_tasks(tm
             assert sorted(scores) == ["0", "1", "2", "3"] and chosen == min(range(4), key=lambda i: scores[str(i)])
             assert np.array_equal(result.as_numpy("logits"), in_process_logits(registry, chosen, x[task][:16]))
         client.close()
+
+
+@pytest.mark.slow
+def test_alpha_task_inference_per_request_and_as_the_server_default(tmp_path):
+    """Basis-GN through a real server: `task_inference=alpha` per request and `--task-inference alpha`
+    as the default; the response names the task, its score and every task's score, and carries
+    that task's own logits."""
+    import tritonclient.grpc as triton
+
+    registry = train_il(tmp_path, 3)  # tasks 0 and 1 each add a basis mask; task 2 is alpha over both
+    stream = get_stream("permuted-digits")
+    with ServerProcess(tmp_path, "--task-inference", "alpha") as server:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready("m"), what="the model to be ready")
+        for task in (0, 1):  # a basis task's own data: its mask is the most confident one
+            x = stream.task(task).x_test.numpy()[:32]
+            for parameters in ({"task_inference": "alpha"}, {}):
+                result = logits(client, x, **parameters)
+                response = result.get_response().parameters
+                scores = json.loads(response["task_scores"].string_param)
+                chosen = int(result.as_numpy("task_id")[0])
+                assert (chosen, response["task_inference"].string_param) == (task, "alpha")
+                assert sorted(scores) == ["0", "1", "2"] and response["task_score"].double_param == scores[str(task)] == 0.0
+                assert np.array_equal(result.as_numpy("logits"), in_process_logits(registry, task, x))
+        with pytest.raises(triton.InferenceServerException, match="task_inference 'oneshot' needs mask-based tasks .*"
+                           "model 'm' has impresslearn tasks: use 'alpha' or 'exhaustive'"):
+            logits(client, stream.task(0).x_test.numpy()[:4], task_inference="oneshot")
+        client.close()
