@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -158,20 +159,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
             shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
         )
+        entry = result.task.entry
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id
         )
-        values = {
-            "logits": ("FP32", result.logits),
-            "task_id": ("INT64", np.full(len(result.logits), result.task.entry.id, dtype=np.int64)),
-        }
+        response.MergeFrom(_task_parameters(entry.id, entry.name, result.mode, result.backend))
         for name in outputs:
-            oip.add_raw_output(response, name, *values[name])
-        oip.set_parameter(response.parameters, "task_id", result.task.entry.id)
-        oip.set_parameter(response.parameters, "task", result.task.entry.name)
-        oip.set_parameter(response.parameters, "task_inference", result.mode)
-        oip.set_parameter(response.parameters, "backend", result.backend)
+            if name == "logits":
+                oip.add_raw_output(response, name, "FP32", result.logits)
+            else:
+                oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))
         if result.scores is not None:
-            oip.set_parameter(response.parameters, "task_score", float(result.scores[result.task.entry.id]))
+            oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response, result
+
+
+@functools.lru_cache(maxsize=4096)
+def _task_parameters(task_id: int, name: str, mode: str, backend: str) -> pb.ModelInferResponse:
+    """A response holding only the parameters `task_id`, `task`, `task_inference` and `backend`, built
+    once per task, mode and backend and merged into each answer (building the map entry by entry costs more)."""
+    response = pb.ModelInferResponse()
+    for key, value in (("task_id", task_id), ("task", name), ("task_inference", mode), ("backend", backend)):
+        oip.set_parameter(response.parameters, key, value)
+    return response

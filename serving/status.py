@@ -52,32 +52,43 @@ def abort_with_status(method: str, error: Exception, context) -> None:
 
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Wraps every handler (unary and server-streaming responses alike) so that errors leave as
-    proper gRPC statuses."""
+    proper gRPC statuses. A method's wrapped handler is built once and reused (this runs on every call)."""
+
+    def __init__(self):
+        self._wrapped: dict[str, tuple] = {}  # method -> (the handler as registered, its wrapped copy)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, _wrap(method, handler))
+        return cached[1]
 
-            def unary(request, context):
-                try:
-                    return inner(request, context)
-                except Exception as error:
-                    abort_with_status(method, error, context)
 
-            return handler._replace(unary_unary=unary)
-        kind = "stream_stream" if handler.stream_stream is not None else "unary_stream"
-        if getattr(handler, kind) is None:
-            return handler
-        streaming = getattr(handler, kind)
+def _wrap(method: str, handler):
+    """`handler` with its behaviour inside abort_with_status."""
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
 
-        def stream(request, context):
+        def unary(request, context):
             try:
-                yield from streaming(request, context)
+                return inner(request, context)
             except Exception as error:
                 abort_with_status(method, error, context)
 
-        return handler._replace(**{kind: stream})
+        return handler._replace(unary_unary=unary)
+    kind = "stream_stream" if handler.stream_stream is not None else "unary_stream"
+    if getattr(handler, kind) is None:
+        return handler
+    streaming = getattr(handler, kind)
+
+    def stream(request, context):
+        try:
+            yield from streaming(request, context)
+        except Exception as error:
+            abort_with_status(method, error, context)
+
+    return handler._replace(**{kind: stream})
