@@ -102,7 +102,11 @@ def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
 def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
     masks = parts["masks"]
     check_compatible("supermask", masks, backbone)
-    return {**{name: weight * masks[name] for name, weight in backbone.items()}, **parts.get("bn_stats", {})}
+    # mask-as-float times weight, in place on the fresh copy: the same products bit for bit as
+    # `weight * mask`, but several times faster on CPU than PyTorch's mixed bool x float kernel
+    # (what a server pays on every cache miss; python -m bench serving, task_mix).
+    effective = {name: masks[name].to(weight.dtype, copy=True).mul_(weight) for name, weight in backbone.items()}
+    return {**effective, **parts.get("bn_stats", {})}
 
 
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,15 @@ def test_manifest_file_is_readable_json(tmp_path):
     registry.commit(manifest_with(registry))
     doc = json.loads((tmp_path / "models" / "m" / "generations" / "0000000001.json").read_text())
     assert doc["manifest"]["format_version"] == 1 and len(doc["sha256"]) == 64
+
+
+def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_the_mask_alone():
+    from registry import effective_parameters
+
+    generator = torch.Generator().manual_seed(0)
+    backbone = {"w": torch.randn(5, 7, generator=generator)}  # negative weights: -0.0 where masked
+    for mask in (torch.rand(5, 7, generator=generator) < 0.5, (torch.rand(5, 7, generator=generator) < 0.5).float()):
+        kept = mask.clone()
+        served = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
+        expected = backbone["w"] * mask
+        assert torch.equal(served.view(torch.int32), expected.view(torch.int32)) and torch.equal(mask, kept)
