@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,10 +66,16 @@ def cost(snapshot: Snapshot) -> dict[str, dict[str, float]]:
     snapshot.logits(reference, x)
     runs = {"given": lambda: snapshot.logits(reference, x)}
     runs.update({label(m, k): (lambda m=m, k=k: infer_task(m, snapshot, x, k)) for m, k in MODES})
-    for run in runs.values():  # warm-up: caches filled, mask stack built
+    return relative_to_given(runs, REPEATS)
+
+
+def relative_to_given(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """Each run's latency over the "given" run's: warm-up (caches filled, stacks built), then `repeats`
+    rounds alternating the runs; median ratio (min-max) and median milliseconds."""
+    for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, run in runs.items():
             began = time.perf_counter()
             run()

@@ -31,7 +31,7 @@ from serving.snapshot import Snapshot
 from serving.task_inference import infer_task, mean_entropy
 from trainer import get_stream, train
 
-from .gn import table, view
+from .gn import relative_to_given, table, view
 
 THREADS = 2
 TASKS, BASIS = 20, 5
@@ -105,16 +105,7 @@ def cost(snapshot: Snapshot, batch: int) -> dict[str, dict[str, float]]:
     x = get_stream("permuted-digits").task(0).x_test[:batch]
     given = snapshot.tasks[0]
     runs = {"given": lambda: snapshot.logits(given, x)} | {rule: (lambda c=c: c(snapshot, x)) for rule, c in RULES.items()}
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(REPEATS):
-        for name, run in runs.items():
-            began = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - began)
-    ratios = {name: [t / g for t, g in zip(times[name], times["given"])] for name in RULES}
-    return {name: {"median_ratio": statistics.median(r), "min": min(r), "max": max(r)} for name, r in ratios.items()}
+    return relative_to_given(runs, REPEATS)
 
 
 def report(results: dict) -> str:
