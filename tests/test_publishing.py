@@ -44,11 +44,10 @@ def check_consistent(registry: Registry) -> int:
     return len(generations)
 
 
-def _race(location: str, name: str, start: float, results) -> None:
-    while time.time() < start:
-        pass
+def _race(location: str, name: str, both_read, results) -> None:
     registry = Registry(location)
     base = registry.manifest("m")
+    both_read.wait(30)  # both racers hold generation 1 before either commits: a real race, every time
     try:
         registry.commit(add_task(registry, name, 1)(base))
         results.put((name, "won"))
@@ -60,8 +59,8 @@ def test_two_processes_racing_for_one_generation(tmp_path):
     registry = Registry(tmp_path)
     registry.publish("m", add_task(registry, "base", 0))
     results = FORK.Queue()
-    start = time.time() + 0.5
-    racers = [FORK.Process(target=_race, args=(str(tmp_path), f"racer{i}", start, results)) for i in range(2)]
+    both_read = FORK.Barrier(2)
+    racers = [FORK.Process(target=_race, args=(str(tmp_path), f"racer{i}", both_read, results)) for i in range(2)]
     for p in racers:
         p.start()
     for p in racers:
