@@ -7,6 +7,12 @@
   output entropy with respect to alpha, and pick the task whose alpha lowers it fastest
   (the most negative gradient). Needs mask-based tasks of one backbone.
 * `binary` (SupSup's multi-shot): halve the candidates by that gradient, about log2(T) rounds.
+* `oneshot-input`: the same gradient, taken only through the first masked layer's alpha (the
+  deeper layers stay superposed). Measured on permuted digits (bench/gn_oneshot.py), the output
+  layer's share of the full gradient is what biases `oneshot`: it ranks tasks nearly independently
+  of the input and dominates the sum. Tasks that differ in how they read the input (permuted
+  inputs) are told apart by the first layer; tasks that share the input distribution (split
+  streams) may not be.
 * `alpha` (ImpressLearn basis-GN): the lowest-entropy basis mask (one forward per basis mask),
   then the task whose alpha is nearest to it. Needs ImpressLearn tasks over a shared basis.
 
@@ -117,7 +123,8 @@ def _basis_problem(snapshot: Snapshot) -> str | None:
 
 
 _REQUIREMENTS: dict[str, Callable[[Snapshot], str | None]] = {
-    "oneshot": _superposition_problem, "binary": _superposition_problem, "alpha": _basis_problem,
+    "oneshot": _superposition_problem, "oneshot-input": _superposition_problem, "binary": _superposition_problem,
+    "alpha": _basis_problem,
 }
 
 
@@ -147,14 +154,19 @@ def _superposition(snapshot: Snapshot) -> tuple[list[int], dict[str, torch.Tenso
     return ids, stack, snapshot.backbones[_backbones(snapshot).pop()]
 
 
-def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
-    """dH/dalpha_i for the candidates' masks superposed with equal weights (SupSup's one-shot signal)."""
+def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list[int],
+                           input_layer_only: bool = False) -> dict[int, float]:
+    """dH/dalpha_i for the candidates' masks superposed with equal weights (SupSup's one-shot signal).
+    With `input_layer_only`, alpha weights only the first masked layer's masks; the other layers
+    keep the same uniform superposition but pass no gradient to alpha (same forward, other signal)."""
     ids, stack, backbone = _superposition(snapshot)
     rows = [ids.index(i) for i in candidates]
     classes = max(snapshot.tasks[i].entry.num_classes for i in candidates)
     alpha = torch.full((len(rows),), 1.0 / len(rows), requires_grad=True)
+    first = next(iter(backbone))
     with torch.enable_grad():
-        params = {n: w * torch.tensordot(alpha, stack[n][rows], dims=1) for n, w in backbone.items()}
+        params = {n: w * (torch.tensordot(alpha, stack[n][rows], dims=1) if n == first or not input_layer_only
+                          else stack[n][rows].mean(dim=0)) for n, w in backbone.items()}
         entropy = mean_entropy(snapshot.forward(params, x)[:, :classes])
         (gradient,) = torch.autograd.grad(entropy, alpha)
     return dict(zip(candidates, gradient.tolist()))
@@ -178,6 +190,15 @@ def oneshot(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist:
     ids = _superposition(snapshot)[0]
     scores = superposition_gradient(snapshot, x, ids)
     return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
+
+
+@register_mode("oneshot-input", gradients=True)
+def oneshot_input(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
+    """`oneshot` with the gradient through the first masked layer only (the most negative wins)."""
+    ids = _superposition(snapshot)[0]
+    scores = superposition_gradient(snapshot, x, ids, input_layer_only=True)
+    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot-input", scores,
+                        shortlist)
 
 
 @register_mode("binary", gradients=True)

@@ -189,10 +189,10 @@ BAD_REQUESTS = {
     "inf": (dict(x=np.full((2, 64), np.inf, np.float32)), "INVALID_ARGUMENT", "128 NaN or infinite"),
     "wrong input name": (dict(x=GOOD, name="pixels", task_id=0), "INVALID_ARGUMENT", "exactly one input named 'input'"),
     "unknown parameter": (dict(x=GOOD, taskid=0), "INVALID_ARGUMENT", "unknown request parameter(s) ['taskid']"),
-    "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: alpha, binary, exhaustive, oneshot)"),
+    "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: alpha, binary, exhaustive, oneshot, oneshot-input)"),
     "alpha on SupSup": (dict(x=GOOD, task_inference="alpha"), "INVALID_ARGUMENT",
                         "task_inference 'alpha' needs ImpressLearn tasks (alpha over shared basis masks) on one backbone; "
-                        "model 'digits' has supsup tasks: use 'binary', 'exhaustive' or 'oneshot'"),
+                        "model 'digits' has supsup tasks: use 'binary', 'exhaustive', 'oneshot' or 'oneshot-input'"),
     "negative task id": (dict(x=GOOD, task_id=-1), "INVALID_ARGUMENT", "'task_id' must be a non-negative integer"),
     "id and name": (dict(x=GOOD, task_id=1, task="perm-1"), "INVALID_ARGUMENT", "either 'task_id' or 'task'"),
 }
