@@ -46,16 +46,18 @@ def view(registry: Registry, tasks: int) -> Snapshot:
     return Snapshot.load(registry, partial, None, LRUCache(1 << 30))
 
 
-def accuracy(snapshot: Snapshot, tasks: int, batch: int) -> dict[str, float]:
+def accuracy(snapshot: Snapshot, tasks: int, batch: int, modes: tuple[tuple[str, int], ...] = MODES,
+             batches_per_task: int = ACCURACY_BATCHES_PER_TASK) -> dict[str, float]:
+    """Share of permuted-digits test batches of the first `tasks` tasks whose task each (mode, shortlist) finds."""
     stream = get_stream("permuted-digits")
-    right = {label(*m): 0 for m in MODES}
+    right = {label(*m): 0 for m in modes}
     total = 0
     for task in range(tasks):
         x = stream.task(task).x_test
-        for b in range(ACCURACY_BATCHES_PER_TASK):
+        for b in range(batches_per_task):
             rows = x[b * batch : (b + 1) * batch]
             total += 1
-            for mode, shortlist in MODES:
+            for mode, shortlist in modes:
                 right[label(mode, shortlist)] += infer_task(mode, snapshot, rows, shortlist).task.entry.id == task
     return {name: count / total for name, count in right.items()}
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from bench.gn import label, table
+from bench.gn import accuracy, label, table
 from registry import Registry
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
-from serving.task_inference import infer_task
-from trainer import get_stream, train
+from trainer import train
 
 THREADS = 2
 TASKS, BATCH, BATCHES_PER_TASK, EPOCHS = 20, 16, 5, 8
@@ -32,6 +31,7 @@ RESULTS = Path(__file__).parent / "results" / "gn_oneshot.json"
 
 
 def config_name(width: int, rule: str, density: float) -> str:
+    """The table's row label of a configuration."""
     return f"64-{width}-{width}-10, " + ("sign" if rule == "sign" else f"topk {density}")
 
 
@@ -45,21 +45,12 @@ def measure(width: int, rule: str, density: float) -> dict[str, float]:
               log=lambda _: None)
         manifest = registry.manifest("m")
         snapshot = Snapshot.load(registry, manifest, None, LRUCache(1 << 30))
-        stream = get_stream("permuted-digits")
-        right = {label(*m): 0 for m in MODES}
-        total = 0
-        for task in range(TASKS):
-            x = stream.task(task).x_test
-            for b in range(BATCHES_PER_TASK):
-                rows = x[b * BATCH : (b + 1) * BATCH]
-                total += 1
-                for mode, shortlist in MODES:
-                    right[label(mode, shortlist)] += infer_task(mode, snapshot, rows, shortlist).task.entry.id == task
-        return {"trained_average_accuracy": manifest.training["average_accuracy"]} | {
-            name: count / total for name, count in right.items()}
+        return {"trained_average_accuracy": manifest.training["average_accuracy"]} | accuracy(
+            snapshot, TASKS, BATCH, MODES, BATCHES_PER_TASK)
 
 
 def report(results: dict) -> str:
+    """The Markdown table of a run (also usable on a saved bench/results/gn_oneshot.json)."""
     names = [label(*m) for m in MODES]
     rows = [[key, f"{row['trained_average_accuracy']:.3f}"] + [f"{row[n]:.3f}" for n in names]
             for key, row in results["gn_oneshot"].items()]
