@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from registry import head_name, maskable_parameters
+from registry import head_name
 from registry.errors import MaskbankError
 
 from .fit import fit
-from .methods import Method, TaskArtifact, Tensors, TrainingContext, register_method
+from .methods import Method, TaskArtifact, Tensors, TrainingContext, he_normal, he_normal_backbone, register_method
 from .streams import TaskData
 
 
@@ -50,19 +50,12 @@ def check_plain(module: nn.Module, method: str) -> None:
                             "use an architecture without BatchNorm (e.g. bn: none)")
 
 
-def init_weight(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A He-normal initialised weight shaped like `like`, drawn from `generator`."""
-    weight = torch.empty_like(like)
-    nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
-    return weight
-
-
 def load_trainable(module: nn.Module, backbone: Tensors, head: str, generator: torch.Generator) -> dict[str, nn.Parameter]:
     """Copy `backbone` into `module`, give the head a fresh initialisation; return the parameters by name."""
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, weight in backbone.items():
-            params[name].copy_(init_weight(weight, generator) if name == head else weight)
+            params[name].copy_(he_normal(weight, generator) if name == head else weight)
     for param in params.values():
         param.requires_grad_(True)
     return params
@@ -76,8 +69,7 @@ class HeadMethod(Method):
 
     def create_backbone(self, module: nn.Module, generator: torch.Generator) -> Tensors:
         check_plain(module, self.name)
-        params = dict(module.named_parameters())
-        return {name: init_weight(params[name], generator) for name in maskable_parameters(module)}
+        return he_normal_backbone(module, generator)
 
     def learn_task(self, module: nn.Module, task: TaskData, generator: torch.Generator, context: TrainingContext) -> TaskArtifact:
         cfg = self.config

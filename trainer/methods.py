@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from registry import maskable_parameters
 from registry.errors import MaskbankError, unknown
 
 from .streams import TaskData
@@ -90,6 +91,18 @@ class Method(ABC):
     ) -> TaskArtifact:
         """Learn `task` on `module` (a fresh, plain instance of the architecture). Must not modify
         anything in `context`: new weights go into the artifact's `backbone`."""
+
+
+def he_normal(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A He-normal (ReLU) initialised weight shaped like `like`, drawn from `generator`."""
+    weight = torch.empty_like(like)
+    nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
+    return weight
+
+
+def he_normal_backbone(module: nn.Module, generator: torch.Generator) -> Tensors:
+    """A trained method's first backbone: every weight of `module`, He-normal initialised."""
+    return {name: he_normal(module.get_parameter(name), generator) for name in maskable_parameters(module)}
 
 
 _METHODS: dict[str, type[Method]] = {}

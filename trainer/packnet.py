@@ -47,7 +47,7 @@ from registry import effective_parameters, forward, maskable_parameters
 from registry.errors import MaskbankError
 from registry.materialize_packnet import filter_masked, in_key, out_key
 
-from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, register_method
+from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, he_normal_backbone, register_method
 from .fit import fit
 from .streams import TaskData
 
@@ -286,12 +286,7 @@ class PackNetShare(Method):
 
     def create_backbone(self, module: nn.Module, generator: torch.Generator) -> Tensors:
         filter_layers(module)  # refuse an unsupported architecture before anything is published
-        backbone = {}
-        for name in maskable_parameters(module):
-            weight = torch.empty_like(module.get_parameter(name))
-            nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
-            backbone[name] = weight
-        return backbone
+        return he_normal_backbone(module, generator)
 
     @staticmethod
     def own_filters(tasks: Sequence[PublishedTask], hidden: Sequence[FilterLayer]) -> dict[int, Tensors]:
