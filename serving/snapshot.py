@@ -8,7 +8,6 @@ verification is kept out of service with its error; the other tasks keep serving
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from registry import (
     TaskEntry,
     build_architecture,
     effective_parameters,
-    head_input,
     head_name,
     materialization,
     served_backbone,
@@ -58,6 +56,7 @@ class Snapshot:
                  tasks: dict[int, LoadedTask], cache: LRUCache):
         self.manifest = manifest
         self._template = build_architecture(manifest.architecture).eval()
+        self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
         self._per_thread = threading.local()
         self.backbones = backbones
         self.shared = shared
@@ -68,21 +67,35 @@ class Snapshot:
         self._lock = threading.Lock()
 
     @property
-    def module(self) -> torch.nn.Module:
-        """This thread's copy of the architecture with its own weights, for functional_call (a call
-        swaps a task's weights into the module for its length, so threads must never share one)."""
-        module = getattr(self._per_thread, "module", None)
-        if module is None:
-            module = self._per_thread.module = copy.deepcopy(self._template)
-        return module
-
-    def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
-        """The architecture's output for `x` under `params`, on this thread's own copy of the module
-        (a forward fills the copy's slots with one task's tensors, so threads must never share one)."""
+    def bound(self) -> BoundModule:
+        """This thread's own copy of the architecture (a forward fills the copy's slots with one
+        task's tensors, so threads must never share one)."""
         bound = getattr(self._per_thread, "bound", None)
         if bound is None:
             bound = self._per_thread.bound = BoundModule(self._template)
-        return bound(params, x)
+        return bound
+
+    def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+        """The architecture's output for `x` under `params`, on this thread's copy of the module."""
+        return self.bound(params, x)
+
+    def _head(self) -> BoundModule:
+        """This thread's own copy of the output layer alone, to run one head on shared features."""
+        head = getattr(self._per_thread, "head", None)
+        if head is None:
+            head = self._per_thread.head = BoundModule(self._template.get_submodule(self._head_layer))
+        return head
+
+    def _head_input(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+        """What the output layer receives when the module runs with `params` on `x`."""
+        captured: list[torch.Tensor] = []
+        layer = self.bound.module.get_submodule(self._head_layer)
+        handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            self.forward(params, x)
+        finally:
+            handle.remove()
+        return captured[0]
 
     @property
     def model(self) -> str:
@@ -157,15 +170,13 @@ class Snapshot:
             else:
                 logits[task.entry.id] = self.logits(task, x)
         if groups:
-            layer_name = head_name(self.module).rsplit(".", 1)[0]
-            layer = self.module.get_submodule(layer_name)
+            prefix, head = f"{self._head_layer}.", self._head()
             with torch.no_grad():
                 for group in groups.values():
-                    features = head_input(self.module, self.parameters(group[0]), x)
+                    features = self._head_input(self.parameters(group[0]), x)
                     for task in group:
-                        own = {k[len(layer_name) + 1 :]: v for k, v in self.parameters(task).items() if k.startswith(f"{layer_name}.")}
-                        out = torch.func.functional_call(layer, own, (features,), strict=True)
-                        logits[task.entry.id] = out[:, : task.entry.num_classes]
+                        own = {k[len(prefix) :]: v for k, v in self.parameters(task).items() if k.startswith(prefix)}
+                        logits[task.entry.id] = head(own, features)[:, : task.entry.num_classes]
         return logits
 
     def mask_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:

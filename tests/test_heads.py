@@ -157,7 +157,7 @@ def test_exhaustive_runs_the_backbone_once_for_every_head(spg_model):
     tasks = snapshot.healthy_tasks()
     one_by_one = {t.entry.id: snapshot.logits(t, x) for t in tasks}
     calls = []
-    handle = snapshot.module.get_submodule("fc0").register_forward_hook(lambda *_: calls.append(1))
+    handle = snapshot.bound.module.get_submodule("fc0").register_forward_hook(lambda *_: calls.append(1))
     try:
         together = snapshot.logits_of(tasks, x)
     finally:
