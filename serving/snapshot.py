@@ -87,7 +87,9 @@ class Snapshot:
         return head
 
     def _head_input(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
-        """What the output layer receives when the module runs with `params` on `x`."""
+        """What the output layer receives when the module runs with `params` on `x` (not
+        registry.head_input: that finds the layer by its parameters, which a BoundModule's copy
+        holds only during a call)."""
         captured: list[torch.Tensor] = []
         layer = self.bound.module.get_submodule(self._head_layer)
         handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
