@@ -61,6 +61,9 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidRequest(f"{len(request.raw_input_contents)} raw input buffers for {len(request.inputs)} input(s)")
+        if tensor.contents.ListFields():
+            raise InvalidRequest(f"input '{INPUT_NAME}' has both raw_input_contents and typed contents; send the values "
+                                 "one way only (raw_input_contents, as tritonclient does, or contents)")
         raw = request.raw_input_contents[0]
         if len(raw) != count * dtype.itemsize:
             raise InvalidRequest(

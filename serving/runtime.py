@@ -11,7 +11,6 @@ import torch
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher
 from .errors import InvalidRequest
-from .repository import ModelRepository
 from .snapshot import LoadedTask, Snapshot
 from .task_inference import infer_task, needs_gradients
 
@@ -41,21 +40,19 @@ def check_input(snapshot: Snapshot, x: np.ndarray) -> torch.Tensor:
 
 
 def infer(
-    repository: ModelRepository,
-    model: str,
+    snapshot: Snapshot,
     x: np.ndarray,
     *,
-    version: str = "",
     task: int | str | None = None,
     mode: str = "exhaustive",
     batcher: DynamicBatcher | None = None,
     shortlist: int = 1,
     backend: Backend = PYTORCH,
 ) -> InferenceResult:
-    """Run `x` through `task` of `model`, or through the task that `mode` infers when task is None.
+    """Run `x` through `task` of the snapshot's model, or through the task that `mode` infers when task is None.
     With a batcher, task-given requests run batched with concurrent ones for the same task.
     Forwards run on `backend`, except task inference by gradients, which always runs on PyTorch."""
-    snapshot = repository.get(model, version)
+    model = snapshot.model
     inputs = check_input(snapshot, x)
     if task is not None:
         chosen = snapshot.task(task)

@@ -148,6 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response, result
 
     def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+        snapshot = self.repository.get(request.model_name, request.model_version)  # NOT_FOUND before input errors
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
@@ -155,8 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         selection = oip.decode_task_selection(request)
         outputs = oip.requested_outputs(request)
         result = infer(
-            self.repository, request.model_name, x, version=request.model_version,
-            task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
+            snapshot, x, task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
             shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
         )
         entry = result.task.entry

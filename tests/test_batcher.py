@@ -106,10 +106,10 @@ def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path):
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
     x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
-    expected = {t: infer(repository, "m", x, task=t).logits for t in (0, 1)}
+    expected = {t: infer(repository.get("m"), x, task=t).logits for t in (0, 1)}
     assert not np.array_equal(expected[0], expected[1])
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: (i % 2, infer(repository, "m", x, task=i % 2).logits), range(400)))
+        answers = list(pool.map(lambda i: (i % 2, infer(repository.get("m"), x, task=i % 2).logits), range(400)))
     wrong = sum(not np.array_equal(logits, expected[task]) for task, logits in answers)
     assert wrong == 0
 

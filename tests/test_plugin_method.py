@@ -67,6 +67,6 @@ def test_a_plugged_in_method_trains_publishes_and_serves(tmp_path):
     repository = ModelRepository(registry)
     repository.refresh()
     x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
-    result = infer(repository, "plug", x, task=1)
+    result = infer(repository.get("plug"), x, task=1)
     assert result.logits.shape == (8, 10) and result.mode == "given"
-    assert infer(repository, "plug", x, mode="exhaustive").task.entry.id in (0, 1)
+    assert infer(repository.get("plug"), x, mode="exhaustive").task.entry.id in (0, 1)

@@ -180,6 +180,8 @@ def test_typed_contents_are_accepted(live):
 GOOD = digits_inputs(0, 4)
 BAD_REQUESTS = {
     "unknown model": (dict(x=GOOD, model="nope", task_id=0), "NOT_FOUND", "no model named 'nope'"),
+    "unknown model, bad input too": (dict(x=GOOD.astype(np.float64), datatype="FP64", model="nope"), "NOT_FOUND",
+                                     "no model named 'nope'"),
     "unknown task id": (dict(x=GOOD, task_id=99), "NOT_FOUND", "has no task 99"),
     "unknown task name": (dict(x=GOOD, task="perm-77"), "NOT_FOUND", "has no task 'perm-77'"),
     "wrong feature count": (dict(x=GOOD[:, :63].copy(), task_id=0), "INVALID_ARGUMENT", "shape [4, 63]; model 'digits' expects [-1, 64]"),
@@ -207,6 +209,15 @@ def test_bad_requests_get_a_clear_status_and_the_server_keeps_serving(live, case
     assert message in info.value.message()
     assert live.client.is_server_live()
     assert infer(live.client, GOOD, task_id=0).as_numpy("logits").shape == (4, 10)
+
+
+def test_raw_and_typed_contents_together_are_refused(live):
+    request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[GOOD[:1].tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(GOOD[0].tolist())
+    with grpc.insecure_channel(live.server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "both raw_input_contents and typed contents" in info.value.details()
 
 
 def test_raw_bytes_that_do_not_fit_the_shape(live):

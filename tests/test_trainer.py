@@ -110,6 +110,6 @@ def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     backbone = registry.load_backbone(manifest, "1")
     parts = {k: registry.load(r) for k, r in manifest.task(1).parts.items()}
     expected = forward(module, effective_parameters("supsup", backbone, parts), x)
-    assert np.array_equal(infer(repository, "bn", x.numpy(), task=1).logits, expected.detach().numpy())
+    assert np.array_equal(infer(repository.get("bn"), x.numpy(), task=1).logits, expected.detach().numpy())
     with pytest.raises(RuntimeError, match="running_mean"):  # statistics are never silently defaulted
         forward(module, effective_parameters("supsup", backbone, {"masks": parts["masks"]}), x)
