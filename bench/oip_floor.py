@@ -1,7 +1,7 @@
 """The protocol floor: a minimal Open Inference Protocol server that only decodes the request, runs a
 plain dense network and encodes the answer.
 
-    python -m bench.oip_floor --port 0 --sizes 64,512,512,10 [--threads 1] [--workers 8]
+    python -m bench.oip_floor --port 0 --sizes 64,512,512,10 [--threads 1] [--workers 8] [--aio]
 
 It prints `oip_floor serving on 127.0.0.1:PORT (pid N)` once listening and runs until SIGINT /
 SIGTERM (or `--max-seconds`). ModelInfer reads `raw_input_contents[0]` as little-endian FP32 of the
@@ -12,12 +12,19 @@ ignored. It uses maskbank's generated stubs and the same gRPC server settings as
 (a thread pool of `--workers`, 64 MiB message limits), so what it costs is the protocol and the
 dense compute, nothing else. ServerLive/ServerReady/ModelReady answer true.
 
+With `--aio` it is instead a `grpc.aio` server that runs the forward inline on its event loop: the
+least a Python gRPC server can spend per request (no thread hand-off at all), which blocks the loop
+while it computes and so is no design for a real server; benchmarks use it as the ceiling of what
+any Python gRPC front end could reach on the machine.
+
 Benchmarks start it with `FloorProcess` (a child process, like maskbank.process.ServerProcess).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -73,17 +80,38 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+class AsyncFloorServicer(FloorServicer):
+    """The same answers from coroutines, computed inline on the event loop."""
+
+    async def ServerLive(self, request, context):
+        return super().ServerLive(request, context)
+
+    async def ServerReady(self, request, context):
+        return super().ServerReady(request, context)
+
+    async def ModelReady(self, request, context):
+        return super().ModelReady(request, context)
+
+    async def ModelInfer(self, request, context):
+        return super().ModelInfer(request, context)
+
+
+LIMITS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def _announce(host: str, port: int, sizes: list[int], kind: str) -> None:
+    if port == 0:
+        sys.exit(f"cannot listen on {host}:{port}")
+    print(f"oip_floor serving on {host}:{port} (pid {os.getpid()}) sizes {sizes} {kind} "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+
+
 def serve(host: str, port: int, sizes: list[int], workers: int, max_seconds: float) -> None:
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only request bytes
-    limits = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=limits)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=LIMITS)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(sizes), server)
     bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        sys.exit(f"cannot listen on {host}:{port}")
     server.start()
-    print(f"oip_floor serving on {host}:{bound} (pid {os.getpid()}) sizes {sizes} "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    _announce(host, bound, sizes, f"sync, {workers} workers")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -91,14 +119,30 @@ def serve(host: str, port: int, sizes: list[int], workers: int, max_seconds: flo
     server.stop(1).wait()
 
 
+async def serve_aio(host: str, port: int, sizes: list[int], max_seconds: float) -> None:
+    server = grpc.aio.server(options=LIMITS)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AsyncFloorServicer(sizes), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    _announce(host, bound, sizes, "aio, forward inline")
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, done.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), max_seconds if max_seconds > 0 else None)
+    await server.stop(1)
+
+
 class FloorProcess(ChildServer):
     """`python -m bench.oip_floor` as a child process on a free loopback port."""
 
     name = "oip_floor"
 
-    def __init__(self, sizes: list[int], threads: int = 1, workers: int = 8, max_seconds: float = 900.0):
+    def __init__(self, sizes: list[int], threads: int = 1, workers: int = 8, max_seconds: float = 900.0,
+                 aio: bool = False):
         command = [sys.executable, "-m", "bench.oip_floor", "--port", "0", "--sizes", ",".join(map(str, sizes)),
-                   "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds)]
+                   "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds),
+                   *(["--aio"] if aio else [])]
         super().__init__(command, _LISTENING, cwd=str(ROOT))
 
 
@@ -110,9 +154,16 @@ def cli(argv: list[str] | None = None) -> None:  # not `main`: `python -m bench`
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8, as maskbank serve)")
     parser.add_argument("--max-seconds", type=float, default=0, help="stop by itself after this long (0: never)")
+    parser.add_argument("--aio", action="store_true",
+                        help="a grpc.aio server computing inline on its event loop (the Python gRPC ceiling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    serve(args.host, args.port, [int(s) for s in args.sizes.split(",")], args.workers, args.max_seconds)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only request bytes
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.aio:
+        asyncio.run(serve_aio(args.host, args.port, sizes, args.max_seconds))
+    else:
+        serve(args.host, args.port, sizes, args.workers, args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -197,19 +197,22 @@ def maskbank(stack: contextlib.ExitStack, root: Path, *args: str) -> ServerProce
 
 # ---------------------------------------------------------------- the four rows
 
-def serve_overhead(load: LoadProcess, server: ServerProcess, floor: FloorProcess) -> dict:
-    runs = alternate(load, {"maskbank": spec(server.url), "floor": spec(floor.url, parameters=False)},
+def serve_overhead(load: LoadProcess, server: ServerProcess, floor: FloorProcess, ceiling: FloorProcess) -> dict:
+    runs = alternate(load, {"maskbank": spec(server.url), "floor": spec(floor.url, parameters=False),
+                            "aio_floor": spec(ceiling.url, parameters=False)},
                      extra={"compute": lambda: compute_floor_rps(BATCH)})
     return {"vs_floor": ratios(runs, "maskbank", "floor"), "vs_compute": ratios(runs, "maskbank", "compute"),
-            "context": context(runs)}
+            "aio_floor_vs_floor": ratios(runs, "aio_floor", "floor"), "context": context(runs)}
 
 
-def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess, floor: FloorProcess) -> dict:
+def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess, floor: FloorProcess,
+                   ceiling: FloorProcess) -> dict:
     small = {"clients": SMALL_CLIENTS, "batch": 1}
     runs = alternate(load, {"batching": spec(batching.url, **small), "no_delay": spec(plain.url, **small),
-                            "floor": spec(floor.url, parameters=False, **small)})
+                            "floor": spec(floor.url, parameters=False, **small),
+                            "aio_floor": spec(ceiling.url, parameters=False, **small)})
     return {"batching_vs_floor": ratios(runs, "batching", "floor"), "no_delay_vs_floor": ratios(runs, "no_delay", "floor"),
-            "context": context(runs)}
+            "aio_floor_vs_floor": ratios(runs, "aio_floor", "floor"), "context": context(runs)}
 
 
 def task_mix(load: LoadProcess, single: ServerProcess, mixes: dict[int, ServerProcess], roots: dict[int, Path]) -> dict:
@@ -273,10 +276,14 @@ def tables(results: dict) -> str:
          fmt(so["vs_floor"]), ">= 1.0x", so["vs_floor"]["median"] >= 1.0),
         ("serve_overhead (b)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", f"in-process dense forward, batch {BATCH}, 1 thread",
          fmt(so["vs_compute"]), "(reported)", None),
+        ("serve_overhead (c)", "minimal grpc.aio OIP server computing inline (the Python gRPC ceiling)",
+         "OIP floor server, same load", fmt(so["aio_floor_vs_floor"]), "(reported)", None),
         ("small_requests", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us {QUEUE_DELAY_US}",
          "OIP floor server, batch 1, same load", fmt(sr["batching_vs_floor"]), ">= 2x", sr["batching_vs_floor"]["median"] >= 2.0),
         ("small_requests (no delay)", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us 0",
          "OIP floor server, batch 1, same load", fmt(sr["no_delay_vs_floor"]), "(reported)", None),
+        ("small_requests (ceiling)", "minimal grpc.aio OIP server computing inline, batch 1",
+         "OIP floor server, batch 1, same load", fmt(sr["aio_floor_vs_floor"]), "(reported)", None),
     ]
     for t in MIX_TASKS:
         s = tm[f"mix{t}_vs_single"]
@@ -329,13 +336,15 @@ def main() -> None:
         setup_s = time.monotonic() - started
         load = stack.enter_context(LoadProcess(lifetime=900))
         floor = stack.enter_context(FloorProcess(SIZES, threads=THREADS))
+        ceiling = stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=True))
         single = maskbank(stack, root / "base")
 
-        results["serve_overhead"] = serve_overhead(load, single, floor)
+        results["serve_overhead"] = serve_overhead(load, single, floor, ceiling)
         batching = maskbank(stack, root / "base", "--max-queue-delay-us", str(QUEUE_DELAY_US))
-        results["small_requests"] = small_requests(load, batching, single, floor)
+        results["small_requests"] = small_requests(load, batching, single, floor, ceiling)
         batching.stop()
         floor.stop()
+        ceiling.stop()
         mixes = {t: maskbank(stack, root / f"mix{t}") for t in MIX_TASKS}
         results["task_mix"] = task_mix(load, single, mixes, {t: root / f"mix{t}" for t in MIX_TASKS})
         for server in mixes.values():
