@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from registry import MaskbankError
@@ -21,6 +22,20 @@ EXAMPLES = """examples:
   maskbank registry audit digits --registry ./demo-registry --plot audit.png
   maskbank demo
 """
+
+
+_BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: a plain integer or a number with a unit (512MiB, 1.5GiB, 64M; K/M/G are powers of 1000,
+    KiB/MiB/GiB of 1024), for flags like --cache-bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M)")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 def _architecture(text: str) -> dict:
@@ -108,13 +123,17 @@ def _add_serve(commands) -> None:
         "New generations published to the registry are picked up without a restart. Stop with Ctrl-C or SIGTERM "
         "(graceful: health goes NOT_SERVING, running calls finish).",
     )
-    p.add_argument("--registry", required=True, help="registry directory")
+    p.add_argument("--registry", required=True,
+                   help="registry directory, or an fsspec URL (s3://bucket/prefix, memory://...) shared by replicas")
     p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
-    p.add_argument("--poll-interval", type=float, default=d.poll_interval, help="seconds between registry checks")
+    p.add_argument("--poll-interval", type=float, default=d.poll_interval, help=f"seconds between checks of the registry for new generations (default {d.poll_interval:g})")
     p.add_argument("--task-inference", choices=mode_names(), default=d.task_inference,
-                   help="how to infer the task when a request names none (per request: parameter 'task_inference')")
-    p.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="bound of the effective-weight cache")
+                   help="how to infer the task when a request names none (per request: parameter 'task_inference'; "
+                   f"default {d.task_inference}: exact, cost grows with the task count)")
+    p.add_argument("--cache-bytes", type=byte_size, default=d.cache_bytes, metavar="SIZE",
+                   help="bound of the per-task effective-weight LRU cache, in bytes or with a unit like 512MiB "
+                   f"(default {d.cache_bytes >> 20}MiB); least recently used tasks are evicted and rebuilt on demand")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help=f"most rows in one request and in one batched execution (default {d.max_batch_size})")
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
@@ -123,11 +142,13 @@ def _add_serve(commands) -> None:
     p.add_argument("--instances", type=int, default=d.instances,
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")
-    p.add_argument("--workers", type=int, default=d.workers, help="gRPC handler threads")
-    p.add_argument("--threads", type=int, help="intra-op threads for inference (torch's, and ONNX Runtime's)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help=f"gRPC handler threads: requests served at once (default {d.workers})")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads for inference, torch's and ONNX Runtime's (default: theirs, one per core)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
                    help=f"what runs the forward passes (default {d.backend}); onnxruntime uses the CUDA provider when a "
-                   "GPU is usable, else the CPU; task inference by gradients (oneshot, binary) always runs on PyTorch, "
+                   "GPU is usable, else the CPU; task inference by gradients (oneshot, oneshot-input, binary) always runs on PyTorch, "
                    "and every response's parameter 'backend' says which ran")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
@@ -140,8 +161,9 @@ def _add_serve(commands) -> None:
     ops.add_argument("--tls-cert", metavar="FILE",
                      help="PEM certificate (chain): serve gRPC over TLS (needs --tls-key)")
     ops.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
-    ops.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, metavar="BYTES",
-                     help=f"largest gRPC request and response in bytes (default {d.max_message_bytes}, 64 MiB); a "
+    ops.add_argument("--max-message-bytes", type=byte_size, default=d.max_message_bytes, metavar="SIZE",
+                     help=f"largest gRPC request and response, in bytes or with a unit like 16MiB (default "
+                     f"{d.max_message_bytes >> 20}MiB); a "
                      "larger request is refused with RESOURCE_EXHAUSTED")
     ops.add_argument("--grace-seconds", type=float, default=d.grace_seconds, metavar="SECONDS",
                      help=f"on SIGTERM/Ctrl-C, how long running calls may finish before the server stops "

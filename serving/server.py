@@ -74,8 +74,13 @@ class ServerConfig:
         if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"--max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES} (2 GiB - 1, gRPC's "
                              f"limit), got {self.max_message_bytes}")
-        if self.instances < 1:
-            raise ValueError(f"--instances must be at least 1, got {self.instances}")
+        for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
+                                   ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
+                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
+            if value < least:
+                raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if not self.poll_interval > 0:
+            raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
         if self.tls:

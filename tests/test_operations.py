@@ -21,7 +21,7 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from maskbank.cli import main
+from maskbank.cli import byte_size, main
 from maskbank.process import ServerProcess
 from serving import InferenceServer, ServerConfig
 from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
@@ -249,6 +249,22 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
             ServerConfig(registry="r", max_message_bytes=limit)
     with pytest.raises(ValueError, match="--grace-seconds"):
         ServerConfig(registry="r", grace_seconds=-1)
+    for field, flag, value in (("instances", "--instances", 0), ("workers", "--workers", 0),
+                               ("max_batch_size", "--max-batch-size", 0), ("cache_bytes", "--cache-bytes", -1),
+                               ("max_queue_delay_us", "--max-queue-delay-us", -5)):
+        with pytest.raises(ValueError, match=f"{flag} must be at least"):
+            ServerConfig(registry="r", **{field: value})
+    with pytest.raises(ValueError, match="--poll-interval must be a positive"):
+        ServerConfig(registry="r", poll_interval=0)
+
+
+def test_serve_takes_sizes_with_units_and_explains_a_bad_one(capsys):
+    assert [byte_size(t) for t in ("268435456", "256MiB", "1.5GiB", "64M", "2kb")] == [
+        268435456, 256 << 20, 3 << 29, 64_000_000, 2000]
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--registry", "r", "--cache-bytes", "lots"])
+    assert stopped.value.code == 2
+    assert "argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB" in capsys.readouterr().err
 
 
 def test_metrics_port_defaults_to_tritons_or_a_free_one():
