@@ -13,9 +13,13 @@ from serving.statistics import Statistics
 
 
 def run_concurrently(batcher: DynamicBatcher, inputs: list[torch.Tensor], compute, key="k") -> list:
+    """Each input through `batcher.run` on its own thread, all released at once by a barrier (a busy
+    machine may start threads milliseconds apart, longer than a test's queue delay)."""
     results = [None] * len(inputs)
+    start = threading.Barrier(len(inputs))
 
     def call(i):
+        start.wait(10)
         try:
             results[i] = batcher.run("m", key, inputs[i], compute)
         except Exception as error:  # noqa: BLE001 - the test inspects it
