@@ -31,9 +31,12 @@ from registry import (
 
 from .bound import BoundModule
 from .cache import LRUCache
+from .entropy import autograd_gradients
+from .superposition import MaskStack
 
 log = logging.getLogger("maskbank.serving")
 Tensors = dict[str, torch.Tensor]
+_UNBUILT = object()  # a lazily built attribute not built yet (None is a result)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Snapshot:
         self.shared = shared
         self.tasks = tasks
         self._cache = cache
-        self._mask_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
+        self._mask_stack: MaskStack | None | object = _UNBUILT  # None: nothing to superpose
         self._alpha_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
 
@@ -78,6 +81,11 @@ class Snapshot:
     def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
         """The architecture's output for `x` under `params`, on this thread's copy of the module."""
         return self.bound(params, x)
+
+    def entropy_gradients(self, params: Tensors, x: torch.Tensor, classes: int, names: list[str]) -> Tensors:
+        """dH/dW of the tensors `names` at `params`, H the mean entropy of the first `classes` logits
+        of `x`, by autograd on this thread's module."""
+        return autograd_gradients(self.forward, params, x, classes, names)
 
     def _head(self) -> BoundModule:
         """This thread's own copy of the output layer alone, to run one head on shared features."""
@@ -181,14 +189,16 @@ class Snapshot:
                         logits[task.entry.id] = head(own, features)[:, : task.entry.num_classes]
         return logits
 
-    def mask_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
-        """(task ids, per layer a float [T, *weight shape] stack of their masks), for superposition."""
+    def mask_stack(self) -> MaskStack | None:
+        """Every task's masks stacked over their backbone, for superposition (built on first use),
+        or None unless all tasks in service have masks on one backbone version."""
         with self._lock:
-            if self._mask_stack is None:
-                tasks = [t for t in self.healthy_tasks() if "masks" in (t.parts or {})]
-                names = list(tasks[0].parts["masks"]) if tasks else []
-                stack = {n: torch.stack([t.parts["masks"][n].to(torch.float32) for t in tasks]) for n in names}
-                self._mask_stack = ([t.entry.id for t in tasks], stack)
+            if self._mask_stack is _UNBUILT:
+                tasks = self.healthy_tasks()
+                usable = tasks and all("masks" in t.parts for t in tasks) and len({t.entry.backbone for t in tasks}) == 1
+                self._mask_stack = MaskStack.build(
+                    [t.entry.id for t in tasks], [t.entry.num_classes for t in tasks], [t.parts["masks"] for t in tasks],
+                    self.backbones[tasks[0].entry.backbone]) if usable else None
             return self._mask_stack
 
     def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:

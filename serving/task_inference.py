@@ -24,7 +24,6 @@ top 3 for 96% of those batches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from registry.errors import unknown
 
+from .entropy import mean_entropy
 from .errors import InvalidRequest
 from .snapshot import LoadedTask, Snapshot
 
@@ -91,13 +91,6 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
     return _MODES[mode](snapshot, x, logits_of, shortlist)
 
 
-def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of the softmax entropy, divided by log(classes) (so in [0, 1])."""
-    log_p = torch.log_softmax(logits, dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-    return entropy / math.log(logits.shape[1]) if logits.shape[1] > 1 else entropy
-
-
 @register_mode("exhaustive")
 def exhaustive(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf) -> TaskChoice:
     outputs = logits_of(snapshot.healthy_tasks(), x)
@@ -108,8 +101,7 @@ def exhaustive(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf) -> Task
 
 def _superposition_problem(snapshot: Snapshot) -> str | None:
     """Why the superposition modes (oneshot, binary) cannot run on `snapshot`, or None."""
-    ids, _ = snapshot.mask_stack()
-    if not ids or len(ids) != len(snapshot.healthy_tasks()) or len(_backbones(snapshot)) != 1:
+    if snapshot.mask_stack() is None:
         return "needs mask-based tasks (SupSup, ExSSNeT) on one backbone"
     return None
 
@@ -148,27 +140,17 @@ def _backbones(snapshot: Snapshot) -> set[str]:
     return {t.entry.backbone for t in snapshot.healthy_tasks()}
 
 
-def _superposition(snapshot: Snapshot) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(task ids, stacked masks, backbone) for the superposition modes (infer_task checked they apply)."""
-    ids, stack = snapshot.mask_stack()
-    return ids, stack, snapshot.backbones[_backbones(snapshot).pop()]
-
-
 def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list[int],
                            input_layer_only: bool = False) -> dict[int, float]:
     """dH/dalpha_i for the candidates' masks superposed with equal weights (SupSup's one-shot signal).
     With `input_layer_only`, alpha weights only the first masked layer's masks; the other layers
-    keep the same uniform superposition but pass no gradient to alpha (same forward, other signal)."""
-    ids, stack, backbone = _superposition(snapshot)
-    rows = [ids.index(i) for i in candidates]
-    classes = max(snapshot.tasks[i].entry.num_classes for i in candidates)
-    alpha = torch.full((len(rows),), 1.0 / len(rows), requires_grad=True)
-    first = next(iter(backbone))
-    with torch.enable_grad():
-        params = {n: w * (torch.tensordot(alpha, stack[n][rows], dims=1) if n == first or not input_layer_only
-                          else stack[n][rows].mean(dim=0)) for n, w in backbone.items()}
-        entropy = mean_entropy(snapshot.forward(params, x)[:, :classes])
-        (gradient,) = torch.autograd.grad(entropy, alpha)
+    keep the same uniform superposition but pass no gradient to alpha (same forward, other signal).
+    One backward pass to the effective weights, then one product with the stacked masks
+    (serving/superposition.py)."""
+    stack = snapshot.mask_stack()
+    tasks = stack.subset(None if candidates == stack.ids else [stack.row[i] for i in candidates])
+    layers = list(stack.columns)[:1] if input_layer_only else list(stack.columns)
+    gradient = stack.gradient(tasks.masks, snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers))
     return dict(zip(candidates, gradient.tolist()))
 
 
@@ -187,7 +169,7 @@ def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, ranke
 @register_mode("oneshot", gradients=True)
 def oneshot(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
     """One gradient over all tasks superposed; the most negative wins (SupSup)."""
-    ids = _superposition(snapshot)[0]
+    ids = snapshot.mask_stack().ids
     scores = superposition_gradient(snapshot, x, ids)
     return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
 
@@ -195,7 +177,7 @@ def oneshot(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist:
 @register_mode("oneshot-input", gradients=True)
 def oneshot_input(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
     """`oneshot` with the gradient through the first masked layer only (the most negative wins)."""
-    ids = _superposition(snapshot)[0]
+    ids = snapshot.mask_stack().ids
     scores = superposition_gradient(snapshot, x, ids, input_layer_only=True)
     return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot-input", scores,
                         shortlist)
@@ -205,7 +187,7 @@ def oneshot_input(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shor
 def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: int = 1) -> TaskChoice:
     """SupSup's multi-shot rule: each round keeps the tasks whose gradient is at or below the
     median and superposes them again, until one (or `shortlist`) remain: about log2(T) rounds."""
-    candidates = list(_superposition(snapshot)[0])
+    candidates = list(snapshot.mask_stack().ids)
     scores: dict[int, float] = {}
     while len(candidates) > max(1, shortlist):
         gradient = superposition_gradient(snapshot, x, candidates)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
-from serving.task_inference import infer_task
+from serving.task_inference import infer_task, mean_entropy, superposition_gradient
 from trainer import get_stream
 
 from .conftest import train_model
@@ -47,3 +48,48 @@ def test_input_layer_shortlist_of_every_task_is_exhaustive(snapshot):
     assert full.task.entry.id == exact.task.entry.id
     assert full.logits.equal(exact.logits)
     assert sorted(full.scores) == list(range(TASKS))
+
+
+def autograd_signal(snapshot: Snapshot, x, candidates: list[int], input_layer_only: bool) -> dict[int, float]:
+    """dH/dalpha the straightforward way: autograd through W * sum_i alpha_i M_i at alpha = 1/k.
+
+    The forward uses the mean mask exactly (plus a zero that carries alpha's gradient): computed
+    as sum_i alpha_i M_i it differs in the last bit, and on digits some hidden units' superposed
+    input cancels to exactly zero, so that last bit picks the side of their ReLU."""
+    tasks = [snapshot.tasks[i] for i in candidates]
+    backbone = snapshot.backbones[tasks[0].entry.backbone]
+    first = next(iter(backbone))
+    alpha = torch.full((len(tasks),), 1.0 / len(tasks), requires_grad=True)
+    params = {}
+    for name, weight in backbone.items():
+        masks = torch.stack([t.parts["masks"][name].to(torch.float32) for t in tasks])
+        zero = torch.tensordot(alpha - alpha.detach(), masks, dims=1) if name == first or not input_layer_only else 0
+        params[name] = weight * (masks.mean(dim=0) + zero)
+    classes = max(t.entry.num_classes for t in tasks)
+    entropy = mean_entropy(snapshot.forward(params, x)[:, :classes])
+    (gradient,) = torch.autograd.grad(entropy, alpha)
+    return dict(zip(candidates, gradient.tolist()))
+
+
+@pytest.mark.parametrize("input_layer_only", [False, True], ids=["oneshot", "oneshot-input"])
+@pytest.mark.parametrize("candidates", [list(range(TASKS)), [7, 2, 9, 4, 0]], ids=["all tasks", "binary round"])
+def test_stacked_mask_gradient_equals_autograd_through_alpha(snapshot, input_layer_only, candidates):
+    x = get_stream("permuted-digits").task(3).x_test[:BATCH]
+    fast = superposition_gradient(snapshot, x, candidates, input_layer_only)
+    slow = autograd_signal(snapshot, x, candidates, input_layer_only)
+    assert list(fast) == candidates
+    assert torch.allclose(torch.tensor(list(fast.values())), torch.tensor(list(slow.values())), rtol=1e-4, atol=1e-7)
+    assert min(fast, key=fast.get) == min(slow, key=slow.get)
+
+
+def test_stacked_mask_gradient_of_a_cnn_equals_autograd_through_alpha(tmp_path):
+    """Not a plain MLP: the entropy gradient comes from autograd (serving/entropy.py)."""
+    cnn = {"architecture": {"arch": "cnn", "input_shape": [1, 8, 8], "num_classes": 10, "width": 4},
+           "method_config": {"epochs": 1}}
+    registry = train_model(tmp_path, "cnn", 3, cnn)
+    snapshot = Snapshot.load(registry, registry.manifest("cnn"), None, LRUCache(1 << 26))
+    x = get_stream("permuted-digits").task(1).x_test[:BATCH]
+    for candidates, input_layer_only in (([0, 1, 2], False), ([0, 1, 2], True), ([2, 0], False)):
+        fast = superposition_gradient(snapshot, x, candidates, input_layer_only)
+        slow = autograd_signal(snapshot, x, candidates, input_layer_only)
+        assert torch.allclose(torch.tensor(list(fast.values())), torch.tensor(list(slow.values())), rtol=1e-4, atol=1e-7)
