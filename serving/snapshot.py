@@ -31,7 +31,7 @@ from registry import (
 
 from .bound import BoundModule
 from .cache import LRUCache
-from .entropy import autograd_gradients
+from .entropy import autograd_gradients, chain_gradients, linear_chain
 from .superposition import MaskStack
 
 log = logging.getLogger("maskbank.serving")
@@ -60,6 +60,7 @@ class Snapshot:
         self.manifest = manifest
         self._template = build_architecture(manifest.architecture).eval()
         self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
+        self._chain = linear_chain(self._template)  # a plain MLP's weight names: gradients in closed form
         self._per_thread = threading.local()
         self.backbones = backbones
         self.shared = shared
@@ -84,8 +85,12 @@ class Snapshot:
 
     def entropy_gradients(self, params: Tensors, x: torch.Tensor, classes: int, names: list[str]) -> Tensors:
         """dH/dW of the tensors `names` at `params`, H the mean entropy of the first `classes` logits
-        of `x`, by autograd on this thread's module."""
-        return autograd_gradients(self.forward, params, x, classes, names)
+        of `x` (serving/entropy.py): in closed form on a plain MLP, else by autograd."""
+        if self._chain is None:
+            return autograd_gradients(self.forward, params, x, classes, names)
+        wanted = [self._chain.index(n) for n in names]
+        gradients = chain_gradients([params[n] for n in self._chain], x, classes, wanted)
+        return {n: gradients[i] for n, i in zip(names, wanted)}
 
     def _head(self) -> BoundModule:
         """This thread's own copy of the output layer alone, to run one head on shared features."""
