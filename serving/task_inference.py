@@ -24,10 +24,10 @@ top 3 for 96% of those batches.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -154,13 +154,15 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     return dict(zip(candidates, gradient.tolist()))
 
 
-def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, ranked: list[int], mode: str,
-                 scores: dict, shortlist: int) -> TaskChoice:
-    """The best-ranked task, or, with shortlist k > 1, the lowest-entropy task among the k best
-    ranked (k forward passes: a cost bounded by k, not by the number of tasks)."""
-    if shortlist <= 1 or len(ranked) == 1:
+def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, candidates: list[int], mode: str,
+                 scores: dict[int, float], shortlist: int) -> TaskChoice:
+    """The candidate with the lowest score (ties: the lowest id), or, with shortlist k > 1, the
+    lowest-entropy task among the k best scored (k forward passes: a cost bounded by k, not by
+    the number of tasks). A candidate without a score counts as 0."""
+    ranked = heapq.nsmallest(max(1, shortlist), candidates, key=lambda i: (scores.get(i, 0.0), i))
+    if len(ranked) == 1:
         return TaskChoice(snapshot.tasks[ranked[0]], mode, scores)
-    outputs = logits_of([snapshot.tasks[i] for i in ranked[:shortlist]], x)
+    outputs = logits_of([snapshot.tasks[i] for i in ranked], x)
     entropy = {i: float(mean_entropy(out)) for i, out in outputs.items()}
     best = min(entropy, key=lambda i: (entropy[i], i))
     return TaskChoice(snapshot.tasks[best], mode, scores, outputs[best])
@@ -171,7 +173,7 @@ def oneshot(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist:
     """One gradient over all tasks superposed; the most negative wins (SupSup)."""
     ids = snapshot.mask_stack().ids
     scores = superposition_gradient(snapshot, x, ids)
-    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot", scores, shortlist)
+    return _shortlisted(snapshot, x, logits_of, ids, "oneshot", scores, shortlist)
 
 
 @register_mode("oneshot-input", gradients=True)
@@ -179,8 +181,7 @@ def oneshot_input(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shor
     """`oneshot` with the gradient through the first masked layer only (the most negative wins)."""
     ids = snapshot.mask_stack().ids
     scores = superposition_gradient(snapshot, x, ids, input_layer_only=True)
-    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "oneshot-input", scores,
-                        shortlist)
+    return _shortlisted(snapshot, x, logits_of, ids, "oneshot-input", scores, shortlist)
 
 
 @register_mode("binary", gradients=True)
@@ -192,12 +193,13 @@ def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: 
     while len(candidates) > max(1, shortlist):
         gradient = superposition_gradient(snapshot, x, candidates)
         scores.update(gradient)
-        median = float(np.median(list(gradient.values())))
         ranked = sorted(candidates, key=lambda i: (gradient[i], i))
+        # The lower median keeps the same tasks as the mean of the two middle values (numpy's
+        # median, 0.1 ms a call): no gradient lies strictly between those two.
+        median = gradient[ranked[(len(ranked) - 1) // 2]]
         keep = [i for i in ranked if gradient[i] <= median]
         candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
-    return _shortlisted(snapshot, x, logits_of, sorted(candidates, key=lambda i: (scores.get(i, 0.0), i)), "binary",
-                        scores, shortlist)
+    return _shortlisted(snapshot, x, logits_of, candidates, "binary", scores, shortlist)
 
 
 @register_mode("alpha")
@@ -220,4 +222,4 @@ def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: i
     target = F.one_hot(torch.tensor(min(range(size), key=lambda b: (entropy[b], b))), size).to(torch.float32)
     distance = sum(((layer - target) ** 2).sum(dim=1) for layer in stack.values())
     scores = dict(zip(ids, distance.tolist()))
-    return _shortlisted(snapshot, x, logits_of, sorted(ids, key=lambda i: (scores[i], i)), "alpha", scores, shortlist)
+    return _shortlisted(snapshot, x, logits_of, ids, "alpha", scores, shortlist)
