@@ -25,7 +25,7 @@ from serving.snapshot import Snapshot
 from serving.task_inference import infer_task
 from trainer import get_stream, train
 
-THREADS = 2
+THREADS = 1  # on the shared 2-core machine a second thread waits for a busy core: 2 threads gave 0.0x-3000x spreads
 TASKS = 100
 ARCHITECTURE = {"arch": "mlp", "sizes": [64, 128, 128, 10]}
 EPOCHS = 8
