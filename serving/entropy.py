@@ -48,7 +48,8 @@ def linear_chain(module: nn.Module) -> list[str] | None:
     return [f"{name}.weight" for name, _ in children[::2]]
 
 
-def chain_gradients(weights: list[torch.Tensor], x: torch.Tensor, classes: int, wanted: list[int]) -> dict[int, torch.Tensor]:
+def chain_gradients(weights: list[torch.Tensor], x: torch.Tensor, classes: int,
+                    wanted: list[int]) -> dict[int, torch.Tensor]:
     """dH/dW of the layers `wanted` (indices into `weights`) of the plain MLP `weights`, H the
     mean entropy of its first `classes` logits of `x`: one forward keeping the activations, then
     the backward pass written out (a ReLU passes gradient where its output is positive, as

@@ -200,10 +200,11 @@ class Snapshot:
         with self._lock:
             if self._mask_stack is _UNBUILT:
                 tasks = self.healthy_tasks()
-                usable = tasks and all("masks" in t.parts for t in tasks) and len({t.entry.backbone for t in tasks}) == 1
+                backbones = {t.entry.backbone for t in tasks}
+                usable = tasks and all("masks" in t.parts for t in tasks) and len(backbones) == 1
                 self._mask_stack = MaskStack.build(
-                    [t.entry.id for t in tasks], [t.entry.num_classes for t in tasks], [t.parts["masks"] for t in tasks],
-                    self.backbones[tasks[0].entry.backbone]) if usable else None
+                    [t.entry.id for t in tasks], [t.entry.num_classes for t in tasks],
+                    [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()]) if usable else None
             return self._mask_stack
 
     def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
