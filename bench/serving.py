@@ -16,16 +16,21 @@ per task at T = 200 even for MLP [64, 64, 10], growing with T). Serving cost doe
 the masks learned. Every process runs torch.set_num_threads(THREADS) (servers via --threads; the
 load generator does not import torch).
 
-Run: python -m bench serving. Prints Markdown tables and writes bench/results/serving.json.
+Run: python -m bench serving (everything; writes bench/results/serving.json), or
+python -m bench.serving --only task_mix [hot_add ...] (those sections; writes
+bench/results/serving-<sections>.json). Prints Markdown tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -55,6 +60,7 @@ HOT_ADDS, HOT_SPACING, POLL_INTERVAL = 20, 1.0, 0.2
 DENSITY = 0.5
 CHECK_SECONDS = 2.0  # the untimed correctness phase of task_mix
 RESULTS = Path(__file__).parent / "results" / "serving.json"
+SECTIONS = ("serve_overhead", "small_requests", "task_mix", "hot_add")
 
 
 # ---------------------------------------------------------------- registries
@@ -269,104 +275,153 @@ def fmt(s: dict, unit: str = "x") -> str:
     return f"{s['median']:.2f}{unit} ({s['min']:.2f}-{s['max']:.2f})"
 
 
+def _rows(results: dict) -> list[tuple]:
+    """(benchmark, A, B, value, target, met) for every section in `results`."""
+    rows = []
+    if so := results.get("serve_overhead"):
+        rows += [
+            ("serve_overhead (a)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", "OIP floor server, same load",
+             fmt(so["vs_floor"]), ">= 1.0x", so["vs_floor"]["median"] >= 1.0),
+            ("serve_overhead (b)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients",
+             f"in-process dense forward, batch {BATCH}, 1 thread", fmt(so["vs_compute"]), "(reported)", None),
+            ("serve_overhead (c)", "minimal grpc.aio OIP server computing inline (the Python gRPC ceiling)",
+             "OIP floor server, same load", fmt(so["aio_floor_vs_floor"]), "(reported)", None),
+        ]
+    if sr := results.get("small_requests"):
+        rows += [
+            ("small_requests", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us {QUEUE_DELAY_US}",
+             "OIP floor server, batch 1, same load", fmt(sr["batching_vs_floor"]), ">= 2x",
+             sr["batching_vs_floor"]["median"] >= 2.0),
+            ("small_requests (no delay)", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us 0",
+             "OIP floor server, batch 1, same load", fmt(sr["no_delay_vs_floor"]), "(reported)", None),
+            ("small_requests (ceiling)", "minimal grpc.aio OIP server computing inline, batch 1",
+             "OIP floor server, batch 1, same load", fmt(sr["aio_floor_vs_floor"]), "(reported)", None),
+        ]
+    if tm := results.get("task_mix"):
+        for t in MIX_TASKS:
+            s = tm[f"mix{t}_vs_single"]
+            rows.append((f"task_mix {t}", f"maskbank, each request a random task of {t}",
+                         "maskbank, one task (serve_overhead's load)", fmt(s), ">= 0.8", s["median"] >= 0.8))
+    if ha := results.get("hot_add"):
+        p50 = ha["p50_s"]
+        hot_ok = p50 is not None and p50 <= 1.0 and ha["failures"] == 0 and not ha["not_served_in_time"]
+        rows.append(("hot_add", f"publish returns -> first success on the new task, {HOT_ADDS} adds under load "
+                     f"(--poll-interval {POLL_INTERVAL})", "-",
+                     (f"p50 {p50:.3f} s (max {ha['max_s']:.3f} s), {ha['failures']} failed requests"
+                      + (f", {len(ha['not_served_in_time'])} adds not served in time" if ha["not_served_in_time"] else ""))
+                     if p50 is not None else "no add served",
+                     "p50 <= 1 s, 0 failures", hot_ok))
+    return rows
+
+
+def _checks(results: dict) -> list[str]:
+    """The correctness-under-load rows of the sections in `results` that check answers."""
+    rows = []
+    if tc := results.get("task_mix", {}).get("correctness"):
+        rows.append(f"| task_mix, random task of {tc['model_tasks']}, {CLIENTS} clients, batch {BATCH} "
+                    f"({CHECK_SECONDS:g} s, untimed) | {tc['requests']} | {tc['wrong']} "
+                    f"({tc['wrong'] / max(tc['requests'], 1):.1%}) | {tc['failures']} |")
+    if ha := results.get("hot_add"):
+        rows.append(f"| hot_add background load (tasks 0 and each added task) | {ha['background_requests']} | {ha['wrong']} "
+                    f"({ha['wrong'] / max(ha['background_requests'], 1):.1%}) | {ha['failures']} |")
+    return rows
+
+
 def tables(results: dict) -> str:
-    so, sr, tm, ha = (results[k] for k in ("serve_overhead", "small_requests", "task_mix", "hot_add"))
-    rows = [
-        ("serve_overhead (a)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", "OIP floor server, same load",
-         fmt(so["vs_floor"]), ">= 1.0x", so["vs_floor"]["median"] >= 1.0),
-        ("serve_overhead (b)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients", f"in-process dense forward, batch {BATCH}, 1 thread",
-         fmt(so["vs_compute"]), "(reported)", None),
-        ("serve_overhead (c)", "minimal grpc.aio OIP server computing inline (the Python gRPC ceiling)",
-         "OIP floor server, same load", fmt(so["aio_floor_vs_floor"]), "(reported)", None),
-        ("small_requests", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us {QUEUE_DELAY_US}",
-         "OIP floor server, batch 1, same load", fmt(sr["batching_vs_floor"]), ">= 2x", sr["batching_vs_floor"]["median"] >= 2.0),
-        ("small_requests (no delay)", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us 0",
-         "OIP floor server, batch 1, same load", fmt(sr["no_delay_vs_floor"]), "(reported)", None),
-        ("small_requests (ceiling)", "minimal grpc.aio OIP server computing inline, batch 1",
-         "OIP floor server, batch 1, same load", fmt(sr["aio_floor_vs_floor"]), "(reported)", None),
-    ]
-    for t in MIX_TASKS:
-        s = tm[f"mix{t}_vs_single"]
-        rows.append((f"task_mix {t}", f"maskbank, each request a random task of {t}", "maskbank, one task (serve_overhead's load)",
-                     fmt(s), ">= 0.8", s["median"] >= 0.8))
-    p50 = ha["p50_s"]
-    hot_ok = p50 is not None and p50 <= 1.0 and ha["failures"] == 0 and not ha["not_served_in_time"]
-    rows.append(("hot_add", f"publish returns -> first success on the new task, {HOT_ADDS} adds under load "
-                 f"(--poll-interval {POLL_INTERVAL})", "-",
-                 (f"p50 {p50:.3f} s (max {ha['max_s']:.3f} s), {ha['failures']} failed requests"
-                  + (f", {len(ha['not_served_in_time'])} adds not served in time" if ha["not_served_in_time"] else ""))
-                 if p50 is not None else "no add served",
-                 "p50 <= 1 s, 0 failures", hot_ok))
     lines = ["| benchmark | A | B (reference) | A / B: median (min-max) over rounds | target | met |", "|---|---|---|---|---|---|"]
-    for name, a, b, value, target, ok in rows:
+    for name, a, b, value, target, ok in _rows(results):
         lines.append(f"| {name} | {a} | {b} | {value} | {target} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
     ctx = ["| section | configuration | requests/s (median) | p50 ms | p99 ms | failed requests |", "|---|---|---|---|---|---|"]
     for section in ("serve_overhead", "small_requests", "task_mix"):
-        for name, row in results[section]["context"].items():
+        for name, row in results.get(section, {}).get("context", {}).items():
             p50, p99 = row.get("p50_ms_median"), row.get("p99_ms_median")
             ctx.append(f"| {section} | {name} | {row['rps_median']:.0f} | {'-' if p50 is None else f'{p50:.2f}'} | "
                        f"{'-' if p99 is None else f'{p99:.2f}'} | {row['failures']} |")
-    lat = ha["background_latency_ms"]
-    ctx.append(f"| hot_add | background load during the adds | {ha['background_rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
-               f"{ha['failures']} |")
-    cache = ", ".join(f"{name}: {c['hit_rate']:.1%} hits" for name, c in tm["cache"].items() if c and c["hit_rate"] is not None)
-    tc = tm["correctness"]
+    if ha := results.get("hot_add"):
+        lat = ha["background_latency_ms"]
+        ctx.append(f"| hot_add | background load during the adds | {ha['background_rps']:.0f} | {lat['p50']:.2f} | "
+                   f"{lat['p99']:.2f} | {ha['failures']} |")
+    cache = ", ".join(f"{name}: {c['hit_rate']:.1%} hits" for name, c in results.get("task_mix", {}).get("cache", {}).items()
+                      if c and c["hit_rate"] is not None)
     check = ["| where | answers checked | answers with logits other than their task's | failed requests |", "|---|---|---|---|",
-             f"| task_mix, random task of {tc['model_tasks']}, {CLIENTS} clients, batch {BATCH} ({CHECK_SECONDS:g} s, untimed) | "
-             f"{tc['requests']} | {tc['wrong']} ({tc['wrong'] / max(tc['requests'], 1):.1%}) | {tc['failures']} |",
-             f"| hot_add background load (tasks 0 and each added task) | {ha['background_requests']} | {ha['wrong']} "
-             f"({ha['wrong'] / max(ha['background_requests'], 1):.1%}) | {ha['failures']} |"]
+             *_checks(results)]
     return ("\n".join(lines) + "\n\nCorrectness under load (every answer's logits against in-process logits of the task that "
             "answered, np.allclose rtol=atol=1e-4):\n\n" + "\n".join(check)
             + "\n\nAbsolute figures, for context only (noisy shared machine; compare the ratios):\n\n"
             + "\n".join(ctx) + (f"\n\ntask_mix effective-weight cache (default --cache-bytes, whole section): {cache}" if cache else ""))
 
 
-def main() -> None:
-    torch.set_num_threads(THREADS)
-    started = time.monotonic()
+def _measure(sections: tuple[str, ...], root: Path, stack: contextlib.ExitStack) -> dict:
+    """Run `sections` (in SECTIONS order) against servers on the registries under `root`; each server
+    starts when the first section that needs it does."""
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="maskbank-bench-") as tmp, contextlib.ExitStack() as stack:
-        root = Path(tmp)
-        train_base(root / "base")
-        for t in MIX_TASKS:
-            shutil.copytree(root / "base", root / f"mix{t}")
-            add_synthetic_tasks(Registry(root / f"mix{t}"), t, seed=t)
-        shutil.copytree(root / "base", root / "hot")
-        setup_s = time.monotonic() - started
-        load = stack.enter_context(LoadProcess(lifetime=900))
-        floor = stack.enter_context(FloorProcess(SIZES, threads=THREADS))
-        ceiling = stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=True))
-        single = maskbank(stack, root / "base")
-
+    load = stack.enter_context(LoadProcess(lifetime=900))
+    needs_floor = {"serve_overhead", "small_requests"} & set(sections)
+    floor = stack.enter_context(FloorProcess(SIZES, threads=THREADS)) if needs_floor else None
+    ceiling = stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=True)) if needs_floor else None
+    single = maskbank(stack, root / "base") if needs_floor or "task_mix" in sections else None
+    if "serve_overhead" in sections:
         results["serve_overhead"] = serve_overhead(load, single, floor, ceiling)
+    if "small_requests" in sections:
         batching = maskbank(stack, root / "base", "--max-queue-delay-us", str(QUEUE_DELAY_US))
         results["small_requests"] = small_requests(load, batching, single, floor, ceiling)
         batching.stop()
+    if floor is not None:
         floor.stop()
         ceiling.stop()
+    if "task_mix" in sections:
         mixes = {t: maskbank(stack, root / f"mix{t}") for t in MIX_TASKS}
         results["task_mix"] = task_mix(load, single, mixes, {t: root / f"mix{t}" for t in MIX_TASKS})
         for server in mixes.values():
             server.stop()
+    if single is not None:
         single.stop()
+    if "hot_add" in sections:
         hot = maskbank(stack, root / "hot", "--poll-interval", str(POLL_INTERVAL))
         results["hot_add"] = hot_add(load, hot, Registry(root / "hot"))
+    return results
+
+
+def main(sections: tuple[str, ...] = SECTIONS, results_path: Path = RESULTS) -> None:
+    torch.set_num_threads(THREADS)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="maskbank-bench-") as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        train_base(root / "base")
+        if "task_mix" in sections:
+            for t in MIX_TASKS:
+                shutil.copytree(root / "base", root / f"mix{t}")
+                add_synthetic_tasks(Registry(root / f"mix{t}"), t, seed=t)
+        if "hot_add" in sections:
+            shutil.copytree(root / "base", root / "hot")
+        setup_s = time.monotonic() - started
+        results = _measure(sections, root, stack)
     total_s = time.monotonic() - started
-    setup = {"threads": THREADS, "sizes": SIZES, "repeats": REPEATS, "phase_seconds": PHASE_SECONDS,
+    setup = {"sections": list(sections), "threads": THREADS, "sizes": SIZES, "repeats": REPEATS, "phase_seconds": PHASE_SECONDS,
              "warmup_seconds": WARMUP_SECONDS, "batch": BATCH, "clients": CLIENTS, "small_clients": SMALL_CLIENTS,
              "queue_delay_us": QUEUE_DELAY_US, "mix_tasks": list(MIX_TASKS), "synthetic_density": DENSITY,
              "hot_adds": HOT_ADDS, "hot_spacing_s": HOT_SPACING, "poll_interval_s": POLL_INTERVAL,
              "load_client": "raw gRPC (pre-serialised requests, every reply parsed), one channel per client thread",
+             "load_average": os.getloadavg(),
              "setup_seconds": round(setup_s, 1), "total_seconds": round(total_s, 1)}
     print(f"maskbank serving, MLP {SIZES} (SupSup, 1 trained task + synthetic ones for task_mix/hot_add); "
           f"torch.set_num_threads({THREADS}) in every process; {REPEATS} alternating rounds of {PHASE_SECONDS} s phases "
-          f"(+{WARMUP_SECONDS} s warm-up each); load from one separate process; {total_s:.0f} s in all\n")
+          f"(+{WARMUP_SECONDS} s warm-up each); load from one separate process; {total_s:.0f} s in all; "
+          f"machine load average at the end {setup['load_average'][0]:.1f}\n")
     print(tables(results) + "\n")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "serving", "setup": setup, **results}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps({"benchmark": "serving", "setup": setup, **results}, indent=2) + "\n")
+    print(f"wrote {results_path}")
+
+
+def cli(argv: list[str]) -> None:  # not `main`: `python -m bench` calls main() with no arguments
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections; their JSON goes to bench/results/serving-<sections>.json, "
+                             "so the full run's serving.json is left as it was")
+    only = tuple(s for s in SECTIONS if s in parser.parse_args(argv).only)
+    main(only, RESULTS if only == SECTIONS else RESULTS.with_name(f"serving-{'+'.join(only)}.json"))
 
 
 if __name__ == "__main__":
-    main()
+    cli(sys.argv[1:])
