@@ -141,7 +141,10 @@ def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_t
 
     generator = torch.Generator().manual_seed(0)
     backbone = {"w": torch.randn(5, 7, generator=generator)}  # negative weights: -0.0 where masked
-    for mask in (torch.rand(5, 7, generator=generator) < 0.5, (torch.rand(5, 7, generator=generator) < 0.5).float()):
+    masks = (torch.rand(5, 7, generator=generator) < 0.5,  # bool: converted through its uint8 view
+             (torch.rand(7, 5, generator=generator) < 0.5).t(),  # a non-contiguous bool view
+             (torch.rand(5, 7, generator=generator) < 0.5).float())
+    for mask in masks:
         kept = mask.clone()
         served = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
         expected = backbone["w"] * mask
