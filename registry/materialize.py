@@ -31,17 +31,22 @@ class Materialization:
         their forgetting or transfer is part of the method and is measured as BWT).
     head_only: a task differs from the backbone only in its output layer (the `head` part), so
         tasks on one backbone version can share a single pass up to that layer (GN exhaustive).
+    into_buffers: build takes an `out` keyword (see `effective_parameters`) and writes each
+        effective weight into the caller's buffer of that name, so a server can compute a task's
+        weights per request without allocating them.
     """
 
     build: Materializer
     backbone: Literal["own", "latest"] = "own"
     head_only: bool = False
+    into_buffers: bool = False
 
 
 _MATERIALIZERS: dict[str, Materialization] = {}
 
 
-def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "own", head_only: bool = False):
+def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "own", head_only: bool = False,
+                          into_buffers: bool = False):
     """Decorator: how tasks of `methods` turn (backbone, task parts, the model's shared parts)
     into the effective parameters (and buffers) of a forward pass; see `Materialization`."""
     if backbone not in ("own", "latest"):
@@ -49,7 +54,7 @@ def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "o
 
     def decorate(fn: Materializer) -> Materializer:
         for method in methods:
-            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only)
+            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only, into_buffers)
         return fn
 
     return decorate
@@ -69,10 +74,20 @@ def served_backbone(method: str, own: str, versions: Iterable[str]) -> str:
 
 
 def effective_parameters(
-    method: str, backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors] | None = None
+    method: str, backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors] | None = None,
+    out: Tensors | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The parameters a task's forward pass uses, checked against the backbone."""
-    return materialization(method).build(backbone, parts, shared or {})
+    """The parameters a task's forward pass uses, checked against the backbone.
+
+    out: optional buffers by weight name (the backbone weight's shape and dtype). A method whose
+        materialisation has `into_buffers` writes the effective weights into them, bit for bit
+        the values it would allocate; the result then holds `out`'s tensors, valid until the
+        caller reuses them. Other methods ignore `out`.
+    """
+    found = materialization(method)
+    if out is not None and found.into_buffers:
+        return found.build(backbone, parts, shared or {}, out=out)
+    return found.build(backbone, parts, shared or {})
 
 
 def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
@@ -98,25 +113,33 @@ def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
                                   f"the backbone {list(backbone[name].shape)}")
 
 
-@register_materializer("supsup")
-def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+@register_materializer("supsup", into_buffers=True)
+def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors],
+            out: Tensors | None = None) -> dict[str, torch.Tensor]:
     masks = parts["masks"]
     check_compatible("supermask", masks, backbone)
-    # mask-as-float times weight, in place on the fresh copy: the same products bit for bit as
-    # `weight * mask`, but several times faster on CPU than PyTorch's mixed bool x float kernel
-    # (what a server pays on every cache miss; python -m bench.serving --only task_mix).
-    effective = {name: mask_as(masks[name], weight.dtype).mul_(weight) for name, weight in backbone.items()}
+    # mask-as-float times weight, in place on the fresh copy (or `out`'s buffer): the same products
+    # bit for bit as `weight * mask`, but several times faster on CPU than PyTorch's mixed
+    # bool x float kernel (what a server pays per cache miss; python -m bench.serving --only task_mix).
+    effective = {name: mask_as(masks[name], weight.dtype, None if out is None else out[name]).mul_(weight)
+                 for name, weight in backbone.items()}
     return {**effective, **parts.get("bn_stats", {})}
 
 
-def mask_as(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh copy of `mask` as 0 / 1 in `dtype`.
+def mask_as(mask: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`mask` as 0 / 1 in `dtype`: a fresh tensor, or written into `out` (of `dtype`, the mask's shape).
 
     A bool mask is converted through its bytes (a uint8 view, 0 or 1 per element, as PyTorch stores
     bool): PyTorch's CPU conversion from uint8 is vectorised and about 2-4x faster than the one
     from bool, and a cache miss on a mask method is mostly this conversion.
     """
-    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).to(dtype, copy=True)
+    source = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if out is None:
+        return source.to(dtype, copy=True)
+    if out.dtype != dtype or out.shape != mask.shape:
+        raise InvalidArtifact(f"a buffer for a mask of shape {list(mask.shape)} must be {dtype} of that shape, "
+                              f"got {out.dtype} {list(out.shape)}")
+    return out.copy_(source)
 
 
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:

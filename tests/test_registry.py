@@ -17,7 +17,7 @@ from registry import (
     TaskNotFound,
     build_architecture,
 )
-from registry.errors import UnknownName
+from registry.errors import InvalidArtifact, UnknownName
 
 from .conftest import manifest_with
 
@@ -149,3 +149,17 @@ def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_t
         served = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
         expected = backbone["w"] * mask
         assert torch.equal(served.view(torch.int32), expected.view(torch.int32)) and torch.equal(mask, kept)
+
+
+def test_supsup_writes_into_given_buffers_the_same_bits_it_would_allocate():
+    from registry import effective_parameters
+
+    generator = torch.Generator().manual_seed(0)
+    backbone = {"w": torch.randn(5, 7, generator=generator)}
+    out = {"w": torch.full((5, 7), float("nan"))}
+    for mask in (torch.rand(5, 7, generator=generator) < 0.5, torch.rand(5, 7, generator=generator) < 0.5):
+        fresh = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
+        written = effective_parameters("supsup", backbone, {"masks": {"w": mask}}, out=out)["w"]
+        assert written is out["w"] and torch.equal(written.view(torch.int32), fresh.view(torch.int32))
+    with pytest.raises(InvalidArtifact, match=r"must be torch.float32 of that shape, got torch.float32 \[7, 5\]"):
+        effective_parameters("supsup", backbone, {"masks": {"w": mask}}, out={"w": torch.empty(7, 5)})
