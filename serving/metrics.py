@@ -108,6 +108,8 @@ class MaskbankCollector:
              stats.misses),
             ("maskbank_cache_evictions", "Entries evicted from the effective-weight cache to stay under its bound",
              stats.evictions),
+            ("maskbank_cache_rejections", "Misses whose weights the full cache did not keep (used no more often "
+             "than the entries they would evict); computed in per-thread buffers instead", stats.rejections),
         ):
             yield CounterMetricFamily(name, documentation, value=value)
         for name, documentation, value in (

@@ -145,6 +145,7 @@ def test_metrics_count_inferences_failures_cache_and_generation(ops):
     assert ("nv_inference_queue_duration_us", labels) in after
     assert grew("maskbank_cache_hits_total", ()) + grew("maskbank_cache_misses_total", ()) == 3
     assert after[("maskbank_cache_hits_total", ())] >= 1 and after[("maskbank_cache_evictions_total", ())] == 0
+    assert after[("maskbank_cache_rejections_total", ())] == 0
     assert after[("maskbank_cache_entries", ())] == 2 and after[("maskbank_cache_bytes", ())] > 0
     assert after[("maskbank_model_generation", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks", (("model", "a"),))] == 2
