@@ -9,7 +9,9 @@ import torch (nothing here computes).
 
 Spec keys (defaults in DEFAULTS):
   url, model, clients, batch, features, classes, seconds, warmup_seconds, max_requests, client
-  tasks: task ids a GG request picks from uniformly (None: the tasks discovered by the probe)
+  tasks: task ids a GG request picks from uniformly (None: the tasks discovered by the probe); each
+      phase a process runs draws a fresh sequence (its phase number is part of the seed), so that a
+      frequency-based cache cannot profit from a sequence replayed phase after phase
   gn_share, gn_mode: the share of requests sent without a task (GN) and their task_inference mode
   probe_from: if set, a probe thread asks for task ids probe_from, probe_from + 1, ... every
       probe_interval seconds; NOT_FOUND is the expected answer until the task is served; the first
@@ -37,6 +39,7 @@ Use from another process:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -182,10 +185,14 @@ def _not_found(error: BaseException) -> bool:
     return callable(status) and status() == "StatusCode.NOT_FOUND"
 
 
+_PHASES = itertools.count()  # phases run by this process: part of each client's seed
+
+
 def run_phase(spec: dict) -> dict:
     """Run one bounded load phase against spec['url'] and return its numbers."""
     spec = {**DEFAULTS, **spec}
     _check_url(spec["url"])
+    phase = next(_PHASES)
     seconds = min(float(spec["seconds"]), MAX_SECONDS)
     requests = _Requests(spec)
     make = _triton_call if spec["client"] == "triton" else _raw_call
@@ -231,7 +238,7 @@ def run_phase(spec: dict) -> dict:
     times = {}
 
     def client(index: int) -> None:
-        rng = random.Random(spec["seed"] * 1000 + index)
+        rng = random.Random((spec["seed"] * 1_000_000 + phase) * 1000 + index)
         call, close = make(spec, requests)
         for task in spec["tasks"] or []:  # serialise up front, outside the timed window
             requests.raw(task)
