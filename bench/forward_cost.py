@@ -1,10 +1,14 @@
 """Where a served forward pass spends its time, in-process (no gRPC): a plain module holding the
 task's effective weights, torch.func.functional_call, registry.forward (eval switch + BatchNorm
 counters + functional_call), Snapshot.forward (serving's BoundModule: slots found once) and
-Snapshot.logits (Snapshot.forward plus the effective-weight cache lookup).
+Snapshot.logits (Snapshot.forward plus the effective-weight cache lookup); and, to see what the
+server adds around the forward, the whole ModelInfer handler called directly on a parsed request
+(maskbank's servicer: model lookup, validation, task selection, batcher, response with two outputs
+and four parameters, statistics) beside the protocol floor's handler (bench/oip_floor.py: decode,
+a dense forward, encode). No gRPC: that layer is the same for both.
 
-One SupSup task on MLP 64-512-512-10 (1 epoch: the weights' values do not matter here), batch 1
-and 32, torch.set_num_threads(1); each measurement is a loop of calls, alternated A B C D and
+One SupSup task on MLP 64-512-512-10 (1 epoch: the weights' values do not matter here), batch 1,
+8 and 32, torch.set_num_threads(1); each measurement is a loop of calls, alternated A B C D and
 repeated; medians (min-max) of the per-call time and of the ratio to the plain module.
 """
 
@@ -19,9 +23,14 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from registry import Registry, build_architecture, forward
-from serving import ModelRepository
+from serving._proto import pb
+from serving.server import InferenceServer, ServerConfig
 from trainer import train
+
+from .oip_floor import FloorServicer
 
 THREADS, CALLS, REPEATS = 1, 300, 7
 ARCHITECTURE = {"arch": "mlp", "sizes": [64, 512, 512, 10]}
@@ -35,7 +44,19 @@ def per_call_us(fn) -> float:
     return (time.perf_counter() - began) / CALLS * 1e6
 
 
-def measure(repository: ModelRepository, batch: int) -> dict[str, dict[str, float]]:
+def infer_request(batch: int) -> pb.ModelInferRequest:
+    """A parsed GG request for task 0 of model m, raw FP32 input, as a client sends it."""
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="input", datatype="FP32", shape=[batch, ARCHITECTURE["sizes"][0]])
+    request.raw_input_contents.append(np.random.default_rng(0).random((batch, ARCHITECTURE["sizes"][0]),
+                                                                      dtype=np.float32).tobytes())
+    request.parameters["task_id"].int64_param = 0
+    return pb.ModelInferRequest.FromString(request.SerializeToString())
+
+
+def measure(server: InferenceServer, batch: int) -> dict[str, dict[str, float]]:
+    repository, servicer, floor = server.repository, server.servicer, FloorServicer(ARCHITECTURE["sizes"])
+    request = infer_request(batch)
     snapshot = repository.get("m")
     task = snapshot.task(0)
     params = snapshot.parameters(task)
@@ -49,6 +70,8 @@ def measure(repository: ModelRepository, batch: int) -> dict[str, dict[str, floa
         "registry.forward": lambda: forward(module, params, x),
         "Snapshot.forward": lambda: snapshot.forward(params, x),
         "Snapshot.logits": lambda: snapshot.logits(task, x),
+        "ModelInfer handler, floor": lambda: floor.ModelInfer(request, None),
+        "ModelInfer handler, maskbank": lambda: servicer.ModelInfer(request, None),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -69,9 +92,10 @@ def main() -> None:
         registry = Registry(root)
         train(registry, "m", 1, {"method": "supsup", "stream": "permuted-digits", "architecture": ARCHITECTURE,
                                  "method_config": {"epochs": 1}}, log=lambda _: None)
-        repository = ModelRepository(registry)
-        repository.refresh()
-        results = {f"batch {b}": measure(repository, b) for b in (1, 32)}
+        server = InferenceServer(ServerConfig(registry=root, port=0, metrics_port=-1, torch_threads=THREADS))
+        server.repository.refresh()
+        results = {f"batch {b}": measure(server, b) for b in (1, 8, 32)}
+        server.repository.close()
     print(f"In-process cost of one forward, MLP 64-512-512-10, torch.set_num_threads({THREADS}); "
           f"{REPEATS} alternating repetitions of {CALLS} calls\n")
     print("| batch | path | µs per call (median) | / plain module (median, min-max) |\n|---|---|---|---|")
