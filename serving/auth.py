@@ -27,24 +27,24 @@ ADMIN_METHODS: frozenset[str] = frozenset(
 HEADER = "authorization"
 
 
-class AdminAuthInterceptor(grpc.ServerInterceptor):
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
     """Lets an admin call through only with the right bearer token; other calls pass untouched."""
 
     def __init__(self, token: str | None):
         self._token = token.encode() if token else None
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method not in ADMIN_METHODS:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         refusal = self.refusal(method, handler_call_details.invocation_metadata or ())
         if refusal is None:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
 
-        def refuse(request, context):
+        async def refuse(request, context):
             log.warning("refused %s from %s: %s", method, context.peer(), refusal,
                         extra={"method": method, "peer": context.peer()})
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
 
         return grpc.unary_unary_rpc_method_handler(refuse)
 

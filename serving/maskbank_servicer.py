@@ -38,8 +38,8 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
         key = request.task_name if request.WhichOneof("task") == "task_name" else request.task_id
         return task_info(snapshot, snapshot.tasks[snapshot.manifest.task(key).id])
 
-    def InferTask(self, request, context):
-        response, result = self.inference.answer(request.request)
+    async def InferTask(self, request, context):
+        response, result = await self.inference.answer(request.request)
         return mb.InferTaskResponse(response=response, mode=result.mode, task_id=result.task.entry.id,
                                     task_name=result.task.entry.name, scores=result.scores or {},
                                     backend=result.backend)

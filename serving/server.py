@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -15,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from registry import Registry
@@ -47,7 +49,7 @@ class ServerConfig:
     poll_interval: float = 1.0  # seconds between registry checks for new generations
     task_inference: str = "exhaustive"  # default GN mode when a request names no task
     cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
-    workers: int = 8  # gRPC handler threads
+    workers: int = 8  # threads for the RPCs that are not coroutines (gRPC's migration thread pool)
     torch_threads: int | None = None  # intra-op threads for inference, torch's and ONNX Runtime's (default: theirs)
     backend: str = "pytorch"  # what runs forwards: pytorch or onnxruntime (gradient-based GN always runs on pytorch)
     max_batch_size: int = 1024  # rows per request (and per batched execution)
@@ -119,28 +121,43 @@ class InferenceServer:
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
             instances=config.instances,
         )
-        self.health = health.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self._credentials = None
         if config.tls:
             self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
-        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-                  ("grpc.max_send_message_length", config.max_message_bytes)]
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
-            # Authorisation first: a refused admin call never reaches the servicer.
-            interceptors=[AdminAuthInterceptor(config.admin_token), ErrorInterceptor()], options=limits,
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
-        mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for module in (health_pb2, reflection_pb2):  # reflection answers from maskbank's pool
-            _add_to_pool(module.DESCRIPTOR)
-        services = (INFERENCE_SERVICE, MASKBANK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, self.server, pool=POOL)
         self.metrics = MetricsServer(self.repository, self.statistics)
         self.port: int | None = None
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()
+        self._terminated = threading.Event()
+        # grpc.aio serves from an event loop; it runs on a thread of its own so that start, stop and
+        # wait keep their blocking API for callers on ordinary threads.
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="maskbank-grpc", daemon=True).start()
+        self.server = self._on_loop(self._build())
+
+    def _on_loop(self, coroutine):
+        """Run `coroutine` on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _build(self) -> grpc.aio.Server:
+        """The grpc.aio server with every service registered (built on the loop that will run it)."""
+        config = self.config
+        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
+                  ("grpc.max_send_message_length", config.max_message_bytes)]
+        server = grpc.aio.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
+            # Authorisation first: a refused admin call never reaches the servicer.
+            interceptors=[AdminAuthInterceptor(config.admin_token), ErrorInterceptor()], options=limits,
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for module in (health_pb2, reflection_pb2):  # reflection answers from maskbank's pool
+            _add_to_pool(module.DESCRIPTOR)
+        services = (INFERENCE_SERVICE, MASKBANK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server, pool=POOL)
+        return server
 
     def start(self) -> int:
         """Load the registry's models, bind, start serving and following; return the bound port."""
@@ -158,16 +175,19 @@ class InferenceServer:
             try:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
             except OSError:
-                self.server.stop(None)
+                self._on_loop(self.server.stop(None))
                 raise
-        self.server.start()
+        self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval)
-        self.servicer.ready = True
-        for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
         self._log_security()
         return self.port
+
+    async def _serve(self) -> None:
+        await self.server.start()
+        self.servicer.ready = True
+        for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def _log_security(self) -> None:
         config = self.config
@@ -189,15 +209,21 @@ class InferenceServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.servicer.ready = False
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.config.grace_seconds).wait()
+        self._on_loop(self._drain())
+        self._terminated.set()
+        self.servicer.compute.shutdown()
         self.repository.close()
         self.metrics.stop()  # last: metrics stay scrapable while calls drain
         log.info("stopped")
 
+    async def _drain(self) -> None:
+        self.servicer.ready = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_seconds)
+
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until the server has stopped."""
+        self._terminated.wait()
 
 
 def tls_key_pair(cert_file: str, key_file: str) -> tuple[bytes, bytes]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,6 +22,11 @@ from .repository import ModelRepository
 from .statistics import Statistics
 from .status import status_code
 from .runtime import InferenceResult, infer
+
+# A task-given forward of at most this many multiply-adds (rows x model weights) runs inline on the
+# event loop: handing it to a thread costs more than it does. Bigger ones, task inference and
+# batching with a delay run on the compute pool so that the loop never blocks for long.
+INLINE_MACS = 1 << 24
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -35,6 +43,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
+        self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -68,15 +77,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    def ModelInfer(self, request, context):
-        return self.answer(request)[0]
+    async def ModelInfer(self, request, context):
+        return (await self.answer(request))[0]
 
-    def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(self, request_iterator, context):
         """One response per request, in order; a failed request is answered with its error message
         and the stream stays open (as Triton does)."""
-        for request in request_iterator:
+        async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self.answer(request)[0])
+                yield pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
             except MaskbankError as error:
                 yield pb.ModelStreamInferResponse(error_message=f"{status_code(error).name}: {error}")
 
@@ -135,19 +144,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+    async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
         success or failure and duration in the model's statistics."""
         began = time.perf_counter_ns()
         try:
-            response, result = self._infer(request)
+            response, result = await self._infer(request)
         except Exception:
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
             raise
         self.statistics.request(request.model_name, len(result.logits), time.perf_counter_ns() - began, ok=True)
         return response, result
 
-    def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+    async def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         snapshot = self.repository.get(request.model_name, request.model_version)  # NOT_FOUND before input errors
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
@@ -155,10 +164,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
         outputs = oip.requested_outputs(request)
-        result = infer(
-            snapshot, x, task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
+        run = functools.partial(
+            infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
             shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
         )
+        if self._inline(snapshot, x, selection.task):
+            result = run()
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        return self._response(request, result, outputs), result
+
+    def _inline(self, snapshot, x: np.ndarray, task) -> bool:
+        """Whether this request's work is small enough to run on the event loop itself: a
+        task-given forward of at most INLINE_MACS, with no batching delay to wait out."""
+        return (task is not None and not self.max_queue_delay_us
+                and x.ndim > 0 and x.shape[0] * snapshot.weights <= INLINE_MACS)
+
+    @staticmethod
+    def _response(request, result: InferenceResult, outputs: list[str]) -> pb.ModelInferResponse:
         entry = result.task.entry
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id
@@ -172,7 +195,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if result.scores is not None:
             oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
-        return response, result
+        return response
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,6 +8,7 @@ verification is kept out of service with its error; the other tasks keep serving
 
 from __future__ import annotations
 
+
 import logging
 import threading
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ class Snapshot:
     @property
     def model(self) -> str:
         return self.manifest.model
+
+    @cached_property
+    def weights(self) -> int:
+        """Elements of the largest backbone: a forward's multiply-adds per input row, roughly."""
+        return max((sum(t.numel() for t in b.values()) for b in self.backbones.values()), default=0)
 
     @property
     def generation(self) -> int:

@@ -7,6 +7,7 @@ traceback goes to the log.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -41,24 +42,29 @@ def status_code(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def abort_with_status(method: str, error: Exception, context) -> None:
-    """End the call with the status `error` maps to (INTERNAL, with a generic message, for a bug)."""
+def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status `error` ends a call to `method` with (INTERNAL, with a generic message, for a
+    bug), logged: a MaskbankError in one line, anything else with its traceback. An abort the handler
+    itself began (grpc.aio.AbortError) is re-raised: its status is already set."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
     if isinstance(error, reg.MaskbankError):
         log.info("%s -> %s: %s", method, status_code(error).name, error)
-        context.abort(status_code(error), str(error))
+        return status_code(error), str(error)
     log.error("%s failed", method, exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details"
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Wraps every handler (unary and server-streaming responses alike) so that errors leave as
-    proper gRPC statuses. A method's wrapped handler is built once and reused (this runs on every call)."""
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler (coroutines and async generators, and the plain functions and generators
+    that grpc.aio runs on its thread pool) so that errors leave as proper gRPC statuses. A method's
+    wrapped handler is built once and reused (this runs on every call)."""
 
     def __init__(self):
         self._wrapped: dict[str, tuple] = {}  # method -> (the handler as registered, its wrapped copy)
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
@@ -69,26 +75,35 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 def _wrap(method: str, handler):
-    """`handler` with its behaviour inside abort_with_status."""
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
-
-        def unary(request, context):
+    """`handler` with its behaviour inside abort_details, in the handler's own kind (async or not)."""
+    kind = next((k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                 if getattr(handler, k) is not None), None)
+    if kind is None:
+        return handler
+    inner = getattr(handler, kind)
+    if inspect.iscoroutinefunction(inner):
+        async def wrapped(request, context):
+            try:
+                return await inner(request, context)
+            except Exception as error:
+                await context.abort(*abort_details(method, error))
+    elif inspect.isasyncgenfunction(inner):
+        async def wrapped(request, context):
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except Exception as error:
+                await context.abort(*abort_details(method, error))
+    elif kind.endswith("_stream"):
+        def wrapped(request, context):
+            try:
+                yield from inner(request, context)
+            except Exception as error:
+                context.abort(*abort_details(method, error))
+    else:
+        def wrapped(request, context):
             try:
                 return inner(request, context)
             except Exception as error:
-                abort_with_status(method, error, context)
-
-        return handler._replace(unary_unary=unary)
-    kind = "stream_stream" if handler.stream_stream is not None else "unary_stream"
-    if getattr(handler, kind) is None:
-        return handler
-    streaming = getattr(handler, kind)
-
-    def stream(request, context):
-        try:
-            yield from streaming(request, context)
-        except Exception as error:
-            abort_with_status(method, error, context)
-
-    return handler._replace(**{kind: stream})
+                context.abort(*abort_details(method, error))
+    return handler._replace(**{kind: wrapped})
