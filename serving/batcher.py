@@ -16,6 +16,8 @@ run alone are computed exactly as the trainer computed them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ class _Pending:
     x: torch.Tensor
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     done: threading.Event | None = None  # only a request that waits gets one
+    joined: asyncio.Future | None = None  # LoopBatcher: set when a request that joined a batch has its rows
     lead: bool = False  # set when this request is handed the lead of the next batch
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -86,21 +89,7 @@ class DynamicBatcher:
                 while self._rows(leader, key) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
                     self._cond.wait(remaining)
             batch = self._take(leader, key)
-        started = time.perf_counter_ns()
-        try:
-            if len(batch) == 1:
-                leader.result = compute(leader.x)
-            else:
-                outputs = compute(torch.cat([p.x for p in batch]))
-                for pending, rows in zip(batch, outputs.split([p.x.shape[0] for p in batch])):
-                    pending.result = rows
-        except BaseException as error:  # every request of the batch gets the error
-            for pending in batch:
-                pending.error = error
-        finished = time.perf_counter_ns()
-        queue_ns = sum(started - p.enqueued_ns for p in batch)
-        rows = sum(p.x.shape[0] for p in batch)
-        self.statistics.execution(model, rows, len(batch), queue_ns, (finished - started) * len(batch))
+        execute(self.statistics, model, batch, compute)
         with self._cond:
             running, waiting = self._keys[key]
             if waiting:
@@ -119,9 +108,92 @@ class DynamicBatcher:
 
     def _take(self, leader: _Pending, key: Hashable) -> list[_Pending]:
         """The leader and the queued requests after it, up to max_batch_size rows, oldest first."""
-        queue, batch, rows = self._keys[key][1], [leader], leader.x.shape[0]
-        while queue and rows + queue[0].x.shape[0] <= self.max_batch_size:
-            item = queue.pop(0)
-            batch.append(item)
-            rows += item.x.shape[0]
-        return batch
+        return take([leader], self._keys[key][1], self.max_batch_size)
+
+
+class LoopBatcher:
+    """The same batching for requests served on an asyncio event loop (the grpc.aio front end runs
+    small task-given forwards inline there): the first request of a key waits up to the delay, without
+    blocking the loop, for others of the key to join, then runs them (as many batches of at most
+    max_batch_size rows as they need) and hands each its rows. Only the loop's own thread calls it,
+    so it needs no lock and one batch of a key runs at a time."""
+
+    def __init__(self, statistics: Statistics, max_batch_size: int = 1024, max_queue_delay_us: int = 0):
+        self.statistics = statistics
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self._queues: dict[Hashable, tuple[list[_Pending], asyncio.Event]] = {}  # key -> (queued, full)
+
+    async def run(self, model: str, key: Hashable, x: torch.Tensor,
+                  compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`."""
+        item = _Pending(x)
+        if key in self._queues:
+            queue, full = self._queues[key]
+            item.joined = asyncio.get_running_loop().create_future()
+            queue.append(item)
+            if sum(p.x.shape[0] for p in queue) >= self.max_batch_size:
+                full.set()
+            await item.joined
+        else:
+            await self._lead(model, key, item, compute)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    async def _lead(self, model: str, key: Hashable, leader: _Pending, compute) -> None:
+        """Wait up to the delay for company (not at all without one), then run the batch; it runs
+        even when the leader's call is cancelled meanwhile, since the requests that joined wait on it."""
+        queue = [leader]
+        if self.max_queue_delay_s:
+            full = asyncio.Event()
+            self._queues[key] = (queue, full)
+            try:
+                await asyncio.wait_for(full.wait(), self.max_queue_delay_s)
+            except TimeoutError:
+                pass
+            finally:
+                del self._queues[key]
+                self._run_queued(model, queue, compute)
+        else:
+            self._run_queued(model, queue, compute)
+
+    def _run_queued(self, model: str, queue: list[_Pending], compute) -> None:
+        """Run `queue` in batches of at most max_batch_size rows and wake the requests that joined."""
+        while queue:
+            batch = take([], queue, self.max_batch_size)
+            execute(self.statistics, model, batch, compute)
+            for pending in batch:
+                if pending.joined is not None:
+                    pending.joined.set_result(None)
+
+
+def take(batch: list[_Pending], queue: list[_Pending], max_rows: int) -> list[_Pending]:
+    """`batch` with the requests at the head of `queue` moved onto it, oldest first, up to
+    `max_rows` rows (the first request always, whatever its size)."""
+    rows = sum(p.x.shape[0] for p in batch)
+    while queue and (not batch or rows + queue[0].x.shape[0] <= max_rows):
+        item = queue.pop(0)
+        batch.append(item)
+        rows += item.x.shape[0]
+    return batch
+
+
+def execute(statistics: Statistics, model: str, batch: list[_Pending], compute) -> None:
+    """Run `batch` as one forward, hand each request its rows (or every request the error), and
+    record the execution (rows, requests, their queueing and compute time) in `statistics`."""
+    started = time.perf_counter_ns()
+    try:
+        if len(batch) == 1:
+            batch[0].result = compute(batch[0].x)
+        else:
+            outputs = compute(torch.cat([p.x for p in batch]))
+            for pending, rows in zip(batch, outputs.split([p.x.shape[0] for p in batch])):
+                pending.result = rows
+    except BaseException as error:  # every request of the batch gets the error
+        for pending in batch:
+            pending.error = error
+    finished = time.perf_counter_ns()
+    queue_ns = sum(started - p.enqueued_ns for p in batch)
+    rows = sum(p.x.shape[0] for p in batch)
+    statistics.execution(model, rows, len(batch), queue_ns, (finished - started) * len(batch))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .snapshot import LoadedTask, Snapshot
 
-WATCH_POLL_SECONDS = 1.0  # how often a watch checks that its client is still there
+WATCH_POLL_SECONDS = 1.0  # the longest a watch waits on its thread at a time
 
 
 def task_info(snapshot: Snapshot, task: LoadedTask) -> mb.TaskInfo:
@@ -44,7 +46,9 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
                                     task_name=result.task.entry.name, scores=result.scores or {},
                                     backend=result.backend)
 
-    def WatchModel(self, request, context):
+    async def WatchModel(self, request, context):
+        """The model's generation now, then each new one as it is served. The wait for the next runs
+        on a thread, WATCH_POLL_SECONDS at a time; a client that goes away cancels the call there."""
         snapshot = self.repository.get(request.model)
         while True:
             yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation, tasks=len(snapshot.tasks),
@@ -52,6 +56,5 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
             after = snapshot.generation
             snapshot = None
             while snapshot is None:
-                if not context.is_active():
-                    return
-                snapshot = self.repository.wait_for_generation(request.model, after, WATCH_POLL_SECONDS)
+                snapshot = await asyncio.to_thread(self.repository.wait_for_generation, request.model, after,
+                                                   WATCH_POLL_SECONDS)

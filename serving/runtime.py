@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, PyTorchBackend
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, LoopBatcher
 from .errors import InvalidRequest
 from .snapshot import LoadedTask, Snapshot
 from .task_inference import infer_task, needs_gradients
@@ -55,11 +55,7 @@ def infer(
     model = snapshot.model
     inputs = check_input(snapshot, x)
     if task is not None:
-        chosen = snapshot.task(task)
-
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            return backend.logits(snapshot, chosen, batch)
-
+        chosen, run = given_task(snapshot, task, backend)
         logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run)
         return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
     if needs_gradients(mode):
@@ -70,3 +66,23 @@ def infer(
     if batcher is not None:
         batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
     return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, backend.name, choice.scores)
+
+
+async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher,
+                        backend: Backend = PYTORCH) -> InferenceResult:
+    """`infer` of a task-given request on the calling event loop, batched by `batcher`: for requests
+    small enough that handing them to a thread would cost more than computing them."""
+    inputs = check_input(snapshot, x)
+    chosen, run = given_task(snapshot, task, backend)
+    logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run)
+    return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
+
+
+def given_task(snapshot: Snapshot, task: int | str, backend: Backend):
+    """The task `task` names, and the forward of a batch through it on `backend`."""
+    chosen = snapshot.task(task)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return backend.logits(snapshot, chosen, batch)
+
+    return chosen, run

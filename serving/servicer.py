@@ -16,16 +16,16 @@ from registry import MaskbankError
 from . import oip
 from ._proto import model_config, pb, pb_grpc
 from .backends import Backend, PyTorchBackend
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, LoopBatcher
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .statistics import Statistics
 from .status import status_code
-from .runtime import InferenceResult, infer
+from .runtime import InferenceResult, infer, infer_on_loop
 
 # A task-given forward of at most this many multiply-adds (rows x model weights) runs inline on the
-# event loop: handing it to a thread costs more than it does. Bigger ones, task inference and
-# batching with a delay run on the compute pool so that the loop never blocks for long.
+# event loop (batched there by a LoopBatcher): handing it to a thread costs more than it does.
+# Bigger ones and task inference run on the compute pool, so that the loop never blocks for long.
 INLINE_MACS = 1 << 24
 
 
@@ -43,6 +43,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
+        self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
         self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
         self.ready = False  # set once the first load is done; cleared when shutting down
 
@@ -164,21 +165,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
         outputs = oip.requested_outputs(request)
-        run = functools.partial(
-            infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode, batcher=self.batcher,
-            shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
-        )
         if self._inline(snapshot, x, selection.task):
-            result = run()
+            result = await infer_on_loop(snapshot, x, selection.task, self.loop_batcher, self.backend)
         else:
-            result = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+            result = await asyncio.get_running_loop().run_in_executor(self.compute, functools.partial(
+                infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
+                batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
+            ))
         return self._response(request, result, outputs), result
 
     def _inline(self, snapshot, x: np.ndarray, task) -> bool:
         """Whether this request's work is small enough to run on the event loop itself: a
-        task-given forward of at most INLINE_MACS, with no batching delay to wait out."""
-        return (task is not None and not self.max_queue_delay_us
-                and x.ndim > 0 and x.shape[0] * snapshot.weights <= INLINE_MACS)
+        task-given forward of at most INLINE_MACS."""
+        return task is not None and x.ndim > 0 and x.shape[0] * snapshot.weights <= INLINE_MACS
 
     @staticmethod
     def _response(request, result: InferenceResult, outputs: list[str]) -> pb.ModelInferResponse:
