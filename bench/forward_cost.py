@@ -14,6 +14,7 @@ repeated; medians (min-max) of the per-call time and of the ratio to the plain m
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import statistics
@@ -64,6 +65,7 @@ def measure(server: InferenceServer, batch: int) -> dict[str, dict[str, float]]:
     plain = copy.deepcopy(module)
     plain.load_state_dict(dict(params))
     x = torch.rand(batch, 64, generator=torch.Generator().manual_seed(0))
+    loop = asyncio.new_event_loop()
     runs = {
         "plain module": lambda: plain(x),
         "functional_call": lambda: torch.func.functional_call(module, params, (x,)),
@@ -71,7 +73,8 @@ def measure(server: InferenceServer, batch: int) -> dict[str, dict[str, float]]:
         "Snapshot.forward": lambda: snapshot.forward(params, x),
         "Snapshot.logits": lambda: snapshot.logits(task, x),
         "ModelInfer handler, floor": lambda: floor.ModelInfer(request, None),
-        "ModelInfer handler, maskbank": lambda: servicer.ModelInfer(request, None),
+        # a coroutine under grpc.aio: run on a loop of its own, as the server's loop runs it
+        "ModelInfer handler, maskbank": lambda: loop.run_until_complete(servicer.ModelInfer(request, None)),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -80,6 +83,7 @@ def measure(server: InferenceServer, batch: int) -> dict[str, dict[str, float]]:
         for _ in range(REPEATS):
             for name, run in runs.items():
                 times[name].append(per_call_us(run))
+    loop.close()
     return {name: {"median_us": statistics.median(t),
                    "ratio": statistics.median(a / b for a, b in zip(t, times["plain module"])),
                    "ratio_min": min(a / b for a, b in zip(t, times["plain module"])),

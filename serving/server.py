@@ -210,6 +210,7 @@ class InferenceServer:
             return
         self._stopped.set()
         self._on_loop(self._drain())
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._terminated.set()
         self.servicer.compute.shutdown()
         self.repository.close()
