@@ -17,7 +17,6 @@ run alone are computed exactly as the trainer computed them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
