@@ -143,7 +143,8 @@ def _add_serve(commands) -> None:
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help=f"threads for the RPCs that do not run on the event loop (admin, metadata, watch; default {d.workers})")
+                   help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
+                   f"(default {d.workers})")
     p.add_argument("--threads", type=int,
                    help="intra-op threads for inference, torch's and ONNX Runtime's (default: theirs, one per core)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,

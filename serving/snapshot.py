@@ -8,7 +8,6 @@ verification is kept out of service with its error; the other tasks keep serving
 
 from __future__ import annotations
 
-
 import logging
 import threading
 from dataclasses import dataclass
