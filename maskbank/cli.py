@@ -138,7 +138,8 @@ def _add_serve(commands) -> None:
                    help=f"most rows in one request and in one batched execution (default {d.max_batch_size})")
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
                    help="how long the dynamic batcher lets the first request of a batch wait for others to join, in "
-                   f"microseconds (default {d.max_queue_delay_us}: requests still merge while an execution runs)")
+                   f"microseconds (default {d.max_queue_delay_us}: no waiting; on the compute pool requests still merge "
+                   "while an execution runs)")
     p.add_argument("--instances", type=int, default=d.instances,
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")
