@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
 import torch
 
-from serving.batcher import DynamicBatcher
+from serving.batcher import DynamicBatcher, LoopBatcher
 from serving.statistics import Statistics
 
 
@@ -137,3 +138,67 @@ def test_instances_bound_how_many_batches_of_one_key_run_at_once(instances):
     results = run_concurrently(batcher, inputs, compute)
     assert all(torch.equal(r, x) for r, x in zip(results, inputs))
     assert most[0] == instances
+
+
+# --- LoopBatcher: the same batching on an asyncio event loop (the aio front end's inline path) -------------------
+
+def run_on_loop(batcher: LoopBatcher, inputs: list[torch.Tensor], compute, key="k") -> list:
+    """Each input through `batcher.run` as its own task on one event loop, all started together."""
+
+    async def one(x):
+        try:
+            return await batcher.run("m", key, x, compute)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            return error
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(x) for x in inputs))
+
+    return asyncio.run(all_of_them())
+
+
+def test_the_loop_batcher_merges_requests_that_arrive_within_the_delay():
+    calls = []
+    statistics = Statistics()
+    batcher = LoopBatcher(statistics, max_batch_size=64, max_queue_delay_us=50_000)
+    inputs = [torch.full((i + 1, 3), float(i)) for i in range(6)]
+    results = run_on_loop(batcher, inputs, lambda x: calls.append(len(x)) or x * 2)
+    assert all(torch.equal(y, x * 2) for x, y in zip(inputs, results))  # each its own rows back
+    assert calls == [sum(len(x) for x in inputs)]  # one execution for all of them
+    stats = statistics.snapshot()["m"]
+    assert stats.execution_count == 1 and stats.queue.count == len(inputs)
+
+
+def test_the_loop_batcher_splits_at_the_maximum_and_runs_at_once_without_a_delay():
+    calls = []
+    results = run_on_loop(LoopBatcher(Statistics(), max_batch_size=5, max_queue_delay_us=20_000),
+                          [torch.ones(2, 1)] * 6, lambda x: calls.append(len(x)) or x)
+    assert all(torch.equal(r, torch.ones(2, 1)) for r in results)
+    assert max(calls) <= 5 and sum(calls) == 12
+    calls.clear()
+    run_on_loop(LoopBatcher(Statistics(), max_batch_size=64), [torch.ones(1, 1)] * 4, lambda x: calls.append(len(x)) or x)
+    assert calls == [1, 1, 1, 1]  # no delay: nothing waits for company
+
+
+def test_the_loop_batcher_gives_an_error_to_every_request_of_the_batch_and_recovers():
+    batcher = LoopBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=20_000)
+
+    def broken(x):
+        raise ValueError("boom")
+
+    assert all(isinstance(r, ValueError) for r in run_on_loop(batcher, [torch.ones(1, 1)] * 3, broken))
+    assert torch.equal(run_on_loop(batcher, [torch.ones(1, 1)], lambda x: x + 1)[0], torch.full((1, 1), 2.0))
+
+
+def test_a_cancelled_leader_still_runs_the_batch_for_the_requests_that_joined():
+    batcher = LoopBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=200_000)
+
+    async def scenario():
+        leader = asyncio.create_task(batcher.run("m", "k", torch.ones(1, 1), lambda x: x * 3))
+        await asyncio.sleep(0.01)  # the leader is waiting out the delay
+        joined = asyncio.create_task(batcher.run("m", "k", torch.full((1, 1), 2.0), lambda x: x * 3))
+        await asyncio.sleep(0.01)
+        leader.cancel()
+        return await asyncio.wait_for(joined, 5)
+
+    assert torch.equal(asyncio.run(scenario()), torch.full((1, 1), 6.0))
