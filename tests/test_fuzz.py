@@ -217,8 +217,10 @@ def mutated_requests(draw) -> pb.ModelInferRequest:
             tensor.name = draw(names)
         elif mutation == "datatype":
             tensor.datatype = draw(datatypes)
-            if draw(st.booleans()) and tensor.datatype in ITEMSIZE:  # bytes that fit the new datatype
-                request.raw_input_contents[:] = [bytes(ITEMSIZE[tensor.datatype] * element_count(tensor.shape))]
+            size = ITEMSIZE.get(tensor.datatype, 0) * element_count(tensor.shape)
+            # bytes that fit the new datatype, when the shape (maybe mutated before: negative or huge) allows them
+            if draw(st.booleans()) and tensor.datatype in ITEMSIZE and 0 <= size <= 1 << 20:
+                request.raw_input_contents[:] = [bytes(size)]
         elif mutation == "shape":
             tensor.shape[:] = draw(shapes)
         elif mutation == "wrapping shape":  # the int64 product wraps around to the data's element count
