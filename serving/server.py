@@ -168,15 +168,16 @@ class InferenceServer:
             self.port = self.server.add_secure_port(address, self._credentials)
         else:
             self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
         metrics_port = config.metrics_listen_port()
-        if metrics_port is not None:
-            try:
+        try:
+            if self.port == 0:
+                raise OSError(f"cannot listen on {address}")
+            if metrics_port is not None:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
-            except OSError:
-                self._on_loop(self.server.stop(None))
-                raise
+        except OSError:  # nothing served yet: release the port and the loop's thread
+            self._on_loop(self.server.stop(None))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")

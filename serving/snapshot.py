@@ -278,7 +278,7 @@ def _nbytes(params: Tensors) -> int:
 def _cached_bytes(params: Tensors, backbone: Tensors) -> int:
     """What caching `params` costs: its tensors that are not the backbone's own (the snapshot holds those anyway)."""
     resident = {id(t) for t in backbone.values()}
-    return sum(p.numel() * p.element_size() for p in params.values() if id(p) not in resident)
+    return _nbytes({name: p for name, p in params.items() if id(p) not in resident})
 
 
 def _load_task(registry: Registry, entry: TaskEntry) -> LoadedTask:

@@ -233,6 +233,7 @@ def test_a_busy_metrics_port_is_a_clear_error(tmp_path):
         server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=port))
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port} .*--metrics-port"):
             server.start()
+        wait_for(lambda: not server._loop.is_running(), 10, "the failed server's event loop to stop")
         server.repository.close()
 
 
