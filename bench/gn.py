@@ -22,6 +22,7 @@ import torch
 from registry import Registry
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
+from serving.entropy import autograd_gradients
 from serving.task_inference import infer_task
 from trainer import get_stream, train
 
@@ -31,6 +32,8 @@ ARCHITECTURE = {"arch": "mlp", "sizes": [64, 128, 128, 10]}
 EPOCHS = 8
 MODES = (("exhaustive", 1), ("oneshot", 1), ("oneshot", 3), ("binary", 1))
 COST_MODES = MODES + (("oneshot-input", 1),)
+PARTS = ("dH/dW first layer, autograd", "dH/dW first layer, by hand", "dH/dW all layers, by hand",
+         "mask product, all layers", "mask product, first layer")
 ACCURACY_TS, ACCURACY_BATCHES, ACCURACY_BATCHES_PER_TASK = (5, 20), (1, 4, 16), 6
 COST_TS, COST_BATCH, REPEATS = (10, 50, 100), 16, 7
 RESULTS = Path(__file__).parent / "results" / "gn.json"
@@ -64,12 +67,31 @@ def accuracy(snapshot: Snapshot, tasks: int, batch: int, modes: tuple[tuple[str,
 
 
 def cost(snapshot: Snapshot) -> dict[str, dict[str, float]]:
+    """Each mode's latency, and that of the parts of a gradient mode (PARTS), over a task-given forward."""
     x = get_stream("permuted-digits").task(0).x_test[:COST_BATCH]
     reference = snapshot.tasks[0]
     snapshot.logits(reference, x)
     runs = {"given": lambda: snapshot.logits(reference, x)}
     runs.update({label(m, k): (lambda m=m, k=k: infer_task(m, snapshot, x, k)) for m, k in COST_MODES})
+    runs.update(gradient_parts(snapshot, x))
     return relative_to_given(runs, REPEATS)
+
+
+def gradient_parts(snapshot: Snapshot, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The steps of `oneshot` / `oneshot-input` at the superposition of all tasks, timed on their own:
+    dH/dW by hand (serving/entropy.py) and by autograd, and the product with the stacked masks."""
+    stack = snapshot.mask_stack()
+    tasks = stack.subset(None)
+    layers = list(stack.columns)
+    gradients = snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers)
+    first = {layers[0]: gradients[layers[0]]}
+    return dict(zip(PARTS, [
+        lambda: autograd_gradients(snapshot.forward, tasks.parameters, x, tasks.classes, layers[:1]),
+        lambda: snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers[:1]),
+        lambda: snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers),
+        lambda: stack.gradient(tasks.masks, gradients),
+        lambda: stack.gradient(tasks.masks, first),
+    ]))
 
 
 def relative_to_given(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -106,6 +128,9 @@ def report(results: dict) -> str:
         table(["T, batch", *names], accuracy_rows),
         f"\n### gn_cost: latency / one task-given forward, batch {COST_BATCH} (median, min-max of {REPEATS})\n",
         table(["T", "given (ms)", *cost_names], cost_rows),
+        "\n### the parts of a gradient mode, same runs: latency / one task-given forward\n",
+        table(["T", *PARTS], [[key] + [f"{row[n]['median_ratio']:.1f}x ({row[n]['min']:.1f}-{row[n]['max']:.1f})"
+                                       for n in PARTS] for key, row in results["gn_cost"].items()]),
     ])
 
 

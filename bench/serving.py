@@ -203,22 +203,27 @@ def maskbank(stack: contextlib.ExitStack, root: Path, *args: str) -> ServerProce
 
 # ---------------------------------------------------------------- the four rows
 
-def serve_overhead(load: LoadProcess, server: ServerProcess, floor: FloorProcess, ceiling: FloorProcess) -> dict:
-    runs = alternate(load, {"maskbank": spec(server.url), "floor": spec(floor.url, parameters=False),
-                            "aio_floor": spec(ceiling.url, parameters=False)},
+def serve_overhead(load: LoadProcess, server: ServerProcess, floors: dict[str, FloorProcess]) -> dict:
+    runs = alternate(load, {"maskbank": spec(server.url),
+                            **{name: spec(f.url, parameters=False) for name, f in floors.items()}},
                      extra={"compute": lambda: compute_floor_rps(BATCH)})
     return {"vs_floor": ratios(runs, "maskbank", "floor"), "vs_compute": ratios(runs, "maskbank", "compute"),
-            "aio_floor_vs_floor": ratios(runs, "aio_floor", "floor"), "context": context(runs)}
+            **_aio_floors(runs), "context": context(runs)}
 
 
-def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess, floor: FloorProcess,
-                   ceiling: FloorProcess) -> dict:
+def _aio_floors(runs: dict) -> dict:
+    """The aio floors (inline: the Python gRPC ceiling; executor: the thread hand-off) against the sync floor."""
+    return {"aio_floor_vs_floor": ratios(runs, "aio_floor", "floor"),
+            "aio_executor_floor_vs_floor": ratios(runs, "aio_executor_floor", "floor")}
+
+
+def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess,
+                   floors: dict[str, FloorProcess]) -> dict:
     small = {"clients": SMALL_CLIENTS, "batch": 1}
     runs = alternate(load, {"batching": spec(batching.url, **small), "no_delay": spec(plain.url, **small),
-                            "floor": spec(floor.url, parameters=False, **small),
-                            "aio_floor": spec(ceiling.url, parameters=False, **small)})
+                            **{name: spec(f.url, parameters=False, **small) for name, f in floors.items()}})
     return {"batching_vs_floor": ratios(runs, "batching", "floor"), "no_delay_vs_floor": ratios(runs, "no_delay", "floor"),
-            "aio_floor_vs_floor": ratios(runs, "aio_floor", "floor"), "context": context(runs)}
+            **_aio_floors(runs), "context": context(runs)}
 
 
 def task_mix(load: LoadProcess, single: ServerProcess, mixes: dict[int, ServerProcess], roots: dict[int, Path]) -> dict:
@@ -286,6 +291,8 @@ def _rows(results: dict) -> list[tuple]:
              f"in-process dense forward, batch {BATCH}, 1 thread", fmt(so["vs_compute"]), "(reported)", None),
             ("serve_overhead (c)", "minimal grpc.aio OIP server computing inline (the Python gRPC ceiling)",
              "OIP floor server, same load", fmt(so["aio_floor_vs_floor"]), "(reported)", None),
+            ("serve_overhead (d)", "minimal grpc.aio OIP server computing in a thread pool (run_in_executor)",
+             "OIP floor server, same load", fmt(so["aio_executor_floor_vs_floor"]), "(reported)", None),
         ]
     if sr := results.get("small_requests"):
         rows += [
@@ -296,6 +303,8 @@ def _rows(results: dict) -> list[tuple]:
              "OIP floor server, batch 1, same load", fmt(sr["no_delay_vs_floor"]), "(reported)", None),
             ("small_requests (ceiling)", "minimal grpc.aio OIP server computing inline, batch 1",
              "OIP floor server, batch 1, same load", fmt(sr["aio_floor_vs_floor"]), "(reported)", None),
+            ("small_requests (executor)", "minimal grpc.aio OIP server computing in a thread pool, batch 1",
+             "OIP floor server, batch 1, same load", fmt(sr["aio_executor_floor_vs_floor"]), "(reported)", None),
         ]
     if tm := results.get("task_mix"):
         for t in MIX_TASKS:
@@ -357,18 +366,18 @@ def _measure(sections: tuple[str, ...], root: Path, stack: contextlib.ExitStack)
     results: dict = {}
     load = stack.enter_context(LoadProcess(lifetime=900))
     needs_floor = {"serve_overhead", "small_requests"} & set(sections)
-    floor = stack.enter_context(FloorProcess(SIZES, threads=THREADS)) if needs_floor else None
-    ceiling = stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=True)) if needs_floor else None
+    floors = {name: stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=aio))
+              for name, aio in (("floor", None), ("aio_floor", "inline"), ("aio_executor_floor", "executor"))
+              } if needs_floor else {}
     single = maskbank(stack, root / "base") if needs_floor or "task_mix" in sections else None
     if "serve_overhead" in sections:
-        results["serve_overhead"] = serve_overhead(load, single, floor, ceiling)
+        results["serve_overhead"] = serve_overhead(load, single, floors)
     if "small_requests" in sections:
         batching = maskbank(stack, root / "base", "--max-queue-delay-us", str(QUEUE_DELAY_US))
-        results["small_requests"] = small_requests(load, batching, single, floor, ceiling)
+        results["small_requests"] = small_requests(load, batching, single, floors)
         batching.stop()
-    if floor is not None:
+    for floor in floors.values():
         floor.stop()
-        ceiling.stop()
     if "task_mix" in sections:
         mixes = {t: maskbank(stack, root / f"mix{t}") for t in MIX_TASKS}
         results["task_mix"] = task_mix(load, single, mixes, {t: root / f"mix{t}" for t in MIX_TASKS})

@@ -130,8 +130,8 @@ def mask_as(mask: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = N
     """`mask` as 0 / 1 in `dtype`: a fresh tensor, or written into `out` (of `dtype`, the mask's shape).
 
     A bool mask is converted through its bytes (a uint8 view, 0 or 1 per element, as PyTorch stores
-    bool): PyTorch's CPU conversion from uint8 is vectorised and about 2-4x faster than the one
-    from bool, and a cache miss on a mask method is mostly this conversion.
+    bool): PyTorch's CPU conversion from uint8 is vectorised and the one from bool is not (2-4x
+    apart in a one-off in-process timing), and a cache miss on a mask method is mostly this conversion.
     """
     source = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     if out is None:

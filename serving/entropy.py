@@ -2,8 +2,8 @@
 
 The gradient modes (serving/task_inference.py) need dH/dW once per request. On the small MLPs
 served here autograd's bookkeeping costs more than the arithmetic: on 64-128-128-10 at batch 16
-(bench/gn.py), the first layer's gradient took 3.4x a task-given forward through autograd and
-1.1x in closed form. So a plain MLP (bias-free Linear layers with ReLU between: registry's `mlp`
+(`python -m bench gn`, its table of the parts of a gradient mode), the first layer's gradient
+costs 4.2-5.3x a task-given forward through autograd and 0.8-1.6x in closed form. So a plain MLP (bias-free Linear layers with ReLU between: registry's `mlp`
 and `lenet300-100`) is differentiated by hand, any other architecture by autograd.
 """
 

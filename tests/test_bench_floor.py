@@ -14,7 +14,7 @@ from bench.oip_floor import FloorProcess, dense_mlp
 SIZES = [8, 16, 3]
 
 
-@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+@pytest.mark.parametrize("aio", [None, "inline", "executor"], ids=["sync", "aio", "aio-executor"])
 def test_the_floor_answers_the_dense_network(aio):
     x = np.random.default_rng(0).random((5, SIZES[0]), dtype=np.float32)
     with torch.no_grad():
