@@ -113,58 +113,66 @@ class DynamicBatcher:
 class LoopBatcher:
     """The same batching for requests served on an asyncio event loop (the grpc.aio front end runs
     small task-given forwards inline there): the first request of a key waits up to the delay, without
-    blocking the loop, for others of the key to join, then runs them (as many batches of at most
-    max_batch_size rows as they need) and hands each its rows. Only the loop's own thread calls it,
-    so it needs no lock and one batch of a key runs at a time."""
+    blocking the loop, for others of the key to join, then runs them and hands each its rows. Only the
+    loop's own thread calls it, so it needs no lock and one batch of a key runs at a time.
+
+    A key's requests run in batches of at most `max_rows` rows (the caller's bound on how long one
+    forward may hold the loop) and `max_batch_size`; when they need several, each further batch is a
+    callback of its own, so the loop serves other requests between them."""
 
     def __init__(self, statistics: Statistics, max_batch_size: int = 1024, max_queue_delay_us: int = 0):
         self.statistics = statistics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
-        self._queues: dict[Hashable, tuple[list[_Pending], asyncio.Event]] = {}  # key -> (queued, full)
+        self._queues: dict[Hashable, tuple[list[_Pending], asyncio.Event, int]] = {}  # key -> (queued, full, rows)
 
     async def run(self, model: str, key: Hashable, x: torch.Tensor,
-                  compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`."""
+                  compute: Callable[[torch.Tensor], torch.Tensor], max_rows: int | None = None) -> torch.Tensor:
+        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`, in
+        batches of at most `max_rows` rows (default and upper bound: max_batch_size). A request of
+        more rows than that runs alone."""
         item = _Pending(x)
         if key in self._queues:
-            queue, full = self._queues[key]
+            queue, full, rows = self._queues[key]
             item.joined = asyncio.get_running_loop().create_future()
             queue.append(item)
-            if sum(p.x.shape[0] for p in queue) >= self.max_batch_size:
+            if sum(p.x.shape[0] for p in queue) >= rows:
                 full.set()
             await item.joined
         else:
-            await self._lead(model, key, item, compute)
+            rows = min(self.max_batch_size, max_rows or self.max_batch_size)
+            await self._lead(model, key, item, compute, rows)
         if item.error is not None:
             raise item.error
         return item.result
 
-    async def _lead(self, model: str, key: Hashable, leader: _Pending, compute) -> None:
-        """Wait up to the delay for company (not at all without one), then run the batch; it runs
-        even when the leader's call is cancelled meanwhile, since the requests that joined wait on it."""
+    async def _lead(self, model: str, key: Hashable, leader: _Pending, compute, rows: int) -> None:
+        """Wait up to the delay for company (not at all without one), then run the batches; they run
+        even when the leader's call is cancelled meanwhile, since the requests that joined wait on them."""
         queue = [leader]
         if self.max_queue_delay_s:
             full = asyncio.Event()
-            self._queues[key] = (queue, full)
+            self._queues[key] = (queue, full, rows)
             try:
                 await asyncio.wait_for(full.wait(), self.max_queue_delay_s)
             except TimeoutError:
                 pass
             finally:
                 del self._queues[key]
-                self._run_queued(model, queue, compute)
+                self._run_queued(model, queue, compute, rows)
         else:
-            self._run_queued(model, queue, compute)
+            self._run_queued(model, queue, compute, rows)
 
-    def _run_queued(self, model: str, queue: list[_Pending], compute) -> None:
-        """Run `queue` in batches of at most max_batch_size rows and wake the requests that joined."""
-        while queue:
-            batch = take([], queue, self.max_batch_size)
-            execute(self.statistics, model, batch, compute)
-            for pending in batch:
-                if pending.joined is not None:
-                    pending.joined.set_result(None)
+    def _run_queued(self, model: str, queue: list[_Pending], compute, rows: int) -> None:
+        """Run the first batch of at most `rows` rows of `queue`, wake the requests in it that joined
+        (one whose caller gave up meanwhile has nobody to wake), and leave the rest to a callback."""
+        batch = take([], queue, rows)
+        execute(self.statistics, model, batch, compute)
+        for pending in batch:
+            if pending.joined is not None and not pending.joined.done():
+                pending.joined.set_result(None)
+        if queue:
+            asyncio.get_running_loop().call_soon(self._run_queued, model, queue, compute, rows)
 
 
 def take(batch: list[_Pending], queue: list[_Pending], max_rows: int) -> list[_Pending]:

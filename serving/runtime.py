@@ -68,13 +68,14 @@ def infer(
     return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, backend.name, choice.scores)
 
 
-async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher,
+async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher, max_rows: int,
                         backend: Backend = PYTORCH) -> InferenceResult:
-    """`infer` of a task-given request on the calling event loop, batched by `batcher`: for requests
-    small enough that handing them to a thread would cost more than computing them."""
+    """`infer` of a task-given request on the calling event loop, batched by `batcher` into forwards
+    of at most `max_rows` rows: for requests small enough that handing them to a thread would cost
+    more than computing them."""
     inputs = check_input(snapshot, x)
     chosen, run = given_task(snapshot, task, backend)
-    logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run)
+    logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run, max_rows)
     return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
 
 

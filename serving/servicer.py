@@ -24,9 +24,15 @@ from .status import status_code
 from .runtime import InferenceResult, infer, infer_on_loop
 
 # A task-given forward of at most this many multiply-adds (rows x model weights) runs inline on the
-# event loop (batched there by a LoopBatcher): handing it to a thread costs more than it does.
-# Bigger ones and task inference run on the compute pool, so that the loop never blocks for long.
+# event loop (batched there by a LoopBatcher, never into a bigger forward): handing it to a thread
+# costs more than it does. Bigger ones and task inference run on the compute pool, so that the loop
+# never blocks for long.
 INLINE_MACS = 1 << 24
+
+
+def inline_rows(snapshot) -> int:
+    """The most rows of a task-given forward of `snapshot`'s model that may run on the event loop."""
+    return INLINE_MACS // max(1, snapshot.weights)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -165,19 +171,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
         outputs = oip.requested_outputs(request)
-        if self._inline(snapshot, x, selection.task):
-            result = await infer_on_loop(snapshot, x, selection.task, self.loop_batcher, self.backend)
+        rows = inline_rows(snapshot)
+        if selection.task is not None and x.ndim > 0 and x.shape[0] <= rows:
+            result = await infer_on_loop(snapshot, x, selection.task, self.loop_batcher, rows, self.backend)
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.compute, functools.partial(
                 infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
             ))
         return self._response(request, result, outputs), result
-
-    def _inline(self, snapshot, x: np.ndarray, task) -> bool:
-        """Whether this request's work is small enough to run on the event loop itself: a
-        task-given forward of at most INLINE_MACS."""
-        return task is not None and x.ndim > 0 and x.shape[0] * snapshot.weights <= INLINE_MACS
 
     @staticmethod
     def _response(request, result: InferenceResult, outputs: list[str]) -> pb.ModelInferResponse:

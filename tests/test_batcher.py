@@ -202,3 +202,50 @@ def test_a_cancelled_leader_still_runs_the_batch_for_the_requests_that_joined():
         return await asyncio.wait_for(joined, 5)
 
     assert torch.equal(asyncio.run(scenario()), torch.full((1, 1), 6.0))
+
+
+def test_the_loop_batcher_keeps_each_forward_within_the_callers_row_bound_and_lets_the_loop_run_between():
+    log = []
+    batcher = LoopBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=50_000)
+
+    def compute(x):
+        log.append(len(x))
+        return x + 1
+
+    async def ticker(stop: asyncio.Event):
+        while not stop.is_set():
+            log.append("tick")
+            await asyncio.sleep(0)
+
+    async def scenario():
+        stop = asyncio.Event()
+        ticks = asyncio.create_task(ticker(stop))
+        inputs = [torch.full((2, 1), float(i)) for i in range(5)]
+        results = await asyncio.gather(*(batcher.run("m", "k", x, compute, max_rows=4) for x in inputs))
+        stop.set()
+        await ticks
+        return inputs, results
+
+    inputs, results = asyncio.run(scenario())
+    assert all(torch.equal(y, x + 1) for x, y in zip(inputs, results))
+    batches = [entry for entry in log if entry != "tick"]
+    assert batches == [4, 4, 2]  # 10 rows in forwards of at most 4
+    first, last = log.index(4), len(log) - 1 - log[::-1].index(2)
+    between = log[first:last]
+    assert between.count("tick") >= 2  # the loop ran other work between the batches
+
+
+def test_a_request_that_gave_up_does_not_stop_the_others_of_its_batch():
+    batcher = LoopBatcher(Statistics(), max_batch_size=64, max_queue_delay_us=100_000)
+
+    async def scenario():
+        leader = asyncio.create_task(batcher.run("m", "k", torch.ones(1, 1), lambda x: x * 3))
+        await asyncio.sleep(0.01)
+        quitter = asyncio.create_task(batcher.run("m", "k", torch.full((1, 1), 2.0), lambda x: x * 3))
+        stayer = asyncio.create_task(batcher.run("m", "k", torch.full((1, 1), 4.0), lambda x: x * 3))
+        await asyncio.sleep(0.01)
+        quitter.cancel()
+        return await asyncio.wait_for(asyncio.gather(leader, stayer), 5)
+
+    leader, stayer = asyncio.run(scenario())
+    assert torch.equal(leader, torch.full((1, 1), 3.0)) and torch.equal(stayer, torch.full((1, 1), 12.0))
