@@ -45,7 +45,7 @@ def _combined(snapshot: Snapshot, alpha: dict[str, torch.Tensor]) -> dict[str, t
     """Effective parameters of one alpha per layer (float [B]) over the model's basis."""
     backbone = snapshot.backbones[snapshot.tasks[0].entry.backbone]
     basis = snapshot.shared["basis_masks"]
-    return {name: w * torch.tensordot(alpha[name], basis[name].to(w.dtype), dims=1) for name, w in backbone.items()}
+    return {name: w * torch.tensordot(alpha[name], basis.as_float(name, w.dtype), dims=1) for name, w in backbone.items()}
 
 
 def _descend(snapshot: Snapshot, x: torch.Tensor, logits_of, size: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .errors import (
 )
 from .manifest import FORMAT_VERSION, BackboneVersion, BlobRef, Manifest, TaskEntry
 from .materialize import effective_parameters, forward, head_input, head_name, materialization, register_materializer, served_backbone
+from .packed import PackedMasks
 
 __all__ = [
     "FORMAT_VERSION",
@@ -32,6 +33,7 @@ __all__ = [
     "ManifestError",
     "MaskbankError",
     "ModelNotFound",
+    "PackedMasks",
     "PublishConflict",
     "Registry",
     "RegistryError",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import lzma
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import torch
 import zstandard
 
 from .catalog import Registry
-from .codecs import pack_bits
+from .packed import PackedMasks
 
 
 @dataclass
@@ -86,10 +87,11 @@ def binary_entropy(p: float) -> float:
     return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def mask_stats(masks: dict[str, torch.Tensor]) -> MaskStats:
-    weights = sum(m.numel() for m in masks.values())
+def mask_stats(masks: Mapping[str, torch.Tensor]) -> MaskStats:
+    masks = PackedMasks.pack(masks)
+    weights = sum(shape.numel() for shape in masks.shapes.values())
     kept = sum(int(m.sum()) for m in masks.values())
-    packed = b"".join(pack_bits(m).numpy().tobytes() for m in masks.values())
+    packed = b"".join(p.numpy().tobytes() for p in masks.packed.values())
     density = kept / weights if weights else 0.0
     return MaskStats(
         weights=weights,
@@ -131,7 +133,7 @@ def _audit_part(registry: Registry, task: int, name: str, part: str, ref, model:
     entry = PartAudit(task=task, name=name, part=part, codec=ref.codec, bytes=ref.size,
                       bits_per_weight=8 * ref.size / model.backbone_weights, vs_dense=model.dense_model_bytes / ref.size)
     value = registry.load(ref)
-    if isinstance(value, dict) and value and all(t.dtype == torch.bool for t in value.values()):
+    if isinstance(value, PackedMasks) and value:
         stats = mask_stats(value)
         entry.mask = stats
         entry.vs_index16 = stats.index16_bytes / ref.size

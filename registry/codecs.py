@@ -3,7 +3,8 @@
 Every codec writes a safetensors container (no pickle), so blobs are self-describing: bit payloads
 are uint8 tensors and their logical shapes live in the container's string metadata.
 
-* `bitmask/v1`: a dict of boolean masks, each bitpacked with bitarray (1 bit per weight).
+* `bitmask/v1`: a dict of boolean masks, each bitpacked with bitarray (1 bit per weight); decodes to
+  `PackedMasks` (registry/packed.py), which keeps the bits packed in memory.
 * `signed-constant/v1`: a fixed random backbone whose weights are +-scale per layer, stored as
   one sign bit per weight plus one float32 scale per layer.
 * `tensors/v1`: a dict of tensors as plain safetensors.
@@ -13,16 +14,16 @@ are uint8 tensors and their logical shapes live in the container's string metada
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from bitarray import bitarray
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import BlobCorrupt, InvalidArtifact, unknown
+from .packed import PackedMasks, pack_bits, unpack_bits
 
 Tensors = dict[str, torch.Tensor]
 _ENCODERS: dict[str, Callable[[Any], bytes]] = {}
@@ -58,24 +59,6 @@ def decode(codec: str, data: bytes, source: str = "blob") -> Any:
         raise BlobCorrupt(f"{source} cannot be decoded as {codec}: {exc}") from None
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bitpack a boolean tensor into uint8 (little-endian bit order), one bit per element."""
-    packed = bitarray(endian="little")
-    packed.pack(bits.detach().to(torch.bool).cpu().contiguous().numpy().tobytes())
-    return torch.frombuffer(bytearray(packed.tobytes()), dtype=torch.uint8) if len(packed) else torch.zeros(0, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of pack_bits for a tensor of `shape`."""
-    count = int(np.prod(shape, dtype=np.int64))
-    if packed.numel() != (count + 7) // 8:
-        raise ValueError(f"{packed.numel()} packed bytes cannot hold {count} bits of shape {list(shape)}")
-    bits = bitarray(endian="little")
-    bits.frombytes(packed.numpy().tobytes())
-    del bits[count:]
-    return torch.from_numpy(np.frombuffer(bits.unpack(), dtype=np.bool_).copy()).reshape(shape)
-
-
 def _save(tensors: Tensors, meta: dict[str, Any]) -> bytes:
     return st_save(tensors, metadata={"maskbank": json.dumps(meta, sort_keys=True)})
 
@@ -87,17 +70,16 @@ def _load(data: bytes) -> tuple[Tensors, dict[str, Any]]:
     return tensors, json.loads(metadata["maskbank"])
 
 
-def _encode_masks(masks: Tensors) -> bytes:
-    for name, mask in masks.items():
-        if mask.dtype != torch.bool:
-            raise InvalidArtifact(f"mask '{name}' must be boolean, got {mask.dtype}")
-    shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    return _save({name: pack_bits(mask) for name, mask in masks.items()}, {"shapes": shapes})
+def _encode_masks(masks: Mapping[str, torch.Tensor]) -> bytes:
+    packed = PackedMasks.pack(masks)
+    return _save(packed.packed, {"shapes": {name: list(shape) for name, shape in packed.shapes.items()}})
 
 
-def _decode_masks(data: bytes) -> Tensors:
+def _decode_masks(data: bytes) -> PackedMasks:
+    """The stored bits as they are, no unpacking (registry/packed.py)."""
     packed, meta = _load(data)
-    return {name: unpack_bits(packed[name], tuple(shape)) for name, shape in meta["shapes"].items()}
+    shapes = meta["shapes"]
+    return PackedMasks({name: packed[name] for name in shapes}, {name: tuple(shape) for name, shape in shapes.items()})
 
 
 def signed_constant(shape: tuple[int, ...], generator: torch.Generator, gain: float = 2**0.5) -> torch.Tensor:

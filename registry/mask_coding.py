@@ -45,6 +45,7 @@ import torch
 
 from .codecs import _load, _save, register_codec
 from .errors import InvalidArtifact
+from .packed import PackedMasks
 
 Masks = dict[str, torch.Tensor]
 CODEC = "entropy-mask/v1"
@@ -310,8 +311,9 @@ def _encode(masks: Masks) -> bytes:
     return _save({"code": code}, {"layers": layers, "crc32": _checksum(matrices)})
 
 
-def _decode(data: bytes) -> Masks:
-    """Decoder of `entropy-mask/v1`; malformed or damaged bytes raise ValueError."""
+def _decode(data: bytes) -> PackedMasks:
+    """Decoder of `entropy-mask/v1`, to masks held bitpacked (registry/packed.py); malformed or damaged
+    bytes raise ValueError."""
     tensors, meta = _load(data)
     if not isinstance(meta["layers"], list) or tensors["code"].dtype != torch.uint8 or tensors["code"].dim() != 1:
         raise ValueError("not an entropy-mask/v1 container (a layer list and one uint8 'code' tensor)")
@@ -339,7 +341,7 @@ def _decode(data: bytes) -> Masks:
     matrices = [decoded[i] for i in range(len(headers))]
     if _checksum(matrices) != meta["crc32"]:
         raise ValueError("decoded masks fail their CRC-32: the code bytes are damaged")
-    return {h.name: torch.from_numpy(m.reshape(h.shape)) for h, m in zip(headers, matrices)}
+    return PackedMasks.pack({h.name: torch.from_numpy(m.reshape(h.shape)) for h, m in zip(headers, matrices)})
 
 
 def _decode_step(decoder: constriction.stream.queue.RangeDecoder, _: slice, probabilities: np.ndarray) -> np.ndarray:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .architectures import maskable_parameters
 from .errors import InvalidArtifact, unknown
+from .packed import PackedMasks
 
 Tensors = Mapping[str, torch.Tensor]
 Materializer = Callable[[Tensors, Mapping[str, Tensors], Mapping[str, Tensors]], dict[str, torch.Tensor]]
@@ -90,16 +91,17 @@ def effective_parameters(
     return found.build(backbone, parts, shared or {})
 
 
-def check_compatible(what: str, tensors: Tensors, backbone: Tensors) -> None:
-    """Raise InvalidArtifact unless `tensors` has exactly the backbone's keys and shapes."""
-    if set(tensors) != set(backbone):
+def check_compatible(what: str, shapes: Mapping[str, Sequence[int]], backbone: Tensors) -> None:
+    """Raise InvalidArtifact unless `shapes` (of a task's tensors, by name) has exactly the backbone's
+    keys and shapes."""
+    if set(shapes) != set(backbone):
         raise InvalidArtifact(
-            f"{what} has keys {sorted(tensors)} but the backbone has {sorted(backbone)}"
+            f"{what} has keys {sorted(shapes)} but the backbone has {sorted(backbone)}"
         )
-    for name, tensor in tensors.items():
-        if tensor.shape != backbone[name].shape:
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(backbone[name].shape):
             raise InvalidArtifact(
-                f"{what} '{name}' has shape {list(tensor.shape)}, the backbone {list(backbone[name].shape)}"
+                f"{what} '{name}' has shape {list(shape)}, the backbone {list(backbone[name].shape)}"
             )
 
 
@@ -116,30 +118,14 @@ def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
 @register_materializer("supsup", into_buffers=True)
 def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors],
             out: Tensors | None = None) -> dict[str, torch.Tensor]:
-    masks = parts["masks"]
-    check_compatible("supermask", masks, backbone)
+    masks = PackedMasks.pack(parts["masks"])
+    check_compatible("supermask", masks.shapes, backbone)
     # mask-as-float times weight, in place on the fresh copy (or `out`'s buffer): the same products
     # bit for bit as `weight * mask`, but several times faster on CPU than PyTorch's mixed
     # bool x float kernel (what a server pays per cache miss; python -m bench.serving --only task_mix).
-    effective = {name: mask_as(masks[name], weight.dtype, None if out is None else out[name]).mul_(weight)
+    effective = {name: masks.as_float(name, weight.dtype, None if out is None else out[name]).mul_(weight)
                  for name, weight in backbone.items()}
     return {**effective, **parts.get("bn_stats", {})}
-
-
-def mask_as(mask: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`mask` as 0 / 1 in `dtype`: a fresh tensor, or written into `out` (of `dtype`, the mask's shape).
-
-    A bool mask is converted through its bytes (a uint8 view, 0 or 1 per element, as PyTorch stores
-    bool): PyTorch's CPU conversion from uint8 is vectorised and the one from bool is not (2-4x
-    apart in a one-off in-process timing), and a cache miss on a mask method is mostly this conversion.
-    """
-    source = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    if out is None:
-        return source.to(dtype, copy=True)
-    if out.dtype != dtype or out.shape != mask.shape:
-        raise InvalidArtifact(f"a buffer for a mask of shape {list(mask.shape)} must be {dtype} of that shape, "
-                              f"got {out.dtype} {list(out.shape)}")
-    return out.copy_(source)
 
 
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Effective weight of masked layer i: `W_i * sum_t alpha_{t,i} M_{t,i}` (a real-valued mask). The
 basis masks are a model-level shared part (kind "basis_masks": bool [B, *weight shape] per masked
-weight); a task stores only alpha (kind "alpha": float [n] per masked weight).
+weight, held bitpacked: registry/packed.py); a task stores only alpha (kind "alpha": float [n] per masked weight).
 
 Note (the append-only contract): a task's alpha may be *shorter* than the current basis. With a
 heterogeneous basis, tasks 0..B-1 each add one mask and are published while the basis is still
@@ -20,6 +20,7 @@ import torch
 
 from .errors import InvalidArtifact
 from .materialize import Tensors, register_materializer
+from .packed import PackedMasks
 
 
 def superpose(alpha: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def superpose(alpha: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(alpha, basis.to(alpha.dtype), dims=1)
 
 
-def check_alpha(alpha: Tensors, basis: Tensors, backbone: Tensors) -> None:
+def check_alpha(alpha: Tensors, basis: PackedMasks, backbone: Tensors) -> None:
     """Raise InvalidArtifact unless `alpha` and `basis` fit the backbone and each other."""
     if set(alpha) != set(backbone) or set(basis) != set(backbone):
         raise InvalidArtifact(
@@ -43,16 +44,16 @@ def check_alpha(alpha: Tensors, basis: Tensors, backbone: Tensors) -> None:
             f"but the backbone's masked weights are {sorted(backbone)}"
         )
     for name, weight in backbone.items():
-        a, m = alpha[name], basis[name]
+        a, shape = alpha[name], basis.shapes[name]
         if a.dim() != 1 or a.numel() == 0:
             raise InvalidArtifact(f"alpha '{name}' must be a non-empty 1-D vector, got shape {list(a.shape)}")
-        if tuple(m.shape[1:]) != tuple(weight.shape):
+        if tuple(shape[1:]) != tuple(weight.shape):
             raise InvalidArtifact(
-                f"basis masks '{name}' have shape {list(m.shape)}, expected [B, {', '.join(map(str, weight.shape))}]"
+                f"basis masks '{name}' have shape {list(shape)}, expected [B, {', '.join(map(str, weight.shape))}]"
             )
-        if a.numel() > m.shape[0]:
+        if a.numel() > shape[0]:
             raise InvalidArtifact(
-                f"alpha '{name}' has {a.numel()} coefficients but the model's basis has only {m.shape[0]} "
+                f"alpha '{name}' has {a.numel()} coefficients but the model's basis has only {shape[0]} "
                 "mask(s): a task can only combine basis masks that were published before it"
             )
 
@@ -64,8 +65,8 @@ def _impresslearn(backbone: Tensors, parts: Mapping[str, Tensors],
         raise InvalidArtifact(f"an ImpressLearn task needs an 'alpha' part, got {sorted(parts)}")
     if "basis_masks" not in shared:
         raise InvalidArtifact(f"an ImpressLearn model needs the shared part 'basis_masks', got {sorted(shared)}")
-    alpha, basis = parts["alpha"], shared["basis_masks"]
+    alpha, basis = parts["alpha"], PackedMasks.pack(shared["basis_masks"])
     check_alpha(alpha, basis, backbone)
-    # basis[:n]: the first n masks, those that existed when the task was learned (module docstring).
-    return {name: weight * superpose(alpha[name].to(weight.dtype), basis[name][: alpha[name].numel()])
+    # [:n]: the first n masks, those that existed when the task was learned (module docstring).
+    return {name: weight * superpose(alpha[name].to(weight.dtype), basis.as_float(name, weight.dtype)[: alpha[name].numel()])
             for name, weight in backbone.items()}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from registry import (
     Manifest,
     MaskbankError,
+    PackedMasks,
     Registry,
     TaskEntry,
     build_architecture,
@@ -249,11 +250,11 @@ class Snapshot:
         first masks (registry/materialize_impresslearn.py), so its alpha is zero-padded to B."""
         with self._lock:
             if self._alpha_stack is None:
-                basis = self.shared.get("basis_masks", {})
+                basis = self.shared.get("basis_masks", PackedMasks({}, {}))
                 tasks = [t for t in self.healthy_tasks() if "alpha" in (t.parts or {})]
                 stack = {name: torch.stack([F.pad(t.parts["alpha"][name].to(torch.float32),
-                                                  (0, masks.shape[0] - t.parts["alpha"][name].numel())) for t in tasks])
-                         for name, masks in basis.items()} if tasks else {}
+                                                  (0, shape[0] - t.parts["alpha"][name].numel())) for t in tasks])
+                         for name, shape in basis.shapes.items()} if tasks else {}
                 self._alpha_stack = ([t.entry.id for t in tasks], stack)
             return self._alpha_stack
 
@@ -262,8 +263,8 @@ class Snapshot:
         `method` on `backbone`): the basis-GN candidates. From the byte-bounded LRU cache."""
 
         def build():
-            alpha = {name: F.one_hot(torch.tensor(index), masks.shape[0]).to(torch.float32)
-                     for name, masks in self.shared["basis_masks"].items()}
+            alpha = {name: F.one_hot(torch.tensor(index), shape[0]).to(torch.float32)
+                     for name, shape in self.shared["basis_masks"].shapes.items()}
             params = effective_parameters(method, self.backbones[backbone], {"alpha": alpha}, self.shared)
             return params, _nbytes(params)
 

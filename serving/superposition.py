@@ -15,9 +15,11 @@ all tasks, the forward of `oneshot`, `oneshot-input` and binary's first round, i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
+
+from registry import PackedMasks
 
 Tensors = dict[str, torch.Tensor]
 
@@ -53,12 +55,17 @@ class MaskStack:
     superposed: dict[str, torch.Tensor]
 
     @classmethod
-    def build(cls, ids: list[int], classes: list[int], masks: list[Tensors], backbone: Tensors) -> "MaskStack":
-        """Stack `masks` (one dict per task, a mask per masked backbone tensor) over `backbone`."""
+    def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors
+              ) -> "MaskStack":
+        """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over `backbone`."""
         names = [n for n in backbone if n in masks[0]]
         stops = torch.tensor([backbone[n].numel() for n in names]).cumsum(0).tolist()
         columns = {n: slice(stop - backbone[n].numel(), stop) for n, stop in zip(names, stops)}
-        matrix = torch.stack([torch.cat([m[n].to(torch.float32).flatten() for n in names]) for m in masks])
+        matrix = torch.empty(len(masks), sum(backbone[n].numel() for n in names))
+        for row, task in zip(matrix, masks):  # unpacked straight into their rows
+            packed = PackedMasks.pack(task)
+            for n in names:
+                packed.as_float(n, out=row[columns[n]].view(backbone[n].shape))
         superposed = _superpose(backbone, columns, matrix.mean(dim=0))
         return cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, matrix, backbone, superposed)
 

@@ -12,6 +12,7 @@ from registry import (
     InvalidName,
     ManifestError,
     ModelNotFound,
+    PackedMasks,
     PublishConflict,
     Registry,
     TaskNotFound,
@@ -141,14 +142,16 @@ def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_t
 
     generator = torch.Generator().manual_seed(0)
     backbone = {"w": torch.randn(5, 7, generator=generator)}  # negative weights: -0.0 where masked
-    masks = (torch.rand(5, 7, generator=generator) < 0.5,  # bool: converted through its uint8 view
-             (torch.rand(7, 5, generator=generator) < 0.5).t(),  # a non-contiguous bool view
-             (torch.rand(5, 7, generator=generator) < 0.5).float())
+    masks = (torch.rand(5, 7, generator=generator) < 0.5,
+             (torch.rand(7, 5, generator=generator) < 0.5).t())  # a non-contiguous bool view
     for mask in masks:
         kept = mask.clone()
-        served = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
-        expected = backbone["w"] * mask
-        assert torch.equal(served.view(torch.int32), expected.view(torch.int32)) and torch.equal(mask, kept)
+        for given in ({"w": mask}, PackedMasks.pack({"w": mask})):  # as trained, as a registry loads them
+            served = effective_parameters("supsup", backbone, {"masks": given})["w"]
+            expected = backbone["w"] * mask
+            assert torch.equal(served.view(torch.int32), expected.view(torch.int32)) and torch.equal(mask, kept)
+    with pytest.raises(InvalidArtifact, match="mask 'w' must be boolean, got torch.float32"):
+        effective_parameters("supsup", backbone, {"masks": {"w": masks[0].float()}})
 
 
 def test_supsup_writes_into_given_buffers_the_same_bits_it_would_allocate():
@@ -161,5 +164,6 @@ def test_supsup_writes_into_given_buffers_the_same_bits_it_would_allocate():
         fresh = effective_parameters("supsup", backbone, {"masks": {"w": mask}})["w"]
         written = effective_parameters("supsup", backbone, {"masks": {"w": mask}}, out=out)["w"]
         assert written is out["w"] and torch.equal(written.view(torch.int32), fresh.view(torch.int32))
-    with pytest.raises(InvalidArtifact, match=r"must be torch.float32 of that shape, got torch.float32 \[7, 5\]"):
+    with pytest.raises(ValueError, match=r"a buffer for mask 'w' must be a contiguous CPU torch.float32 tensor of "
+                                         r"shape \[5, 7\], got cpu torch.float32 \[7, 5\]"):
         effective_parameters("supsup", backbone, {"masks": {"w": mask}}, out={"w": torch.empty(7, 5)})
