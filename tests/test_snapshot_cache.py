@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from registry import Manifest, Registry, TaskEntry, build_architecture
+from registry import Manifest, PackedMasks, Registry, TaskEntry, build_architecture
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 
@@ -61,3 +61,12 @@ def test_a_refused_miss_leaves_no_trace_in_the_next_answer(tmp_path):
     for task in (1, 2, 1, 3):  # computed in the same scratch buffers, one after the other
         assert torch.equal(snapshot.logits(snapshot.task(task), x), task_logits(registry, task, x))
     assert cache.stats().rejections == 4 and cache.stats().entries == 1
+
+
+def test_a_loaded_snapshot_holds_its_masks_bitpacked(tmp_path):
+    registry, snapshot = snapshot_of_tasks(tmp_path, LRUCache(0))
+    weights = sum(a * b for a, b in zip(SIZES, SIZES[1:]))
+    for task in snapshot.tasks.values():
+        masks = task.parts["masks"]
+        assert isinstance(masks, PackedMasks) and all(p.dtype == torch.uint8 for p in masks.packed.values())
+        assert weights / 8 <= masks.nbytes <= weights / 8 + len(masks)  # a byte per weight as bool
