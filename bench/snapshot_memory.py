@@ -1,0 +1,118 @@
+"""Snapshot memory benchmark: the resident bytes of a served snapshot's task masks, and its load time.
+
+A server holds every task's masks for the life of a snapshot, outside the byte bound of its weight
+cache (--cache-bytes). Builds a registry of TASKS synthetic SupSup tasks (random supermasks at
+DENSITY, stored as bitmask/v1; what the masks learned does not change their size) over the benchmark
+network, MLP SIZES with a signed-constant backbone, loads it as the server does
+(serving.snapshot.Snapshot.load), and reports per task:
+
+  * the masks as the snapshot holds them (PackedMasks, registry/packed.py): 1 bit per weight;
+  * the same masks decoded to bool tensors, as snapshots held them before: 1 byte per weight.
+
+Load time: A = Snapshot.load (read, verify, keep packed); B = the same, then every mask unpacked to
+bool (what loading cost when masks were decoded); A B A B ... for REPEATS rounds after a warm-up,
+the median ratio with its min-max and the median seconds of each. torch.set_num_threads(THREADS).
+Prints a Markdown table and writes the same numbers to bench/results/snapshot_memory.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from registry import Manifest, PackedMasks, Registry, TaskEntry
+from registry.codecs import signed_constant
+from serving.cache import LRUCache
+from serving.snapshot import Snapshot
+
+TASKS = 1000
+SIZES = [64, 512, 512, 10]
+DENSITY = 0.5
+THREADS = 1
+REPEATS = 5
+MODEL = "bench"
+RESULTS = Path(__file__).parent / "results" / "snapshot_memory.json"
+
+
+def build_registry(root: Path) -> Registry:
+    """A registry holding MODEL: TASKS SupSup tasks with random masks over one signed-constant backbone."""
+    registry = Registry(root)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {f"fc{i}.weight": (out, inp) for i, (inp, out) in enumerate(zip(SIZES, SIZES[1:]))}
+    backbone = registry.put_backbone({n: signed_constant(s, generator) for n, s in shapes.items()}, "signed-constant/v1")
+    tasks = tuple(
+        TaskEntry(id=i, name=f"synthetic-{i}", method="supsup", backbone="1", num_classes=SIZES[-1],
+                  parts={"masks": registry.put("bitmask/v1", {n: torch.rand(s, generator=generator) < DENSITY
+                                                             for n, s in shapes.items()})})
+        for i in range(TASKS)
+    )
+    registry.commit(Manifest(model=MODEL, generation=1, architecture={"arch": "mlp", "sizes": SIZES},
+                             input_shape=(SIZES[0],), backbones={"1": backbone}, tasks=tasks))
+    return registry
+
+
+def load(registry: Registry) -> Snapshot:
+    return Snapshot.load(registry, registry.manifest(MODEL), None, LRUCache(0))
+
+
+def load_as_bool(registry: Registry) -> list[dict[str, torch.Tensor]]:
+    """Load, then unpack every task's masks to bool: what a snapshot held before masks stayed packed."""
+    return [dict(task.parts["masks"]) for task in load(registry).tasks.values()]
+
+
+def held_bytes(snapshot: Snapshot) -> dict:
+    """Bytes per task of the snapshot's masks as held (packed) and as bool tensors, and bits per weight."""
+    masks: list[PackedMasks] = [task.parts["masks"] for task in snapshot.tasks.values()]
+    weights = sum(shape.numel() for shape in masks[0].shapes.values())
+    packed = statistics.mean(m.nbytes for m in masks)
+    as_bool = statistics.mean(sum(t.numel() * t.element_size() for t in m.values()) for m in masks)
+    return {"weights_per_task": weights, "packed_bytes_per_task": packed, "bool_bytes_per_task": as_bool,
+            "packed_bits_per_weight": 8 * packed / weights, "bool_bits_per_weight": 8 * as_bool / weights,
+            "packed_total_mb": packed * len(masks) / 1e6, "bool_total_mb": as_bool * len(masks) / 1e6}
+
+
+def load_seconds(registry: Registry) -> dict:
+    """Median seconds of A (load, packed) and B (load, then unpack to bool), and B / A per round."""
+    load(registry), load_as_bool(registry)  # warm-up: page cache, imports
+    times: dict[str, list[float]] = {"packed": [], "bool": []}
+    for _ in range(REPEATS):
+        for name, run in (("packed", load), ("bool", load_as_bool)):
+            began = time.perf_counter()
+            run(registry)
+            times[name].append(time.perf_counter() - began)
+    ratios = [b / a for a, b in zip(times["packed"], times["bool"])]
+    return {"packed_s": statistics.median(times["packed"]), "bool_s": statistics.median(times["bool"]),
+            "bool_vs_packed": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as root:
+        registry = build_registry(Path(root))
+        memory = held_bytes(load(registry))
+        timing = load_seconds(registry)
+    print(f"Snapshot of {TASKS} SupSup tasks, MLP {SIZES}, random masks at density {DENSITY} (bitmask/v1); "
+          f"torch.set_num_threads({THREADS}); load: {REPEATS} alternating rounds after a warm-up\n")
+    print("| task masks held as | bytes per task | bits per weight | all tasks | load time (median) |")
+    print("|---|---|---|---|---|")
+    print(f"| bool tensors (before) | {memory['bool_bytes_per_task']:,.0f} | {memory['bool_bits_per_weight']:.2f} | "
+          f"{memory['bool_total_mb']:.1f} MB | {timing['bool_s']:.2f} s (load, then unpack) |")
+    print(f"| PackedMasks (now) | {memory['packed_bytes_per_task']:,.0f} | {memory['packed_bits_per_weight']:.2f} | "
+          f"{memory['packed_total_mb']:.1f} MB | {timing['packed_s']:.2f} s |")
+    ratio = timing["bool_vs_packed"]
+    print(f"\nbool / packed: {memory['bool_bytes_per_task'] / memory['packed_bytes_per_task']:.1f}x the memory, "
+          f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) the load time")
+    setup = {"tasks": TASKS, "sizes": SIZES, "density": DENSITY, "threads": THREADS, "repeats": REPEATS}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "snapshot_memory", "setup": setup, "memory": memory,
+                                   "load": timing}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
