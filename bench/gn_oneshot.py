@@ -1,6 +1,6 @@
 """Task inference (GN): when does the one-shot gradient find the task? Share of batches right per
 GN mode on SupSup models of 20 permuted-digits tasks, varying the width of the MLP and the mask
-rule (topk at several densities, sign), T = 20, batch 16 (8 epochs a task, 2 torch threads).
+rule (topk at several densities, sign), T = 20, batch 16 (8 epochs a task, 1 torch thread).
 
 `oneshot` takes dH/dalpha through every layer; `oneshot-input` only through the first masked layer
 (serving/task_inference.py says why). Exhaustive is the exact reference.
@@ -21,7 +21,7 @@ from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 from trainer import train
 
-THREADS = 2
+THREADS = 1  # as bench/gn.py: on the shared 2-core machine a second thread waits for a busy core
 TASKS, BATCH, BATCHES_PER_TASK, EPOCHS = 20, 16, 5, 8
 CONFIGS = (  # (hidden width, mask rule, topk density)
     (128, "topk", 0.5), (512, "topk", 0.5), (128, "sign", 0.5), (128, "topk", 0.2), (128, "topk", 0.1), (512, "topk", 0.1),
