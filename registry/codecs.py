@@ -3,7 +3,7 @@
 Every codec writes a safetensors container (no pickle), so blobs are self-describing: bit payloads
 are uint8 tensors and their logical shapes live in the container's string metadata.
 
-* `bitmask/v1`: a dict of boolean masks, each bitpacked with bitarray (1 bit per weight); decodes to
+* `bitmask/v1`: a dict of boolean masks, each bitpacked (1 bit per weight, numpy packbits); decodes to
   `PackedMasks` (registry/packed.py), which keeps the bits packed in memory.
 * `signed-constant/v1`: a fixed random backbone whose weights are +-scale per layer, stored as
   one sign bit per weight plus one float32 scale per layer.

@@ -12,7 +12,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from bitarray import bitarray
 
 from .errors import InvalidArtifact
 
@@ -21,19 +20,19 @@ _TABLES: dict[torch.dtype, np.ndarray] = {}
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bitpack a boolean tensor into uint8 (little-endian bit order), one bit per element."""
-    packed = bitarray(endian="little")
-    packed.pack(bits.detach().to(torch.bool).cpu().contiguous().numpy().tobytes())
-    return torch.frombuffer(bytearray(packed.tobytes()), dtype=torch.uint8) if len(packed) else torch.zeros(0, dtype=torch.uint8)
+    """Bitpack a boolean tensor into uint8, one bit per element, little-endian bit order (element
+    8k + i is bit i of byte k; the last byte padded with zeros): the bytes `bitmask/v1` stores.
+
+    numpy's packbits/unpackbits, not bitarray: 90x / 44x faster on a 512 x 512 mask (13 / 29 µs
+    against 1.2 / 1.3 ms, one-off in-process timing), and the same bytes."""
+    flat = bits.detach().to(torch.bool).cpu().contiguous().numpy().reshape(-1)
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of pack_bits for a tensor of `shape`."""
     count = _check_length(packed, shape)
-    bits = bitarray(endian="little")
-    bits.frombytes(packed.numpy().tobytes())
-    del bits[count:]
-    return torch.from_numpy(np.frombuffer(bits.unpack(), dtype=np.bool_).copy()).reshape(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little").view(np.bool_)).reshape(shape)
 
 
 def _check_length(packed: torch.Tensor, shape: Sequence[int]) -> int:
