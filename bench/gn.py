@@ -89,8 +89,8 @@ def gradient_parts(snapshot: Snapshot, x: torch.Tensor) -> dict[str, Callable[[]
         lambda: autograd_gradients(snapshot.forward, tasks.parameters, x, tasks.classes, layers[:1]),
         lambda: snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers[:1]),
         lambda: snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers),
-        lambda: stack.gradient(tasks.masks, gradients),
-        lambda: stack.gradient(tasks.masks, first),
+        lambda: stack.gradient(tasks, gradients),
+        lambda: stack.gradient(tasks, first),
     ]))
 
 

@@ -1,4 +1,5 @@
-"""Snapshot memory benchmark: the resident bytes of a served snapshot's task masks, and its load time.
+"""Snapshot memory benchmark: the resident bytes of a served snapshot's task masks, its load time, and
+what task inference by gradient holds and costs on it.
 
 A server holds every task's masks for the life of a snapshot, outside the byte bound of its weight
 cache (--cache-bytes). Builds a registry of TASKS synthetic SupSup tasks (random supermasks at
@@ -11,8 +12,16 @@ network, MLP SIZES with a signed-constant backbone, loads it as the server does
 
 Load time: A = Snapshot.load (read, verify, keep packed); B = the same, then every mask unpacked to
 bool (what loading cost when masks were decoded); A B A B ... for REPEATS rounds after a warm-up,
-the median ratio with its min-max and the median seconds of each. torch.set_num_threads(THREADS).
-Prints a Markdown table and writes the same numbers to bench/results/snapshot_memory.json.
+the median ratio with its min-max and the median seconds of each.
+
+Superposition (task inference by gradient, serving/superposition.py): the memory and latency of
+`oneshot`, `oneshot-input` and `binary` on the same snapshot, A = the [T, E] float matrix of the
+masks kept in a cache big enough for it, B = a cache that admits nothing (the default --cache-bytes
+cannot hold the matrix here), so the product is computed from the packed masks block by block;
+a batch of GN_BATCH random inputs, A B A B ... for REPEATS rounds after a warm-up.
+
+torch.set_num_threads(THREADS). Prints Markdown tables and writes the same numbers to
+bench/results/snapshot_memory.json.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ from registry import Manifest, PackedMasks, Registry, TaskEntry
 from registry.codecs import signed_constant
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
+from serving.superposition import CHUNK_BYTES
+from serving.task_inference import infer_task
 
 TASKS = 1000
 SIZES = [64, 512, 512, 10]
 DENSITY = 0.5
 THREADS = 1
 REPEATS = 5
+GN_BATCH = 16
+GN_MODES = ["oneshot-input", "oneshot", "binary"]
 MODEL = "bench"
 RESULTS = Path(__file__).parent / "results" / "snapshot_memory.json"
 
@@ -90,12 +103,40 @@ def load_seconds(registry: Registry) -> dict:
             "bool_vs_packed": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
 
 
+def superposition(registry: Registry) -> dict:
+    """Memory and per-mode latency of task inference by gradient, float matrix cached (A) against
+    packed masks unpacked block by block (B)."""
+    cached, packed = (Snapshot.load(registry, registry.manifest(MODEL), None, LRUCache(size)) for size in (4 << 30, 0))
+    x = torch.randn(GN_BATCH, SIZES[0], generator=torch.Generator().manual_seed(1))
+    for snapshot in (cached, packed):  # warm-up: builds the stacks (and the matrix of `cached`)
+        for mode in GN_MODES:
+            infer_task(mode, snapshot, x)
+    times: dict[str, dict[str, list[float]]] = {mode: {"cached": [], "packed": []} for mode in GN_MODES}
+    for _ in range(REPEATS):
+        for mode in GN_MODES:
+            for name, snapshot in (("cached", cached), ("packed", packed)):
+                began = time.perf_counter()
+                infer_task(mode, snapshot, x)
+                times[mode][name].append(time.perf_counter() - began)
+    latency = {}
+    for mode, runs in times.items():
+        ratios = [b / a for a, b in zip(runs["cached"], runs["packed"])]
+        latency[mode] = {"cached_ms": 1000 * statistics.median(runs["cached"]),
+                         "packed_ms": 1000 * statistics.median(runs["packed"]),
+                         "packed_vs_cached": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+    stack = packed.mask_stack()
+    return {"matrix_mb": len(stack.ids) * stack.width * 4 / 1e6, "cached_bytes": cached._cache.stats().bytes,
+            "packed_cache_bytes": packed._cache.stats().bytes, "block_buffer_mb": CHUNK_BYTES / 1e6,
+            "latency": latency}
+
+
 def main() -> None:
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as root:
         registry = build_registry(Path(root))
         memory = held_bytes(load(registry))
         timing = load_seconds(registry)
+        gn = superposition(registry)
     print(f"Snapshot of {TASKS} SupSup tasks, MLP {SIZES}, random masks at density {DENSITY} (bitmask/v1); "
           f"torch.set_num_threads({THREADS}); load: {REPEATS} alternating rounds after a warm-up\n")
     print("| task masks held as | bytes per task | bits per weight | all tasks | load time (median) |")
@@ -107,10 +148,20 @@ def main() -> None:
     ratio = timing["bool_vs_packed"]
     print(f"\nbool / packed: {memory['bool_bytes_per_task'] / memory['packed_bytes_per_task']:.1f}x the memory, "
           f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) the load time")
-    setup = {"tasks": TASKS, "sizes": SIZES, "density": DENSITY, "threads": THREADS, "repeats": REPEATS}
+    print(f"\nTask inference by gradient on this snapshot, batch {GN_BATCH}: the float matrix of the masks "
+          f"({gn['matrix_mb']:,.0f} MB) kept in the cache, or the packed masks unpacked in blocks "
+          f"(a {gn['block_buffer_mb']:.1f} MB buffer per thread; the cache held {gn['packed_cache_bytes']:,} bytes)\n")
+    print("| mode | matrix cached (ms) | packed masks (ms) | packed / cached |")
+    print("|---|---|---|---|")
+    for mode, row in gn["latency"].items():
+        ratio = row["packed_vs_cached"]
+        print(f"| {mode} | {row['cached_ms']:.1f} | {row['packed_ms']:.1f} | "
+              f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |")
+    setup = {"tasks": TASKS, "sizes": SIZES, "density": DENSITY, "threads": THREADS, "repeats": REPEATS,
+             "gn_batch": GN_BATCH}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "snapshot_memory", "setup": setup, "memory": memory,
-                                   "load": timing}, indent=2) + "\n")
+                                   "load": timing, "superposition": gn}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

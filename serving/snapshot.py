@@ -8,6 +8,7 @@ verification is kept out of service with its error; the other tasks keep serving
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -232,16 +233,20 @@ class Snapshot:
         return logits
 
     def mask_stack(self) -> MaskStack | None:
-        """Every task's masks stacked over their backbone, for superposition (built on first use),
-        or None unless all tasks in service have masks on one backbone version."""
+        """Every task's masks stacked over their backbone, for superposition (built on first use; its
+        float matrix lives in the byte-bounded cache), or None unless all tasks in service have masks
+        on one backbone version."""
         with self._lock:
             if self._mask_stack is _UNBUILT:
                 tasks = self.healthy_tasks()
                 backbones = {t.entry.backbone for t in tasks}
                 usable = tasks and all("masks" in t.parts for t in tasks) and len(backbones) == 1
+                # keyed by what the masks are (backbone version, blob digests), hashed once: a lookup per request
+                key = (self.model, "mask-stack", hashlib.sha256(repr([t.key for t in tasks]).encode()).hexdigest())
                 self._mask_stack = MaskStack.build(
                     [t.entry.id for t in tasks], [t.entry.num_classes for t in tasks],
-                    [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()]) if usable else None
+                    [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()], self._cache, key
+                ) if usable else None
             return self._mask_stack
 
     def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:

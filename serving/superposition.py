@@ -1,4 +1,4 @@
-"""Every task's masks in one matrix, laid out for SupSup's superposition (task inference by gradient).
+"""Every task's masks laid out for SupSup's superposition (task inference by gradient).
 
 The one-shot signal of serving/task_inference.py is g_i = dH/dalpha_i, H the mean output entropy
 with the effective weights W_eff = W * sum_i alpha_i M_i at uniform alpha. By the chain rule
@@ -6,28 +6,40 @@ with the effective weights W_eff = W * sum_i alpha_i M_i at uniform alpha. By th
     g_i = sum over masked weights e of  M_i[e] * W[e] * G[e],     G = dH/dW_eff,
 
 so one backward pass to the effective weights gives G, and the signal of all T tasks is then one
-matrix-vector product of the [T, E] matrix of flattened masks with (W * G). Differentiating with
-respect to alpha instead (autograd through sum_i alpha_i M_i) copied the candidates' masks and
-built that sum on every request, and its backward did the same product again. The mean mask of
-all tasks, the forward of `oneshot`, `oneshot-input` and binary's first round, is computed once.
+product of the [T, E] matrix of flattened masks with (W * G). Differentiating with respect to alpha
+instead (autograd through sum_i alpha_i M_i) copied the candidates' masks and built that sum on
+every request, and its backward did the same product again. The mean mask of all tasks, the forward
+of `oneshot`, `oneshot-input` and binary's first round, is computed once.
+
+Memory: the masks stay bitpacked as the snapshot holds them (1 bit per weight). The [T, E] float
+matrix (32 bits per weight: 1.2 GB for 1,000 tasks of MLP 64-512-512-10) is an accelerator kept in
+the server's byte-bounded cache (--cache-bytes) like any derived weights; where the cache does not
+admit it, the product is computed from the packed masks a few rows at a time, in a small buffer
+(python -m bench snapshot_memory measures both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+import threading
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
 from registry import PackedMasks
 
+from .cache import LRUCache
+
 Tensors = dict[str, torch.Tensor]
+CHUNK_BYTES = 4 << 20  # a thread's float buffer for blocks of mask rows: filled and multiplied while in the CPU cache
+# (1 MiB, this machine's L2 per core, measured 5-10% slower at 1,000 tasks of MLP 64-512-512-10)
 
 
 class Superposed(NamedTuple):
     """Some tasks' masks superposed with equal weights."""
 
-    masks: torch.Tensor  # [k, E]: their rows of MaskStack.masks
+    rows: list[int] | None  # their rows of the MaskStack (None: all of them)
+    dense: torch.Tensor | None  # the MaskStack's float matrix of all tasks, where the cache holds it
     parameters: Tensors  # the backbone with each masked weight times their mean mask
     classes: int  # the most classes of any of them: the logits their entropy is taken over
 
@@ -40,58 +52,123 @@ class MaskStack:
         ids: the task ids, by row.
         row: each task id's row.
         classes: each task's class count, by row.
-        columns: each masked layer's columns in `masks` (layers in the backbone's order).
-        masks: [T, E] float32 of 0/1: row i is task ids[i]'s masks flattened, layers side by side.
+        columns: each masked layer's columns in a flattened row (layers in the backbone's order).
+        masks: each row's masks, bitpacked (the snapshot's own objects, not copies).
         backbone: the shared weights (a tensor without a mask passes through unchanged).
         superposed: the backbone with each masked weight times the mean mask of all T tasks.
+        cache: where the [T, E] float matrix of the masks is kept when it is admitted, under `key`.
     """
 
     ids: list[int]
     row: dict[int, int]
     classes: list[int]
     columns: dict[str, slice]
-    masks: torch.Tensor
+    masks: list[PackedMasks]
     backbone: dict[str, torch.Tensor]
     superposed: dict[str, torch.Tensor]
+    cache: LRUCache
+    key: Hashable
+    _buffers: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @classmethod
-    def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors
-              ) -> "MaskStack":
-        """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over `backbone`."""
-        names = [n for n in backbone if n in masks[0]]
+    def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors,
+              cache: LRUCache, key: Hashable) -> "MaskStack":
+        """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over
+        `backbone`; its float matrix is cached in `cache` under `key` (unique to these masks)."""
+        packed = [PackedMasks.pack(task) for task in masks]
+        names = [n for n in backbone if n in packed[0].shapes]
         stops = torch.tensor([backbone[n].numel() for n in names]).cumsum(0).tolist()
         columns = {n: slice(stop - backbone[n].numel(), stop) for n, stop in zip(names, stops)}
-        matrix = torch.empty(len(masks), sum(backbone[n].numel() for n in names))
-        for row, task in zip(matrix, masks):  # unpacked straight into their rows
-            packed = PackedMasks.pack(task)
-            for n in names:
-                packed.as_float(n, out=row[columns[n]].view(backbone[n].shape))
-        superposed = _superpose(backbone, columns, matrix.mean(dim=0))
-        return cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, matrix, backbone, superposed)
+        stack = cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, packed, backbone, {}, cache, key)
+        stack.superposed.update(stack._superpose(stack.column_sums(range(len(ids)), stack.dense()) / len(ids)))
+        return stack
+
+    @property
+    def width(self) -> int:
+        """E: the masked weights of one task."""
+        return max((s.stop for s in self.columns.values()), default=0)
 
     def subset(self, rows: list[int] | None = None) -> Superposed:
-        """The tasks of `rows` superposed. All rows (None) reuse the precomputed superposition; a
-        subset's masks are copied once."""
+        """The tasks of `rows` superposed (None: all of them, whose superposition is precomputed).
+        Looks the float matrix up in the cache once (a hit or a miss in its statistics)."""
+        dense = self.dense()
         if rows is None:
-            return Superposed(self.masks, self.superposed, max(self.classes))
-        masks = self.masks.index_select(0, torch.tensor(rows))  # a list index is 4x slower
-        mean = torch.ones(len(rows)) @ masks / len(rows)  # sums of 0/1: exact
-        return Superposed(masks, _superpose(self.backbone, self.columns, mean), max(self.classes[r] for r in rows))
+            return Superposed(None, dense, self.superposed, max(self.classes))
+        mean = self.column_sums(rows, dense) / len(rows)
+        return Superposed(rows, dense, self._superpose(mean), max(self.classes[r] for r in rows))
 
-    def gradient(self, masks: torch.Tensor, weight_gradients: Tensors) -> torch.Tensor:
-        """[k] dH/dalpha of the k tasks whose masks are `masks` (from `subset`), given dH/dW_eff of
-        some masked layers at their superposition; the other layers contribute nothing.
+    def gradient(self, tasks: Superposed, weight_gradients: Tensors) -> torch.Tensor:
+        """[k] dH/dalpha of the k tasks of `tasks` (from `subset`), given dH/dW_eff of some masked layers
+        at their superposition; the other layers contribute nothing.
 
         One product over the columns from the first given layer to the last (layers in between
-        that are not given count as zeros): per layer, the strided products cost 1.5x as much."""
+        that are not given count as zeros): per layer, the strided products cost 1.5x as much.
+        All tasks: one product with the cached float matrix where there is one (at 1,000 tasks of
+        MLP 64-512-512-10, 2-3x faster than unpacking); else, and for a subset, block by block."""
         spans = [self.columns[n] for n in weight_gradients]
         start, stop = min(s.start for s in spans), max(s.stop for s in spans)
         pieces = [(weight_gradients[n] * self.backbone[n]).flatten() if n in weight_gradients
                   else torch.zeros(self.backbone[n].numel()) for n, s in self.columns.items()
                   if start <= s.start and s.stop <= stop]
-        return masks[:, start:stop] @ (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+        signal = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if tasks.rows is None and tasks.dense is not None:
+            return tasks.dense[:, start:stop] @ signal
+        rows = range(len(self.ids)) if tasks.rows is None else tasks.rows
+        return torch.cat([block @ signal for block in self._blocks(rows, start, stop, tasks.dense)])
 
+    def column_sums(self, rows: Sequence[int], dense: torch.Tensor | None) -> torch.Tensor:
+        """[E]: how many of `rows`' masks keep each weight (exact in float32 below 2^24 rows), from the
+        float matrix `dense` where given, else from the packed masks."""
+        total = torch.zeros(self.width)
+        for chunk in self._blocks(rows, 0, self.width, dense):
+            total += torch.ones(len(chunk)) @ chunk
+        return total
 
-def _superpose(backbone: Tensors, columns: dict[str, slice], mean: torch.Tensor) -> Tensors:
-    """`backbone` with each masked weight times its columns of the flat mean mask `mean` [E]."""
-    return {n: w * mean[columns[n]].view_as(w) if n in columns else w for n, w in backbone.items()}
+    def dense(self) -> torch.Tensor | None:
+        """[T, E] float32 0/1, row i the masks of task ids[i] flattened, layers side by side: from the
+        cache, built and kept there if it admits the T x E x 4 bytes; None where it does not."""
+        matrix = self.cache.get(self.key)
+        size = len(self.ids) * self.width * 4
+        if matrix is None and self.cache.admits(self.key, size):
+            matrix = torch.empty(len(self.ids), self.width)
+            for row, task in zip(matrix, self.masks):
+                self._unpack_into(row, task, self.columns)
+            self.cache.put(self.key, matrix, size)
+        return matrix
+
+    def _blocks(self, rows: Sequence[int], start: int, stop: int, dense: torch.Tensor | None
+                ) -> Iterator[torch.Tensor]:
+        """The masks of `rows` over the columns [start, stop) (whole layers) as float32 0/1, in blocks
+        of CHUNK_BYTES in this thread's buffer (each block valid until the next): copied from the float
+        matrix `dense` where given, else unpacked from the packed masks. (A subset's rows copied whole
+        from the matrix took 2.8x the time of blocks at 1,000 tasks, a fresh 600 MB a round; unpacking
+        where the matrix is cached made bench/gn.py's binary at T=100 about 3x slower than copying.)"""
+        layers = {n: slice(s.start - start, s.stop - start) for n, s in self.columns.items()
+                  if start <= s.start and s.stop <= stop}
+        per_block = max(1, CHUNK_BYTES // (4 * (stop - start)))
+        buffer = self._buffer(per_block * (stop - start)).view(per_block, stop - start)
+        for first in range(0, len(rows), per_block):
+            some = rows[first : first + per_block]
+            block = buffer[: len(some)]
+            if dense is not None:
+                torch.index_select(dense[:, start:stop], 0, torch.tensor(some), out=block)
+            else:
+                for row, r in zip(block, some):
+                    self._unpack_into(row, self.masks[r], layers)
+            yield block
+
+    def _buffer(self, elements: int) -> torch.Tensor:
+        """This thread's float32 buffer of at least `elements` (working memory, like activations)."""
+        buffer = getattr(self._buffers, "tensor", None)
+        if buffer is None or buffer.numel() < elements:
+            buffer = self._buffers.tensor = torch.empty(elements)
+        return buffer[:elements]
+
+    def _unpack_into(self, row: torch.Tensor, masks: PackedMasks, layers: Mapping[str, slice]) -> None:
+        for name, columns in layers.items():
+            masks.as_float(name, out=row[columns].view(self.backbone[name].shape))
+
+    def _superpose(self, mean: torch.Tensor) -> Tensors:
+        """The backbone with each masked weight times its columns of the flat mean mask `mean` [E]."""
+        return {n: w * mean[self.columns[n]].view_as(w) if n in self.columns else w for n, w in self.backbone.items()}
+

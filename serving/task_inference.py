@@ -150,7 +150,7 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     stack = snapshot.mask_stack()
     tasks = stack.subset(None if candidates == stack.ids else [stack.row[i] for i in candidates])
     layers = list(stack.columns)[:1] if input_layer_only else list(stack.columns)
-    gradient = stack.gradient(tasks.masks, snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers))
+    gradient = stack.gradient(tasks, snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers))
     return dict(zip(candidates, gradient.tolist()))
 
 

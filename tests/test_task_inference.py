@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from serving import superposition
 from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 from serving.task_inference import infer_task, mean_entropy, superposition_gradient
@@ -17,9 +18,16 @@ SPARSE = {"architecture": {"arch": "mlp", "sizes": [64, 128, 128, 10]}, "method_
 
 
 @pytest.fixture(scope="module")
-def snapshot(tmp_path_factory) -> Snapshot:
-    registry = train_model(tmp_path_factory.mktemp("gn"), "sparse", TASKS, SPARSE)
-    return Snapshot.load(registry, registry.manifest("sparse"), None, LRUCache(1 << 28))
+def registry(tmp_path_factory):
+    return train_model(tmp_path_factory.mktemp("gn"), "sparse", TASKS, SPARSE)
+
+
+@pytest.fixture(scope="module", params=["float matrix cached", "packed masks"])
+def snapshot(request, registry) -> Snapshot:
+    """The server's two paths to the mask product: the [T, E] float matrix kept in a cache big enough
+    for it, and the bitpacked masks unpacked a few rows at a time where the cache holds nothing."""
+    cache = LRUCache(1 << 28 if request.param == "float matrix cached" else 0)
+    return Snapshot.load(registry, registry.manifest("sparse"), None, cache)
 
 
 def share_right(snapshot: Snapshot, mode: str, shortlist: int = 1) -> float:
@@ -93,3 +101,23 @@ def test_stacked_mask_gradient_of_a_cnn_equals_autograd_through_alpha(tmp_path):
         fast = list(superposition_gradient(snapshot, x, candidates, input_layer_only).values())
         slow = list(autograd_signal(snapshot, x, candidates, input_layer_only).values())
         assert torch.allclose(torch.tensor(fast), torch.tensor(slow), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("candidates", [list(range(TASKS)), [7, 2, 9, 4, 0]], ids=["all tasks", "binary round"])
+def test_packed_masks_give_the_float_matrix_signal_and_hold_no_matrix(registry, candidates, monkeypatch):
+    """Where the cache cannot hold the float matrix, the signal comes from the packed masks, in blocks
+    of a few rows (3 here, so blocks end mid-list), with the same values and without the matrix."""
+    manifest = registry.manifest("sparse")
+    dense, packed = (Snapshot.load(registry, manifest, None, LRUCache(size)) for size in (1 << 28, 0))
+    x = get_stream("permuted-digits").task(6).x_test[:BATCH]
+    width = dense.mask_stack().width
+    monkeypatch.setattr(superposition, "CHUNK_BYTES", 3 * 4 * width)
+    for input_layer_only in (False, True):
+        expected = superposition_gradient(dense, x, candidates, input_layer_only)
+        got = superposition_gradient(packed, x, candidates, input_layer_only)
+        assert torch.allclose(torch.tensor(list(got.values())), torch.tensor(list(expected.values())), rtol=1e-5, atol=1e-9)
+        assert min(got, key=got.get) == min(expected, key=expected.get)
+    for mode in ("oneshot", "oneshot-input", "binary"):
+        assert infer_task(mode, packed, x).task.entry.id == infer_task(mode, dense, x).task.entry.id
+    assert dense._cache.stats().bytes >= TASKS * width * 4  # the float matrix of all tasks, kept
+    assert packed._cache.stats().bytes == 0 and packed._cache.stats().rejections > 0
