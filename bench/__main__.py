@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import textwrap
 
 import bench
 
@@ -16,7 +17,20 @@ def available() -> list[str]:
     return [name for name in sorted(names) if hasattr(importlib.import_module(f"bench.{name}"), "main")]
 
 
+def usage() -> str:
+    """What `python -m bench --help` prints: how to call it and each benchmark's one-line summary."""
+    lines = [__doc__.strip(), "", "Benchmarks (results go to bench/results/<name>.json):"]
+    for name in available():
+        first_paragraph = (importlib.import_module(f"bench.{name}").__doc__ or "").strip().split("\n\n")[0]
+        lines.append(f"  {name:<16} {textwrap.shorten(first_paragraph, 100, placeholder=' ...')}")
+    lines.append("\nSome take their own options: python -m bench.<name> --help (e.g. bench.serving --only task_mix).")
+    return "\n".join(lines)
+
+
 def run(names: list[str]) -> None:
+    if {"-h", "--help"} & set(names):
+        print(usage())
+        return
     known = available()
     unknown = [name for name in names if name not in known]
     if unknown:
