@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
+import numpy as np
 import torch
 import zstandard
 
@@ -90,7 +91,7 @@ def binary_entropy(p: float) -> float:
 def mask_stats(masks: Mapping[str, torch.Tensor]) -> MaskStats:
     masks = PackedMasks.pack(masks)
     weights = sum(shape.numel() for shape in masks.shapes.values())
-    kept = sum(int(m.sum()) for m in masks.values())
+    kept = sum(int(np.bitwise_count(p.numpy()).sum(dtype=np.int64)) for p in masks.packed.values())  # padding bits are 0
     packed = b"".join(p.numpy().tobytes() for p in masks.packed.values())
     density = kept / weights if weights else 0.0
     return MaskStats(

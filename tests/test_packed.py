@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from registry import InvalidArtifact, PackedMasks
+from registry.audit import mask_stats
 from registry.codecs import decode, encode
 
 SHAPES = {"fc.weight": (3, 5), "conv.weight": (4, 3, 3, 3), "odd": (7,), "empty": (0, 4), "one": (1,)}
@@ -92,3 +93,13 @@ def test_mask_codecs_decode_to_packed_masks(codec):
     decoded = decode(codec, encode(codec, original))
     assert isinstance(decoded, PackedMasks) and decoded.keys() == original.keys()
     assert all(torch.equal(decoded[name], mask) for name, mask in original.items())
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_audit_counts_the_kept_weights_from_the_packed_bytes(density):
+    """mask_stats counts ones on the packed bytes: the zero padding of the last byte never counts."""
+    original = masks(density, seed=3)
+    stats = mask_stats(PackedMasks.pack(original))
+    weights, kept = sum(m.numel() for m in original.values()), sum(int(m.sum()) for m in original.values())
+    assert stats.weights == weights and stats.index16_bytes == 2.0 * kept
+    assert stats.density == pytest.approx(kept / weights)
