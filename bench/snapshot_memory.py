@@ -20,12 +20,19 @@ masks kept in a cache big enough for it, B = a cache that admits nothing (the de
 cannot hold the matrix here), so the product is computed from the packed masks block by block;
 a batch of GN_BATCH random inputs, A B A B ... for REPEATS rounds after a warm-up.
 
+Reload while gradient modes are in use (a hot add): the snapshot of the last task's generation
+loaded over that of the TASKS - 1 before it, whose stack is built. A = Snapshot.load, which now
+prepares the new stack from the previous one; B = Snapshot.load without a previous snapshot's stack
+(as before: the first gradient request then summed every task's masks), then mask_stack(). Both
+with a cache that admits nothing (the float matrix is timed above), REPEATS alternated rounds.
+
 torch.set_num_threads(THREADS). Prints Markdown tables and writes the same numbers to
 bench/results/snapshot_memory.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -130,6 +137,37 @@ def superposition(registry: Registry) -> dict:
             "latency": latency}
 
 
+def reload_with_gradients(registry: Registry) -> dict:
+    """Seconds to have the stack of a generation with one task appended: prepared from the previous
+    stack at load (A), or loaded then built from scratch (B)."""
+    latest = registry.manifest(MODEL)
+    earlier = dataclasses.replace(latest, generation=latest.generation - 1, tasks=latest.tasks[:-1])
+    previous = Snapshot.load(registry, earlier, None, LRUCache(0))
+    previous.mask_stack()
+
+    def prepared() -> None:
+        assert Snapshot.load(registry, latest, previous, LRUCache(0))._mask_stack is not None
+
+    def from_scratch() -> None:
+        Snapshot.load(registry, latest, _without_stack(previous), LRUCache(0)).mask_stack()
+
+    times: dict[str, list[float]] = {"prepared": [], "scratch": []}
+    for round_ in range(REPEATS + 1):  # the first round warms up
+        for name, run in (("prepared", prepared), ("scratch", from_scratch)):
+            began = time.perf_counter()
+            run()
+            if round_:
+                times[name].append(time.perf_counter() - began)
+    ratios = [b / a for a, b in zip(times["prepared"], times["scratch"])]
+    return {"prepared_ms": 1000 * statistics.median(times["prepared"]), "scratch_ms": 1000 * statistics.median(times["scratch"]),
+            "scratch_vs_prepared": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+
+
+def _without_stack(snapshot: Snapshot) -> Snapshot:
+    """`snapshot`'s loaded parts in a snapshot that never built a stack (a reload reuses them either way)."""
+    return Snapshot(snapshot.manifest, snapshot.backbones, snapshot.shared, snapshot.tasks, LRUCache(0))
+
+
 def main() -> None:
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as root:
@@ -137,6 +175,7 @@ def main() -> None:
         memory = held_bytes(load(registry))
         timing = load_seconds(registry)
         gn = superposition(registry)
+        reload = reload_with_gradients(registry)
     print(f"Snapshot of {TASKS} SupSup tasks, MLP {SIZES}, random masks at density {DENSITY} (bitmask/v1); "
           f"torch.set_num_threads({THREADS}); load: {REPEATS} alternating rounds after a warm-up\n")
     print("| task masks held as | bytes per task | bits per weight | all tasks | load time (median) |")
@@ -157,11 +196,16 @@ def main() -> None:
         ratio = row["packed_vs_cached"]
         print(f"| {mode} | {row['cached_ms']:.1f} | {row['packed_ms']:.1f} | "
               f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |")
+    ratio = reload["scratch_vs_prepared"]
+    print(f"\nReload with one task appended while gradient modes are in use: stack prepared at load from the "
+          f"previous one {reload['prepared_ms']:.1f} ms (load included), load then stack from scratch "
+          f"{reload['scratch_ms']:.1f} ms: {ratio['median']:.1f}x ({ratio['min']:.1f}-{ratio['max']:.1f})")
     setup = {"tasks": TASKS, "sizes": SIZES, "density": DENSITY, "threads": THREADS, "repeats": REPEATS,
              "gn_batch": GN_BATCH}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "snapshot_memory", "setup": setup, "memory": memory,
-                                   "load": timing, "superposition": gn}, indent=2) + "\n")
+                                   "load": timing, "superposition": gn,
+                                   "reload_with_gradients": reload}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

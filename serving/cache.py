@@ -65,6 +65,11 @@ class LRUCache:
                 self._bytes -= self._entries.popitem(last=False)[1][1]
                 self._evictions += 1
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether `key` is stored; unlike `get`, not a lookup (no hit, miss or frequency counted)."""
+        with self._lock:
+            return key in self._entries
+
     def admits(self, key: Hashable, size: int) -> bool:
         """Whether a missed `key` of `size` bytes should be stored: yes while it fits without evicting;
         otherwise only if it was looked up more often (recently) than every entry it would evict.

@@ -68,8 +68,10 @@ class ModelRepository:
             if model not in self._snapshots and model not in self._load_errors:
                 raise ModelNotFound(f"model '{model}' is not loaded (loaded: {', '.join(self.models()) or 'none'})")
             self._unloaded.add(model)
-            self._snapshots.pop(model, None)
+            unloaded = self._snapshots.pop(model, None)
             self._load_errors.pop(model, None)
+            if unloaded is not None:
+                unloaded.retire()
         log.info("unloaded model '%s'", model)
 
     def index(self) -> list[tuple[str, int, str, str]]:
@@ -107,6 +109,9 @@ class ModelRepository:
                 with self._changed:
                     self._snapshots[model] = snapshot
                     self._changed.notify_all()
+                if current is not None:
+                    current.retire()
+                snapshot.warm()
                 self._load_errors.pop(model, None)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))

@@ -143,7 +143,22 @@ class Snapshot:
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
-        return cls(manifest, backbones, shared, tasks, cache)
+        snapshot = cls(manifest, backbones, shared, tasks, cache)
+        if previous is not None and isinstance(previous._mask_stack, MaskStack):  # it served gradient modes:
+            snapshot._mask_stack = snapshot._build_mask_stack(previous._mask_stack)  # ready before the swap
+        return snapshot
+
+    def retire(self) -> None:
+        """This snapshot is no longer served (replaced or unloaded): drop what it keeps in the shared
+        cache for gradient modes. Requests still running on it keep working."""
+        if isinstance(self._mask_stack, MaskStack):
+            self._mask_stack.retire()
+
+    def warm(self) -> None:
+        """Build the superposition matrix of a stack prepared at load (if the cache admits it) in the
+        caller's thread, so the first gradient request after a reload does not build it."""
+        if isinstance(self._mask_stack, MaskStack):
+            self._mask_stack.dense()
 
     def task(self, key: int | str) -> LoadedTask:
         """The task with id or name `key`: TaskNotFound if absent, its load error if broken."""
@@ -238,16 +253,20 @@ class Snapshot:
         on one backbone version."""
         with self._lock:
             if self._mask_stack is _UNBUILT:
-                tasks = self.healthy_tasks()
-                backbones = {t.entry.backbone for t in tasks}
-                usable = tasks and all("masks" in t.parts for t in tasks) and len(backbones) == 1
-                # keyed by what the masks are (backbone version, blob digests), hashed once: a lookup per request
-                key = (self.model, "mask-stack", hashlib.sha256(repr([t.key for t in tasks]).encode()).hexdigest())
-                self._mask_stack = MaskStack.build(
-                    [t.entry.id for t in tasks], [t.entry.num_classes for t in tasks],
-                    [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()], self._cache, key
-                ) if usable else None
+                self._mask_stack = self._build_mask_stack()
             return self._mask_stack
+
+    def _build_mask_stack(self, previous: MaskStack | None = None) -> MaskStack | None:
+        """The stack of mask_stack(); `previous`, a former generation's, saves summing its tasks again."""
+        tasks = self.healthy_tasks()
+        backbones = {t.entry.backbone for t in tasks}
+        if not tasks or not all("masks" in t.parts for t in tasks) or len(backbones) != 1:
+            return None
+        # keyed by what the masks are (backbone version, blob digests), hashed once: a lookup per request
+        key = (self.model, "mask-stack", hashlib.sha256(repr([t.key for t in tasks]).encode()).hexdigest())
+        return MaskStack.build([t.entry.id for t in tasks], [t.entry.num_classes for t in tasks],
+                               [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()], self._cache, key,
+                               previous)
 
     def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
         """(task ids, per layer a float [T, B] stack of their alpha over the model's B basis masks),

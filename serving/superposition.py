@@ -56,6 +56,8 @@ class MaskStack:
         masks: each row's masks, bitpacked (the snapshot's own objects, not copies).
         backbone: the shared weights (a tensor without a mask passes through unchanged).
         superposed: the backbone with each masked weight times the mean mask of all T tasks.
+        sums: [E] how many tasks keep each weight (the mean mask times T), so that the stack of a
+            later generation, with tasks appended, only adds the new tasks' masks.
         cache: where the [T, E] float matrix of the masks is kept when it is admitted, under `key`.
     """
 
@@ -66,22 +68,48 @@ class MaskStack:
     masks: list[PackedMasks]
     backbone: dict[str, torch.Tensor]
     superposed: dict[str, torch.Tensor]
+    sums: torch.Tensor
     cache: LRUCache
     key: Hashable
     _buffers: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    _retired: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    _building: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors,
-              cache: LRUCache, key: Hashable) -> "MaskStack":
+              cache: LRUCache, key: Hashable, previous: "MaskStack | None" = None) -> "MaskStack":
         """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over
-        `backbone`; its float matrix is cached in `cache` under `key` (unique to these masks)."""
+        `backbone`; its float matrix is cached in `cache` under `key` (unique to these masks).
+
+        previous: the stack of an earlier generation. Where its tasks are this one's first (the same
+        masks and backbone objects: tasks are immutable and a snapshot reuses what it loaded), only the
+        tasks after them are summed: a hot add costs its own masks, not every task's again."""
         packed = [PackedMasks.pack(task) for task in masks]
         names = [n for n in backbone if n in packed[0].shapes]
         stops = torch.tensor([backbone[n].numel() for n in names]).cumsum(0).tolist()
         columns = {n: slice(stop - backbone[n].numel(), stop) for n, stop in zip(names, stops)}
-        stack = cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, packed, backbone, {}, cache, key)
-        stack.superposed.update(stack._superpose(stack.column_sums(range(len(ids)), stack.dense()) / len(ids)))
+        stack = cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, packed, backbone, {}, torch.zeros(0),
+                    cache, key)
+        known = len(previous.ids) if previous is not None and previous.is_prefix_of(stack) else 0
+        sums = stack.column_sums(range(known, len(ids)), None if known else stack.dense())
+        if known:
+            sums += previous.sums  # integers below 2^24: exact, as summing every task again
+        object.__setattr__(stack, "sums", sums)
+        stack.superposed.update(stack._superpose(sums / len(ids)))
         return stack
+
+    def is_prefix_of(self, other: "MaskStack") -> bool:
+        """Whether `other` holds this stack's tasks first, with the very same masks over the same backbone."""
+        count = len(self.ids)
+        return (other.backbone is self.backbone and other.columns == self.columns and other.ids[:count] == self.ids
+                and all(a is b for a, b in zip(self.masks, other.masks[:count])))
+
+    def retire(self) -> None:
+        """This stack's snapshot was replaced: drop its float matrix from the cache and never cache it
+        again (requests still running on it compute from the packed masks), so the next generation's
+        matrix is not refused room by an entry nobody will look up."""
+        self._retired.set()
+        self.cache.evict(self.key)
 
     @property
     def width(self) -> int:
@@ -126,15 +154,27 @@ class MaskStack:
 
     def dense(self) -> torch.Tensor | None:
         """[T, E] float32 0/1, row i the masks of task ids[i] flattened, layers side by side: from the
-        cache, built and kept there if it admits the T x E x 4 bytes; None where it does not."""
+        cache, built and kept there if it admits the T x E x 4 bytes. None where it does not, once the
+        stack is retired, and while another thread builds it (callers use the packed masks meanwhile
+        rather than wait, or build a second copy)."""
+        if self._retired.is_set():
+            return None
         matrix = self.cache.get(self.key)
-        size = len(self.ids) * self.width * 4
-        if matrix is None and self.cache.admits(self.key, size):
+        if matrix is not None or not self._building.acquire(blocking=False):
+            return matrix
+        try:
+            if self.key in self.cache:  # built by the thread that held the lock just before
+                return self.cache.get(self.key)
+            size = len(self.ids) * self.width * 4
+            if not self.cache.admits(self.key, size):
+                return None
             matrix = torch.empty(len(self.ids), self.width)
             for row, task in zip(matrix, self.masks):
                 self._unpack_into(row, task, self.columns)
             self.cache.put(self.key, matrix, size)
-        return matrix
+            return matrix
+        finally:
+            self._building.release()
 
     def _blocks(self, rows: Sequence[int], start: int, stop: int, dense: torch.Tensor | None
                 ) -> Iterator[torch.Tensor]:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from serving import superposition
 from serving.cache import LRUCache
+from serving.repository import ModelRepository
 from serving.snapshot import Snapshot
+from serving.superposition import MaskStack
 from serving.task_inference import infer_task, mean_entropy, superposition_gradient
 from trainer import get_stream
 
-from .conftest import train_model
+from .conftest import TINY, train_model
 
 TASKS, BATCH, BATCHES_PER_TASK = 10, 16, 5
 SPARSE = {"architecture": {"arch": "mlp", "sizes": [64, 128, 128, 10]}, "method_config": {"epochs": 8, "density": 0.1}}
@@ -121,3 +125,52 @@ def test_packed_masks_give_the_float_matrix_signal_and_hold_no_matrix(registry, 
         assert infer_task(mode, packed, x).task.entry.id == infer_task(mode, dense, x).task.entry.id
     assert dense._cache.stats().bytes >= TASKS * width * 4  # the float matrix of all tasks, kept
     assert packed._cache.stats().bytes == 0 and packed._cache.stats().rejections > 0
+
+
+def test_a_reload_prepares_the_next_stack_from_the_last_and_retires_its_matrix(tmp_path):
+    """A hot add while gradient modes are in use: the new generation's stack is built at load from the
+    last one (only the new task's masks summed, the same sums as from scratch), its float matrix is
+    cached by the refresh rather than by a request, and the old matrix leaves the cache."""
+    registry = train_model(tmp_path, "m", 3, TINY)
+    repository = ModelRepository(registry, cache_bytes=1 << 26)
+    repository.refresh()
+    old = repository.get("m")
+    x = get_stream("permuted-digits").task(1).x_test[:BATCH]
+    infer_task("oneshot", old, x)
+    old_stack = old.mask_stack()
+    assert old_stack.key in repository.cache
+
+    first = registry.manifest("m").tasks[0]
+    shapes = registry.load(first.parts["masks"]).shapes
+    generator = torch.Generator().manual_seed(5)
+    added = dataclasses.replace(first, id=3, name="added", parts={
+        "masks": registry.put("bitmask/v1", {n: torch.rand(s, generator=generator) < 0.5 for n, s in shapes.items()})})
+    registry.publish("m", lambda manifest: manifest.next(tasks=manifest.tasks + (added,)))
+    repository.refresh()
+    new = repository.get("m")
+
+    stack = new._mask_stack  # built by the refresh, before any request
+    assert isinstance(stack, MaskStack) and stack.ids == [0, 1, 2, 3]
+    assert old_stack.is_prefix_of(stack)  # the same mask objects: only task 3 was summed
+    scratch = MaskStack.build(stack.ids, stack.classes, stack.masks, stack.backbone, LRUCache(0), "scratch")
+    assert torch.equal(stack.sums, scratch.sums)
+    assert all(torch.equal(stack.superposed[n], scratch.superposed[n]) for n in scratch.superposed)
+    assert stack.key in repository.cache
+    assert old_stack.key not in repository.cache and old_stack.dense() is None  # retired: never cached again
+    assert infer_task("oneshot", old, x).task.entry.id in range(3)  # requests still on the old one are served
+
+
+def test_a_request_does_not_wait_for_another_thread_building_the_matrix(tmp_path):
+    registry = train_model(tmp_path, "m", 3, TINY)
+    snapshot = Snapshot.load(registry, registry.manifest("m"), None, LRUCache(0))
+    stack = snapshot.mask_stack()
+    cached = MaskStack.build(stack.ids, stack.classes, stack.masks, stack.backbone, LRUCache(1 << 26), "cached")
+    x = get_stream("permuted-digits").task(2).x_test[:BATCH]
+    gradients = snapshot.entropy_gradients(stack.superposed, x, max(stack.classes), list(stack.columns))
+    expected = cached.gradient(cached.subset(None), gradients)
+    cached.cache.evict(cached.key)
+    with cached._building:  # another thread is building the matrix: the packed masks serve meanwhile
+        tasks = cached.subset(None)
+        assert tasks.dense is None
+        assert torch.allclose(cached.gradient(tasks, gradients), expected, rtol=1e-5, atol=1e-9)
+    assert cached.dense() is not None and cached.key in cached.cache
