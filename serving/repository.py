@@ -89,7 +89,7 @@ class ModelRepository:
 
     def refresh(self, models: list[str] | None = None) -> list[Snapshot]:
         """Load what changed in the registry (for `models`, default all followed ones); return
-        the snapshots swapped in."""
+        the snapshots swapped in, once their superposition is warm (Snapshot.warm)."""
         with self._refresh_lock:
             swapped = []
             for model in models if models is not None else self.registry.list_models():
@@ -111,11 +111,12 @@ class ModelRepository:
                     self._changed.notify_all()
                 if current is not None:
                     current.retire()
-                snapshot.warm()
                 self._load_errors.pop(model, None)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
-            return swapped
+        for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
+            snapshot.warm()
+        return swapped
 
     def wait_for_generation(self, model: str, after: int, timeout: float) -> Snapshot | None:
         """The snapshot of `model` once its generation exceeds `after`; None if `timeout` passes first."""
