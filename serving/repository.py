@@ -22,9 +22,20 @@ log = logging.getLogger("maskbank.serving")
 
 
 class ModelRepository:
-    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20):
+    """The served models, one current snapshot each (see the module's docstring).
+
+    Args:
+        registry: where the models come from.
+        cache_bytes: bound of the cache shared by every snapshot (effective weights, mask matrices).
+        gradients: prepare every loaded model for the gradient task-inference modes (its mask stack)
+            before serving it, as a server whose default mode is one of them wants; without it a
+            model is prepared from its second generation on, once a request used them.
+    """
+
+    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20, gradients: bool = False):
         self.registry = registry
         self.cache = LRUCache(cache_bytes)
+        self.gradients = gradients
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
@@ -100,7 +111,8 @@ class ModelRepository:
                     latest = self.registry.latest_generation(model)
                     if latest == 0 or (current and current.generation == latest):
                         continue
-                    snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache)
+                    snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache,
+                                             self.gradients)
                 except MaskbankError as error:
                     if self._load_errors.get(model) != str(error):
                         log.error("model '%s' generation could not be loaded, keeping the previous one: %s", model, error)

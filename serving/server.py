@@ -32,7 +32,7 @@ from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .statistics import Statistics
 from .status import ErrorInterceptor
-from .task_inference import mode_names
+from .task_inference import mode_names, needs_gradients
 
 log = logging.getLogger("maskbank.serving")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -113,7 +113,8 @@ class InferenceServer:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.repository = ModelRepository(Registry(config.registry), config.cache_bytes)
+        self.repository = ModelRepository(Registry(config.registry), config.cache_bytes,
+                                          gradients=needs_gradients(config.task_inference))
         self.statistics = Statistics()
         self.servicer = InferenceServicer(
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,

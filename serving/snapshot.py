@@ -128,8 +128,11 @@ class Snapshot:
         return self.manifest.generation
 
     @classmethod
-    def load(cls, registry: Registry, manifest: Manifest, previous: "Snapshot | None", cache: LRUCache) -> "Snapshot":
-        """Load `manifest`, reusing what `previous` already decoded. A broken backbone raises."""
+    def load(cls, registry: Registry, manifest: Manifest, previous: "Snapshot | None", cache: LRUCache,
+             gradients: bool = False) -> "Snapshot":
+        """Load `manifest`, reusing what `previous` already decoded. A broken backbone raises.
+        The mask stack of the gradient modes is built now (from `previous`'s where it has one) when
+        `gradients` asks or `previous` built one (those modes are in use), else on first use."""
         backbones = {}
         for version, entry in manifest.backbones.items():  # versions are immutable once published
             unchanged = previous is not None and previous.manifest.backbones.get(version) == entry
@@ -144,8 +147,9 @@ class Snapshot:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
         snapshot = cls(manifest, backbones, shared, tasks, cache)
-        if previous is not None and isinstance(previous._mask_stack, MaskStack):  # it served gradient modes:
-            snapshot._mask_stack = snapshot._build_mask_stack(previous._mask_stack)  # ready before the swap
+        earlier = previous._mask_stack if previous is not None and isinstance(previous._mask_stack, MaskStack) else None
+        if gradients or earlier is not None:  # ready before the swap
+            snapshot._mask_stack = snapshot._build_mask_stack(earlier)
         return snapshot
 
     def retire(self) -> None:

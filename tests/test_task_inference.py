@@ -160,6 +160,16 @@ def test_a_reload_prepares_the_next_stack_from_the_last_and_retires_its_matrix(t
     assert infer_task("oneshot", old, x).task.entry.id in range(3)  # requests still on the old one are served
 
 
+@pytest.mark.parametrize("gradients", [True, False], ids=["default mode by gradient", "default exhaustive"])
+def test_a_server_defaulting_to_a_gradient_mode_loads_models_ready_for_it(tmp_path, gradients):
+    registry = train_model(tmp_path, "m", 2, TINY)
+    repository = ModelRepository(registry, cache_bytes=1 << 26, gradients=gradients)
+    repository.refresh()
+    stack = repository.get("m")._mask_stack
+    assert isinstance(stack, MaskStack) == gradients
+    assert (gradients and stack.key in repository.cache) or repository.cache.stats().bytes == 0
+
+
 def test_a_request_does_not_wait_for_another_thread_building_the_matrix(tmp_path):
     registry = train_model(tmp_path, "m", 3, TINY)
     snapshot = Snapshot.load(registry, registry.manifest("m"), None, LRUCache(0))
