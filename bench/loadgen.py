@@ -1,8 +1,9 @@
 """A bounded load generator for OIP servers (maskbank serve, bench.oip_floor), run in its own process.
 
 One *phase* is described by a JSON spec; `run_phase(spec)` runs it with `clients` threads, each with
-its own gRPC channel (client "raw": pre-serialised ModelInferRequest bytes through a plain channel,
-responses parsed and checked) or its own `tritonclient.grpc.InferenceServerClient` (client "triton").
+its own gRPC channel and TCP connection (client "raw": pre-serialised ModelInferRequest bytes through
+a plain channel, responses parsed and checked; small_requests measured the same with the threads
+sharing one connection, grpc's default) or its own `tritonclient.grpc.InferenceServerClient` (client "triton").
 Every phase is bounded twice: by `seconds` and by `max_requests`; the process itself exits after
 `lifetime` seconds whatever happens. Only loopback addresses are accepted. This module does not
 import torch (nothing here computes).
@@ -152,7 +153,8 @@ def _triton_call(spec: dict, requests: _Requests):
 def _raw_call(spec: dict, requests: _Requests):
     import grpc
 
-    channel = grpc.insecure_channel(spec["url"])
+    # its own TCP connection: grpc would otherwise share one subchannel between the channels to one address
+    channel = grpc.insecure_channel(spec["url"], options=[("grpc.use_local_subchannel_pool", 1)])
     method = channel.unary_unary(INFER)  # bytes in, bytes out
 
     def call(task: int | None, raw: bytes | None = None):

@@ -434,7 +434,7 @@ def main(sections: tuple[str, ...] = SECTIONS, results_path: Path = RESULTS) -> 
              "warmup_seconds": WARMUP_SECONDS, "batch": BATCH, "clients": CLIENTS, "small_clients": SMALL_CLIENTS,
              "queue_delay_us": QUEUE_DELAY_US, "mix_tasks": list(MIX_TASKS), "synthetic_density": DENSITY,
              "hot_adds": HOT_ADDS, "hot_spacing_s": HOT_SPACING, "poll_interval_s": POLL_INTERVAL,
-             "load_client": "raw gRPC (pre-serialised requests, every reply parsed), one channel per client thread",
+             "load_client": "raw gRPC (pre-serialised requests, every reply parsed), one channel and connection per client thread",
              "load_average": os.getloadavg(),
              "setup_seconds": round(setup_s, 1), "total_seconds": round(total_s, 1)}
     print(f"maskbank serving, MLP {SIZES} (SupSup, 1 trained task + synthetic ones for task_mix/hot_add); "
