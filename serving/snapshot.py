@@ -33,7 +33,7 @@ from registry import (
 
 from .bound import BoundModule
 from .cache import LRUCache
-from .entropy import autograd_gradients, chain_gradients, linear_chain
+from .entropy import autograd_gradients, chain_forward, chain_gradients, linear_chain
 from .superposition import MaskStack
 
 log = logging.getLogger("maskbank.serving")
@@ -63,6 +63,7 @@ class Snapshot:
         self._template = build_architecture(manifest.architecture).eval()
         self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
         self._chain = linear_chain(self._template)  # a plain MLP's weight names: gradients in closed form
+        self._chain_names = frozenset(self._chain or ())
         self._per_thread = threading.local()
         self.backbones = backbones
         self.shared = shared
@@ -227,9 +228,13 @@ class Snapshot:
         return buffers[version]
 
     def logits(self, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
-        """[N, classes of the task] logits of `x` under `task`."""
+        """[N, classes of the task] logits of `x` under `task`. A plain MLP whose parameters are exactly
+        its weights runs as `chain_forward` (the same operations as the module, without its call chain)."""
+        params = self._forward_parameters(task)
         with torch.no_grad():
-            return self.forward(self._forward_parameters(task), x)[:, : task.entry.num_classes]
+            if self._chain is not None and params.keys() == self._chain_names:
+                return chain_forward([params[n] for n in self._chain], x)[:, : task.entry.num_classes]
+            return self.forward(params, x)[:, : task.entry.num_classes]
 
     def logits_of(self, tasks: list[LoadedTask], x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each task's logits of `x`, by task id. Tasks that differ from their backbone only in the

@@ -8,7 +8,8 @@ from torch import nn
 
 from registry import build_architecture
 from serving.bound import BoundModule
-from serving.entropy import autograd_gradients, chain_gradients, linear_chain, mean_entropy, mean_entropy_gradient
+from serving.entropy import (autograd_gradients, chain_forward, chain_gradients, linear_chain, mean_entropy,
+                             mean_entropy_gradient)
 
 MLP = {"arch": "mlp", "sizes": [12, 9, 7, 5]}
 
@@ -20,6 +21,17 @@ def test_plain_mlps_are_recognised_and_other_networks_are_not():
     assert linear_chain(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=True))) is None
     assert linear_chain(nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 2, bias=False))) is None
     assert linear_chain(nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU())) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("spec", [MLP, {"arch": "mlp", "sizes": [12, 5]}, {"arch": "lenet300-100"}], ids=["mlp", "one layer", "lenet"])
+def test_a_plain_mlp_written_out_is_bit_identical_to_the_module(spec, rows):
+    """What Snapshot.logits runs for plain MLPs instead of the module: the same bits."""
+    module = build_architecture(spec)
+    weights = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in module.named_parameters()}
+    x = torch.randn(rows, module[0].in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(chain_forward([weights[n] for n in linear_chain(module)], x), BoundModule(module)(weights, x))
 
 
 @pytest.mark.parametrize("classes", [5, 3, 1])
