@@ -44,9 +44,10 @@ class Superposed(NamedTuple):
     classes: int  # the most classes of any of them: the logits their entropy is taken over
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class MaskStack:
     """The masks of T tasks on one backbone, one row per task, and their uniform superposition.
+    Made by `build` and not changed afterwards (only the cache entry of its float matrix comes and goes).
 
     Attributes:
         ids: the task ids, by row.
@@ -91,11 +92,10 @@ class MaskStack:
         stack = cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, packed, backbone, {}, torch.zeros(0),
                     cache, key)
         known = len(previous.ids) if previous is not None and previous.is_prefix_of(stack) else 0
-        sums = stack.column_sums(range(known, len(ids)), None if known else stack.dense())
+        stack.sums = stack.column_sums(range(known, len(ids)), None if known else stack.dense())
         if known:
-            sums += previous.sums  # integers below 2^24: exact, as summing every task again
-        object.__setattr__(stack, "sums", sums)
-        stack.superposed.update(stack._superpose(sums / len(ids)))
+            stack.sums += previous.sums  # integers below 2^24: exact, as summing every task again
+        stack.superposed = stack._superpose(stack.sums / len(ids))
         return stack
 
     def is_prefix_of(self, other: "MaskStack") -> bool:
@@ -172,6 +172,8 @@ class MaskStack:
             for row, task in zip(matrix, self.masks):
                 self._unpack_into(row, task, self.columns)
             self.cache.put(self.key, matrix, size)
+            if self._retired.is_set():  # retired while building: the entry must not outlive the stack's use
+                self.cache.evict(self.key)
             return matrix
         finally:
             self._building.release()
@@ -180,9 +182,9 @@ class MaskStack:
                 ) -> Iterator[torch.Tensor]:
         """The masks of `rows` over the columns [start, stop) (whole layers) as float32 0/1, in blocks
         of CHUNK_BYTES in this thread's buffer (each block valid until the next): copied from the float
-        matrix `dense` where given, else unpacked from the packed masks. (A subset's rows copied whole
-        from the matrix took 2.8x the time of blocks at 1,000 tasks, a fresh 600 MB a round; unpacking
-        where the matrix is cached made bench/gn.py's binary at T=100 about 3x slower than copying.)"""
+        matrix `dense` where given, else unpacked from the packed masks. (Copying a subset's rows whole from
+        the matrix, a fresh 600 MB a round, made binary at 1,000 tasks 2.8x as slow as blocks; unpacking
+        where the matrix is cached made bench/gn.py's binary at T=100 about 3x as slow as copying.)"""
         layers = {n: slice(s.start - start, s.stop - start) for n, s in self.columns.items()
                   if start <= s.start and s.stop <= stop}
         per_block = max(1, CHUNK_BYTES // (4 * (stop - start)))
