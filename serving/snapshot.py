@@ -275,7 +275,7 @@ class Snapshot:
         key = (self.model, "mask-stack", hashlib.sha256(repr([t.key for t in tasks]).encode()).hexdigest())
         return MaskStack.build([t.entry.id for t in tasks], [t.entry.num_classes for t in tasks],
                                [t.parts["masks"] for t in tasks], self.backbones[backbones.pop()], self._cache, key,
-                               previous)
+                               previous, self.model)
 
     def alpha_stack(self) -> tuple[list[int], dict[str, torch.Tensor]]:
         """(task ids, per layer a float [T, B] stack of their alpha over the model's B basis masks),

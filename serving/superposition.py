@@ -20,6 +20,7 @@ admit it, the product is computed from the packed masks a few rows at a time, in
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, Mapping, NamedTuple, Sequence
@@ -30,6 +31,7 @@ from registry import PackedMasks
 
 from .cache import LRUCache
 
+log = logging.getLogger("maskbank.serving")
 Tensors = dict[str, torch.Tensor]
 CHUNK_BYTES = 4 << 20  # a thread's float buffer for blocks of mask rows: filled and multiplied while in the CPU cache
 # (1 MiB, this machine's L2 per core, measured 5-10% slower at 1,000 tasks of MLP 64-512-512-10)
@@ -60,6 +62,7 @@ class MaskStack:
         sums: [E] how many tasks keep each weight (the mean mask times T), so that the stack of a
             later generation, with tasks appended, only adds the new tasks' masks.
         cache: where the [T, E] float matrix of the masks is kept when it is admitted, under `key`.
+        model: the model's name, for messages.
     """
 
     ids: list[int]
@@ -72,13 +75,15 @@ class MaskStack:
     sums: torch.Tensor
     cache: LRUCache
     key: Hashable
+    model: str = ""  # the model's name, for messages
     _buffers: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _retired: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     _building: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _too_big: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @classmethod
     def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors,
-              cache: LRUCache, key: Hashable, previous: "MaskStack | None" = None) -> "MaskStack":
+              cache: LRUCache, key: Hashable, previous: "MaskStack | None" = None, model: str = "") -> "MaskStack":
         """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over
         `backbone`; its float matrix is cached in `cache` under `key` (unique to these masks).
 
@@ -90,7 +95,7 @@ class MaskStack:
         stops = torch.tensor([backbone[n].numel() for n in names]).cumsum(0).tolist()
         columns = {n: slice(stop - backbone[n].numel(), stop) for n, stop in zip(names, stops)}
         stack = cls(ids, {i: r for r, i in enumerate(ids)}, classes, columns, packed, backbone, {}, torch.zeros(0),
-                    cache, key)
+                    cache, key, model)
         known = len(previous.ids) if previous is not None and previous.is_prefix_of(stack) else 0
         stack.sums = stack.column_sums(range(known, len(ids)), None if known else stack.dense())
         if known:
@@ -166,6 +171,13 @@ class MaskStack:
             if self.key in self.cache:  # built by the thread that held the lock just before
                 return self.cache.get(self.key)
             size = len(self.ids) * self.width * 4
+            if size > self.cache.capacity_bytes and not self._too_big.is_set():
+                self._too_big.set()  # once per stack: an operator can act on it, a log line per request is noise
+                log.warning("model '%s': the gradient task-inference modes' float mask matrix (%d tasks, %.1f MB) "
+                            "exceeds --cache-bytes (%.1f MB), so they compute from the bitpacked masks (2-3x "
+                            "slower at 1,000 tasks); raise --cache-bytes above %.0f MB to keep it",
+                            self.model, len(self.ids), size / 1e6, self.cache.capacity_bytes / 1e6,
+                            (size + self.cache.stats().bytes) / 1e6)
             if not self.cache.admits(self.key, size):
                 return None
             matrix = torch.empty(len(self.ids), self.width)

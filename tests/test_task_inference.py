@@ -170,6 +170,21 @@ def test_a_server_defaulting_to_a_gradient_mode_loads_models_ready_for_it(tmp_pa
     assert (gradients and stack.key in repository.cache) or repository.cache.stats().bytes == 0
 
 
+def test_a_matrix_larger_than_the_cache_is_reported_once_with_the_size_to_set(tmp_path, caplog):
+    registry = train_model(tmp_path, "m", 2, TINY)
+    snapshot = Snapshot.load(registry, registry.manifest("m"), None, LRUCache(1000))
+    x = get_stream("permuted-digits").task(0).x_test[:BATCH]
+    with caplog.at_level("WARNING", logger="maskbank.serving"):
+        for _ in range(3):
+            infer_task("oneshot", snapshot, x)
+    warnings = [r.getMessage() for r in caplog.records if "mask matrix" in r.getMessage()]
+    megabytes = 2 * snapshot.mask_stack().width * 4 / 1e6
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"model 'm': the gradient task-inference modes' float mask matrix (2 tasks, {megabytes:.1f} MB) "
+                                  "exceeds --cache-bytes (0.0 MB)")
+    assert "raise --cache-bytes above" in warnings[0]
+
+
 def test_a_request_does_not_wait_for_another_thread_building_the_matrix(tmp_path):
     registry = train_model(tmp_path, "m", 3, TINY)
     snapshot = Snapshot.load(registry, registry.manifest("m"), None, LRUCache(0))
