@@ -154,6 +154,11 @@ def _add_serve(commands) -> None:
                    help=f"what runs the forward passes (default {d.backend}); onnxruntime uses the CUDA provider when a "
                    "GPU is usable, else the CPU; task inference by gradients (oneshot, oneshot-input, binary) always runs on PyTorch, "
                    "and every response's parameter 'backend' says which ran")
+    p.add_argument("--device", default=d.device,
+                   help=f"where PyTorch runs the forwards and keeps the backbones and the cached weights: cpu, cuda or "
+                   f"cuda:N (default {d.device}). On a GPU, --cache-bytes bounds GPU memory; the registry's tensors and "
+                   "the bitpacked masks stay in host memory, and each task's weights are built there and copied over "
+                   "on a cache miss")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                      help="port of the Prometheus metrics endpoint http://HOST:PORT/metrics, bound on --host "
@@ -270,7 +275,7 @@ def _serve(args) -> None:
         config = ServerConfig(
             registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
-            torch_threads=args.threads, backend=args.backend, max_batch_size=args.max_batch_size,
+            torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,

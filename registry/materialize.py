@@ -35,19 +35,22 @@ class Materialization:
     into_buffers: build takes an `out` keyword (see `effective_parameters`) and writes each
         effective weight into the caller's buffer of that name, so a server can compute a task's
         weights per request without allocating them.
+    on_any_device: build runs on the device of the backbone it is given (and of `out`), whatever
+        device the task's parts are on, so a GPU server builds a task's weights on the GPU.
     """
 
     build: Materializer
     backbone: Literal["own", "latest"] = "own"
     head_only: bool = False
     into_buffers: bool = False
+    on_any_device: bool = False
 
 
 _MATERIALIZERS: dict[str, Materialization] = {}
 
 
 def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "own", head_only: bool = False,
-                          into_buffers: bool = False):
+                          into_buffers: bool = False, on_any_device: bool = False):
     """Decorator: how tasks of `methods` turn (backbone, task parts, the model's shared parts)
     into the effective parameters (and buffers) of a forward pass; see `Materialization`."""
     if backbone not in ("own", "latest"):
@@ -55,7 +58,7 @@ def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "o
 
     def decorate(fn: Materializer) -> Materializer:
         for method in methods:
-            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only, into_buffers)
+            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only, into_buffers, on_any_device)
         return fn
 
     return decorate
@@ -115,7 +118,7 @@ def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
                                   f"the backbone {list(backbone[name].shape)}")
 
 
-@register_materializer("supsup", into_buffers=True)
+@register_materializer("supsup", into_buffers=True, on_any_device=True)
 def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors],
             out: Tensors | None = None) -> dict[str, torch.Tensor]:
     masks = PackedMasks.pack(parts["masks"])
@@ -123,9 +126,10 @@ def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str
     # mask-as-float times weight, in place on the fresh copy (or `out`'s buffer): the same products
     # bit for bit as `weight * mask`, but several times faster on CPU than PyTorch's mixed
     # bool x float kernel (what a server pays per cache miss; python -m bench.serving --only task_mix).
-    effective = {name: masks.as_float(name, weight.dtype, None if out is None else out[name]).mul_(weight)
+    effective = {name: masks.as_float(name, weight.dtype, None if out is None else out[name], weight.device).mul_(weight)
                  for name, weight in backbone.items()}
-    return {**effective, **parts.get("bn_stats", {})}
+    device = next(iter(backbone.values())).device  # where the weights are built: BatchNorm statistics go there too
+    return {**effective, **{name: t.to(device) for name, t in parts.get("bn_stats", {}).items()}}
 
 
 def forward(module: nn.Module, params: Tensors, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from registry import MaskbankError, ModelNotFound, Registry
 
 from .cache import LRUCache
@@ -30,12 +32,16 @@ class ModelRepository:
         gradients: prepare every loaded model for the gradient task-inference modes (its mask stack)
             before serving it, as a server whose default mode is one of them wants; without it a
             model is prepared from its second generation on, once a request used them.
+        device: where PyTorch runs the forwards and keeps the backbones and cached weights
+            (`cpu`, `cuda`, `cuda:1`, ...).
     """
 
-    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20, gradients: bool = False):
+    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20, gradients: bool = False,
+                 device: torch.device | str = "cpu"):
         self.registry = registry
         self.cache = LRUCache(cache_bytes)
         self.gradients = gradients
+        self.device = torch.device(device)
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
@@ -112,7 +118,7 @@ class ModelRepository:
                     if latest == 0 or (current and current.generation == latest):
                         continue
                     snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache,
-                                             self.gradients)
+                                             self.gradients, self.device)
                 except MaskbankError as error:
                     if self._load_errors.get(model) != str(error):
                         log.error("model '%s' generation could not be loaded, keeping the previous one: %s", model, error)

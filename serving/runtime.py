@@ -65,7 +65,7 @@ def infer(
     logits = choice.logits if choice.logits is not None else backend.logits(snapshot, choice.task, inputs)
     if batcher is not None:
         batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
-    return InferenceResult(snapshot, choice.task, logits.numpy(), choice.mode, backend.name, choice.scores)
+    return InferenceResult(snapshot, choice.task, logits.cpu().numpy(), choice.mode, backend.name, choice.scores)
 
 
 async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher, max_rows: int,
@@ -84,6 +84,6 @@ def given_task(snapshot: Snapshot, task: int | str, backend: Backend):
     chosen = snapshot.task(task)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return backend.logits(snapshot, chosen, batch)
+        return backend.logits(snapshot, chosen, batch).cpu()  # from the snapshot's device, for the batcher to split
 
     return chosen, run

@@ -52,6 +52,7 @@ class ServerConfig:
     workers: int = 8  # threads for the RPCs that are not coroutines (gRPC's migration thread pool)
     torch_threads: int | None = None  # intra-op threads for inference, torch's and ONNX Runtime's (default: theirs)
     backend: str = "pytorch"  # what runs forwards: pytorch or onnxruntime (gradient-based GN always runs on pytorch)
+    device: str = "cpu"  # where PyTorch runs: cpu, cuda or cuda:N (backbones and cached weights live there)
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
@@ -69,6 +70,7 @@ class ServerConfig:
             raise ValueError(f"unknown task inference mode '{self.task_inference}' (known: {', '.join(mode_names())})")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(BACKENDS)})")
+        check_device(self.device)
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
             raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
@@ -99,6 +101,32 @@ class ServerConfig:
         return None if self.metrics_port < 0 else self.metrics_port
 
 
+def check_device(name: str) -> torch.device:
+    """The PyTorch device `name` (cpu, cuda, cuda:N), or ValueError saying why this machine cannot serve on it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device '{name}' is not a device name PyTorch knows; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device '{name}': maskbank serves on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device '{name}': PyTorch {torch.__version__} ({build}) sees no CUDA GPU on this "
+                             "machine; serve with --device cpu, or install a CUDA build of PyTorch where a GPU is visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device '{name}': this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """`device` for a person: the GPU's name where it is one."""
+    if device.type != "cuda":
+        return device.type
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def package_version() -> str:
     try:
         return version("maskbank")
@@ -114,7 +142,7 @@ class InferenceServer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.repository = ModelRepository(Registry(config.registry), config.cache_bytes,
-                                          gradients=needs_gradients(config.task_inference))
+                                          gradients=needs_gradients(config.task_inference), device=config.device)
         self.statistics = Statistics()
         self.servicer = InferenceServicer(
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
@@ -262,7 +290,7 @@ def serve_forever(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully. Prints the address once listening."""
     server = InferenceServer(config)
     port = server.start()
-    details = [f"pid {os.getpid()}"] + (["TLS"] if config.tls else [])
+    details = [f"pid {os.getpid()}", describe_device(server.repository.device)] + (["TLS"] if config.tls else [])
     details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
     # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
     print(f"maskbank serving {config.registry} on {config.host}:{port} ({'; '.join(details)})", flush=True)

@@ -58,8 +58,17 @@ class Snapshot:
     """One generation of a model, ready to run; safe to share between threads."""
 
     def __init__(self, manifest: Manifest, backbones: dict[str, Tensors], shared: dict[str, Tensors],
-                 tasks: dict[int, LoadedTask], cache: LRUCache):
+                 tasks: dict[int, LoadedTask], cache: LRUCache, device: torch.device | str = "cpu",
+                 uploaded: Mapping[str, Tensors] | None = None):
+        """`device`: where forwards run and cached effective weights live (the registry's tensors and
+        the masks stay on the CPU); `uploaded`: backbones by version already on `device` (a previous
+        generation's), so that an unchanged backbone is not copied there again."""
         self.manifest = manifest
+        self.device = torch.device(device)
+        self._resident = {v: (uploaded or {}).get(v) or _to_device(b, self.device) for v, b in backbones.items()}
+        # each CPU backbone tensor's copy on the device: effective weights that are the backbone's own
+        # tensors (unmasked biases, shared layers) use the copy instead of being copied per task
+        self._copies = {id(t): self._resident[v][n] for v, b in backbones.items() for n, t in b.items()}
         self._template = build_architecture(manifest.architecture).eval()
         self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
         self._chain = linear_chain(self._template)  # a plain MLP's weight names: gradients in closed form
@@ -83,12 +92,23 @@ class Snapshot:
         return bound
 
     def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
-        """The architecture's output for `x` under `params`, on this thread's copy of the module."""
-        return self.bound(params, x)
+        """The architecture's output for `x` under `params` (on the snapshot's device), on this
+        thread's copy of the module; `x` may be on the CPU."""
+        return self.bound(params, x.to(self.device))
+
+    def on_device(self, params: Tensors) -> Tensors:
+        """`params` on the snapshot's device: the backbone's own tensors as the snapshot's copy there,
+        others copied. On the CPU, `params` itself."""
+        if self.device.type == "cpu":
+            return params
+        return {name: self._copies[id(t)] if id(t) in self._copies else t.to(self.device)
+                for name, t in params.items()}
 
     def entropy_gradients(self, params: Tensors, x: torch.Tensor, classes: int, names: list[str]) -> Tensors:
         """dH/dW of the tensors `names` at `params`, H the mean entropy of the first `classes` logits
-        of `x` (serving/entropy.py): in closed form on a plain MLP, else by autograd."""
+        of `x` (serving/entropy.py): in closed form on a plain MLP, else by autograd. Computed on the
+        snapshot's device; `params` and `x` may be on the CPU."""
+        params, x = self.on_device(params), x.to(self.device)
         if self._chain is None:
             return autograd_gradients(self.forward, params, x, classes, names)
         wanted = [self._chain.index(n) for n in names]
@@ -130,10 +150,11 @@ class Snapshot:
 
     @classmethod
     def load(cls, registry: Registry, manifest: Manifest, previous: "Snapshot | None", cache: LRUCache,
-             gradients: bool = False) -> "Snapshot":
-        """Load `manifest`, reusing what `previous` already decoded. A broken backbone raises.
-        The mask stack of the gradient modes is built now (from `previous`'s where it has one) when
-        `gradients` asks or `previous` built one (those modes are in use), else on first use."""
+             gradients: bool = False, device: torch.device | str = "cpu") -> "Snapshot":
+        """Load `manifest` to serve on `device`, reusing what `previous` already decoded (and uploaded).
+        A broken backbone raises. The mask stack of the gradient modes is built now (from `previous`'s
+        where it has one) when `gradients` asks or `previous` built one (those modes are in use), else
+        on first use."""
         backbones = {}
         for version, entry in manifest.backbones.items():  # versions are immutable once published
             unchanged = previous is not None and previous.manifest.backbones.get(version) == entry
@@ -147,7 +168,10 @@ class Snapshot:
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
-        snapshot = cls(manifest, backbones, shared, tasks, cache)
+        same_device = previous is not None and previous.device == torch.device(device)
+        uploaded = {v: previous._resident[v] for v, b in backbones.items()
+                    if same_device and previous.backbones.get(v) is b}
+        snapshot = cls(manifest, backbones, shared, tasks, cache, device, uploaded)
         earlier = previous._mask_stack if previous is not None and isinstance(previous._mask_stack, MaskStack) else None
         if gradients or earlier is not None:  # ready before the swap
             snapshot._mask_stack = snapshot._build_mask_stack(earlier)
@@ -181,17 +205,26 @@ class Snapshot:
         return served_backbone(task.entry.method, task.entry.backbone, self.backbones)
 
     def effective_parameters(self, task: LoadedTask) -> Tensors:
-        """The task's effective parameters on the backbone it is served with, computed now
-        (`parameters` caches them)."""
+        """The task's effective parameters on the backbone it is served with, on the CPU, computed
+        now (`parameters` caches them on the snapshot's device)."""
         return effective_parameters(task.entry.method, self.backbones[self.backbone_version(task)], task.parts, self.shared)
 
+    def _built_on_device(self, task: LoadedTask, version: str, out: Tensors | None = None) -> Tensors:
+        """The task's effective parameters on the snapshot's device, computed now (into `out`, buffers
+        there, for a method that builds into buffers). A method whose materialisation runs
+        `on_any_device` builds there from the backbone's copy (SupSup copies 1 bit per weight over,
+        not 32); the others build on the CPU and their result is copied."""
+        method = task.entry.method
+        backbone = (self._resident if materialization(method).on_any_device else self.backbones)[version]
+        return self.on_device(effective_parameters(method, backbone, task.parts, self.shared, out=out))
+
     def parameters(self, task: LoadedTask) -> Tensors:
-        """The task's effective parameters, from the byte-bounded LRU cache."""
+        """The task's effective parameters on the snapshot's device, from the byte-bounded LRU cache."""
         version = self.backbone_version(task)
 
         def build():
-            params = self.effective_parameters(task)
-            return params, _cached_bytes(params, self.backbones[version])
+            params = self._built_on_device(task, version)
+            return params, _cached_bytes(params, self._resident[version])
 
         return self._cache.get_or_create((self.model, version, task.key), build)
 
@@ -203,43 +236,48 @@ class Snapshot:
         Why: with more tasks in use than fit, the hit rate is what it is whichever tasks are kept,
         and a miss written into warm, reused buffers costs less than one allocated, kept and later
         evicted (python -m bench.serving --only task_mix, random tasks of 1,000)."""
-        if not materialization(task.entry.method).into_buffers:
+        found = materialization(task.entry.method)
+        if not found.into_buffers:
             return self.parameters(task)
         version = self.backbone_version(task)
         key = (self.model, version, task.key)
         params = self._cache.get(key)
         if params is None:
-            backbone = self.backbones[version]
+            backbone = self._resident[version]
             if self._cache.admits(key, _nbytes(backbone)):  # its weights replace the backbone's, one for one
-                params = self.effective_parameters(task)
+                params = self._built_on_device(task, version)
                 self._cache.put(key, params, _cached_bytes(params, backbone))
             else:
-                params = effective_parameters(task.entry.method, backbone, task.parts, self.shared, out=self._scratch(version))
+                params = self._built_on_device(task, version, out=self._scratch(version, found.on_any_device))
         return params
 
-    def _scratch(self, version: str) -> Tensors:
-        """This thread's buffers for the effective weights of a task on backbone `version` (working
-        memory, like activations: not the cache's bytes; one set per serving thread and version)."""
+    def _scratch(self, version: str, on_device: bool) -> Tensors:
+        """This thread's buffers for the effective weights of a task on backbone `version`, on the
+        snapshot's device or on the CPU (working memory, like activations: not the cache's bytes;
+        one set per serving thread, version and place)."""
         buffers = getattr(self._per_thread, "scratch", None)
         if buffers is None:
             buffers = self._per_thread.scratch = {}
-        if version not in buffers:
-            buffers[version] = {name: torch.empty_like(weight) for name, weight in self.backbones[version].items()}
-        return buffers[version]
+        if (version, on_device) not in buffers:
+            backbone = (self._resident if on_device else self.backbones)[version]
+            buffers[version, on_device] = {name: torch.empty_like(weight) for name, weight in backbone.items()}
+        return buffers[version, on_device]
 
     def logits(self, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
         """[N, classes of the task] logits of `x` under `task`. A plain MLP whose parameters are exactly
-        its weights runs as `chain_forward` (the same operations as the module, without its call chain)."""
+        its weights runs as `chain_forward` (the same operations as the module, without its call chain).
+        Computed on the snapshot's device (`x` may be on the CPU), and left there."""
         params = self._forward_parameters(task)
         with torch.no_grad():
             if self._chain is not None and params.keys() == self._chain_names:
-                return chain_forward([params[n] for n in self._chain], x)[:, : task.entry.num_classes]
+                return chain_forward([params[n] for n in self._chain], x.to(self.device))[:, : task.entry.num_classes]
             return self.forward(params, x)[:, : task.entry.num_classes]
 
     def logits_of(self, tasks: list[LoadedTask], x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each task's logits of `x`, by task id. Tasks that differ from their backbone only in the
         head (registry.materialization(...).head_only) and run on one backbone version share a
         single pass up to the output layer: T heads cost one forward plus T output layers."""
+        x = x.to(self.device)  # once for all tasks
         logits, groups = {}, {}
         for task in tasks:
             if materialization(task.entry.method).head_only:
@@ -298,11 +336,16 @@ class Snapshot:
         def build():
             alpha = {name: F.one_hot(torch.tensor(index), shape[0]).to(torch.float32)
                      for name, shape in self.shared["basis_masks"].shapes.items()}
-            params = effective_parameters(method, self.backbones[backbone], {"alpha": alpha}, self.shared)
+            params = self.on_device(effective_parameters(method, self.backbones[backbone], {"alpha": alpha}, self.shared))
             return params, _nbytes(params)
 
         key = (self.model, "basis", self.manifest.shared["basis_masks"].digest, method, backbone, index)
         return self._cache.get_or_create(key, build)
+
+
+def _to_device(tensors: Tensors, device: torch.device) -> Tensors:
+    """`tensors` copied to `device` (on the CPU: `tensors` itself)."""
+    return tensors if device.type == "cpu" else {name: t.to(device) for name, t in tensors.items()}
 
 
 def _nbytes(params: Tensors) -> int:

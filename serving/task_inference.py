@@ -94,9 +94,14 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
 @register_mode("exhaustive")
 def exhaustive(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf) -> TaskChoice:
     outputs = logits_of(snapshot.healthy_tasks(), x)
-    scores = {i: float(mean_entropy(out)) for i, out in outputs.items()}
+    scores = _entropies(outputs)
     best = min(scores, key=lambda i: (scores[i], i))
     return TaskChoice(snapshot.tasks[best], "exhaustive", scores, outputs[best])
+
+
+def _entropies(outputs: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Each task's mean output entropy, by task id (read back from the device in one transfer)."""
+    return dict(zip(outputs, torch.stack([mean_entropy(out) for out in outputs.values()]).tolist()))
 
 
 def _superposition_problem(snapshot: Snapshot) -> str | None:
@@ -150,7 +155,8 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     stack = snapshot.mask_stack()
     tasks = stack.subset(None if candidates == stack.ids else [stack.row[i] for i in candidates])
     layers = list(stack.columns)[:1] if input_layer_only else list(stack.columns)
-    gradient = stack.gradient(tasks, snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers))
+    gradients = snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers)
+    gradient = stack.gradient(tasks, {name: g.cpu() for name, g in gradients.items()})  # the masks are on the CPU
     return dict(zip(candidates, gradient.tolist()))
 
 
@@ -163,7 +169,7 @@ def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, candi
     if len(ranked) == 1:
         return TaskChoice(snapshot.tasks[ranked[0]], mode, scores)
     outputs = logits_of([snapshot.tasks[i] for i in ranked], x)
-    entropy = {i: float(mean_entropy(out)) for i, out in outputs.items()}
+    entropy = _entropies(outputs)
     best = min(entropy, key=lambda i: (entropy[i], i))
     return TaskChoice(snapshot.tasks[best], mode, scores, outputs[best])
 

@@ -6,6 +6,7 @@ import torch
 from registry import InvalidArtifact, PackedMasks
 from registry.audit import mask_stats
 from registry.codecs import decode, encode
+from registry.packed import unpack_into
 
 SHAPES = {"fc.weight": (3, 5), "conv.weight": (4, 3, 3, 3), "odd": (7,), "empty": (0, 4), "one": (1,)}
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -103,3 +104,14 @@ def test_audit_counts_the_kept_weights_from_the_packed_bytes(density):
     weights, kept = sum(m.numel() for m in original.values()), sum(int(m.sum()) for m in original.values())
     assert stats.weights == weights and stats.index16_bytes == 2.0 * kept
     assert stats.density == pytest.approx(kept / weights)
+
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_shift_and_mask_unpacking_gives_the_table_lookup_bit_for_bit(dtype):
+    """What a GPU runs (registry.packed.unpack_into, there on the copied bytes), run on the CPU: the
+    same values as numpy's table lookup, ragged last bytes and empty masks included."""
+    packed = PackedMasks.pack(masks(seed=3))
+    for name, shape in SHAPES.items():
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        assert torch.equal(unpack_into(packed.packed[name], out), packed.as_float(name, dtype))
