@@ -156,9 +156,9 @@ def _add_serve(commands) -> None:
                    "and every response's parameter 'backend' says which ran")
     p.add_argument("--device", default=d.device,
                    help=f"where PyTorch runs the forwards and keeps the backbones and the cached weights: cpu, cuda or "
-                   f"cuda:N (default {d.device}). On a GPU, --cache-bytes bounds GPU memory; the registry's tensors and "
-                   "the bitpacked masks stay in host memory, and each task's weights are built there and copied over "
-                   "on a cache miss")
+                   f"cuda:N (default {d.device}). On a GPU, --cache-bytes bounds GPU memory; SupSup and ExSSNeT tasks "
+                   "also keep their bitpacked masks there (1 bit per weight) and build their weights there on a cache "
+                   "miss; other methods build on the CPU and copy")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                      help="port of the Prometheus metrics endpoint http://HOST:PORT/metrics, bound on --host "

@@ -123,12 +123,17 @@ def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str
             out: Tensors | None = None) -> dict[str, torch.Tensor]:
     masks = PackedMasks.pack(parts["masks"])
     check_compatible("supermask", masks.shapes, backbone)
-    # mask-as-float times weight, in place on the fresh copy (or `out`'s buffer): the same products
-    # bit for bit as `weight * mask`, but several times faster on CPU than PyTorch's mixed
-    # bool x float kernel (what a server pays per cache miss; python -m bench.serving --only task_mix).
-    effective = {name: masks.as_float(name, weight.dtype, None if out is None else out[name], weight.device).mul_(weight)
-                 for name, weight in backbone.items()}
     device = next(iter(backbone.values())).device  # where the weights are built: BatchNorm statistics go there too
+    if device.type == "cpu" and not masks.is_one_buffer:
+        # mask-as-float times weight, in place on the fresh copy (or `out`'s buffer): the same products
+        # bit for bit as `weight * mask`, but several times faster on CPU than PyTorch's mixed
+        # bool x float kernel (what a server pays per cache miss; python -m bench.serving --only task_mix).
+        effective = {name: masks.as_float(name, weight.dtype, None if out is None else out[name]).mul_(weight)
+                     for name, weight in backbone.items()}
+    else:  # a GPU (or masks moved as a GPU's are): all masks unpacked in one pass, then one uint8 x float product each
+        bits = masks.to(device).bits()
+        effective = {name: torch.mul(bits[name], weight, out=None if out is None else out[name])
+                     for name, weight in backbone.items()}
     return {**effective, **{name: t.to(device) for name, t in parts.get("bn_stats", {}).items()}}
 
 

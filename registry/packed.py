@@ -69,6 +69,7 @@ class PackedMasks(Mapping[str, torch.Tensor]):
             _check_length(packed[name], shape)
         self.packed = dict(packed)
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        self._flat: torch.Tensor | None = None  # all masks' bytes, when `packed` holds views of one buffer (`to`)
 
     @classmethod
     def pack(cls, masks: Mapping[str, torch.Tensor]) -> PackedMasks:
@@ -86,7 +87,43 @@ class PackedMasks(Mapping[str, torch.Tensor]):
         return sum(p.numel() for p in self.packed.values())
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return _shift_and_mask(self.packed[name])[: self.shapes[name].numel()].view(self.shapes[name]).bool()
         return unpack_bits(self.packed[name], tuple(self.shapes[name]))
+
+    @property
+    def is_one_buffer(self) -> bool:
+        """Whether the masks' bytes are views of one buffer (made by `to`), which `bits` unpacks in one pass."""
+        return self._flat is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the packed bytes are (the CPU unless `to` moved them)."""
+        return next(iter(self.packed.values())).device if self.packed else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> PackedMasks:
+        """These masks with their bytes on `device`, all masks' bytes one buffer there (each mask's
+        a view of it), so that `bits` unpacks them in one pass; `self` if they are so already."""
+        device = torch.device(device)
+        if (self._flat is not None and _on(self._flat, device)) or not self.packed:
+            return self
+        flat = torch.cat(list(self.packed.values())).to(device)
+        moved = PackedMasks(dict(zip(self.packed, flat.split([p.numel() for p in self.packed.values()]))), self.shapes)
+        moved._flat = flat
+        return moved
+
+    def bits(self) -> dict[str, torch.Tensor]:
+        """Every mask as 0 / 1 in uint8, of its shape, unpacked where the bytes are by shift-and-mask in
+        PyTorch: one pass over all masks when they share a buffer (`to`), else one per mask. For
+        devices without numpy (a GPU); `as_float` is the CPU's faster way."""
+        if self._flat is None:
+            return {name: _shift_and_mask(p)[: self.shapes[name].numel()].view(self.shapes[name])
+                    for name, p in self.packed.items()}
+        unpacked, out, start = _shift_and_mask(self._flat), {}, 0
+        for name, p in self.packed.items():
+            out[name] = unpacked[start * 8 : start * 8 + self.shapes[name].numel()].view(self.shapes[name])
+            start += p.numel()
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.packed)
@@ -131,8 +168,18 @@ class PackedMasks(Mapping[str, torch.Tensor]):
 def unpack_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out` (any shape, dtype and device, as `packed`'s) filled with the bits of `packed` (pack_bits'
     bytes) as 0 / 1, by shift-and-mask in PyTorch: the unpacking of devices without numpy."""
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return out.copy_(bits.view(-1)[: out.numel()].view(out.shape))
+    return out.copy_(_shift_and_mask(packed)[: out.numel()].view(out.shape))
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shift_and_mask(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [8 * bytes]: the bits of `packed` as 0 / 1 in pack_bits' order, on its device."""
+    shifts = _SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _SHIFTS[packed.device] = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> bool:

@@ -59,16 +59,21 @@ class Snapshot:
 
     def __init__(self, manifest: Manifest, backbones: dict[str, Tensors], shared: dict[str, Tensors],
                  tasks: dict[int, LoadedTask], cache: LRUCache, device: torch.device | str = "cpu",
-                 uploaded: Mapping[str, Tensors] | None = None):
-        """`device`: where forwards run and cached effective weights live (the registry's tensors and
-        the masks stay on the CPU); `uploaded`: backbones by version already on `device` (a previous
-        generation's), so that an unchanged backbone is not copied there again."""
+                 previous: "Snapshot | None" = None):
+        """`device`: where forwards run and cached effective weights live. The registry's tensors stay
+        on the CPU; on another device the snapshot also keeps there a copy of each backbone and, for
+        methods that build their weights on any device (SupSup, ExSSNeT), of each task's parts (1 bit
+        per weight for masks), reusing `previous`'s copies of what did not change."""
         self.manifest = manifest
         self.device = torch.device(device)
-        self._resident = {v: (uploaded or {}).get(v) or _to_device(b, self.device) for v, b in backbones.items()}
+        reusable = previous if previous is not None and previous.device == self.device else None
+        self._resident = {v: reusable._resident[v] if reusable and reusable.backbones.get(v) is b else _to_device(b, self.device)
+                          for v, b in backbones.items()}
         # each CPU backbone tensor's copy on the device: effective weights that are the backbone's own
         # tensors (unmasked biases, shared layers) use the copy instead of being copied per task
         self._copies = {id(t): self._resident[v][n] for v, b in backbones.items() for n, t in b.items()}
+        self._uploaded_parts = {t.key: (reusable._uploaded_parts.get(t.key) if reusable else None) or self._upload(t.parts)
+                                for t in tasks.values() if self._builds_on_device(t)} if self.device.type != "cpu" else {}
         self._template = build_architecture(manifest.architecture).eval()
         self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
         self._chain = linear_chain(self._template)  # a plain MLP's weight names: gradients in closed form
@@ -168,10 +173,7 @@ class Snapshot:
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
-        same_device = previous is not None and previous.device == torch.device(device)
-        uploaded = {v: previous._resident[v] for v, b in backbones.items()
-                    if same_device and previous.backbones.get(v) is b}
-        snapshot = cls(manifest, backbones, shared, tasks, cache, device, uploaded)
+        snapshot = cls(manifest, backbones, shared, tasks, cache, device, previous)
         earlier = previous._mask_stack if previous is not None and isinstance(previous._mask_stack, MaskStack) else None
         if gradients or earlier is not None:  # ready before the swap
             snapshot._mask_stack = snapshot._build_mask_stack(earlier)
@@ -209,14 +211,31 @@ class Snapshot:
         now (`parameters` caches them on the snapshot's device)."""
         return effective_parameters(task.entry.method, self.backbones[self.backbone_version(task)], task.parts, self.shared)
 
+    def _builds_on_device(self, task: LoadedTask) -> bool:
+        """Whether `task`'s weights are built on the snapshot's device (its method's materialisation
+        runs `on_any_device`) rather than on the CPU and copied. An unknown method's task is not: it
+        fails on use with its own error, like on the CPU."""
+        try:
+            return task.error is None and materialization(task.entry.method).on_any_device
+        except MaskbankError:
+            return False
+
+    def _upload(self, parts: Mapping[str, Tensors]) -> dict[str, Tensors]:
+        """A task's parts on the snapshot's device (masks as one buffer of packed bytes: PackedMasks.to)."""
+        return {kind: part.to(self.device) if isinstance(part, PackedMasks) else _to_device(part, self.device)
+                for kind, part in parts.items()}
+
     def _built_on_device(self, task: LoadedTask, version: str, out: Tensors | None = None) -> Tensors:
         """The task's effective parameters on the snapshot's device, computed now (into `out`, buffers
         there, for a method that builds into buffers). A method whose materialisation runs
-        `on_any_device` builds there from the backbone's copy (SupSup copies 1 bit per weight over,
-        not 32); the others build on the CPU and their result is copied."""
+        `on_any_device` builds there, from the backbone's and the task parts' copies (on a GPU: no
+        copy per miss); the others build on the CPU and their result is copied."""
         method = task.entry.method
-        backbone = (self._resident if materialization(method).on_any_device else self.backbones)[version]
-        return self.on_device(effective_parameters(method, backbone, task.parts, self.shared, out=out))
+        if self.device.type != "cpu" and self._builds_on_device(task):
+            backbone, parts = self._resident[version], self._uploaded_parts[task.key]
+        else:
+            backbone, parts = self.backbones[version], task.parts
+        return self.on_device(effective_parameters(method, backbone, parts, self.shared, out=out))
 
     def parameters(self, task: LoadedTask) -> Tensors:
         """The task's effective parameters on the snapshot's device, from the byte-bounded LRU cache."""

@@ -91,7 +91,7 @@ def test_every_method_serves_the_cpu_logits_and_choices_on_the_gpu(trained):
 
 
 @needs_gpu
-def test_a_new_generation_on_the_gpu_reuses_the_uploaded_backbone_and_serves_old_tasks_bit_exactly(tmp_path):
+def test_a_new_generation_on_the_gpu_reuses_what_it_uploaded_and_serves_old_tasks_bit_exactly(tmp_path):
     registry = train_model(tmp_path, "m", 2, {"architecture": ARCH, "method_config": {"epochs": 1}})
     repository = ModelRepository(registry, cache_bytes=1 << 26, device="cuda")
     first = repository.load("m")
@@ -102,6 +102,9 @@ def test_a_new_generation_on_the_gpu_reuses_the_uploaded_backbone_and_serves_old
     second = repository.get("m")
     assert second.generation == first.generation + 1
     assert second._resident["1"] is first._resident["1"]  # the backbone was not copied to the GPU again
+    old = first.task(0).key
+    assert second._uploaded_parts[old] is first._uploaded_parts[old]  # nor were the old tasks' packed masks
+    assert second._uploaded_parts[old]["masks"].device.type == "cuda"
     assert torch.equal(second.logits(second.task(0), x).cpu(), before)
 
 

@@ -115,3 +115,19 @@ def test_shift_and_mask_unpacking_gives_the_table_lookup_bit_for_bit(dtype):
     for name, shape in SHAPES.items():
         out = torch.full(shape, float("nan"), dtype=dtype)
         assert torch.equal(unpack_into(packed.packed[name], out), packed.as_float(name, dtype))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_bits_in_one_buffer_or_per_mask_are_the_masks(density):
+    """`bits` (how a GPU unpacks: shift-and-mask, over one buffer of all masks after `to`) gives every
+    mask as 0 / 1 of its shape, ragged and empty masks included; `to` keeps the names, shapes and bits."""
+    original = masks(density, seed=4)
+    packed = PackedMasks.pack(original)
+    moved = packed.to("cpu")
+    assert moved is not packed and moved.to("cpu") is moved and moved.nbytes == packed.nbytes
+    for unpacked in (packed.bits(), moved.bits()):
+        assert list(unpacked) == list(original)
+        for name, mask in original.items():
+            assert unpacked[name].dtype == torch.uint8 and torch.equal(unpacked[name], mask.to(torch.uint8))
+    for name, mask in original.items():
+        assert torch.equal(moved[name], mask)
