@@ -4,7 +4,7 @@ Needs a CUDA GPU (prints why and writes nothing elsewhere). Served: the serving 
 (bench/serving.py: SupSup, MLP SIZES, one trained task plus synthetic ones). Three server loads,
 each GPU server against a CPU server (CPU_THREADS intra-op threads each) with phases alternated
 for REPEATS rounds: GG batch 32 on one task, GG batch 512 on one task, and batch 32 on a random
-task of 1,000 (a cache miss builds the task's weights on the CPU and copies them over); then an
+task of 1,000 (a cache miss builds the task's weights on the GPU from its packed masks kept there); then an
 untimed phase checking every GPU answer against in-process CPU logits. In process: each
 task-inference mode's latency at T = 100, batch 16, on a GPU snapshot against a CPU one.
 
