@@ -70,11 +70,11 @@ def chain_gradients(weights: list[torch.Tensor], x: torch.Tensor, classes: int,
     delta = mean_entropy_gradient(logits[:, :classes])  # [N, classes]
     if classes < logits.shape[1]:
         delta = F.pad(delta, (0, logits.shape[1] - classes))
-    gradients = {}
-    for layer in range(len(weights) - 1, min(wanted) - 1, -1):
+    gradients, lowest = {}, min(wanted)
+    for layer in range(len(weights) - 1, lowest - 1, -1):
         if layer in wanted:
             gradients[layer] = delta.T @ inputs[layer]
-        if layer > min(wanted):
+        if layer > lowest:
             delta = (delta @ weights[layer]) * (inputs[layer] > 0)
     return gradients
 
