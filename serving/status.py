@@ -1,8 +1,8 @@
 """The one place where maskbank's typed errors become gRPC status codes.
 
 Every RPC handler runs inside `ErrorInterceptor`: a MaskbankError is answered with its mapped
-code and its message; anything else is a bug, answered INTERNAL with a generic message while the
-traceback goes to the log.
+code and its message; running out of memory (host or GPU) with RESOURCE_EXHAUSTED; anything else
+is a bug, answered INTERNAL with a generic message while the traceback goes to the log.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import inspect
 import logging
 
 import grpc
+import torch
 
 from registry import errors as reg
 
@@ -51,6 +52,12 @@ def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, reg.MaskbankError):
         log.info("%s -> %s: %s", method, status_code(error).name, error)
         return status_code(error), str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # not a bug: this request did not fit now
+        where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
+        log.error("%s ran out of %s", method, where, exc_info=error)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+            f"the server ran out of {where} for this request; retry, or send fewer rows (operators: a smaller "
+            "--cache-bytes or --max-batch-size leaves more room)")
     log.error("%s failed", method, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details"
 

@@ -157,3 +157,17 @@ def test_supsup_weights_are_built_on_the_gpu_bit_for_bit_as_on_the_cpu(tmp_path)
                 assert tensor.device.type == "cuda" and torch.equal(tensor.cpu(), expected[name])
         buffers.add(tuple(t.data_ptr() for t in uncached._forward_parameters(task).values()))
     assert len(buffers) == 1  # every miss reused the same GPU buffers
+
+
+@pytest.mark.parametrize("error, where", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                           "GPU memory"),
+                                          (MemoryError("Unable to allocate 8.00 GiB for an array"), "memory")])
+def test_running_out_of_memory_is_resource_exhausted_with_what_to_do(error, where):
+    """Not a bug (INTERNAL) but a request that did not fit now: the client learns to retry or send less."""
+    import grpc
+
+    from serving.status import abort_details
+
+    code, message = abort_details("/inference.GRPCInferenceService/ModelInfer", error)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"ran out of {where}" in message and "--cache-bytes or --max-batch-size" in message
