@@ -141,7 +141,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
                    help="how long the dynamic batcher lets the first request of a batch wait for others to join, in "
                    f"microseconds (default {d.max_queue_delay_us}: no waiting; on the compute pool requests still merge "
-                   "while an execution runs)")
+                   "while an execution runs). A batch stops waiting early once it holds as many requests as the "
+                   "last batch of its task that waited the whole delay")
     p.add_argument("--instances", type=int, default=d.instances,
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")

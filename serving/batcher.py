@@ -3,11 +3,17 @@
 Like Triton's dynamic batcher, with two knobs: `max_batch_size` (rows in one execution) and
 `max_queue_delay` (how long the first request of a batch waits for others to join); and, like
 Triton's instance count, `instances`: how many batches of one key may run at once (on a
-multi-core CPU one execution at a time leaves cores idle while requests queue). It needs no
+multi-core CPU one execution at a time leaves cores idle while requests queue; a request joins a
+batch still gathering company rather than start another). It needs no
 thread of its own: the first request of a batch leads it: waits up to the delay, takes the
 queued requests (up to max_batch_size rows), runs them, hands each its rows, then passes the
 lead to the oldest request still queued, if any. With a delay of 0 requests still merge whenever they
 queue up behind a running execution.
+
+A batch stops waiting before the delay ends once it holds as many requests as the last batch of its
+key that waited the whole delay (`Expected`): clients that wait for their answer before sending
+again (most callers, and every benchmark's load) cannot send more, so waiting longer only added
+latency. A request alone learns nothing, so the next one waits the delay, as Triton's does.
 
 Note: merging rows into one matrix product can change the last bits of a row's logits (the
 floating-point summation order of the BLAS kernel may depend on the batch shape); requests that
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -38,6 +45,44 @@ class _Pending:
     error: BaseException | None = None
 
 
+class Expected:
+    """Per key, how many requests a batch can expect to gather within the queue delay: the count of
+    the last batch of the key that waited the whole delay, raised whenever a batch ends up larger
+    (the leader wakes after more joined). Kept for the `keys` most recently batched keys.
+
+    A count below 2 is forgotten: a lone request cannot tell whether company would have come, so
+    the next batch of its key waits the delay again."""
+
+    def __init__(self, keys: int = 4096):
+        self._counts: OrderedDict[Hashable, int] = OrderedDict()
+        self._keys = keys
+
+    def reached(self, key: Hashable, requests: int) -> bool:
+        """Whether a batch of `requests` requests of `key` has all it can expect (stop waiting)."""
+        target = self._counts.get(key)
+        return target is not None and requests >= target
+
+    def record(self, key: Hashable, requests: int, waited_out: bool) -> None:
+        """A batch of `key` runs with `requests` requests, after waiting the whole delay or not."""
+        count = requests if waited_out else max(requests, self._counts.get(key, 0))
+        if count < 2:
+            self._counts.pop(key, None)
+            return
+        self._counts[key] = count
+        self._counts.move_to_end(key)
+        if len(self._counts) > self._keys:
+            self._counts.popitem(last=False)
+
+
+@dataclass
+class _Key:
+    """DynamicBatcher's state of one key, present exactly while at least one batch of it runs."""
+
+    running: int = 0  # batches of the key led now (gathering or computing)
+    gathering: bool = False  # one of them waits for company: a new request joins it rather than lead another
+    queue: list[_Pending] = field(default_factory=list)  # requests waiting for a batch
+
+
 class DynamicBatcher:
     def __init__(self, statistics: Statistics, max_batch_size: int = 1024, max_queue_delay_us: int = 0,
                  instances: int = 1):
@@ -47,26 +92,25 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.instances = instances
-        # key -> [batches of that key running now, the requests waiting for one to finish]; a key
-        # is present exactly while at least one batch of it runs.
-        self._keys: dict[Hashable, tuple[list[int], list[_Pending]]] = {}
+        self._keys: dict[Hashable, _Key] = {}
         self._cond = threading.Condition()
+        self._expected = Expected()
 
     def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`.
 
-        A request that finds fewer than `instances` batches of its key running leads one at once
-        (no Event, no hand-off: the uncontended path costs two lock round trips); the others queue
-        and wait."""
+        A request that finds fewer than `instances` batches of its key running, none of them
+        gathering company, leads one at once (no Event, no hand-off: the uncontended path costs two
+        lock round trips); the others queue and wait."""
         item = _Pending(x)
         with self._cond:
-            running, queue = self._keys.setdefault(key, ([0], []))
-            leads = running[0] < self.instances
+            state = self._keys.setdefault(key, _Key())
+            leads = state.running < self.instances and not state.gathering
             if leads:
-                running[0] += 1
+                state.running += 1
             else:
                 item.done = threading.Event()
-                queue.append(item)
+                state.queue.append(item)
                 if self.max_queue_delay_s:
                     self._cond.notify_all()  # a leader may be waiting for company
         if leads:
@@ -83,38 +127,42 @@ class DynamicBatcher:
         """Run `leader` with the requests queued behind it (after waiting up to the delay for more
         when `wait`), hand each its rows, then pass the lead to the oldest request still queued."""
         with self._cond:
+            state = self._keys[key]
             if wait and self.max_queue_delay_s:
+                state.gathering, waited_out = True, False
                 deadline = time.monotonic() + self.max_queue_delay_s
-                while self._rows(leader, key) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+                while self._rows(leader, state) < self.max_batch_size and not self._expected.reached(key, 1 + len(state.queue)):
+                    if (remaining := deadline - time.monotonic()) <= 0:
+                        waited_out = True
+                        break
                     self._cond.wait(remaining)
-            batch = self._take(leader, key)
+                state.gathering = False
+                self._expected.record(key, 1 + len(state.queue), waited_out)
+            batch = take([leader], state.queue, self.max_batch_size)
         execute(self.statistics, model, batch, compute)
         with self._cond:
-            running, waiting = self._keys[key]
-            if waiting:
-                successor = waiting.pop(0)  # the next batch is led by the oldest waiting request
+            if state.queue:
+                successor = state.queue.pop(0)  # the next batch is led by the oldest waiting request
                 successor.lead = True
                 successor.done.set()
-            elif running[0] == 1:
+            elif state.running == 1:
                 del self._keys[key]
             else:
-                running[0] -= 1
+                state.running -= 1
         for pending in batch[1:]:
             pending.done.set()
 
-    def _rows(self, leader: _Pending, key: Hashable) -> int:
-        return leader.x.shape[0] + sum(p.x.shape[0] for p in self._keys[key][1])
-
-    def _take(self, leader: _Pending, key: Hashable) -> list[_Pending]:
-        """The leader and the queued requests after it, up to max_batch_size rows, oldest first."""
-        return take([leader], self._keys[key][1], self.max_batch_size)
+    @staticmethod
+    def _rows(leader: _Pending, state: _Key) -> int:
+        return leader.x.shape[0] + sum(p.x.shape[0] for p in state.queue)
 
 
 class LoopBatcher:
     """The same batching for requests served on an asyncio event loop (the grpc.aio front end runs
-    small task-given forwards inline there): the first request of a key waits up to the delay, without
-    blocking the loop, for others of the key to join, then runs them and hands each its rows. Only the
-    loop's own thread calls it, so it needs no lock and one batch of a key runs at a time.
+    small task-given forwards inline there): the first request of a key waits up to the delay (or
+    until `Expected` says the batch has all it can get), without blocking the loop, for others of the
+    key to join, then runs them and hands each its rows. Only the loop's own thread calls it, so it
+    needs no lock and one batch of a key runs at a time.
 
     A key's requests run in batches of at most `max_rows` rows (the caller's bound on how long one
     forward may hold the loop) and `max_batch_size`; when they need several, each further batch is a
@@ -125,6 +173,7 @@ class LoopBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self._queues: dict[Hashable, tuple[list[_Pending], asyncio.Event, int]] = {}  # key -> (queued, full, rows)
+        self._expected = Expected()
 
     async def run(self, model: str, key: Hashable, x: torch.Tensor,
                   compute: Callable[[torch.Tensor], torch.Tensor], max_rows: int | None = None) -> torch.Tensor:
@@ -136,7 +185,7 @@ class LoopBatcher:
             queue, full, rows = self._queues[key]
             item.joined = asyncio.get_running_loop().create_future()
             queue.append(item)
-            if sum(p.x.shape[0] for p in queue) >= rows:
+            if sum(p.x.shape[0] for p in queue) >= rows or self._expected.reached(key, len(queue)):
                 full.set()
             await item.joined
         else:
@@ -153,12 +202,14 @@ class LoopBatcher:
         if self.max_queue_delay_s:
             full = asyncio.Event()
             self._queues[key] = (queue, full, rows)
+            waited_out = False
             try:
                 await asyncio.wait_for(full.wait(), self.max_queue_delay_s)
             except TimeoutError:
-                pass
+                waited_out = True
             finally:
                 del self._queues[key]
+                self._expected.record(key, len(queue), waited_out)
                 self._run_queued(model, queue, compute, rows)
         else:
             self._run_queued(model, queue, compute, rows)

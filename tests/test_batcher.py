@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from serving.batcher import DynamicBatcher, LoopBatcher
+from serving.batcher import DynamicBatcher, Expected, LoopBatcher
 from serving.statistics import Statistics
 
 
@@ -249,3 +249,48 @@ def test_a_request_that_gave_up_does_not_stop_the_others_of_its_batch():
 
     leader, stayer = asyncio.run(scenario())
     assert torch.equal(leader, torch.full((1, 1), 3.0)) and torch.equal(stayer, torch.full((1, 1), 12.0))
+
+
+# --- Expected: a batch stops waiting once it holds as many requests as its key's batches gather ----------------
+
+def test_expected_learns_from_batches_that_waited_out_grows_and_forgets_lone_requests():
+    expected = Expected(keys=2)
+    assert not expected.reached("a", 100)  # nothing learnt: wait the delay
+    expected.record("a", 4, waited_out=True)
+    assert expected.reached("a", 4) and not expected.reached("a", 3)
+    expected.record("a", 6, waited_out=False)  # more joined before the leader woke: raise
+    assert not expected.reached("a", 5) and expected.reached("a", 6)
+    expected.record("a", 3, waited_out=False)  # ended early at a smaller count: keeps what it knows
+    assert not expected.reached("a", 5)
+    expected.record("a", 3, waited_out=True)  # a client left: the whole delay brought only 3
+    assert expected.reached("a", 3)
+    expected.record("a", 1, waited_out=True)  # a lone request cannot tell: the next one waits again
+    assert not expected.reached("a", 1) and not expected.reached("a", 100)
+    for key in "bcd":
+        expected.record(key, 2, waited_out=True)
+    assert not expected.reached("b", 2) and expected.reached("d", 2)  # only the 2 most recent keys kept
+
+
+def test_a_thread_batch_that_has_what_its_key_gathers_runs_without_waiting_out_the_delay():
+    """Two requests fill the 4-row maximum (a batch of 2 requests); then two requests of one row each
+    run as one batch at once, not after the 60 s delay (run_concurrently gives up after 10 s)."""
+    calls = []
+    batcher = DynamicBatcher(Statistics(), max_batch_size=4, max_queue_delay_us=60_000_000, instances=2)
+    run_concurrently(batcher, [torch.ones(2, 1)] * 2, lambda x: calls.append(len(x)) or x)
+    results = run_concurrently(batcher, [torch.ones(1, 1)] * 2, lambda x: calls.append(len(x)) or x)
+    assert all(torch.equal(r, torch.ones(1, 1)) for r in results)
+    assert calls == [4, 2]  # the second request joined the gathering batch rather than lead a second instance
+
+
+def test_a_loop_batch_that_has_what_its_key_gathers_runs_without_waiting_out_the_delay():
+    calls = []
+    batcher = LoopBatcher(Statistics(), max_batch_size=4, max_queue_delay_us=60_000_000)
+
+    async def rounds():
+        compute = lambda x: calls.append(len(x)) or x  # noqa: E731
+        await asyncio.gather(*(batcher.run("m", "k", torch.ones(2, 1), compute) for _ in range(2)))
+        return await asyncio.wait_for(asyncio.gather(*(batcher.run("m", "k", torch.ones(1, 1), compute)
+                                                       for _ in range(2))), 10)
+
+    results = asyncio.run(rounds())
+    assert all(torch.equal(r, torch.ones(1, 1)) for r in results) and calls == [4, 2]
