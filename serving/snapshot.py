@@ -72,8 +72,7 @@ class Snapshot:
         # each CPU backbone tensor's copy on the device: effective weights that are the backbone's own
         # tensors (unmasked biases, shared layers) use the copy instead of being copied per task
         self._copies = {id(t): self._resident[v][n] for v, b in backbones.items() for n, t in b.items()}
-        self._uploaded_parts = {t.key: (reusable._uploaded_parts.get(t.key) if reusable else None) or self._upload(t.parts)
-                                for t in tasks.values() if self._builds_on_device(t)} if self.device.type != "cpu" else {}
+        self._uploaded_parts = self._upload_tasks(tasks, reusable)
         self._template = build_architecture(manifest.architecture).eval()
         self._head_layer = head_name(self._template).rsplit(".", 1)[0]  # the module holding the output weight
         self._chain = linear_chain(self._template)  # a plain MLP's weight names: gradients in closed form
@@ -219,6 +218,14 @@ class Snapshot:
             return task.error is None and materialization(task.entry.method).on_any_device
         except MaskbankError:
             return False
+
+    def _upload_tasks(self, tasks: dict[int, LoadedTask], reusable: "Snapshot | None") -> dict[tuple, dict[str, Tensors]]:
+        """By task key, the parts on the snapshot's device of the tasks built there (none on the CPU),
+        taken from `reusable` (a previous generation on this device) where it has them."""
+        if self.device.type == "cpu":
+            return {}
+        earlier = reusable._uploaded_parts if reusable is not None else {}
+        return {t.key: earlier.get(t.key) or self._upload(t.parts) for t in tasks.values() if self._builds_on_device(t)}
 
     def _upload(self, parts: Mapping[str, Tensors]) -> dict[str, Tensors]:
         """A task's parts on the snapshot's device (masks as one buffer of packed bytes: PackedMasks.to)."""
