@@ -59,9 +59,10 @@ TRITON_METRICS: tuple[tuple[str, str, object], ...] = (
 class MaskbankCollector:
     """Reads the server's live numbers every time Prometheus scrapes."""
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics):
+    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch"):
         self.repository = repository
         self.statistics = statistics
+        self.backend = backend
 
     def collect(self) -> Iterator[Metric]:
         served = {}  # model -> its snapshot now; a model unloaded meanwhile is skipped
@@ -79,6 +80,10 @@ class MaskbankCollector:
         yield unserved
         yield from self._models(served)
         yield from self._cache()
+        info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
+                                 "forwards (--device) and with what (--backend)", labels=["device", "backend"])
+        info.add_metric([str(self.repository.device), self.backend], 1)
+        yield info
 
     def _triton(self, served, counters: dict[str, ModelStats]) -> Iterator[Metric]:
         empty = ModelStats()
@@ -124,9 +129,9 @@ class MaskbankCollector:
 class MetricsServer:
     """The metrics HTTP endpoint (`GET /metrics`, Prometheus text format) in a daemon thread."""
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics):
+    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch"):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MaskbankCollector(repository, statistics))
+        self.registry.register(MaskbankCollector(repository, statistics, backend))
         self._httpd = None
         self._thread = None
         self.port: int | None = None

@@ -154,7 +154,7 @@ class InferenceServer:
         self._credentials = None
         if config.tls:
             self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
-        self.metrics = MetricsServer(self.repository, self.statistics)
+        self.metrics = MetricsServer(self.repository, self.statistics, config.backend)
         self.port: int | None = None
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()

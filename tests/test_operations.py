@@ -150,6 +150,7 @@ def test_metrics_count_inferences_failures_cache_and_generation(ops):
     assert after[("maskbank_model_generation", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks_out_of_service", (("model", "a"),))] == 0
+    assert after[("maskbank_server_info", (("backend", "pytorch"), ("device", "cpu")))] == 1
 
 
 @pytest.mark.slow
