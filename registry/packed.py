@@ -114,12 +114,12 @@ class PackedMasks(Mapping[str, torch.Tensor]):
 
     def bits(self) -> dict[str, torch.Tensor]:
         """Every mask as 0 / 1 in uint8, of its shape, unpacked where the bytes are by shift-and-mask in
-        PyTorch: one pass over all masks when they share a buffer (`to`), else one per mask. For
-        devices without numpy (a GPU); `as_float` is the CPU's faster way."""
-        if self._flat is None:
-            return {name: _shift_and_mask(p)[: self.shapes[name].numel()].view(self.shapes[name])
-                    for name, p in self.packed.items()}
-        unpacked, out, start = _shift_and_mask(self._flat), {}, 0
+        PyTorch, in one pass over all masks' bytes (one buffer: `to`). For devices without numpy (a
+        GPU); `as_float` is the CPU's faster way."""
+        flat = self.to(self.device)._flat
+        if flat is None:  # no masks
+            return {}
+        unpacked, out, start = _shift_and_mask(flat), {}, 0
         for name, p in self.packed.items():
             out[name] = unpacked[start * 8 : start * 8 + self.shapes[name].numel()].view(self.shapes[name])
             start += p.numel()
@@ -134,41 +134,28 @@ class PackedMasks(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         return f"PackedMasks({', '.join(f'{n}: {list(s)}' for n, s in self.shapes.items())}; {self.nbytes:,} bytes)"
 
-    def as_float(self, name: str, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-        """Mask `name` as 0 / 1 in the floating `dtype`, on `device` (default: `out`'s, else the CPU):
-        a new tensor, or written into `out` (contiguous, of `dtype` and the mask's shape, on `device`)
-        and returned.
+    def as_float(self, name: str, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask `name` as 0 / 1 in the floating `dtype`: a new tensor, or written into `out` (contiguous,
+        on the CPU, of `dtype` and the mask's shape) and returned.
 
-        On the CPU straight from the packed bytes: one gather of 8 values per byte from a [256, 8]
-        table (numpy's `take`: 1.8x the time of PyTorch's copy of an unpacked bool mask to float;
-        with the multiply by the weight that follows, 1.2x on masks cold in cache, as on a serving
-        cache miss. PyTorch's index_select and embedding took 3-4x numpy's take here, shift-and-mask
-        4x.) On another device (a GPU) the packed bytes are copied there, 1 bit per element rather
-        than the float's 32, and unpacked there by shift-and-mask.
+        Straight from the packed bytes: one gather of 8 values per byte from a [256, 8] table (numpy's
+        `take`: 1.8x the time of PyTorch's copy of an unpacked bool mask to float; with the multiply by
+        the weight that follows, 1.2x on masks cold in cache, as on a serving cache miss. PyTorch's
+        index_select and embedding took 3-4x numpy's take here, shift-and-mask 4x.)
         """
         shape, table = self.shapes[name], _table(dtype)
-        device = torch.device(device) if device is not None else (out.device if out is not None else torch.device("cpu"))
         if out is None:
-            out = torch.empty(shape, dtype=dtype, device=device)
-        elif out.dtype != dtype or out.shape != shape or not out.is_contiguous() or not _on(out, device):
-            raise ValueError(f"a buffer for mask '{name}' must be a contiguous {'CPU' if device.type == 'cpu' else device} "
-                             f"{dtype} tensor of shape {list(shape)}, got "
-                             f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.device.type} {out.dtype} {list(out.shape)}")
-        if device.type != "cpu":
-            return unpack_into(self.packed[name].to(device), out)
+            out = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or out.shape != shape or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"a buffer for mask '{name}' must be a contiguous CPU {dtype} tensor of shape "
+                             f"{list(shape)}, got {'a non-contiguous ' if not out.is_contiguous() else ''}"
+                             f"{out.device.type} {out.dtype} {list(out.shape)}")
         flat, packed = out.view(-1).view(_SAME_SIZE_INT[dtype.itemsize]).numpy(), self.packed[name].numpy()
         whole, rest = divmod(flat.size, 8)
         np.take(table, packed[:whole], axis=0, out=flat[: whole * 8].reshape(whole, 8), mode="wrap")  # wrap: no bounds check, bytes are < 256
         if rest:
             flat[whole * 8 :] = table[packed[whole], :rest]
         return out
-
-
-def unpack_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out` (any shape, dtype and device, as `packed`'s) filled with the bits of `packed` (pack_bits'
-    bytes) as 0 / 1, by shift-and-mask in PyTorch: the unpacking of devices without numpy."""
-    return out.copy_(_shift_and_mask(packed)[: out.numel()].view(out.shape))
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}

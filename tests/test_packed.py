@@ -6,7 +6,6 @@ import torch
 from registry import InvalidArtifact, PackedMasks
 from registry.audit import mask_stats
 from registry.codecs import decode, encode
-from registry.packed import unpack_into
 
 SHAPES = {"fc.weight": (3, 5), "conv.weight": (4, 3, 3, 3), "odd": (7,), "empty": (0, 4), "one": (1,)}
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -107,18 +106,8 @@ def test_audit_counts_the_kept_weights_from_the_packed_bytes(density):
 
 
 
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_shift_and_mask_unpacking_gives_the_table_lookup_bit_for_bit(dtype):
-    """What a GPU runs (registry.packed.unpack_into, there on the copied bytes), run on the CPU: the
-    same values as numpy's table lookup, ragged last bytes and empty masks included."""
-    packed = PackedMasks.pack(masks(seed=3))
-    for name, shape in SHAPES.items():
-        out = torch.full(shape, float("nan"), dtype=dtype)
-        assert torch.equal(unpack_into(packed.packed[name], out), packed.as_float(name, dtype))
-
-
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_bits_in_one_buffer_or_per_mask_are_the_masks(density):
+def test_bits_unpack_every_mask_in_one_buffer(density):
     """`bits` (how a GPU unpacks: shift-and-mask, over one buffer of all masks after `to`) gives every
     mask as 0 / 1 of its shape, ragged and empty masks included; `to` keeps the names, shapes and bits."""
     original = masks(density, seed=4)
@@ -131,3 +120,4 @@ def test_bits_in_one_buffer_or_per_mask_are_the_masks(density):
             assert unpacked[name].dtype == torch.uint8 and torch.equal(unpacked[name], mask.to(torch.uint8))
     for name, mask in original.items():
         assert torch.equal(moved[name], mask)
+    assert PackedMasks({}, {}).bits() == {}
