@@ -107,9 +107,12 @@ def test_concurrent_gg_and_gn_load_while_tasks_are_published(tmp_path):
     assert result["wrong"] == 0, f"answers with another task's logits, e.g. {result['wrong_examples'][:2]}"
 
 
-def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path):
+@pytest.mark.parametrize("batching", [(), ("--max-queue-delay-us", "2000")], ids=["no delay", "queue delay"])
+def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path, batching):
+    """With a queue delay, batches of each task also learn when to stop waiting (serving/batcher.py
+    Expected): every answer is still its own task's."""
     train_model(tmp_path, MODEL, 2, TINY)
-    with ServerProcess(tmp_path) as server:
+    with ServerProcess(tmp_path, *batching) as server:
         result = finish_load(start_load(load_spec(server.url, tmp_path, [0, 1], seconds=4.0)), 90)
     print(f"\n{result['requests']} requests on tasks 0 and 1 from 4 clients; answers with another task's logits: "
           f"{result['wrong']}; failures {result['failures']}")
