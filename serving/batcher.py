@@ -108,6 +108,7 @@ class DynamicBatcher:
             leads = state.running < self.instances and not state.gathering
             if leads:
                 state.running += 1
+                state.gathering = self.max_queue_delay_s > 0  # from now (same lock) until its wait ends
             else:
                 item.done = threading.Event()
                 state.queue.append(item)
@@ -129,7 +130,7 @@ class DynamicBatcher:
         with self._cond:
             state = self._keys[key]
             if wait and self.max_queue_delay_s:
-                state.gathering, waited_out = True, False
+                waited_out = False
                 deadline = time.monotonic() + self.max_queue_delay_s
                 while self._rows(leader, state) < self.max_batch_size and not self._expected.reached(key, 1 + len(state.queue)):
                     if (remaining := deadline - time.monotonic()) <= 0:
