@@ -87,8 +87,6 @@ class PackedMasks(Mapping[str, torch.Tensor]):
         return sum(p.numel() for p in self.packed.values())
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self.device.type != "cpu":
-            return _shift_and_mask(self.packed[name])[: self.shapes[name].numel()].view(self.shapes[name]).bool()
         return unpack_bits(self.packed[name], tuple(self.shapes[name]))
 
     @property

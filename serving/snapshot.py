@@ -232,17 +232,19 @@ class Snapshot:
         return {kind: part.to(self.device) if isinstance(part, PackedMasks) else _to_device(part, self.device)
                 for kind, part in parts.items()}
 
-    def _built_on_device(self, task: LoadedTask, version: str, out: Tensors | None = None) -> Tensors:
-        """The task's effective parameters on the snapshot's device, computed now (into `out`, buffers
-        there, for a method that builds into buffers). A method whose materialisation runs
-        `on_any_device` builds there, from the backbone's and the task parts' copies (on a GPU: no
-        copy per miss); the others build on the CPU and their result is copied."""
-        method = task.entry.method
+    def _sources(self, task: LoadedTask, version: str) -> tuple[Tensors, Mapping[str, Tensors]]:
+        """The backbone and parts `task`'s weights are built from: the copies on the snapshot's device
+        for a method whose materialisation runs `on_any_device` (on a GPU: no copy per miss), else
+        the CPU's (the result is copied)."""
         if self.device.type != "cpu" and self._builds_on_device(task):
-            backbone, parts = self._resident[version], self._uploaded_parts[task.key]
-        else:
-            backbone, parts = self.backbones[version], task.parts
-        return self.on_device(effective_parameters(method, backbone, parts, self.shared, out=out))
+            return self._resident[version], self._uploaded_parts[task.key]
+        return self.backbones[version], task.parts
+
+    def _built_on_device(self, task: LoadedTask, version: str, out: Tensors | None = None) -> Tensors:
+        """The task's effective parameters on the snapshot's device, computed now from `_sources` (into
+        `out`, buffers beside those sources, for a method that builds into buffers)."""
+        backbone, parts = self._sources(task, version)
+        return self.on_device(effective_parameters(task.entry.method, backbone, parts, self.shared, out=out))
 
     def parameters(self, task: LoadedTask) -> Tensors:
         """The task's effective parameters on the snapshot's device, from the byte-bounded LRU cache."""
@@ -262,8 +264,7 @@ class Snapshot:
         Why: with more tasks in use than fit, the hit rate is what it is whichever tasks are kept,
         and a miss written into warm, reused buffers costs less than one allocated, kept and later
         evicted (python -m bench.serving --only task_mix, random tasks of 1,000)."""
-        found = materialization(task.entry.method)
-        if not found.into_buffers:
+        if not materialization(task.entry.method).into_buffers:
             return self.parameters(task)
         version = self.backbone_version(task)
         key = (self.model, version, task.key)
@@ -274,20 +275,20 @@ class Snapshot:
                 params = self._built_on_device(task, version)
                 self._cache.put(key, params, _cached_bytes(params, backbone))
             else:
-                params = self._built_on_device(task, version, out=self._scratch(version, found.on_any_device))
+                params = self._built_on_device(task, version, out=self._scratch(version, self._sources(task, version)[0]))
         return params
 
-    def _scratch(self, version: str, on_device: bool) -> Tensors:
-        """This thread's buffers for the effective weights of a task on backbone `version`, on the
-        snapshot's device or on the CPU (working memory, like activations: not the cache's bytes;
-        one set per serving thread, version and place)."""
+    def _scratch(self, version: str, backbone: Tensors) -> Tensors:
+        """This thread's buffers for the effective weights of a task on backbone `version`, like
+        `backbone` (the CPU's or the device's copy: where the task builds; working memory, like
+        activations: not the cache's bytes; one set per serving thread, version and place)."""
         buffers = getattr(self._per_thread, "scratch", None)
         if buffers is None:
             buffers = self._per_thread.scratch = {}
-        if (version, on_device) not in buffers:
-            backbone = (self._resident if on_device else self.backbones)[version]
-            buffers[version, on_device] = {name: torch.empty_like(weight) for name, weight in backbone.items()}
-        return buffers[version, on_device]
+        key = (version, backbone[next(iter(backbone))].device)
+        if key not in buffers:
+            buffers[key] = {name: torch.empty_like(weight) for name, weight in backbone.items()}
+        return buffers[key]
 
     def logits(self, task: LoadedTask, x: torch.Tensor) -> torch.Tensor:
         """[N, classes of the task] logits of `x` under `task`. A plain MLP whose parameters are exactly
