@@ -81,6 +81,7 @@ class Snapshot:
         self.backbones = backbones
         self.shared = shared
         self.tasks = tasks
+        self._healthy = [t for t in tasks.values() if t.error is None]  # tasks are frozen: decided once
         self._cache = cache
         self._mask_stack: MaskStack | None | object = _UNBUILT  # None: nothing to superpose
         self._alpha_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
@@ -198,7 +199,8 @@ class Snapshot:
         return loaded
 
     def healthy_tasks(self) -> list[LoadedTask]:
-        return [t for t in self.tasks.values() if t.error is None]
+        """The tasks in service (loaded without error), in id order: a new list (on the GN path, per request)."""
+        return list(self._healthy)
 
     def backbone_version(self, task: LoadedTask) -> str:
         """The backbone version `task` runs on in this generation (its own, or the newest for
