@@ -146,6 +146,11 @@ def _add_serve(commands) -> None:
     p.add_argument("--instances", type=int, default=d.instances,
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")
+    p.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                   help="the most inference requests the server holds at once, waiting or computing, over all "
+                   "models; a request beyond them is refused at once with UNAVAILABLE (retryable: back off, or "
+                   "send to another replica), so that under overload the requests taken keep a bounded latency "
+                   f"instead of all waiting longer (default {d.max_queue_size}: no bound, as Triton's)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
                    f"(default {d.workers})")
@@ -278,7 +283,7 @@ def _serve(args) -> None:
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
-            instances=args.instances,
+            instances=args.instances, max_queue_size=args.max_queue_size,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

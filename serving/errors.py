@@ -13,3 +13,7 @@ class ModelUnavailable(MaskbankError):
 
 class VersionNotLoaded(ModelNotFound):
     """The request names a model version (generation) that is not the one being served."""
+
+
+class ServerBusy(MaskbankError):
+    """The server already holds as many inference requests as its bound (--max-queue-size) allows."""

@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from registry import MaskbankError
 
+from .admission import Admission
 from .repository import ModelRepository
 from .statistics import ModelStats, Statistics
 
@@ -59,10 +60,12 @@ TRITON_METRICS: tuple[tuple[str, str, object], ...] = (
 class MaskbankCollector:
     """Reads the server's live numbers every time Prometheus scrapes."""
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch"):
+    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
+                 admission: Admission | None = None):
         self.repository = repository
         self.statistics = statistics
         self.backend = backend
+        self.admission = admission or Admission()
 
     def collect(self) -> Iterator[Metric]:
         served = {}  # model -> its snapshot now; a model unloaded meanwhile is skipped
@@ -79,6 +82,7 @@ class MaskbankCollector:
         unserved.add_metric([], sum(s.fail.count for model, s in counters.items() if model not in served))
         yield unserved
         yield from self._models(served)
+        yield from self._admission()
         yield from self._cache()
         info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
                                  "forwards (--device) and with what (--backend)", labels=["device", "backend"])
@@ -105,6 +109,13 @@ class MaskbankCollector:
             broken.add_metric([model], len(snapshot.tasks) - len(snapshot.healthy_tasks()))
         yield from (generation, tasks, broken)
 
+    def _admission(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("maskbank_requests_pending", "Inference requests in the server now, waiting or "
+                                "computing (at most --max-queue-size where that is set)", value=self.admission.pending)
+        yield CounterMetricFamily("maskbank_requests_refused", "Inference requests refused with UNAVAILABLE because "
+                                  "the server held --max-queue-size already (also counted as failures)",
+                                  value=self.admission.rejected)
+
     def _cache(self) -> Iterator[Metric]:
         stats = self.repository.cache.stats()
         for name, documentation, value in (
@@ -129,9 +140,10 @@ class MaskbankCollector:
 class MetricsServer:
     """The metrics HTTP endpoint (`GET /metrics`, Prometheus text format) in a daemon thread."""
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch"):
+    def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
+                 admission: Admission | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MaskbankCollector(repository, statistics, backend))
+        self.registry.register(MaskbankCollector(repository, statistics, backend, admission))
         self._httpd = None
         self._thread = None
         self.port: int | None = None

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from registry import Registry
 
 from ._proto import POOL, pb, pb_grpc
+from .admission import Admission
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
 from .auth import AdminAuthInterceptor
@@ -56,6 +57,7 @@ class ServerConfig:
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
+    max_queue_size: int = 0  # inference requests held at once, waiting or computing; more get UNAVAILABLE (0: no bound)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
@@ -80,7 +82,8 @@ class ServerConfig:
                              f"limit), got {self.max_message_bytes}")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
                                    ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
-                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
+                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0),
+                                   ("--max-queue-size", self.max_queue_size, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
         if not self.poll_interval > 0:
@@ -148,13 +151,13 @@ class InferenceServer:
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
-            instances=config.instances,
+            instances=config.instances, admission=Admission(config.max_queue_size),
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None
         if config.tls:
             self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
-        self.metrics = MetricsServer(self.repository, self.statistics, config.backend)
+        self.metrics = MetricsServer(self.repository, self.statistics, config.backend, self.servicer.admission)
         self.port: int | None = None
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()

@@ -15,6 +15,7 @@ from registry import MaskbankError
 
 from . import oip
 from ._proto import model_config, pb, pb_grpc
+from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
 from .errors import InvalidRequest
@@ -38,7 +39,7 @@ def inline_rows(snapshot) -> int:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
-                 backend: Backend | None = None, instances: int = 1):
+                 backend: Backend | None = None, instances: int = 1, admission: Admission | None = None):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -50,6 +51,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_queue_delay_us = max_queue_delay_us
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
         self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
+        self.admission = admission or Admission()  # the bound on requests held at once (none by default)
         self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
         self.ready = False  # set once the first load is done; cleared when shutting down
 
@@ -105,7 +107,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             input=[mc.ModelInput(name=oip.INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(snapshot.manifest.input_shape))],
             output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[classes.pop() if len(classes) == 1 else -1]),
                     mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
-            dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=self.max_queue_delay_us),
+            dynamic_batching=mc.ModelDynamicBatching(
+                max_queue_delay_microseconds=self.max_queue_delay_us,
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=self.admission.limit)),
         )
         methods = sorted({t.method for t in snapshot.manifest.tasks})
         for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
@@ -153,10 +157,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
-        success or failure and duration in the model's statistics."""
+        success or failure and duration in the model's statistics. A request beyond the server's bound
+        (--max-queue-size) is refused before anything else: ServerBusy (UNAVAILABLE), counted as a failure."""
         began = time.perf_counter_ns()
         try:
-            response, result = await self._infer(request)
+            with self.admission.admit():
+                response, result = await self._infer(request)
         except Exception:
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
             raise

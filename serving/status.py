@@ -15,7 +15,7 @@ import torch
 
 from registry import errors as reg
 
-from .errors import InvalidRequest, ModelUnavailable
+from .errors import InvalidRequest, ModelUnavailable, ServerBusy
 
 log = logging.getLogger("maskbank.serving")
 
@@ -31,6 +31,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (reg.ManifestError, grpc.StatusCode.DATA_LOSS),
     (reg.InvalidArtifact, grpc.StatusCode.DATA_LOSS),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ServerBusy, grpc.StatusCode.UNAVAILABLE),
     (reg.PublishConflict, grpc.StatusCode.ABORTED),
     (reg.MaskbankError, grpc.StatusCode.FAILED_PRECONDITION),
 )
@@ -50,7 +51,9 @@ def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, reg.MaskbankError):
-        log.info("%s -> %s: %s", method, status_code(error).name, error)
+        # refusals come in floods when they come: serving/admission.py logs them in summary instead
+        log.log(logging.DEBUG if isinstance(error, ServerBusy) else logging.INFO, "%s -> %s: %s", method,
+                status_code(error).name, error)
         return status_code(error), str(error)
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # not a bug: this request did not fit now
         where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"

@@ -1,0 +1,171 @@
+"""Overload benchmark: what --max-queue-size does when more requests arrive than a server can compute.
+
+Two `maskbank serve` processes of one registry, one without a bound and one with --max-queue-size
+BOUND, are offered OVERLOAD times the capacity measured first (closed-loop clients, bench.loadgen)
+by an open-loop load generator in its own process: requests go out on a fixed schedule whatever the
+answers, as independent callers send them, first without a client deadline, then with each request
+under a deadline of 1 s (DEADLINES). Phases of SECONDS alternate between the servers for REPEATS rounds. Per phase: requests served per second from the first request sent to the last answer
+(goodput), the share refused with UNAVAILABLE,
+and the latency of the served requests (p50, p99, max), with ratios bounded / unbounded per round,
+quoted as median (min-max). Without a bound every request is taken and each waits longer than the
+last; with one, the server refuses what it cannot take and the requests it serves keep a bounded wait.
+
+The model is the serving benchmark's (SupSup, MLP 64-512-512-10, one task); requests are task-given,
+BATCH rows each (so they run on the compute pool, not inline on the event loop). Every process runs
+one torch thread. Run: python -m bench overload (about 2 min; writes bench/results/overload.json).
+The generator alone: python -m bench.overload --generate '<spec json>' (prints its answer as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from maskbank.process import ServerProcess
+
+THREADS = 1
+BATCH = 256
+BOUND = 32
+OVERLOAD = 2.0  # offered rate / measured capacity
+SECONDS = 4.0  # offered load per phase
+REPEATS = 5
+# how long a client waits for its answer: long enough never to give up, then as a caller with a deadline
+# would (a request past it is answered DEADLINE_EXCEEDED, and the server drops it if it has not started)
+DEADLINES = {"no client deadline": 30.0, "client deadline 1 s": 1.0}
+RESULTS = Path(__file__).parent / "results" / "overload.json"
+MODEL = "bench"
+
+
+def generate(spec: dict) -> dict:
+    """Send `rate` requests per second for `seconds` (open loop, each with a `deadline`), wait for
+    every answer, and count them: served (with latencies), refused (UNAVAILABLE), failed otherwise."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as pb
+
+    if spec["url"].rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"the load generator only talks to loopback addresses, not {spec['url']!r}")
+    x = np.random.default_rng(0).random((spec["batch"], 64), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.parameters["task_id"].int64_param = 0
+    raw = request.SerializeToString()
+    channel = grpc.insecure_channel(spec["url"], options=[("grpc.max_receive_message_length", 64 << 20)])
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+    answers: list[tuple[str, float]] = []
+    lock, done = threading.Lock(), threading.Semaphore(0)
+
+    def record(future, sent: float) -> None:
+        code = future.code()
+        with lock:
+            answers.append((code.name if code is not None else "CANCELLED", time.monotonic() - sent))
+        done.release()
+
+    count = int(spec["rate"] * spec["seconds"])
+    began = time.monotonic()
+    for i in range(count):
+        if (wait := began + i / spec["rate"] - time.monotonic()) > 0:
+            time.sleep(wait)
+        sent = time.monotonic()
+        infer.future(raw, timeout=spec["deadline"]).add_done_callback(lambda f, sent=sent: record(f, sent))
+    sending = time.monotonic() - began
+    for _ in range(count):
+        done.acquire(timeout=spec["deadline"] + 10)
+    span = time.monotonic() - began  # from the first request sent to the last answer
+    channel.close()
+    served = sorted(latency for code, latency in answers if code == "OK")
+    pct = lambda q: 1000 * served[min(len(served) - 1, int(q * len(served)))] if served else None  # noqa: E731
+    return {"sent": count, "sent_per_s": count / sending, "served": len(served),
+            "refused": sum(code == "UNAVAILABLE" for code, _ in answers),
+            "timed_out": sum(code == "DEADLINE_EXCEEDED" for code, _ in answers),
+            "failed": sum(code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED") for code, _ in answers),
+            "goodput": len(served) / span, "span_s": span,
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
+
+
+def run_generator(spec: dict) -> dict:
+    """`generate(spec)` in a process of its own (bounded in time), its answer parsed."""
+    result = subprocess.run([sys.executable, "-m", "bench.overload", "--generate", json.dumps(spec)],
+                            capture_output=True, text=True, timeout=spec["seconds"] + spec["deadline"] + 60,
+                            cwd=Path(__file__).parent.parent)
+    if result.returncode:
+        raise RuntimeError(f"the load generator failed:\n{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def capacity(url: str) -> float:
+    """Requests per second the server computes under closed-loop load (4 clients, BATCH rows)."""
+    from .loadgen import LoadProcess
+
+    with LoadProcess(lifetime=120) as load:
+        return load.run({"url": url, "model": MODEL, "clients": 4, "batch": BATCH, "seconds": 3.0})["rps"]
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    from .serving import train_base
+
+    with tempfile.TemporaryDirectory() as root:
+        train_base(Path(root))
+        common = ("--threads", str(THREADS), "--metrics-port", "-1")
+        with ServerProcess(root, *common) as unbounded, ServerProcess(root, *common, "--max-queue-size", str(BOUND)) as bounded:
+            servers = {"unbounded": unbounded, f"--max-queue-size {BOUND}": bounded}
+            measured = capacity(unbounded.url)
+            rate = OVERLOAD * measured
+            print(f"capacity {measured:.0f} requests/s (batch {BATCH}, 4 closed-loop clients); offering "
+                  f"{rate:.0f}/s for {SECONDS:.0f} s per phase, {REPEATS} rounds\n", flush=True)
+            scenarios: dict[str, dict[str, list[dict]]] = {}
+            for scenario, deadline in DEADLINES.items():
+                phases = scenarios[scenario] = {name: [] for name in servers}
+                for _ in range(REPEATS):
+                    for name, server in servers.items():
+                        phases[name].append(run_generator({"url": server.url, "batch": BATCH, "rate": rate,
+                                                           "seconds": SECONDS, "deadline": deadline}))
+    results = {"benchmark": "overload", "threads": THREADS, "batch": BATCH, "bound": BOUND, "capacity_rps": measured,
+               "offered_rps": rate, "seconds": SECONDS, "repeats": REPEATS, "deadlines_s": DEADLINES,
+               "scenarios": scenarios}
+    print(report(results))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {RESULTS}")
+
+
+def report(results: dict) -> str:
+    """The Markdown table of a run: per scenario and server, medians over the rounds; then per scenario
+    the per-round ratios bounded / unbounded."""
+    lines = ["| scenario | server | served/s | refused | timed out | failed otherwise | p50 ms | p99 ms | max ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for scenario, phases in results["scenarios"].items():
+        for name, runs in phases.items():
+            lines.append(f"| {scenario} | {name} | " + row(runs))
+    for scenario, phases in results["scenarios"].items():
+        free, bounded = phases.values()
+        ratio = lambda read: summary([read(b) / read(f) for f, b in zip(free, bounded)])  # noqa: E731
+        lines.append(f"\n{scenario}, bounded / unbounded per round: served/s {ratio(lambda r: r['goodput'])}, "
+                     f"p50 latency {ratio(lambda r: r['latency_ms']['p50'])}, "
+                     f"p99 latency {ratio(lambda r: r['latency_ms']['p99'])}")
+    return "\n".join(lines)
+
+
+def row(runs: list[dict]) -> str:
+    """One server's cells: medians over its phases (failures summed)."""
+    median = lambda read: statistics.median(read(r) for r in runs)  # noqa: E731
+    return (f"{median(lambda r: r['goodput']):.0f} | {median(lambda r: r['refused'] / r['sent']):.0%} | "
+            f"{median(lambda r: r['timed_out'] / r['sent']):.0%} | {sum(r['failed'] for r in runs)} | "
+            f"{median(lambda r: r['latency_ms']['p50']):.0f} | {median(lambda r: r['latency_ms']['p99']):.0f} | "
+            f"{median(lambda r: r['latency_ms']['max']):.0f} |")
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--generate"]:
+        print(json.dumps(generate(json.loads(sys.argv[2]))))
+    else:
+        main()

@@ -1,0 +1,66 @@
+"""Admission control: a bound on the inference requests a server holds at once (--max-queue-size).
+
+Without a bound, a server offered more requests than it can compute queues them all: each waits
+longer than the last and holds its input in memory, until clients time out on answers that are
+still computed. With a bound, a request that would exceed it is refused at once with UNAVAILABLE
+(gRPC's retryable code; Triton answers a full queue the same way), before its input is decoded, so
+the requests the server does take keep a bounded latency and a client or load balancer can send
+the rest elsewhere or later. The bound counts every inference request accepted and not yet
+answered, waiting or computing, over all models and entry points (ModelInfer, each request of a
+ModelStreamInfer, maskbank's InferTask).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import ServerBusy
+
+log = logging.getLogger("maskbank.serving")
+LOG_EVERY_SECONDS = 10.0  # refusals are logged as one summary line at most this often
+
+
+class Admission:
+    """Counts the inference requests in the server and refuses those beyond `limit` (0: no bound).
+    Thread-safe; `pending` and `rejected` are read by the metrics endpoint."""
+
+    def __init__(self, limit: int = 0):
+        if limit < 0:
+            raise ValueError(f"--max-queue-size must be 0 (no bound) or more, got {limit}")
+        self.limit = limit
+        self.pending = 0  # accepted, not yet answered
+        self.rejected = 0  # refused since the server started
+        self._lock = threading.Lock()
+        self._logged = (float("-inf"), 0)  # when the last summary line was logged, and `rejected` then
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one place for the duration of the block; ServerBusy (nothing held) if none is free."""
+        with self._lock:
+            if self.limit and self.pending >= self.limit:
+                self.rejected += 1
+                self._summarise()
+                raise ServerBusy(f"the server is busy: it holds {self.pending} inference requests, its bound "
+                                 f"(--max-queue-size {self.limit}); retry after a short backoff, or send to another "
+                                 "replica")
+            self.pending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.pending -= 1
+
+    def _summarise(self) -> None:
+        """A warning for the first refusal, then one line at most every LOG_EVERY_SECONDS with the count
+        since the last (a line per refused request would cost the most when the server has least to spare)."""
+        now = time.monotonic()
+        when, count = self._logged
+        if now - when >= LOG_EVERY_SECONDS:
+            log.warning("refused %d inference request(s) %s: the server holds %d, its bound (--max-queue-size); "
+                        "clients got UNAVAILABLE", self.rejected - count,
+                        "since the last such line" if count else "so far", self.pending)
+            self._logged = (now, self.rejected)

@@ -1,0 +1,225 @@
+"""Admission control (--max-queue-size): the bound on inference requests a server holds at once.
+The rules in-process, then a real server on loopback: refusals over the wire (stock tritonclient,
+its stream, maskbank's InferTask), their metrics, and concurrent clients against a small bound."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from maskbank.cli import main
+from serving import InferenceServer, ServerConfig, admission
+from serving._proto import maskbank_pb2 as mb
+from serving._proto import maskbank_pb2_grpc as mb_grpc
+from serving._proto import pb
+from serving.admission import Admission
+from serving.errors import ServerBusy
+
+from .conftest import TINY, train_model
+
+X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+
+
+def inputs(x: np.ndarray = X) -> list[triton.InferInput]:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+# ---------------------------------------------------------------- the rules, in-process
+
+def test_no_bound_by_default_and_a_negative_bound_is_refused():
+    unbounded = Admission()
+    with unbounded.admit(), unbounded.admit(), unbounded.admit():
+        assert unbounded.pending == 3
+    assert (unbounded.pending, unbounded.rejected) == (0, 0)
+    with pytest.raises(ValueError, match="--max-queue-size must be 0 .no bound. or more, got -1"):
+        Admission(-1)
+    with pytest.raises(ValueError, match="--max-queue-size must be at least 0, got -1"):
+        ServerConfig(registry="r", max_queue_size=-1)
+
+
+def test_a_request_beyond_the_bound_is_refused_and_its_place_comes_back():
+    bounded = Admission(2)
+    with bounded.admit(), bounded.admit():
+        with pytest.raises(ServerBusy, match=r"holds 2 inference requests, its bound \(--max-queue-size 2\); retry"):
+            with bounded.admit():
+                pass
+        assert (bounded.pending, bounded.rejected) == (2, 1)
+    with pytest.raises(RuntimeError):  # a failing request gives its place back too
+        with bounded.admit():
+            raise RuntimeError("the request failed")
+    assert bounded.pending == 0
+    with bounded.admit(), bounded.admit():
+        assert bounded.pending == 2
+
+
+def test_threads_never_hold_more_than_the_bound():
+    bounded, limit, attempts = Admission(3), 3, 400
+    held, most, lock, outcomes = [0], [0], threading.Lock(), []
+
+    def attempt(_):
+        try:
+            with bounded.admit():
+                with lock:
+                    held[0] += 1
+                    most[0] = max(most[0], held[0])
+                time.sleep(0.001)
+                with lock:
+                    held[0] -= 1
+            outcomes.append("taken")
+        except ServerBusy:
+            outcomes.append("refused")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(attempt, range(attempts)))
+    assert most[0] <= limit
+    assert len(outcomes) == attempts and outcomes.count("refused") == bounded.rejected > 0
+    assert bounded.pending == 0
+
+
+def test_refusals_are_logged_in_summary_not_one_line_each(caplog, monkeypatch):
+    bounded = Admission(1)
+    with caplog.at_level(logging.WARNING, logger="maskbank.serving"), bounded.admit():
+        for _ in range(50):
+            with pytest.raises(ServerBusy):
+                with bounded.admit():
+                    pass
+        monkeypatch.setattr(admission, "LOG_EVERY_SECONDS", 0.0)
+        with pytest.raises(ServerBusy):
+            with bounded.admit():
+                pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "refused 1 inference request(s) so far: the server holds 1, its bound (--max-queue-size); clients got UNAVAILABLE",
+        "refused 50 inference request(s) since the last such line: the server holds 1, its bound (--max-queue-size); "
+        "clients got UNAVAILABLE",
+    ]
+
+
+def test_serve_explains_a_negative_bound(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--registry", "r", "--max-queue-size", "-1"])
+    assert stopped.value.code == 2
+    assert "maskbank serve: error: --max-queue-size must be at least 0, got -1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real server
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory):
+    """A server of one TINY model with room for one request at a time, on loopback (in this process,
+    so that a test can hold the one place itself and make every request over the wire wait on it)."""
+    root = tmp_path_factory.mktemp("registry")
+    train_model(root, "m", 2, TINY)
+    server = InferenceServer(ServerConfig(registry=str(root), port=0, metrics_port=0, max_queue_size=1))
+    server.start()
+    yield server
+    server.stop()
+
+
+def metrics(server: InferenceServer) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return {s.name + ("" if not s.labels else str(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_full_server_refuses_with_unavailable_then_serves_again(busy_server):
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
+    before = metrics(busy_server)
+    with busy_server.servicer.admission.admit():  # the one place is taken
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("m", inputs(), parameters={"task_id": 0})
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
+        assert re.search(r"server is busy: it holds 1 inference requests, its bound \(--max-queue-size 1\); retry "
+                         r"after a short backoff, or send to another replica", refused.value.message())
+        with pytest.raises(InferenceServerException, match="server is busy"):  # task inference is bounded too
+            client.infer("m", inputs())
+        during = metrics(busy_server)
+        assert during["maskbank_requests_pending"] == 1
+    assert during["maskbank_requests_refused_total"] - before["maskbank_requests_refused_total"] == 2
+    failures = "nv_inference_request_failure[('model', 'm'), ('version', '2')]"
+    assert during[failures] - before[failures] == 2  # refused requests count as failed, as in Triton
+    answer = client.infer("m", inputs(), parameters={"task_id": 1})
+    assert answer.as_numpy("logits").shape == (4, 10)
+    assert metrics(busy_server)["maskbank_requests_pending"] == 0
+    assert client.get_model_config("m").config.dynamic_batching.default_queue_policy.max_queue_size == 1
+
+
+def test_a_stream_gets_the_refusal_as_its_answer_and_stays_open(busy_server):
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
+    answers = []
+    arrived = threading.Semaphore(0)
+
+    def callback(result, error):
+        answers.append((result, error))
+        arrived.release()
+
+    client.start_stream(callback)
+    try:
+        with busy_server.servicer.admission.admit():
+            client.async_stream_infer("m", inputs(), parameters={"task_id": 0})
+            assert arrived.acquire(timeout=30)
+        client.async_stream_infer("m", inputs(), parameters={"task_id": 0})
+        assert arrived.acquire(timeout=30)
+    finally:
+        client.stop_stream()
+    (_, refusal), (served, error) = answers
+    assert "UNAVAILABLE: the server is busy" in str(refusal)
+    assert error is None and served.as_numpy("logits").shape == (4, 10)
+
+
+def test_maskbank_infer_task_is_bounded_too(busy_server):
+    with grpc.insecure_channel(f"127.0.0.1:{busy_server.port}") as channel:
+        stub = mb_grpc.MaskbankStub(channel)
+        request = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=list(X.shape))], raw_input_contents=[X.tobytes()])
+        with busy_server.servicer.admission.admit():
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.InferTask(mb.InferTaskRequest(request=request), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stub.InferTask(mb.InferTaskRequest(request=request), timeout=30).mode == "exhaustive"
+
+
+def test_concurrent_clients_get_answers_or_unavailable_and_nothing_else(tmp_path):
+    """Eight clients at once against room for two: every request is answered, right, or refused with
+    UNAVAILABLE; the server ends with nothing held and keeps serving."""
+    train_model(tmp_path, "m", 2, TINY)
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1, max_queue_size=2))
+    server.start()
+    try:
+        url = f"127.0.0.1:{server.port}"
+        first = triton.InferenceServerClient(url)
+        expected = {t: first.infer("m", inputs(), parameters={"task_id": t}).as_numpy("logits") for t in (0, 1)}
+
+        def client(index: int) -> list[str]:
+            connection, outcomes = triton.InferenceServerClient(url), []
+            for _ in range(40):
+                try:  # GN requests (exhaustive: every task's forward) keep places held long enough to collide
+                    answer = connection.infer("m", inputs(), parameters={} if index % 2 else {"task_id": 1})
+                    task = int(answer.as_numpy("task_id")[0])
+                    assert np.allclose(answer.as_numpy("logits"), expected[task], rtol=1e-4, atol=1e-5)
+                    outcomes.append("served")
+                except InferenceServerException as error:
+                    assert error.status() == "StatusCode.UNAVAILABLE", error
+                    outcomes.append("refused")
+            return outcomes
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = [o for result in pool.map(client, range(8)) for o in result]
+        assert len(outcomes) == 320 and outcomes.count("refused") == server.servicer.admission.rejected
+        assert outcomes.count("served") > 0 and outcomes.count("refused") > 0  # measured: 235-267 of 320 refused
+        assert server.servicer.admission.pending == 0
+    finally:
+        server.stop()
