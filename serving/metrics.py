@@ -81,7 +81,7 @@ class MaskbankCollector:
             "Inference requests that named a model this server does not serve (not labelled by the requested name)")
         unserved.add_metric([], sum(s.fail.count for model, s in counters.items() if model not in served))
         yield unserved
-        yield from self._models(served)
+        yield from self._models(served, counters)
         yield from self._admission()
         yield from self._cache()
         info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
@@ -97,9 +97,12 @@ class MaskbankCollector:
                 family.add_metric([model, str(snapshot.generation)], read(counters.get(model, empty)))
             yield family
 
-    def _models(self, served) -> Iterator[Metric]:
+    def _models(self, served, counters: dict[str, ModelStats]) -> Iterator[Metric]:
         generation = GaugeMetricFamily("maskbank_model_generation", "Registry generation served now", labels=["model"])
         tasks = GaugeMetricFamily("maskbank_model_tasks", "Tasks in the served generation", labels=["model"])
+        cancelled = CounterMetricFamily("maskbank_model_requests_cancelled",
+                                        "Inference requests whose caller cancelled or whose deadline passed before "
+                                        "the answer (also counted in nv_inference_request_failure)", labels=["model"])
         broken = GaugeMetricFamily("maskbank_model_tasks_out_of_service",
                                    "Tasks of the served generation kept out of service (their blobs failed to load "
                                    "or verify; requests for them get DATA_LOSS)", labels=["model"])
@@ -107,7 +110,8 @@ class MaskbankCollector:
             generation.add_metric([model], snapshot.generation)
             tasks.add_metric([model], len(snapshot.tasks))
             broken.add_metric([model], len(snapshot.tasks) - len(snapshot.healthy_tasks()))
-        yield from (generation, tasks, broken)
+            cancelled.add_metric([model], counters[model].cancelled if model in counters else 0)
+        yield from (generation, tasks, broken, cancelled)
 
     def _admission(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("maskbank_requests_pending", "Inference requests in the server now, waiting or "

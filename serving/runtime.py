@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,11 @@ from .snapshot import LoadedTask, Snapshot
 from .task_inference import infer_task, needs_gradients
 
 PYTORCH = PyTorchBackend()
+
+# Inputs decoded from a request's raw bytes are read-only numpy views of them (no copy), and nothing
+# writes to an input tensor; PyTorch's warning about such tensors, which a server printed at its first
+# request, is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             with self.admission.admit():
                 response, result = await self._infer(request)
+        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed: nobody will read an answer
+            self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False, cancelled=True)
+            raise
         except Exception:
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
             raise

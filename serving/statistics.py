@@ -21,7 +21,8 @@ class Duration:
 @dataclass
 class ModelStats:
     """Counters of one model. `inference_count` counts rows; `execution_count` counts model runs
-    (a batched run of several requests counts once)."""
+    (a batched run of several requests counts once); `cancelled` counts the failed requests whose
+    caller cancelled or whose deadline passed before the answer."""
 
     inference_count: int = 0
     execution_count: int = 0
@@ -31,6 +32,7 @@ class ModelStats:
     queue: Duration = field(default_factory=Duration)
     compute: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+    cancelled: int = 0
 
 
 class Statistics:
@@ -40,8 +42,9 @@ class Statistics:
         self._models: dict[str, ModelStats] = defaultdict(ModelStats)
         self._lock = threading.Lock()
 
-    def request(self, model: str, rows: int, total_ns: int, ok: bool) -> None:
-        """One request finished (successfully or not) after `total_ns` nanoseconds."""
+    def request(self, model: str, rows: int, total_ns: int, ok: bool, cancelled: bool = False) -> None:
+        """One request finished (successfully or not; `cancelled`: failed because its caller went away)
+        after `total_ns` nanoseconds."""
         with self._lock:
             stats = self._models[model]
             if ok:
@@ -50,6 +53,7 @@ class Statistics:
                 stats.last_inference_ms = time.time_ns() // 1_000_000
             else:
                 stats.fail.add(total_ns)
+                stats.cancelled += cancelled
 
     def execution(self, model: str, batch_rows: int, requests: int, queue_ns: int, compute_ns: int) -> None:
         """One model run over `requests` requests with `batch_rows` rows in all."""
@@ -66,6 +70,6 @@ class Statistics:
             return {
                 model: ModelStats(s.inference_count, s.execution_count, s.last_inference_ms, Duration(**vars(s.success)),
                                   Duration(**vars(s.fail)), Duration(**vars(s.queue)), Duration(**vars(s.compute)),
-                                  {k: Duration(**vars(v)) for k, v in s.batches.items()})
+                                  {k: Duration(**vars(v)) for k, v in s.batches.items()}, s.cancelled)
                 for model, s in self._models.items()
             }

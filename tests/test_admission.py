@@ -1,6 +1,7 @@
 """Admission control (--max-queue-size): the bound on inference requests a server holds at once.
 The rules in-process, then a real server on loopback: refusals over the wire (stock tritonclient,
-its stream, maskbank's InferTask), their metrics, and concurrent clients against a small bound."""
+its stream, maskbank's InferTask), their metrics, and concurrent clients against a small bound; and
+requests whose caller gives up while they wait: counted, and never computed."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from serving._proto import maskbank_pb2_grpc as mb_grpc
 from serving._proto import pb
 from serving.admission import Admission
 from serving.errors import ServerBusy
+from serving.statistics import ModelStats
 
-from .conftest import TINY, train_model
+from .conftest import TINY, train_model, wait_for
 
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
 
@@ -223,3 +225,28 @@ def test_concurrent_clients_get_answers_or_unavailable_and_nothing_else(tmp_path
         assert server.servicer.admission.pending == 0
     finally:
         server.stop()
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_is_counted_and_never_computed(busy_server):
+    """The compute pool is kept busy, so a task-inference request waits in its queue until the
+    client's deadline passes: the client gets DEADLINE_EXCEEDED, the server counts the request as
+    cancelled (and failed), and the pool skips it: only the next request is computed."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
+    pool, release = busy_server.servicer.compute, threading.Event()
+    executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
+    before, executed = metrics(busy_server), executions()
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    try:
+        with pytest.raises(InferenceServerException) as expired:
+            client.infer("m", inputs(), client_timeout=0.5)
+        assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        cancelled = "maskbank_model_requests_cancelled_total[('model', 'm')]"
+        wait_for(lambda: metrics(busy_server)[cancelled] - before[cancelled] == 1, 30, "the cancellation to be counted")
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+    assert client.infer("m", inputs()).as_numpy("logits").shape == (4, 10)
+    assert executions() == executed + 1
+    failures = "nv_inference_request_failure[('model', 'm'), ('version', '2')]"
+    assert metrics(busy_server)[failures] - before[failures] == 1

@@ -112,6 +112,13 @@ def test_zero_forgetting_bit_exact(live):
     assert np.array_equal(after, live.task0_before)
 
 
+def test_serving_requests_prints_no_warnings(live):
+    """Inputs are read-only views of the request bytes: PyTorch's warning about them was noise in
+    the server's log at its first request."""
+    infer(live.client, digits_inputs(0, 4), task_id=0)
+    assert not [line for line in live.server.output if "Warning" in line]
+
+
 def test_task_by_name(live):
     x = digits_inputs(2, 8)
     by_name = infer(live.client, x, task="perm-2")
