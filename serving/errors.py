@@ -17,3 +17,7 @@ class VersionNotLoaded(ModelNotFound):
 
 class ServerBusy(MaskbankError):
     """The server already holds as many inference requests as its bound (--max-queue-size) allows."""
+
+
+class RequestTimeout(MaskbankError):
+    """The request waited longer than its `timeout` parameter allowed before its computation could start."""

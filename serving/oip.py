@@ -17,7 +17,8 @@ from .errors import InvalidRequest
 INPUT_NAME = "input"
 MAX_INPUT_BYTES = 1 << 31  # above gRPC's own largest message: a shape claiming more is wrong
 OUTPUTS = ("logits", "task_id")
-# Names Triton reserves for itself; clients may send them and maskbank ignores them.
+# Names Triton reserves for itself; clients may send them and maskbank ignores them (but `timeout`,
+# which it reads as Triton does: decode_timeout).
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
 RESERVED_PREFIXES = ("triton_", "sequence_")
 PARAMETERS = ("task_id", "task", "task_inference", "task_shortlist")
@@ -80,6 +81,18 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
 def _parameter_value(parameter: pb.InferParameter):
     kind = parameter.WhichOneof("parameter_choice")
     return None if kind is None else getattr(parameter, kind)
+
+
+def decode_timeout(request: pb.ModelInferRequest) -> float | None:
+    """The request's `timeout` parameter (Triton's, set by tritonclient's `infer(timeout=...)`): the
+    longest it may wait for its computation to start, in microseconds; returned in seconds, None
+    when absent or 0 (no limit, as in Triton)."""
+    if "timeout" not in request.parameters:
+        return None
+    value = _parameter_value(request.parameters["timeout"])
+    if isinstance(value, (bool, float, str)) or value is None or value < 0:
+        raise InvalidRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {value!r}")
+    return value / 1e6 or None
 
 
 def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ._proto import model_config, pb, pb_grpc
 from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
-from .errors import InvalidRequest
+from .errors import InvalidRequest, RequestTimeout
 from .repository import ModelRepository
 from .statistics import Statistics
 from .status import status_code
@@ -173,21 +174,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response, result
 
     async def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+        arrived = time.monotonic()
         snapshot = self.repository.get(request.model_name, request.model_version)  # NOT_FOUND before input errors
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
+        timeout = oip.decode_timeout(request)
         outputs = oip.requested_outputs(request)
         rows = inline_rows(snapshot)
         if selection.task is not None and x.ndim > 0 and x.shape[0] <= rows:
             result = await infer_on_loop(snapshot, x, selection.task, self.loop_batcher, rows, self.backend)
         else:
-            result = await asyncio.get_running_loop().run_in_executor(self.compute, functools.partial(
+            job = functools.partial(
                 infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
-            ))
+            )
+            if timeout is not None:
+                job = functools.partial(_started_within, arrived + timeout, timeout, job)
+            result = await asyncio.get_running_loop().run_in_executor(self.compute, job)
         return self._response(request, result, outputs), result
 
     @staticmethod
@@ -206,6 +212,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response
+
+
+def _started_within(deadline: float, timeout: float, job: Callable[[], InferenceResult]) -> InferenceResult:
+    """`job()`, unless the compute pool takes it up after `deadline` (the request's `timeout`, in
+    seconds, after it arrived): then RequestTimeout, and nothing is computed."""
+    if (late := time.monotonic() - deadline) > 0:
+        raise RequestTimeout(f"the request waited {1e6 * (timeout + late):.0f} µs for the compute pool, more than its "
+                             f"timeout ({1e6 * timeout:.0f} µs), and was not computed; retry later, or with a longer "
+                             "timeout")
+    return job()
 
 
 @functools.lru_cache(maxsize=4096)

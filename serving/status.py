@@ -15,7 +15,7 @@ import torch
 
 from registry import errors as reg
 
-from .errors import InvalidRequest, ModelUnavailable, ServerBusy
+from .errors import InvalidRequest, ModelUnavailable, RequestTimeout, ServerBusy
 
 log = logging.getLogger("maskbank.serving")
 
@@ -32,6 +32,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (reg.InvalidArtifact, grpc.StatusCode.DATA_LOSS),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ServerBusy, grpc.StatusCode.UNAVAILABLE),
+    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (reg.PublishConflict, grpc.StatusCode.ABORTED),
     (reg.MaskbankError, grpc.StatusCode.FAILED_PRECONDITION),
 )

@@ -1,7 +1,8 @@
-"""Admission control (--max-queue-size): the bound on inference requests a server holds at once.
-The rules in-process, then a real server on loopback: refusals over the wire (stock tritonclient,
-its stream, maskbank's InferTask), their metrics, and concurrent clients against a small bound; and
-requests whose caller gives up while they wait: counted, and never computed."""
+"""A server offered more than it can compute. Admission control (--max-queue-size), the bound on
+inference requests a server holds at once: the rules in-process, then a real server on loopback
+(refusals over the wire with the stock tritonclient, its stream and maskbank's InferTask, their
+metrics, concurrent clients against a small bound). Requests whose caller gives up while they wait
+(counted, never computed), and Triton's per-request `timeout` (what waited longer is not computed)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from serving import InferenceServer, ServerConfig, admission
 from serving._proto import maskbank_pb2 as mb
 from serving._proto import maskbank_pb2_grpc as mb_grpc
 from serving._proto import pb
+from serving.oip import decode_timeout
 from serving.admission import Admission
-from serving.errors import ServerBusy
+from serving.errors import InvalidRequest, ServerBusy
 from serving.statistics import ModelStats
 
 from .conftest import TINY, train_model, wait_for
@@ -250,3 +252,42 @@ def test_a_request_whose_deadline_passes_while_it_waits_is_counted_and_never_com
     assert executions() == executed + 1
     failures = "nv_inference_request_failure[('model', 'm'), ('version', '2')]"
     assert metrics(busy_server)[failures] - before[failures] == 1
+
+
+def test_timeout_is_read_in_microseconds_and_checked():
+    def request(**value) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="m")
+        if value:
+            message.parameters["timeout"].MergeFrom(pb.InferParameter(**value))
+        return message
+
+    assert decode_timeout(request()) is None
+    assert decode_timeout(request(int64_param=0)) is None  # 0: no limit, as in Triton
+    assert decode_timeout(request(int64_param=250_000)) == 0.25
+    assert decode_timeout(request(uint64_param=1_000_000)) == 1.0
+    for bad in ({"int64_param": -1}, {"string_param": "soon"}, {"double_param": 0.5}, {"bool_param": True}):
+        with pytest.raises(InvalidRequest, match="parameter 'timeout' must be a non-negative integer number of "
+                                                 "microseconds, got"):
+            decode_timeout(request(**bad))
+
+
+def test_a_request_that_waits_past_its_timeout_is_not_computed(busy_server):
+    """tritonclient's `infer(timeout=...)`: a task-inference request waits on a busy compute pool
+    longer than its timeout and is answered DEADLINE_EXCEEDED without being computed; with time to
+    spare, the same request is served."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
+    pool, release = busy_server.servicer.compute, threading.Event()
+    executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
+    executed = executions()
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    threading.Timer(0.5, release.set).start()
+    with pytest.raises(InferenceServerException) as late:
+        client.infer("m", inputs(), timeout=200_000)  # microseconds
+    for blocker in blockers:
+        blocker.result(timeout=30)
+    assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert re.search(r"the request waited \d+ µs for the compute pool, more than its timeout \(200000 µs\), and was "
+                     r"not computed; retry later, or with a longer timeout", late.value.message())
+    assert executions() == executed
+    assert client.infer("m", inputs(), timeout=60_000_000).as_numpy("logits").shape == (4, 10)
+    assert executions() == executed + 1
