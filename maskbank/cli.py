@@ -183,6 +183,12 @@ def _add_serve(commands) -> None:
     ops.add_argument("--grace-seconds", type=float, default=d.grace_seconds, metavar="SECONDS",
                      help=f"on SIGTERM/Ctrl-C, how long running calls may finish before the server stops "
                      f"(default {d.grace_seconds:g})")
+    ops.add_argument("--max-connection-age", type=float, default=d.max_connection_age, metavar="SECONDS",
+                     help="close each client connection after this long (gRPC's GOAWAY: clients reconnect by "
+                     "themselves, and calls under way get --grace-seconds to finish), so that a load balancer that "
+                     "spreads connections rather than requests, such as a Kubernetes Service, also spreads "
+                     "long-lived clients over replicas added later; long streams (WatchModel) then end with the "
+                     f"connection and must be reopened (default {d.max_connection_age:g}: never)")
     ops.add_argument("--log-format", choices=FORMATS, default="text",
                      help="log lines as text, or as one JSON object per line (time, level, logger, message, fields); "
                      "the level is maskbank's --log-level")
@@ -284,7 +290,8 @@ def _serve(args) -> None:
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances, max_queue_size=args.max_queue_size,
-            max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
+            max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
         )

@@ -39,7 +39,8 @@ log = logging.getLogger("maskbank.serving")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MASKBANK_SERVICE = mb.DESCRIPTOR.services_by_name["Maskbank"].full_name
 DEFAULT_METRICS_PORT = 8002  # as Triton
-MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limits are signed 32-bit
+INT32_MAX = 2**31 - 1  # gRPC's integer options are signed 32-bit
+MAX_MESSAGE_BYTES = INT32_MAX
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ServerConfig:
     max_queue_size: int = 0  # inference requests held at once, waiting or computing; more get UNAVAILABLE (0: no bound)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
+    max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
     # negative = no metrics endpoint. Bound on `host`, like gRPC.
     metrics_port: int | None = None
@@ -90,6 +92,9 @@ class ServerConfig:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
+        if not 0 <= self.max_connection_age <= INT32_MAX // 1000:  # gRPC takes it in milliseconds
+            raise ValueError(f"--max-connection-age must be from 0 (never) to {INT32_MAX // 1000} seconds, "
+                             f"got {self.max_connection_age}")
         if self.tls:
             tls_key_pair(self.tls_cert, self.tls_key)  # unreadable or mismatched files fail here, clearly
 
@@ -177,6 +182,9 @@ class InferenceServer:
         config = self.config
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        if config.max_connection_age:  # GOAWAY after this long; calls under way get the graceful stop's grace
+            limits += [("grpc.max_connection_age_ms", max(1, round(1000 * config.max_connection_age))),
+                       ("grpc.max_connection_age_grace_ms", min(INT32_MAX, round(1000 * config.grace_seconds)))]
         server = grpc.aio.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
             # Authorisation first: a refused admin call never reaches the servicer.

@@ -10,11 +10,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -24,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from maskbank.cli import byte_size, main
 from maskbank.process import ServerProcess
 from serving import InferenceServer, ServerConfig
+from serving._proto import pb, pb_grpc
 from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
 from serving.logs import JsonFormatter
 
@@ -238,11 +241,38 @@ def test_a_busy_metrics_port_is_a_clear_error(tmp_path):
         server.repository.close()
 
 
+def test_connections_are_closed_after_max_connection_age_and_clients_carry_on(tmp_path):
+    """--max-connection-age 0.5: the server sends GOAWAY to every connection after half a second;
+    a client calling all along reconnects by itself (several READY -> IDLE cycles) and no call fails."""
+    train_model(tmp_path, "m", 1, TINY)
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1, max_connection_age=0.5,
+                                          grace_seconds=1))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            states: list[grpc.ChannelConnectivity] = []
+            channel.subscribe(states.append, try_to_connect=True)
+            stub, began, calls = pb_grpc.GRPCInferenceServiceStub(channel), time.monotonic(), 0
+            while time.monotonic() - began < 2.5:
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+                calls += 1
+                time.sleep(0.02)
+            client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+            assert client.infer("m", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
+        closed = sum(a == grpc.ChannelConnectivity.READY and b == grpc.ChannelConnectivity.IDLE
+                     for a, b in zip(states, states[1:]))
+        assert closed >= 2 and calls > 50, (closed, calls, states)
+    finally:
+        server.stop()
+
+
 def test_config_checks_tls_files_and_limits(tmp_path, certificate):
     cert, key = certificate
     ServerConfig(registry="r", tls_cert=str(cert), tls_key=str(key))
     with pytest.raises(ValueError, match="--tls-key was given without --tls-cert"):
         ServerConfig(registry="r", tls_key=str(key))
+    with pytest.raises(ValueError, match="--max-connection-age must be from 0 .never. to 2147483 seconds, got -1"):
+        ServerConfig(registry="r", max_connection_age=-1)
     (tmp_path / "other.pem").write_bytes(b"not a key")
     for bad_key in (tmp_path / "other.pem", tmp_path / "missing.pem", cert):
         with pytest.raises(ValueError, match=re.escape(f"cannot use --tls-cert {cert} with --tls-key {bad_key}")):
