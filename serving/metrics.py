@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
+import torch
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 
@@ -84,6 +85,7 @@ class MaskbankCollector:
         yield from self._models(served, counters)
         yield from self._admission()
         yield from self._cache()
+        yield from self._gpu()
         info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
                                  "forwards (--device) and with what (--backend)", labels=["device", "backend"])
         info.add_metric([str(self.repository.device), self.backend], 1)
@@ -139,6 +141,27 @@ class MaskbankCollector:
             ("maskbank_cache_entries", "Entries (task weights) in the effective-weight cache", stats.entries),
         ):
             yield GaugeMetricFamily(name, documentation, value=value)
+
+
+    def _gpu(self) -> Iterator[Metric]:
+        """On a CUDA device (--device cuda): its memory, and how much of it this server's PyTorch holds
+        (the backbones, the tasks' packed masks and the cached weights). Nothing on the CPU."""
+        device = self.repository.device
+        if device.type != "cuda":
+            return
+        index = 0 if device.index is None else device.index  # plain `cuda` is the first GPU
+        free, total = torch.cuda.mem_get_info(index)
+        for name, documentation, value in (
+            ("maskbank_gpu_memory_total_bytes", "Memory of the GPU this server runs on", total),
+            ("maskbank_gpu_memory_used_bytes", "Memory in use on that GPU, by any process (total minus free)",
+             total - free),
+            ("maskbank_gpu_memory_allocated_bytes", "GPU memory held by this server's tensors", torch.cuda.memory_allocated(index)),
+            ("maskbank_gpu_memory_reserved_bytes", "GPU memory PyTorch's caching allocator holds for this server "
+             "(allocated, plus freed blocks kept for reuse)", torch.cuda.memory_reserved(index)),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=["device"])
+            family.add_metric([f"cuda:{index}"], value)
+            yield family
 
 
 class MetricsServer:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
 from trainer import train
@@ -51,6 +54,16 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the metrics endpoint of `server`: an InferenceServer
+    of this process (its `metrics_port`) or a ServerProcess (the port its startup line names)."""
+    port = getattr(server, "metrics_port", None) or int(
+        re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "\n".join(server.output)).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Manifest:

@@ -18,7 +18,7 @@ from serving.snapshot import Snapshot
 from serving.task_inference import infer_task, usable_modes
 from trainer import get_stream, method_names, train
 
-from .conftest import cli, train_model, wait_for
+from .conftest import cli, scrape, train_model, wait_for
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU visible to PyTorch")
@@ -133,6 +133,11 @@ def test_a_server_on_the_gpu_answers_tritonclient_like_one_on_the_cpu(tmp_path):
                 (on_gpu, task_gpu), (on_cpu, task_cpu) = (answers(c, parameters) for c in clients)
                 np.testing.assert_allclose(on_gpu, on_cpu, **CLOSE)
                 assert task_gpu == task_cpu
+            memory = {name: value for (name, labels), value in scrape(gpu).items()
+                      if name.startswith("maskbank_gpu_memory_") and labels == (("device", "cuda:0"),)}
+            assert memory["maskbank_gpu_memory_total_bytes"] >= memory["maskbank_gpu_memory_used_bytes"] > 0
+            assert 0 < memory["maskbank_gpu_memory_allocated_bytes"] <= memory["maskbank_gpu_memory_reserved_bytes"]
+            assert not [name for name, _ in scrape(cpu) if name.startswith("maskbank_gpu_")]
         finally:
             for client in clients:
                 client.close()

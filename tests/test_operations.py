@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from maskbank.cli import byte_size, main
@@ -30,7 +28,7 @@ from serving._proto import pb, pb_grpc
 from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
 from serving.logs import JsonFormatter
 
-from .conftest import TINY, train_model, wait_for
+from .conftest import TINY, scrape, train_model, wait_for
 
 TOKEN = "s3cret-token"
 MAX_BYTES = 100_000  # the request below of 4 rows is ~1 KB; one of 500 rows is ~128 KB
@@ -113,14 +111,6 @@ def tls(servers) -> tuple[ServerProcess, triton.InferenceServerClient]:
     return servers["tls"].process, servers["tls"].client
 
 
-def scrape(process: ServerProcess) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} from the server's metrics endpoint."""
-    port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "\n".join(process.output)).group(1)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 # --- real servers -------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -154,6 +144,9 @@ def test_metrics_count_inferences_failures_cache_and_generation(ops):
     assert after[("maskbank_model_tasks", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks_out_of_service", (("model", "a"),))] == 0
     assert after[("maskbank_server_info", (("backend", "pytorch"), ("device", "cpu")))] == 1
+    assert not [name for name, _ in after if name.startswith("maskbank_gpu_")]  # only a server on a GPU has them
+    assert after[("maskbank_requests_pending", ())] == 0 and after[("maskbank_requests_refused_total", ())] == 0
+    assert after[("maskbank_model_requests_cancelled_total", (("model", "a"),))] == 0
 
 
 @pytest.mark.slow

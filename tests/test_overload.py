@@ -10,14 +10,12 @@ import logging
 import re
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from maskbank.cli import main
@@ -30,7 +28,7 @@ from serving.admission import Admission
 from serving.errors import InvalidRequest, ServerBusy
 from serving.statistics import ModelStats
 
-from .conftest import TINY, train_model, wait_for
+from .conftest import TINY, scrape, train_model, wait_for
 
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
 
@@ -133,15 +131,9 @@ def busy_server(tmp_path_factory):
     server.stop()
 
 
-def metrics(server: InferenceServer) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    return {s.name + ("" if not s.labels else str(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_a_full_server_refuses_with_unavailable_then_serves_again(busy_server):
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
-    before = metrics(busy_server)
+    before = scrape(busy_server)
     with busy_server.servicer.admission.admit():  # the one place is taken
         with pytest.raises(InferenceServerException) as refused:
             client.infer("m", inputs(), parameters={"task_id": 0})
@@ -150,14 +142,15 @@ def test_a_full_server_refuses_with_unavailable_then_serves_again(busy_server):
                          r"after a short backoff, or send to another replica", refused.value.message())
         with pytest.raises(InferenceServerException, match="server is busy"):  # task inference is bounded too
             client.infer("m", inputs())
-        during = metrics(busy_server)
-        assert during["maskbank_requests_pending"] == 1
-    assert during["maskbank_requests_refused_total"] - before["maskbank_requests_refused_total"] == 2
-    failures = "nv_inference_request_failure[('model', 'm'), ('version', '2')]"
+        during = scrape(busy_server)
+        assert during[("maskbank_requests_pending", ())] == 1
+    refused = ("maskbank_requests_refused_total", ())
+    assert during[refused] - before[refused] == 2
+    failures = ("nv_inference_request_failure", (("model", "m"), ("version", "2")))
     assert during[failures] - before[failures] == 2  # refused requests count as failed, as in Triton
     answer = client.infer("m", inputs(), parameters={"task_id": 1})
     assert answer.as_numpy("logits").shape == (4, 10)
-    assert metrics(busy_server)["maskbank_requests_pending"] == 0
+    assert scrape(busy_server)[("maskbank_requests_pending", ())] == 0
     assert client.get_model_config("m").config.dynamic_batching.default_queue_policy.max_queue_size == 1
 
 
@@ -236,22 +229,22 @@ def test_a_request_whose_deadline_passes_while_it_waits_is_counted_and_never_com
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
     pool, release = busy_server.servicer.compute, threading.Event()
     executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
-    before, executed = metrics(busy_server), executions()
+    before, executed = scrape(busy_server), executions()
     blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
     try:
         with pytest.raises(InferenceServerException) as expired:
             client.infer("m", inputs(), client_timeout=0.5)
         assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        cancelled = "maskbank_model_requests_cancelled_total[('model', 'm')]"
-        wait_for(lambda: metrics(busy_server)[cancelled] - before[cancelled] == 1, 30, "the cancellation to be counted")
+        cancelled = ("maskbank_model_requests_cancelled_total", (("model", "m"),))
+        wait_for(lambda: scrape(busy_server)[cancelled] - before[cancelled] == 1, 30, "the cancellation to be counted")
     finally:
         release.set()
         for blocker in blockers:
             blocker.result(timeout=30)
     assert client.infer("m", inputs()).as_numpy("logits").shape == (4, 10)
     assert executions() == executed + 1
-    failures = "nv_inference_request_failure[('model', 'm'), ('version', '2')]"
-    assert metrics(busy_server)[failures] - before[failures] == 1
+    failures = ("nv_inference_request_failure", (("model", "m"), ("version", "2")))
+    assert scrape(busy_server)[failures] - before[failures] == 1
 
 
 def test_timeout_is_read_in_microseconds_and_checked():
