@@ -6,6 +6,7 @@ metrics, concurrent clients against a small bound). Requests whose caller gives 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -284,3 +285,23 @@ def test_a_request_that_waits_past_its_timeout_is_not_computed(busy_server):
     assert executions() == executed
     assert client.infer("m", inputs(), timeout=60_000_000).as_numpy("logits").shape == (4, 10)
     assert executions() == executed + 1
+
+
+RETRY_ON_UNAVAILABLE = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+def test_a_client_with_a_retry_policy_rides_out_a_full_server(busy_server):
+    """The README's client settings: gRPC's own retries on UNAVAILABLE. The server is full when the
+    request arrives and has room 50 ms later; the call is refused, retried, and answered."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}", channel_args=[
+        ("grpc.service_config", RETRY_ON_UNAVAILABLE), ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)])
+    refused = ("maskbank_requests_refused_total", ())
+    before, full = scrape(busy_server)[refused], busy_server.servicer.admission.admit()
+    full.__enter__()  # the one place, taken until the timer gives it back
+    threading.Timer(0.05, full.__exit__, (None, None, None)).start()
+    assert client.infer("m", inputs(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
+    assert scrape(busy_server)[refused] > before
