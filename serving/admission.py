@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from .errors import ServerBusy
+from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving")
-LOG_EVERY_SECONDS = 10.0  # refusals are logged as one summary line at most this often
 
 
 class Admission:
@@ -31,9 +30,13 @@ class Admission:
             raise ValueError(f"--max-queue-size must be 0 (no bound) or more, got {limit}")
         self.limit = limit
         self.pending = 0  # accepted, not yet answered
-        self.rejected = 0  # refused since the server started
         self._lock = threading.Lock()
-        self._logged = (float("-inf"), 0)  # when the last summary line was logged, and `rejected` then
+        self._refusals = FloodLog(log)
+
+    @property
+    def rejected(self) -> int:
+        """Requests refused since the server started."""
+        return self._refusals.count
 
     def admit(self) -> "Admission":
         """`with admission.admit():` holds one place for the duration of the block; entering raises
@@ -44,8 +47,8 @@ class Admission:
     def __enter__(self) -> None:
         with self._lock:
             if self.limit and self.pending >= self.limit:
-                self.rejected += 1
-                self._summarise()
+                self._refusals.record("refused %d inference request(s) {since}: the server holds %d, its bound "
+                                      "(--max-queue-size); clients got UNAVAILABLE", self.pending)
                 raise ServerBusy(f"the server is busy: it holds {self.pending} inference requests, its bound "
                                  f"(--max-queue-size {self.limit}); retry after a short backoff, or send to another "
                                  "replica")
@@ -54,14 +57,3 @@ class Admission:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self.pending -= 1
-
-    def _summarise(self) -> None:
-        """A warning for the first refusal, then one line at most every LOG_EVERY_SECONDS with the count
-        since the last (a line per refused request would cost the most when the server has least to spare)."""
-        now = time.monotonic()
-        when, count = self._logged
-        if now - when >= LOG_EVERY_SECONDS:
-            log.warning("refused %d inference request(s) %s: the server holds %d, its bound (--max-queue-size); "
-                        "clients got UNAVAILABLE", self.rejected - count,
-                        "since the last such line" if count else "so far", self.pending)
-            self._logged = (now, self.rejected)

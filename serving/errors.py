@@ -15,9 +15,13 @@ class VersionNotLoaded(ModelNotFound):
     """The request names a model version (generation) that is not the one being served."""
 
 
-class ServerBusy(MaskbankError):
+class Overloaded(MaskbankError):
+    """The server cannot take or start the request in time: load, not a fault (logged in summary)."""
+
+
+class ServerBusy(Overloaded):
     """The server already holds as many inference requests as its bound (--max-queue-size) allows."""
 
 
-class RequestTimeout(MaskbankError):
-    """The request waited longer than its `timeout` parameter allowed before its computation could start."""
+class RequestTimeout(Overloaded):
+    """The request waited for the compute pool longer than its `timeout` parameter allows."""

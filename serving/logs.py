@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from datetime import datetime, timezone
 
 FORMATS = ("text", "json")
+FLOOD_LOG_SECONDS = 10.0  # a FloodLog writes one line at most this often
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -55,3 +58,32 @@ def configure(log_format: str, level: str | int | None = None) -> None:
     for handler in root.handlers:
         handler.setFormatter(formatter)
     logging.captureWarnings(log_format == "json")
+
+
+class FloodLog:
+    """For events that come in floods when they come (requests refused or dropped under overload): a
+    warning at the first, then at most one line every FLOOD_LOG_SECONDS with the count since the
+    last line. A line per event would cost the most when the server has least to spare."""
+
+    def __init__(self, logger: logging.Logger):
+        self._logger = logger
+        self._lock = threading.Lock()
+        self._count = 0  # events so far
+        self._logged = (float("-inf"), 0)  # when the last line was written, and `_count` then
+
+    @property
+    def count(self) -> int:
+        """Events recorded so far."""
+        return self._count
+
+    def record(self, template: str, *args) -> None:
+        """Count one event; when a line is due, log `template` (%-style) with the count of events since
+        the last line ("so far" or "since the last such line" in {since}) and `args`."""
+        with self._lock:
+            self._count += 1
+            now, (when, count) = time.monotonic(), self._logged
+            if now - when < FLOOD_LOG_SECONDS:
+                return
+            self._logged = (now, self._count)
+        since = "since the last such line" if count else "so far"
+        self._logger.warning(template.replace("{since}", since), self._count - count, *args)

@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from registry import MaskbankError
 
 from .admission import Admission
+from .timeouts import QueueTimeouts
 from .repository import ModelRepository
 from .statistics import ModelStats, Statistics
 
@@ -62,11 +63,12 @@ class MaskbankCollector:
     """Reads the server's live numbers every time Prometheus scrapes."""
 
     def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None):
         self.repository = repository
         self.statistics = statistics
         self.backend = backend
         self.admission = admission or Admission()
+        self.timeouts = timeouts or QueueTimeouts()
 
     def collect(self) -> Iterator[Metric]:
         served = {}  # model -> its snapshot now; a model unloaded meanwhile is skipped
@@ -121,6 +123,9 @@ class MaskbankCollector:
         yield CounterMetricFamily("maskbank_requests_refused", "Inference requests refused with UNAVAILABLE because "
                                   "the server held --max-queue-size already (also counted as failures)",
                                   value=self.admission.rejected)
+        yield CounterMetricFamily("maskbank_requests_dropped", "Inference requests answered DEADLINE_EXCEEDED without "
+                                  "being computed: they waited for the compute pool past their timeout parameter "
+                                  "(also counted as failures)", value=self.timeouts.dropped)
 
     def _cache(self) -> Iterator[Metric]:
         stats = self.repository.cache.stats()
@@ -168,9 +173,9 @@ class MetricsServer:
     """The metrics HTTP endpoint (`GET /metrics`, Prometheus text format) in a daemon thread."""
 
     def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MaskbankCollector(repository, statistics, backend, admission))
+        self.registry.register(MaskbankCollector(repository, statistics, backend, admission, timeouts))
         self._httpd = None
         self._thread = None
         self.port: int | None = None

@@ -162,7 +162,8 @@ class InferenceServer:
         self._credentials = None
         if config.tls:
             self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
-        self.metrics = MetricsServer(self.repository, self.statistics, config.backend, self.servicer.admission)
+        self.metrics = MetricsServer(self.repository, self.statistics, config.backend, self.servicer.admission,
+                                     self.servicer.timeouts)
         self.port: int | None = None
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()

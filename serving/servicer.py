@@ -8,7 +8,6 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -19,7 +18,8 @@ from ._proto import model_config, pb, pb_grpc
 from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
-from .errors import InvalidRequest, RequestTimeout
+from .timeouts import QueueTimeouts
+from .errors import InvalidRequest
 from .repository import ModelRepository
 from .statistics import Statistics
 from .status import status_code
@@ -53,6 +53,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
         self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
         self.admission = admission or Admission()  # the bound on requests held at once (none by default)
+        self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
         self.ready = False  # set once the first load is done; cleared when shutting down
 
@@ -191,9 +192,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
             )
-            if timeout is not None:
-                job = functools.partial(_started_within, arrived + timeout, timeout, job)
-            result = await asyncio.get_running_loop().run_in_executor(self.compute, job)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.compute, functools.partial(self.timeouts.run, job, arrived, timeout))
         return self._response(request, result, outputs), result
 
     @staticmethod
@@ -212,16 +212,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response
-
-
-def _started_within(deadline: float, timeout: float, job: Callable[[], InferenceResult]) -> InferenceResult:
-    """`job()`, unless the compute pool takes it up after `deadline` (the request's `timeout`, in
-    seconds, after it arrived): then RequestTimeout, and nothing is computed."""
-    if (late := time.monotonic() - deadline) > 0:
-        raise RequestTimeout(f"the request waited {1e6 * (timeout + late):.0f} µs for the compute pool, more than its "
-                             f"timeout ({1e6 * timeout:.0f} µs), and was not computed; retry later, or with a longer "
-                             "timeout")
-    return job()
 
 
 @functools.lru_cache(maxsize=4096)

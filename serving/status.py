@@ -15,7 +15,7 @@ import torch
 
 from registry import errors as reg
 
-from .errors import InvalidRequest, ModelUnavailable, RequestTimeout, ServerBusy
+from .errors import InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ServerBusy
 
 log = logging.getLogger("maskbank.serving")
 
@@ -52,8 +52,8 @@ def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, reg.MaskbankError):
-        # refusals come in floods when they come: serving/admission.py logs them in summary instead
-        log.log(logging.DEBUG if isinstance(error, ServerBusy) else logging.INFO, "%s -> %s: %s", method,
+        # refusals come in floods when they come: logged in summary where they are decided (FloodLog)
+        log.log(logging.DEBUG if isinstance(error, Overloaded) else logging.INFO, "%s -> %s: %s", method,
                 status_code(error).name, error)
         return status_code(error), str(error)
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # not a bug: this request did not fit now

@@ -20,13 +20,14 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from maskbank.cli import main
-from serving import InferenceServer, ServerConfig, admission
+from serving import InferenceServer, ServerConfig, logs
 from serving._proto import maskbank_pb2 as mb
 from serving._proto import maskbank_pb2_grpc as mb_grpc
 from serving._proto import pb
 from serving.oip import decode_timeout
 from serving.admission import Admission
-from serving.errors import InvalidRequest, ServerBusy
+from serving.errors import InvalidRequest, RequestTimeout, ServerBusy
+from serving.timeouts import QueueTimeouts
 from serving.statistics import ModelStats
 
 from .conftest import TINY, scrape, train_model, wait_for
@@ -99,7 +100,7 @@ def test_refusals_are_logged_in_summary_not_one_line_each(caplog, monkeypatch):
             with pytest.raises(ServerBusy):
                 with bounded.admit():
                     pass
-        monkeypatch.setattr(admission, "LOG_EVERY_SECONDS", 0.0)
+        monkeypatch.setattr(logs, "FLOOD_LOG_SECONDS", 0.0)
         with pytest.raises(ServerBusy):
             with bounded.admit():
                 pass
@@ -272,7 +273,8 @@ def test_a_request_that_waits_past_its_timeout_is_not_computed(busy_server):
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
     pool, release = busy_server.servicer.compute, threading.Event()
     executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
-    executed = executions()
+    executed, dropped = executions(), ("maskbank_requests_dropped_total", ())
+    before = scrape(busy_server)[dropped]
     blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
     threading.Timer(0.5, release.set).start()
     with pytest.raises(InferenceServerException) as late:
@@ -282,7 +284,7 @@ def test_a_request_that_waits_past_its_timeout_is_not_computed(busy_server):
     assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert re.search(r"the request waited \d+ µs for the compute pool, more than its timeout \(200000 µs\), and was "
                      r"not computed; retry later, or with a longer timeout", late.value.message())
-    assert executions() == executed
+    assert executions() == executed and scrape(busy_server)[dropped] == before + 1
     assert client.infer("m", inputs(), timeout=60_000_000).as_numpy("logits").shape == (4, 10)
     assert executions() == executed + 1
 
@@ -305,3 +307,13 @@ def test_a_client_with_a_retry_policy_rides_out_a_full_server(busy_server):
     threading.Timer(0.05, full.__exit__, (None, None, None)).start()
     assert client.infer("m", inputs(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
     assert scrape(busy_server)[refused] > before
+
+
+def test_queue_timeouts_drop_only_what_started_too_late():
+    timeouts, ran = QueueTimeouts(), []
+    job = lambda: ran.append(1) or "answer"  # noqa: E731
+    now = time.monotonic()
+    assert timeouts.run(job, now, None) == "answer" and timeouts.run(job, now, 60.0) == "answer"
+    with pytest.raises(RequestTimeout, match=r"waited \d+ µs for the compute pool, more than its timeout \(1000 µs\)"):
+        timeouts.run(job, now - 1.0, 0.001)  # arrived a second ago, timeout 1 ms
+    assert ran == [1, 1] and timeouts.dropped == 1
