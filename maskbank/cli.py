@@ -146,7 +146,11 @@ def _add_serve(commands) -> None:
     p.add_argument("--instances", type=int, default=d.instances,
                    help="batches of one task that may run at once, like Triton's instance count; requests beyond "
                    f"them queue and are merged into the next batch (default {d.instances})")
-    p.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+    p.add_argument("--model", action="append", dest="models", metavar="NAME",
+                   help="serve only this model of the registry (repeat for several); the others, and models "
+                   "published later, are listed as unloaded until an admin load. For replicas that share one "
+                   "registry but each serve part of its models (default: every model, new ones included)")
+    p.add_argument("--max-queue-size", type=int, default=d.max_queue_size, metavar="N",
                    help="the most inference requests the server holds at once, waiting or computing, over all "
                    "models; a request beyond them is refused at once with UNAVAILABLE (retryable: back off, or "
                    "send to another replica), so that under overload the requests taken keep a bounded latency "
@@ -289,7 +293,7 @@ def _serve(args) -> None:
             task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
-            instances=args.instances, max_queue_size=args.max_queue_size,
+            instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
             max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,

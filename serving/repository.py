@@ -34,10 +34,12 @@ class ModelRepository:
             model is prepared from its second generation on, once a request used them.
         device: where PyTorch runs the forwards and keeps the backbones and cached weights
             (`cpu`, `cuda`, `cuda:1`, ...).
+        only: serve only these models of the registry (None: every model, those published later
+            included); the others are listed as unloaded, and an explicit `load` adds one.
     """
 
     def __init__(self, registry: Registry, cache_bytes: int = 256 << 20, gradients: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", only: list[str] | None = None):
         self.registry = registry
         self.cache = LRUCache(cache_bytes)
         self.gradients = gradients
@@ -45,6 +47,7 @@ class ModelRepository:
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
+        self._only = None if only is None else set(only)  # the models this server follows, if not all
         self._refresh_lock = threading.Lock()
         self._changed = threading.Condition()  # notified whenever a snapshot is swapped in
         self._stop = threading.Event()
@@ -62,7 +65,8 @@ class ModelRepository:
             if model in self._load_errors:
                 raise ModelUnavailable(f"model '{model}' could not be loaded: {self._load_errors[model]}")
             known = ", ".join(self.models()) or "none"
-            raise ModelNotFound(f"no model named '{model}' is served (models: {known})")
+            only = "" if self._only is None else "; this server serves only the models it was started with (--model)"
+            raise ModelNotFound(f"no model named '{model}' is served (models: {known}{only})")
         if version and version != str(snapshot.generation):
             raise VersionNotLoaded(
                 f"model '{model}' version '{version}' is not served; the served version is "
@@ -76,6 +80,8 @@ class ModelRepository:
             raise ModelNotFound(f"registry {self.registry.location} has no model '{model}' to load "
                                 f"(models: {', '.join(self.registry.list_models()) or 'none'})")
         self._unloaded.discard(model)
+        if self._only is not None:
+            self._only.add(model)
         self.refresh([model])
         return self.get(model)
 
@@ -100,6 +106,8 @@ class ModelRepository:
                 rows.append((model, snapshot.generation, "READY", ""))
             elif model in self._unloaded:
                 rows.append((model, 0, "UNLOADED", "unloaded by request"))
+            elif not self._follows(model):
+                rows.append((model, 0, "UNLOADED", "not among the models this server was started with (--model)"))
             else:
                 rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
         return rows
@@ -110,7 +118,7 @@ class ModelRepository:
         with self._refresh_lock:
             swapped = []
             for model in models if models is not None else self.registry.list_models():
-                if model in self._unloaded:
+                if model in self._unloaded or not self._follows(model):
                     continue
                 current = self._snapshots.get(model)
                 try:
@@ -135,6 +143,10 @@ class ModelRepository:
         for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
             snapshot.warm()
         return swapped
+
+    def _follows(self, model: str) -> bool:
+        """Whether this server serves `model` when the registry has it (--model, or loaded since)."""
+        return self._only is None or model in self._only
 
     def wait_for_generation(self, model: str, after: int, timeout: float) -> Snapshot | None:
         """The snapshot of `model` once its generation exceeds `after`; None if `timeout` passes first."""

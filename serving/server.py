@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from registry import Registry
+from registry import MaskbankError, Registry
+from registry.names import check_name
 
 from ._proto import POOL, pb, pb_grpc
 from .admission import Admission
@@ -62,6 +63,7 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
+    models: list[str] | None = None  # serve only these models of the registry (None: all, and those published later)
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
     # negative = no metrics endpoint. Bound on `host`, like gRPC.
     metrics_port: int | None = None
@@ -95,6 +97,11 @@ class ServerConfig:
         if not 0 <= self.max_connection_age <= INT32_MAX // 1000:  # gRPC takes it in milliseconds
             raise ValueError(f"--max-connection-age must be from 0 (never) to {INT32_MAX // 1000} seconds, "
                              f"got {self.max_connection_age}")
+        for model in self.models or ():
+            try:
+                check_name("model", model)
+            except MaskbankError as error:
+                raise ValueError(f"--model: {error}") from None
         if self.tls:
             tls_key_pair(self.tls_cert, self.tls_key)  # unreadable or mismatched files fail here, clearly
 
@@ -150,7 +157,8 @@ class InferenceServer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.repository = ModelRepository(Registry(config.registry), config.cache_bytes,
-                                          gradients=needs_gradients(config.task_inference), device=config.device)
+                                          gradients=needs_gradients(config.task_inference), device=config.device,
+                                          only=config.models)
         self.statistics = Statistics()
         self.servicer = InferenceServicer(
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
@@ -222,6 +230,10 @@ class InferenceServer:
         self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
+        if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
+            log.warning("not serving %s yet (--model): not in registry %s, or not loadable (see above); a model "
+                        "is served once a loadable generation of it is published", ", ".join(map(repr, waiting)),
+                        self.repository.registry.location)
         self._log_security()
         return self.port
 

@@ -266,6 +266,8 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
         ServerConfig(registry="r", tls_key=str(key))
     with pytest.raises(ValueError, match="--max-connection-age must be from 0 .never. to 2147483 seconds, got -1"):
         ServerConfig(registry="r", max_connection_age=-1)
+    with pytest.raises(ValueError, match="--model: invalid model name '../x': use 1-128 letters"):
+        ServerConfig(registry="r", models=["a", "../x"])
     (tmp_path / "other.pem").write_bytes(b"not a key")
     for bad_key in (tmp_path / "other.pem", tmp_path / "missing.pem", cert):
         with pytest.raises(ValueError, match=re.escape(f"cannot use --tls-cert {cert} with --tls-key {bad_key}")):

@@ -125,3 +125,32 @@ def test_two_servers_follow_one_directory_registry(tmp_path):
         assert np.array_equal(*answers)
         for client in clients:
             client.close()
+
+
+def test_a_server_started_with_model_serves_only_those_models(tmp_path):
+    """--model a: b (there at start) and c (published later) are listed as unloaded and answer
+    NOT_FOUND saying why; an admin load adds b; a new generation of a is still followed."""
+    train_model(tmp_path, "a", 1, TINY)
+    train_model(tmp_path, "b", 1, TINY)
+    with ServerProcess(tmp_path, "--poll-interval", "0.2", "--model", "a", "--model", "later",
+                       "--admin-token", TOKEN) as process:
+        client = triton.InferenceServerClient(process.url)
+        assert any("not serving 'later' yet (--model): not in registry" in line for line in process.output)
+        train_model(tmp_path, "a", 2, TINY)
+        train_model(tmp_path, "c", 1, TINY)
+        wait_for(lambda: client.get_model_metadata("a").versions == ["2"], what="model a at generation 2")
+        states = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
+        assert states["a"] == ("READY", "")
+        for model in ("b", "c"):
+            assert states[model] == ("UNLOADED", "not among the models this server was started with (--model)")
+            with pytest.raises(InferenceServerException) as info:
+                client.infer(model, request(), parameters={"task_id": 0})
+            assert info.value.status() == "StatusCode.NOT_FOUND"
+            assert (f"no model named '{model}' is served (models: a; this server serves only the models it was "
+                    "started with (--model))") in info.value.message()
+        client.load_model("b", headers=ADMIN)
+        assert client.infer("b", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
+        train_model(tmp_path, "later", 1, TINY)  # named at start: served once published
+        wait_for(lambda: client.is_model_ready("later"), what="model 'later' once published")
+        assert not client.is_model_ready("c")
+        client.close()
