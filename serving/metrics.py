@@ -34,9 +34,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from registry import MaskbankError
 
 from .admission import Admission
-from .timeouts import QueueTimeouts
 from .repository import ModelRepository
 from .statistics import ModelStats, Statistics
+from .timeouts import QueueTimeouts
 
 log = logging.getLogger("maskbank.serving")
 
@@ -147,7 +147,6 @@ class MaskbankCollector:
         ):
             yield GaugeMetricFamily(name, documentation, value=value)
 
-
     def _gpu(self) -> Iterator[Metric]:
         """On a CUDA device (--device cuda): its memory, and how much of it this server's PyTorch holds
         (the backbones, the tasks' packed masks and the cached weights). Nothing on the CPU."""
@@ -160,7 +159,8 @@ class MaskbankCollector:
             ("maskbank_gpu_memory_total_bytes", "Memory of the GPU this server runs on", total),
             ("maskbank_gpu_memory_used_bytes", "Memory in use on that GPU, by any process (total minus free)",
              total - free),
-            ("maskbank_gpu_memory_allocated_bytes", "GPU memory held by this server's tensors", torch.cuda.memory_allocated(index)),
+            ("maskbank_gpu_memory_allocated_bytes", "GPU memory held by this server's tensors",
+             torch.cuda.memory_allocated(index)),
             ("maskbank_gpu_memory_reserved_bytes", "GPU memory PyTorch's caching allocator holds for this server "
              "(allocated, plus freed blocks kept for reuse)", torch.cuda.memory_reserved(index)),
         ):

@@ -18,12 +18,12 @@ from ._proto import model_config, pb, pb_grpc
 from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
-from .timeouts import QueueTimeouts
 from .errors import InvalidRequest
 from .repository import ModelRepository
+from .runtime import InferenceResult, infer, infer_on_loop
 from .statistics import Statistics
 from .status import status_code
-from .runtime import InferenceResult, infer, infer_on_loop
+from .timeouts import QueueTimeouts
 
 # A task-given forward of at most this many multiply-adds (rows x model weights) runs inline on the
 # event loop (batched there by a LoopBatcher, never into a bigger forward): handing it to a thread
