@@ -151,10 +151,11 @@ def _add_serve(commands) -> None:
                    "published later, are listed as unloaded until an admin load. For replicas that share one "
                    "registry but each serve part of its models (default: every model, new ones included)")
     p.add_argument("--max-queue-size", type=int, default=d.max_queue_size, metavar="N",
-                   help="the most inference requests the server holds at once, waiting or computing, over all "
-                   "models; a request beyond them is refused at once with UNAVAILABLE (retryable: back off, or "
-                   "send to another replica), so that under overload the requests taken keep a bounded latency "
-                   f"instead of all waiting longer (default {d.max_queue_size}: no bound, as Triton's)")
+                   help="the most inference requests the server holds at once for one model, waiting or "
+                   "computing (Triton's max_queue_size, per model as there); a request beyond them is refused at "
+                   "once with UNAVAILABLE (retryable: back off, or send to another replica), so that under overload "
+                   "the requests taken keep a bounded latency instead of all waiting longer (default "
+                   f"{d.max_queue_size}: no bound, as Triton's)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
                    f"(default {d.workers})")

@@ -85,7 +85,7 @@ class MaskbankCollector:
         unserved.add_metric([], sum(s.fail.count for model, s in counters.items() if model not in served))
         yield unserved
         yield from self._models(served, counters)
-        yield from self._admission()
+        yield from self._admission(served)
         yield from self._cache()
         yield from self._gpu()
         info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
@@ -117,12 +117,18 @@ class MaskbankCollector:
             cancelled.add_metric([model], counters[model].cancelled if model in counters else 0)
         yield from (generation, tasks, broken, cancelled)
 
-    def _admission(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("maskbank_requests_pending", "Inference requests in the server now, waiting or "
-                                "computing (at most --max-queue-size where that is set)", value=self.admission.pending)
-        yield CounterMetricFamily("maskbank_requests_refused", "Inference requests refused with UNAVAILABLE because "
-                                  "the server held --max-queue-size already (also counted as failures)",
-                                  value=self.admission.rejected)
+    def _admission(self, served) -> Iterator[Metric]:
+        pending = GaugeMetricFamily("maskbank_model_requests_pending", "Inference requests for the model in the "
+                                    "server now, waiting or computing (at most --max-queue-size where that is set)",
+                                    labels=["model"])
+        refused = CounterMetricFamily("maskbank_model_requests_refused", "Inference requests for the model refused "
+                                      "with UNAVAILABLE because it held --max-queue-size already (also counted as "
+                                      "failures)", labels=["model"])
+        held, rejected = self.admission.pending(), self.admission.rejected()
+        for model in sorted(served):
+            pending.add_metric([model], held.get(model, 0))
+            refused.add_metric([model], rejected.get(model, 0))
+        yield from (pending, refused)
         yield CounterMetricFamily("maskbank_requests_dropped", "Inference requests answered DEADLINE_EXCEEDED without "
                                   "being computed: they waited for the compute pool past their timeout parameter "
                                   "(also counted as failures)", value=self.timeouts.dropped)

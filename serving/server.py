@@ -59,7 +59,7 @@ class ServerConfig:
     max_batch_size: int = 1024  # rows per request (and per batched execution)
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
-    max_queue_size: int = 0  # inference requests held at once, waiting or computing; more get UNAVAILABLE (0: no bound)
+    max_queue_size: int = 0  # per model: inference requests held at once, waiting or computing; more get UNAVAILABLE
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never

@@ -159,12 +159,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
-        success or failure and duration in the model's statistics. A request beyond the server's bound
-        (--max-queue-size) is refused before anything else: ServerBusy (UNAVAILABLE), counted as a failure."""
+        success or failure and duration in the model's statistics. The model is looked up first (NOT_FOUND
+        before input errors); a request beyond its bound (--max-queue-size) is refused before anything else
+        is read: ServerBusy (UNAVAILABLE), counted as a failure."""
         began = time.perf_counter_ns()
         try:
-            with self.admission.admit():
-                response, result = await self._infer(request)
+            snapshot = self.repository.get(request.model_name, request.model_version)
+            with self.admission.admit(snapshot.model):
+                response, result = await self._infer(request, snapshot)
         except asyncio.CancelledError:  # the caller cancelled, or its deadline passed: nobody will read an answer
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False, cancelled=True)
             raise
@@ -174,9 +176,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.statistics.request(request.model_name, len(result.logits), time.perf_counter_ns() - began, ok=True)
         return response, result
 
-    async def _infer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+    async def _infer(self, request, snapshot) -> tuple[pb.ModelInferResponse, InferenceResult]:
         arrived = time.monotonic()
-        snapshot = self.repository.get(request.model_name, request.model_version)  # NOT_FOUND before input errors
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "

@@ -145,7 +145,8 @@ def test_metrics_count_inferences_failures_cache_and_generation(ops):
     assert after[("maskbank_model_tasks_out_of_service", (("model", "a"),))] == 0
     assert after[("maskbank_server_info", (("backend", "pytorch"), ("device", "cpu")))] == 1
     assert not [name for name, _ in after if name.startswith("maskbank_gpu_")]  # only a server on a GPU has them
-    assert after[("maskbank_requests_pending", ())] == 0 and after[("maskbank_requests_refused_total", ())] == 0
+    assert after[("maskbank_model_requests_pending", (("model", "a"),))] == 0
+    assert after[("maskbank_model_requests_refused_total", (("model", "a"),))] == 0
     assert after[("maskbank_model_requests_cancelled_total", (("model", "a"),))] == 0
 
 

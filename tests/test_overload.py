@@ -45,28 +45,31 @@ def inputs(x: np.ndarray = X) -> list[triton.InferInput]:
 
 def test_no_bound_by_default_and_a_negative_bound_is_refused():
     unbounded = Admission()
-    with unbounded.admit(), unbounded.admit(), unbounded.admit():
-        assert unbounded.pending == 3
-    assert (unbounded.pending, unbounded.rejected) == (0, 0)
+    with unbounded.admit("m"), unbounded.admit("m"), unbounded.admit("m"):
+        assert unbounded.pending() == {"m": 3}
+    assert (unbounded.pending(), unbounded.rejected()) == ({"m": 0}, {})
     with pytest.raises(ValueError, match="--max-queue-size must be 0 .no bound. or more, got -1"):
         Admission(-1)
     with pytest.raises(ValueError, match="--max-queue-size must be at least 0, got -1"):
         ServerConfig(registry="r", max_queue_size=-1)
 
 
-def test_a_request_beyond_the_bound_is_refused_and_its_place_comes_back():
+def test_a_request_beyond_its_models_bound_is_refused_and_its_place_comes_back():
     bounded = Admission(2)
-    with bounded.admit(), bounded.admit():
-        with pytest.raises(ServerBusy, match=r"holds 2 inference requests, its bound \(--max-queue-size 2\); retry"):
-            with bounded.admit():
+    with bounded.admit("m"), bounded.admit("m"):
+        with pytest.raises(ServerBusy, match=r"holds 2 inference requests for model 'm', its bound "
+                                             r"\(--max-queue-size 2\); retry"):
+            with bounded.admit("m"):
                 pass
-        assert (bounded.pending, bounded.rejected) == (2, 1)
+        with bounded.admit("other"):  # each model has its own bound
+            assert bounded.pending() == {"m": 2, "other": 1}
+        assert bounded.rejected() == {"m": 1}
     with pytest.raises(RuntimeError):  # a failing request gives its place back too
-        with bounded.admit():
+        with bounded.admit("m"):
             raise RuntimeError("the request failed")
-    assert bounded.pending == 0
-    with bounded.admit(), bounded.admit():
-        assert bounded.pending == 2
+    assert bounded.pending() == {"m": 0, "other": 0}
+    with bounded.admit("m"), bounded.admit("m"):
+        assert bounded.pending()["m"] == 2
 
 
 def test_threads_never_hold_more_than_the_bound():
@@ -75,7 +78,7 @@ def test_threads_never_hold_more_than_the_bound():
 
     def attempt(_):
         try:
-            with bounded.admit():
+            with bounded.admit("m"):
                 with lock:
                     held[0] += 1
                     most[0] = max(most[0], held[0])
@@ -89,26 +92,27 @@ def test_threads_never_hold_more_than_the_bound():
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(attempt, range(attempts)))
     assert most[0] <= limit
-    assert len(outcomes) == attempts and outcomes.count("refused") == bounded.rejected > 0
-    assert bounded.pending == 0
+    assert len(outcomes) == attempts and outcomes.count("refused") == bounded.rejected()["m"] > 0
+    assert bounded.pending() == {"m": 0}
 
 
 def test_refusals_are_logged_in_summary_not_one_line_each(caplog, monkeypatch):
     bounded = Admission(1)
-    with caplog.at_level(logging.WARNING, logger="maskbank.serving"), bounded.admit():
+    with caplog.at_level(logging.WARNING, logger="maskbank.serving"), bounded.admit("m"):
         for _ in range(50):
             with pytest.raises(ServerBusy):
-                with bounded.admit():
+                with bounded.admit("m"):
                     pass
         monkeypatch.setattr(logs, "FLOOD_LOG_SECONDS", 0.0)
         with pytest.raises(ServerBusy):
-            with bounded.admit():
+            with bounded.admit("m"):
                 pass
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "refused 1 inference request(s) so far: the server holds 1, its bound (--max-queue-size); clients got UNAVAILABLE",
-        "refused 50 inference request(s) since the last such line: the server holds 1, its bound (--max-queue-size); "
+        "refused 1 inference request(s) so far, the latest for model 'm', which held 1, its bound (--max-queue-size); "
         "clients got UNAVAILABLE",
+        "refused 50 inference request(s) since the last such line, the latest for model 'm', which held 1, its bound "
+        "(--max-queue-size); clients got UNAVAILABLE",
     ]
 
 
@@ -123,36 +127,40 @@ def test_serve_explains_a_negative_bound(capsys):
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory):
-    """A server of one TINY model with room for one request at a time, on loopback (in this process,
-    so that a test can hold the one place itself and make every request over the wire wait on it)."""
+    """A server of two TINY models, m and other, with room for one request at a time for each, on
+    loopback (in this process, so that a test can hold m's one place itself and make every request
+    over the wire for m wait on it)."""
     root = tmp_path_factory.mktemp("registry")
     train_model(root, "m", 2, TINY)
+    train_model(root, "other", 1, TINY)
     server = InferenceServer(ServerConfig(registry=str(root), port=0, metrics_port=0, max_queue_size=1))
     server.start()
     yield server
     server.stop()
 
 
-def test_a_full_server_refuses_with_unavailable_then_serves_again(busy_server):
+def test_a_full_model_refuses_with_unavailable_others_serve_then_it_serves_again(busy_server):
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
     before = scrape(busy_server)
-    with busy_server.servicer.admission.admit():  # the one place is taken
+    with busy_server.servicer.admission.admit("m"):  # model m's one place is taken
         with pytest.raises(InferenceServerException) as refused:
             client.infer("m", inputs(), parameters={"task_id": 0})
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
-        assert re.search(r"server is busy: it holds 1 inference requests, its bound \(--max-queue-size 1\); retry "
-                         r"after a short backoff, or send to another replica", refused.value.message())
+        assert re.search(r"server is busy: it holds 1 inference requests for model 'm', its bound "
+                         r"\(--max-queue-size 1\); retry after a short backoff, or send to another replica",
+                         refused.value.message())
         with pytest.raises(InferenceServerException, match="server is busy"):  # task inference is bounded too
             client.infer("m", inputs())
         during = scrape(busy_server)
-        assert during[("maskbank_requests_pending", ())] == 1
-    refused = ("maskbank_requests_refused_total", ())
+        assert during[("maskbank_model_requests_pending", (("model", "m"),))] == 1
+        assert client.infer("other", inputs(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
+    refused = ("maskbank_model_requests_refused_total", (("model", "m"),))
     assert during[refused] - before[refused] == 2
     failures = ("nv_inference_request_failure", (("model", "m"), ("version", "2")))
     assert during[failures] - before[failures] == 2  # refused requests count as failed, as in Triton
     answer = client.infer("m", inputs(), parameters={"task_id": 1})
     assert answer.as_numpy("logits").shape == (4, 10)
-    assert scrape(busy_server)[("maskbank_requests_pending", ())] == 0
+    assert scrape(busy_server)[("maskbank_model_requests_pending", (("model", "m"),))] == 0
     assert client.get_model_config("m").config.dynamic_batching.default_queue_policy.max_queue_size == 1
 
 
@@ -167,7 +175,7 @@ def test_a_stream_gets_the_refusal_as_its_answer_and_stays_open(busy_server):
 
     client.start_stream(callback)
     try:
-        with busy_server.servicer.admission.admit():
+        with busy_server.servicer.admission.admit("m"):
             client.async_stream_infer("m", inputs(), parameters={"task_id": 0})
             assert arrived.acquire(timeout=30)
         client.async_stream_infer("m", inputs(), parameters={"task_id": 0})
@@ -184,7 +192,7 @@ def test_maskbank_infer_task_is_bounded_too(busy_server):
         stub = mb_grpc.MaskbankStub(channel)
         request = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="input", datatype="FP32", shape=list(X.shape))], raw_input_contents=[X.tobytes()])
-        with busy_server.servicer.admission.admit():
+        with busy_server.servicer.admission.admit("m"):
             with pytest.raises(grpc.RpcError) as refused:
                 stub.InferTask(mb.InferTaskRequest(request=request), timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -217,9 +225,9 @@ def test_concurrent_clients_get_answers_or_unavailable_and_nothing_else(tmp_path
 
         with ThreadPoolExecutor(8) as pool:
             outcomes = [o for result in pool.map(client, range(8)) for o in result]
-        assert len(outcomes) == 320 and outcomes.count("refused") == server.servicer.admission.rejected
+        assert len(outcomes) == 320 and outcomes.count("refused") == server.servicer.admission.rejected().get("m", 0)
         assert outcomes.count("served") > 0 and outcomes.count("refused") > 0  # measured: 235-267 of 320 refused
-        assert server.servicer.admission.pending == 0
+        assert server.servicer.admission.pending() == {"m": 0}
     finally:
         server.stop()
 
@@ -301,8 +309,8 @@ def test_a_client_with_a_retry_policy_rides_out_a_full_server(busy_server):
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}", channel_args=[
         ("grpc.service_config", RETRY_ON_UNAVAILABLE), ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)])
-    refused = ("maskbank_requests_refused_total", ())
-    before, full = scrape(busy_server)[refused], busy_server.servicer.admission.admit()
+    refused = ("maskbank_model_requests_refused_total", (("model", "m"),))
+    before, full = scrape(busy_server)[refused], busy_server.servicer.admission.admit("m")
     full.__enter__()  # the one place, taken until the timer gives it back
     threading.Timer(0.05, full.__exit__, (None, None, None)).start()
     assert client.infer("m", inputs(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
@@ -314,6 +322,6 @@ def test_queue_timeouts_drop_only_what_started_too_late():
     job = lambda: ran.append(1) or "answer"  # noqa: E731
     now = time.monotonic()
     assert timeouts.run(job, now, None) == "answer" and timeouts.run(job, now, 60.0) == "answer"
-    with pytest.raises(RequestTimeout, match=r"waited \d+ µs for the compute pool, more than its timeout \(1000 µs\)"):
+    with pytest.raises(RequestTimeout, match=r"waited \d+ µs for the compute pool, more than its timeout \(1000 µs"):
         timeouts.run(job, now - 1.0, 0.001)  # arrived a second ago, timeout 1 ms
     assert ran == [1, 1] and timeouts.dropped == 1
