@@ -234,6 +234,7 @@ class InferenceServer:
             log.warning("not serving %s yet (--model): not in registry %s, or not loadable (see above); a model "
                         "is served once a loadable generation of it is published", ", ".join(map(repr, waiting)),
                         self.repository.registry.location)
+        self._log_limits()
         self._log_security()
         return self.port
 
@@ -242,6 +243,15 @@ class InferenceServer:
         self.servicer.ready = True
         for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _log_limits(self) -> None:
+        """One line with the settings that shape load behaviour, so an operator can check what a replica runs."""
+        config = self.config
+        limits = {"max_batch_size": config.max_batch_size, "max_queue_delay_us": config.max_queue_delay_us,
+                  "instances": config.instances, "max_queue_size": config.max_queue_size,
+                  "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
+                  "max_connection_age": config.max_connection_age, "task_inference": config.task_inference}
+        log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)
 
     def _log_security(self) -> None:
         config = self.config

@@ -189,6 +189,8 @@ def test_logs_are_one_json_object_per_line(ops):
     lines = [line for line in list(process.output) if not line.startswith("maskbank serving ")]
     records = [json.loads(line) for line in lines]  # every other line is JSON
     assert records and all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= set(r) for r in records)
+    limits = next(r for r in records if r["message"].startswith("limits: "))
+    assert limits["max_message_bytes"] == MAX_BYTES and limits["max_queue_size"] == 0 and limits["instances"] == 2
     listening = next(r for r in records if r["message"].startswith("listening on"))
     assert listening["port"] == process.port and listening["tls"] is False and listening["metrics_port"] > 0
     refusal = next(r for r in records if r["message"].startswith("refused"))
