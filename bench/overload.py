@@ -1,18 +1,22 @@
-"""Overload benchmark: what --max-queue-size does when more requests arrive than a server can compute.
+"""Overload benchmark: what --max-queue-size and --default-timeout-us do when more requests arrive
+than a server can compute.
 
-Two `maskbank serve` processes of one registry, one without a bound and one with --max-queue-size
-BOUND, are offered OVERLOAD times the capacity measured first (closed-loop clients, bench.loadgen)
-by an open-loop load generator in its own process: requests go out on a fixed schedule whatever the
-answers, as independent callers send them, first without a client deadline, then with each request
-under a deadline of 1 s (DEADLINES). Phases of SECONDS alternate between the servers for REPEATS rounds. Per phase: requests served per second from the first request sent to the last answer
-(goodput), the share refused with UNAVAILABLE,
-and the latency of the served requests (p50, p99, max), with ratios bounded / unbounded per round,
-quoted as median (min-max). Without a bound every request is taken and each waits longer than the
-last; with one, the server refuses what it cannot take and the requests it serves keep a bounded wait.
+Three `maskbank serve` processes of one registry, one without either rule, one with --max-queue-size
+BOUND (a request beyond it is refused at once) and one with --default-timeout-us TIMEOUT_US (a
+request that waited longer for the compute pool is not computed), are offered OVERLOAD times the
+capacity measured first (closed-loop clients, bench.loadgen) by an open-loop load generator in its
+own process: requests go out on a fixed schedule whatever the answers, as independent callers send
+them, first without a client deadline, then with each request under a deadline of 1 s (DEADLINES).
+Phases of SECONDS alternate between the servers for REPEATS rounds. Per phase: requests served per
+second from the first request sent to the last answer (goodput); the shares refused (UNAVAILABLE),
+dropped by the server (DEADLINE_EXCEEDED before the deadline) and timed out at the client; and the
+latency of the served requests (p50, p99, max), with ratios of each rule over the unbounded server
+per round, quoted as median (min-max). Without a rule every request is taken and each waits longer
+than the last; with either, the requests the server serves keep a bounded wait.
 
 The model is the serving benchmark's (SupSup, MLP 64-512-512-10, one task); requests are task-given,
 BATCH rows each (so they run on the compute pool, not inline on the event loop). Every process runs
-one torch thread. Run: python -m bench overload (about 2 min; writes bench/results/overload.json).
+one torch thread. Run: python -m bench overload (about 3 min; writes bench/results/overload.json).
 The generator alone: python -m bench.overload --generate '<spec json>' (prints its answer as JSON).
 """
 
@@ -32,6 +36,7 @@ from maskbank.process import ServerProcess
 THREADS = 1
 BATCH = 256
 BOUND = 32
+TIMEOUT_US = 200_000
 OVERLOAD = 2.0  # offered rate / measured capacity
 SECONDS = 4.0  # offered load per phase
 REPEATS = 5
@@ -83,7 +88,8 @@ def generate(spec: dict) -> dict:
     pct = lambda q: 1000 * served[min(len(served) - 1, int(q * len(served)))] if served else None  # noqa: E731
     return {"sent": count, "sent_per_s": count / sending, "served": len(served),
             "refused": sum(code == "UNAVAILABLE" for code, _ in answers),
-            "timed_out": sum(code == "DEADLINE_EXCEEDED" for code, _ in answers),
+            "timed_out": sum(code == "DEADLINE_EXCEEDED" and latency >= spec["deadline"] for code, latency in answers),
+            "dropped": sum(code == "DEADLINE_EXCEEDED" and latency < spec["deadline"] for code, latency in answers),
             "failed": sum(code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED") for code, _ in answers),
             "goodput": len(served) / span, "span_s": span,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
@@ -117,8 +123,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         train_base(Path(root))
         common = ("--threads", str(THREADS), "--metrics-port", "-1")
-        with ServerProcess(root, *common) as unbounded, ServerProcess(root, *common, "--max-queue-size", str(BOUND)) as bounded:
-            servers = {"unbounded": unbounded, f"--max-queue-size {BOUND}": bounded}
+        with (ServerProcess(root, *common) as unbounded,
+              ServerProcess(root, *common, "--max-queue-size", str(BOUND)) as bounded,
+              ServerProcess(root, *common, "--default-timeout-us", str(TIMEOUT_US)) as timed):
+            servers = {"unbounded": unbounded, f"--max-queue-size {BOUND}": bounded,
+                       f"--default-timeout-us {TIMEOUT_US}": timed}
             measured = capacity(unbounded.url)
             rate = OVERLOAD * measured
             print(f"capacity {measured:.0f} requests/s (batch {BATCH}, 4 closed-loop clients); offering "
@@ -130,7 +139,8 @@ def main() -> None:
                     for name, server in servers.items():
                         phases[name].append(run_generator({"url": server.url, "batch": BATCH, "rate": rate,
                                                            "seconds": SECONDS, "deadline": deadline}))
-    results = {"benchmark": "overload", "threads": THREADS, "batch": BATCH, "bound": BOUND, "capacity_rps": measured,
+    results = {"benchmark": "overload", "threads": THREADS, "batch": BATCH, "bound": BOUND, "timeout_us": TIMEOUT_US,
+               "capacity_rps": measured,
                "offered_rps": rate, "seconds": SECONDS, "repeats": REPEATS, "deadlines_s": DEADLINES,
                "scenarios": scenarios}
     print(report(results))
@@ -141,18 +151,19 @@ def main() -> None:
 
 def report(results: dict) -> str:
     """The Markdown table of a run: per scenario and server, medians over the rounds; then per scenario
-    the per-round ratios bounded / unbounded."""
-    lines = ["| scenario | server | served/s | refused | timed out | failed otherwise | p50 ms | p99 ms | max ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    the per-round ratios of each rule over the unbounded server."""
+    lines = ["| scenario | server | served/s | refused | dropped | timed out | failed otherwise | p50 ms | p99 ms "
+             "| max ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, phases in results["scenarios"].items():
         for name, runs in phases.items():
             lines.append(f"| {scenario} | {name} | " + row(runs))
     for scenario, phases in results["scenarios"].items():
-        free, bounded = phases.values()
-        ratio = lambda read: summary([read(b) / read(f) for f, b in zip(free, bounded)])  # noqa: E731
-        lines.append(f"\n{scenario}, bounded / unbounded per round: served/s {ratio(lambda r: r['goodput'])}, "
-                     f"p50 latency {ratio(lambda r: r['latency_ms']['p50'])}, "
-                     f"p99 latency {ratio(lambda r: r['latency_ms']['p99'])}")
+        (_, free), *ruled = phases.items()
+        for name, runs in ruled:
+            ratio = lambda read: summary([read(b) / read(f) for f, b in zip(free, runs)])  # noqa: E731
+            lines.append(f"\n{scenario}, {name} / unbounded per round: served/s {ratio(lambda r: r['goodput'])}, "
+                         f"p50 latency {ratio(lambda r: r['latency_ms']['p50'])}, "
+                         f"p99 latency {ratio(lambda r: r['latency_ms']['p99'])}")
     return "\n".join(lines)
 
 
@@ -160,7 +171,8 @@ def row(runs: list[dict]) -> str:
     """One server's cells: medians over its phases (failures summed)."""
     median = lambda read: statistics.median(read(r) for r in runs)  # noqa: E731
     return (f"{median(lambda r: r['goodput']):.0f} | {median(lambda r: r['refused'] / r['sent']):.0%} | "
-            f"{median(lambda r: r['timed_out'] / r['sent']):.0%} | {sum(r['failed'] for r in runs)} | "
+            f"{median(lambda r: r['dropped'] / r['sent']):.0%} | {median(lambda r: r['timed_out'] / r['sent']):.0%} | "
+            f"{sum(r['failed'] for r in runs)} | "
             f"{median(lambda r: r['latency_ms']['p50']):.0f} | {median(lambda r: r['latency_ms']['p99']):.0f} | "
             f"{median(lambda r: r['latency_ms']['max']):.0f} |")
 

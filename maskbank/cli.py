@@ -156,6 +156,12 @@ def _add_serve(commands) -> None:
                    "once with UNAVAILABLE (retryable: back off, or send to another replica), so that under overload "
                    "the requests taken keep a bounded latency instead of all waiting longer (default "
                    f"{d.max_queue_size}: no bound, as Triton's)")
+    p.add_argument("--default-timeout-us", type=int, default=d.default_timeout_us, metavar="US",
+                   help="the longest a request may wait for the compute pool, in microseconds, unless its own "
+                   "`timeout` parameter says otherwise (Triton's default_timeout_microseconds); one that waited "
+                   "longer is answered DEADLINE_EXCEEDED without being computed, so that under overload the pool "
+                   "does not spend its time on requests their callers are about to give up on (default "
+                   f"{d.default_timeout_us}: none)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
                    f"(default {d.workers})")
@@ -295,6 +301,7 @@ def _serve(args) -> None:
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,
+            default_timeout_us=args.default_timeout_us,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
             max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,

@@ -83,12 +83,12 @@ def _parameter_value(parameter: pb.InferParameter):
     return None if kind is None else getattr(parameter, kind)
 
 
-def decode_timeout(request: pb.ModelInferRequest) -> float | None:
+def decode_timeout(request: pb.ModelInferRequest, default_us: int = 0) -> float | None:
     """The request's `timeout` parameter (Triton's, set by tritonclient's `infer(timeout=...)`): the
-    longest it may wait for its computation to start, in microseconds; returned in seconds, None
-    when absent or 0 (no limit, as in Triton)."""
+    longest it may wait for its computation to start, in microseconds, `default_us` when absent;
+    returned in seconds, None for 0 (no limit, as in Triton)."""
     if "timeout" not in request.parameters:
-        return None
+        return default_us / 1e6 or None
     value = _parameter_value(request.parameters["timeout"])
     if isinstance(value, (bool, float, str)) or value is None or value < 0:
         raise InvalidRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {value!r}")

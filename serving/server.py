@@ -60,6 +60,7 @@ class ServerConfig:
     max_queue_delay_us: int = 0  # how long the batcher waits to fill a batch (0: no batching delay)
     instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
     max_queue_size: int = 0  # per model: inference requests held at once, waiting or computing; more get UNAVAILABLE
+    default_timeout_us: int = 0  # the longest a request may wait for the compute pool unless its `timeout` says (0: none)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
@@ -87,7 +88,8 @@ class ServerConfig:
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
                                    ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
-                                   ("--max-queue-size", self.max_queue_size, 0)):
+                                   ("--max-queue-size", self.max_queue_size, 0),
+                                   ("--default-timeout-us", self.default_timeout_us, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
         if not self.poll_interval > 0:
@@ -165,6 +167,7 @@ class InferenceServer:
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
+            default_timeout_us=config.default_timeout_us,
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None
@@ -249,6 +252,7 @@ class InferenceServer:
         config = self.config
         limits = {"max_batch_size": config.max_batch_size, "max_queue_delay_us": config.max_queue_delay_us,
                   "instances": config.instances, "max_queue_size": config.max_queue_size,
+                  "default_timeout_us": config.default_timeout_us,
                   "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age, "task_inference": config.task_inference}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)

@@ -40,7 +40,8 @@ def inline_rows(snapshot) -> int:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
-                 backend: Backend | None = None, instances: int = 1, admission: Admission | None = None):
+                 backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
+                 default_timeout_us: int = 0):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -54,6 +55,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
         self.admission = admission or Admission()  # the bound on requests held at once (none by default)
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
+        self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
         self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
         self.ready = False  # set once the first load is done; cleared when shutting down
 
@@ -111,7 +113,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
             dynamic_batching=mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=self.max_queue_delay_us,
-                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=self.admission.limit)),
+                default_queue_policy=mc.ModelQueuePolicy(
+                    max_queue_size=self.admission.limit, default_timeout_microseconds=self.default_timeout_us,
+                    allow_timeout_override=True)),
         )
         methods = sorted({t.method for t in snapshot.manifest.tasks})
         for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
@@ -183,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
-        timeout = oip.decode_timeout(request)
+        timeout = oip.decode_timeout(request, self.default_timeout_us)
         outputs = oip.requested_outputs(request)
         rows = inline_rows(snapshot)
         if selection.task is not None and x.ndim > 0 and x.shape[0] <= rows:

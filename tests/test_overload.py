@@ -325,3 +325,33 @@ def test_queue_timeouts_drop_only_what_started_too_late():
     with pytest.raises(RequestTimeout, match=r"waited \d+ µs for the compute pool, more than its timeout \(1000 µs"):
         timeouts.run(job, now - 1.0, 0.001)  # arrived a second ago, timeout 1 ms
     assert ran == [1, 1] and timeouts.dropped == 1
+
+
+def test_a_server_default_timeout_applies_to_requests_that_give_none(tmp_path):
+    """--default-timeout-us 200000 (Triton's default_timeout_microseconds): on a busy pool a request
+    without a timeout of its own is dropped after 0.2 s; one whose `timeout` allows more is served."""
+    train_model(tmp_path, "m", 1, TINY)
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1, default_timeout_us=200_000))
+    server.start()
+    try:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        policy = client.get_model_config("m").config.dynamic_batching.default_queue_policy
+        assert (policy.default_timeout_microseconds, policy.allow_timeout_override) == (200_000, True)
+        pool = server.servicer.compute
+        for own_timeout, served in ((None, False), (60_000_000, True)):
+            release = threading.Event()
+            blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+            threading.Timer(0.5, release.set).start()
+            try:
+                answer = client.infer("m", inputs(), timeout=own_timeout)
+                assert served and answer.as_numpy("logits").shape == (4, 10)
+            except InferenceServerException as error:
+                assert not served and error.status() == "StatusCode.DEADLINE_EXCEEDED", error
+                assert "more than its timeout (200000 µs)" in error.message()
+            for blocker in blockers:
+                blocker.result(timeout=30)
+        assert server.servicer.timeouts.dropped == 1
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="--default-timeout-us must be at least 0, got -1"):
+        ServerConfig(registry="r", default_timeout_us=-1)
