@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -54,6 +55,23 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+class AtOnce:
+    """`with at_once:` in several threads: `most` is the largest number of them inside at one time."""
+
+    def __init__(self):
+        self.inside = self.most = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.inside -= 1
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:

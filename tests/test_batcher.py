@@ -12,6 +12,8 @@ import torch
 from serving.batcher import DynamicBatcher, Expected, LoopBatcher
 from serving.statistics import Statistics
 
+from .conftest import AtOnce
+
 
 def run_concurrently(batcher: DynamicBatcher, inputs: list[torch.Tensor], compute, key="k") -> list:
     """Each input through `batcher.run` on its own thread, all released at once by a barrier (a busy
@@ -121,23 +123,18 @@ def test_concurrent_requests_for_different_tasks_get_their_own_logits(tmp_path):
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_instances_bound_how_many_batches_of_one_key_run_at_once(instances):
-    running, most = [0], [0]
-    lock = threading.Lock()
+    running = AtOnce()
 
     def compute(x):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
+        with running:
+            time.sleep(0.02)
         return x
 
     batcher = DynamicBatcher(Statistics(), max_batch_size=1, instances=instances)  # batches of one request
     inputs = [torch.full((1, 1), float(i)) for i in range(6)]
     results = run_concurrently(batcher, inputs, compute)
     assert all(torch.equal(r, x) for r, x in zip(results, inputs))
-    assert most[0] == instances
+    assert running.most == instances
 
 
 # --- LoopBatcher: the same batching on an asyncio event loop (the aio front end's inline path) -------------------

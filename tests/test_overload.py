@@ -30,7 +30,7 @@ from serving.errors import InvalidRequest, RequestTimeout, ServerBusy
 from serving.timeouts import QueueTimeouts
 from serving.statistics import ModelStats
 
-from .conftest import TINY, scrape, train_model, wait_for
+from .conftest import TINY, AtOnce, scrape, train_model, wait_for
 
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
 
@@ -73,25 +73,19 @@ def test_a_request_beyond_its_models_bound_is_refused_and_its_place_comes_back()
 
 
 def test_threads_never_hold_more_than_the_bound():
-    bounded, limit, attempts = Admission(3), 3, 400
-    held, most, lock, outcomes = [0], [0], threading.Lock(), []
+    bounded, limit, attempts, inside, outcomes = Admission(3), 3, 400, AtOnce(), []
 
     def attempt(_):
         try:
-            with bounded.admit("m"):
-                with lock:
-                    held[0] += 1
-                    most[0] = max(most[0], held[0])
+            with bounded.admit("m"), inside:
                 time.sleep(0.001)
-                with lock:
-                    held[0] -= 1
             outcomes.append("taken")
         except ServerBusy:
             outcomes.append("refused")
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(attempt, range(attempts)))
-    assert most[0] <= limit
+    assert inside.most <= limit
     assert len(outcomes) == attempts and outcomes.count("refused") == bounded.rejected()["m"] > 0
     assert bounded.pending() == {"m": 0}
 
