@@ -23,9 +23,9 @@ from registry import MaskbankError, Registry
 from registry.names import check_name
 
 from ._proto import POOL, pb, pb_grpc
-from .admission import Admission
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
+from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
 from .maskbank_servicer import MaskbankServicer

@@ -53,7 +53,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_queue_delay_us = max_queue_delay_us
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
         self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
-        self.admission = admission or Admission()  # the bound on requests held at once (none by default)
+        self.admission = admission or Admission()  # the bound per model on requests held at once (none by default)
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
         self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")

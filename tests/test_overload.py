@@ -303,6 +303,7 @@ def test_a_client_with_a_retry_policy_rides_out_a_full_server(busy_server):
     client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}", channel_args=[
         ("grpc.service_config", RETRY_ON_UNAVAILABLE), ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)])
+    assert client.is_server_live()  # connected first, so the request itself arrives well within the 50 ms
     refused = ("maskbank_model_requests_refused_total", (("model", "m"),))
     before, full = scrape(busy_server)[refused], busy_server.servicer.admission.admit("m")
     full.__enter__()  # the one place, taken until the timer gives it back
