@@ -76,6 +76,7 @@ def test_batchnorm_buffers_are_defaults_not_the_modules_own():
 
 
 def test_per_task_running_statistics_change_the_output():
+    torch.manual_seed(0)  # a width-2 ResNet outputs all zeros for about one draw in 50: not this one
     module = build_architecture({"arch": "resnet18", "input_shape": [1, 8, 8], "num_classes": 3, "width": 2}).eval()
     params, buffers = dict(module.named_parameters()), batchnorm_buffers(module)
     x = torch.rand(2, 64)
