@@ -115,6 +115,7 @@ def _add_serve(commands) -> None:
     from serving import ServerConfig, mode_names
     from serving.backends import BACKENDS
     from serving.logs import FORMATS
+    from serving.server import LIFO_AFTER_MS
 
     d = ServerConfig(registry="")
     p = commands.add_parser(
@@ -162,6 +163,13 @@ def _add_serve(commands) -> None:
                    "longer is answered DEADLINE_EXCEEDED without being computed, so that under overload the pool "
                    "does not spend its time on requests their callers are about to give up on (default "
                    f"{d.default_timeout_us}: none)")
+    p.add_argument("--lifo-after-ms", type=float, default=d.lifo_after_ms, metavar="MS",
+                   help="once the compute pool's oldest waiting request has waited this long, the queue is standing "
+                   "(more is offered than the server computes) and the pool takes the newest request first until "
+                   "it drains (adaptive LIFO): callers still waiting are answered rather than those about to give "
+                   "up, instead of every request waiting longer than the last; the oldest wait until the overload "
+                   f"passes. 0 keeps arrival order always (default {LIFO_AFTER_MS:g} without --max-queue-size, 0 "
+                   "with it: the bound keeps waits short in arrival order)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
                    f"(default {d.workers})")
@@ -301,7 +309,7 @@ def _serve(args) -> None:
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,
-            default_timeout_us=args.default_timeout_us,
+            default_timeout_us=args.default_timeout_us, lifo_after_ms=args.lifo_after_ms,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
             max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,

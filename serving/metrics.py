@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from registry import MaskbankError
 
 from .admission import Admission
+from .compute_pool import ComputePool
 from .repository import ModelRepository
 from .statistics import ModelStats, Statistics
 from .timeouts import QueueTimeouts
@@ -63,12 +64,14 @@ class MaskbankCollector:
     """Reads the server's live numbers every time Prometheus scrapes."""
 
     def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
-                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None):
+                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None,
+                 pool: ComputePool | None = None):
         self.repository = repository
         self.statistics = statistics
         self.backend = backend
         self.admission = admission or Admission()
         self.timeouts = timeouts or QueueTimeouts()
+        self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
         served = {}  # model -> its snapshot now; a model unloaded meanwhile is skipped
@@ -86,6 +89,7 @@ class MaskbankCollector:
         yield unserved
         yield from self._models(served, counters)
         yield from self._admission(served)
+        yield from self._pool()
         yield from self._cache()
         yield from self._gpu()
         info = GaugeMetricFamily("maskbank_server_info", "Always 1; the labels say where this server runs its "
@@ -133,6 +137,15 @@ class MaskbankCollector:
                                   "being computed: they waited for the compute pool past their timeout parameter "
                                   "(also counted as failures)", value=self.timeouts.dropped)
 
+    def _pool(self) -> Iterator[Metric]:
+        if self.pool is None:
+            return
+        yield GaugeMetricFamily("maskbank_compute_queue_requests", "Requests waiting for a compute pool thread now "
+                                "(forwards too big to run on the event loop, and task inference)", value=self.pool.queued)
+        yield CounterMetricFamily("maskbank_compute_newest_first", "Times the compute pool took its newest request "
+                                  "first because its queue stood longer than --lifo-after-ms (adaptive LIFO)",
+                                  value=self.pool.newest_first)
+
     def _cache(self) -> Iterator[Metric]:
         stats = self.repository.cache.stats()
         for name, documentation, value in (
@@ -179,9 +192,10 @@ class MetricsServer:
     """The metrics HTTP endpoint (`GET /metrics`, Prometheus text format) in a daemon thread."""
 
     def __init__(self, repository: ModelRepository, statistics: Statistics, backend: str = "pytorch",
-                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None):
+                 admission: Admission | None = None, timeouts: QueueTimeouts | None = None,
+                 pool: ComputePool | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MaskbankCollector(repository, statistics, backend, admission, timeouts))
+        self.registry.register(MaskbankCollector(repository, statistics, backend, admission, timeouts, pool))
         self._httpd = None
         self._thread = None
         self.port: int | None = None

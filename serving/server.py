@@ -28,6 +28,7 @@ from ._proto import maskbank_pb2_grpc as mb_grpc
 from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
+from .compute_pool import ComputePool
 from .maskbank_servicer import MaskbankServicer
 from .metrics import MetricsServer
 from .repository import ModelRepository
@@ -42,6 +43,7 @@ MASKBANK_SERVICE = mb.DESCRIPTOR.services_by_name["Maskbank"].full_name
 DEFAULT_METRICS_PORT = 8002  # as Triton
 INT32_MAX = 2**31 - 1  # gRPC's integer options are signed 32-bit
 MAX_MESSAGE_BYTES = INT32_MAX
+LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
 
 
 @dataclass
@@ -61,6 +63,9 @@ class ServerConfig:
     instances: int = 2  # batches of one (model, task) that may run at once (Triton's instance count)
     max_queue_size: int = 0  # per model: inference requests held at once, waiting or computing; more get UNAVAILABLE
     default_timeout_us: int = 0  # the longest a request may wait for the compute pool unless its `timeout` says (0: none)
+    # the compute pool takes its newest request first once its oldest waited this long (0: never; None: 100 ms
+    # without --max-queue-size, never with it: see `lifo_after`)
+    lifo_after_ms: float | None = None
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
@@ -89,7 +94,8 @@ class ServerConfig:
                                    ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--max-queue-size", self.max_queue_size, 0),
-                                   ("--default-timeout-us", self.default_timeout_us, 0)):
+                                   ("--default-timeout-us", self.default_timeout_us, 0),
+                                   ("--lifo-after-ms", self.lifo_after_ms or 0, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
         if not self.poll_interval > 0:
@@ -106,6 +112,14 @@ class ServerConfig:
                 raise ValueError(f"--model: {error}") from None
         if self.tls:
             tls_key_pair(self.tls_cert, self.tls_key)  # unreadable or mismatched files fail here, clearly
+
+    @property
+    def lifo_after(self) -> float | None:
+        """Seconds after which the compute pool serves a standing queue newest first, or None: arrival order
+        always. By default LIFO_AFTER_MS without --max-queue-size, and never with it: a bound keeps waits
+        short in arrival order, and newest first would let the oldest requests of a full queue wait on."""
+        ms = self.lifo_after_ms if self.lifo_after_ms is not None else 0 if self.max_queue_size else LIFO_AFTER_MS
+        return ms / 1000 if ms else None
 
     @property
     def tls(self) -> bool:
@@ -168,13 +182,14 @@ class InferenceServer:
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
+            compute=ComputePool(os.cpu_count() or 1, config.lifo_after),
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None
         if config.tls:
             self._credentials = grpc.ssl_server_credentials([tls_key_pair(config.tls_cert, config.tls_key)])
         self.metrics = MetricsServer(self.repository, self.statistics, config.backend, self.servicer.admission,
-                                     self.servicer.timeouts)
+                                     self.servicer.timeouts, self.servicer.compute)
         self.port: int | None = None
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()
@@ -253,6 +268,7 @@ class InferenceServer:
         limits = {"max_batch_size": config.max_batch_size, "max_queue_delay_us": config.max_queue_delay_us,
                   "instances": config.instances, "max_queue_size": config.max_queue_size,
                   "default_timeout_us": config.default_timeout_us,
+                  "lifo_after_ms": 1000 * config.lifo_after if config.lifo_after else 0,
                   "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age, "task_inference": config.task_inference}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)

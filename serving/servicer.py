@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from registry import MaskbankError
@@ -18,6 +15,7 @@ from ._proto import model_config, pb, pb_grpc
 from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
+from .compute_pool import ComputePool
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
@@ -41,7 +39,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
                  backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
-                 default_timeout_us: int = 0):
+                 default_timeout_us: int = 0, compute: ComputePool):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -56,7 +54,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.admission = admission or Admission()  # the bound per model on requests held at once (none by default)
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
-        self.compute = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="maskbank-compute")
+        self.compute = compute  # runs the forwards handed off the event loop
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -197,8 +195,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
             )
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.compute, functools.partial(self.timeouts.run, job, arrived, timeout))
+            expires = None if timeout is None else arrived + timeout
+            result = await asyncio.wrap_future(
+                self.compute.submit_until(expires, self.timeouts.run, job, arrived, timeout))
         return self._response(request, result, outputs), result
 
     @staticmethod

@@ -234,7 +234,7 @@ def test_a_request_whose_deadline_passes_while_it_waits_is_counted_and_never_com
     pool, release = busy_server.servicer.compute, threading.Event()
     executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
     before, executed = scrape(busy_server), executions()
-    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool.workers)]
     try:
         with pytest.raises(InferenceServerException) as expired:
             client.infer("m", inputs(), client_timeout=0.5)
@@ -277,7 +277,7 @@ def test_a_request_that_waits_past_its_timeout_is_not_computed(busy_server):
     executions = lambda: busy_server.statistics.snapshot().get("m", ModelStats()).execution_count  # noqa: E731
     executed, dropped = executions(), ("maskbank_requests_dropped_total", ())
     before = scrape(busy_server)[dropped]
-    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool.workers)]
     threading.Timer(0.5, release.set).start()
     with pytest.raises(InferenceServerException) as late:
         client.infer("m", inputs(), timeout=200_000)  # microseconds
@@ -335,7 +335,7 @@ def test_a_server_default_timeout_applies_to_requests_that_give_none(tmp_path):
         pool = server.servicer.compute
         for own_timeout, served in ((None, False), (60_000_000, True)):
             release = threading.Event()
-            blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+            blockers = [pool.submit(release.wait, 60) for _ in range(pool.workers)]
             threading.Timer(0.5, release.set).start()
             try:
                 answer = client.infer("m", inputs(), timeout=own_timeout)
