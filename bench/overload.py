@@ -1,22 +1,24 @@
-"""Overload benchmark: what --max-queue-size and --default-timeout-us do when more requests arrive
-than a server can compute.
+"""Overload benchmark: what the compute pool's adaptive LIFO, --max-queue-size and --default-timeout-us
+do when more requests arrive than a server can compute.
 
-Three `maskbank serve` processes of one registry, one without either rule, one with --max-queue-size
-BOUND (a request beyond it is refused at once) and one with --default-timeout-us TIMEOUT_US (a
-request that waited longer for the compute pool is not computed), are offered OVERLOAD times the
-capacity measured first (closed-loop clients, bench.loadgen) by an open-loop load generator in its
-own process: requests go out on a fixed schedule whatever the answers, as independent callers send
-them, first without a client deadline, then with each request under a deadline of 1 s (DEADLINES).
-Phases of SECONDS alternate between the servers for REPEATS rounds. Per phase: requests served per
-second from the first request sent to the last answer (goodput); the shares refused (UNAVAILABLE),
-dropped by the server (DEADLINE_EXCEEDED before the deadline) and timed out at the client; and the
-latency of the served requests (p50, p99, max), with ratios of each rule over the unbounded server
-per round, quoted as median (min-max). Without a rule every request is taken and each waits longer
-than the last; with either, the requests the server serves keep a bounded wait.
+Four `maskbank serve` processes of one registry: one with no rule whose compute pool keeps arrival
+order (--lifo-after-ms 0, the reference), one with the defaults (no rule; the pool takes the newest
+request first once its queue stands: adaptive LIFO), one with --max-queue-size BOUND (a request beyond
+it is refused at once) and one with --default-timeout-us TIMEOUT_US (a request that waited longer for
+the compute pool is not computed). They are offered OVERLOAD times the capacity measured first
+(closed-loop clients, bench.loadgen) by an open-loop load generator in its own process: requests go
+out on a fixed schedule whatever the answers, as independent callers send them, first without a
+client deadline, then with each request under a deadline of 1 s (DEADLINES). Phases of SECONDS
+alternate between the servers for REPEATS rounds. Per phase: requests served per second from the
+first request sent to the last answer (goodput); the shares refused (UNAVAILABLE), dropped by the
+server (DEADLINE_EXCEEDED before the deadline) and timed out at the client; and the latency of the
+served requests (p50, p99, max), with ratios of each server over the reference per round, quoted as
+median (min-max). In arrival order without a rule every request is taken and each waits longer than
+the last; with either rule, the requests the server serves keep a bounded wait.
 
 The model is the serving benchmark's (SupSup, MLP 64-512-512-10, one task); requests are task-given,
 BATCH rows each (so they run on the compute pool, not inline on the event loop). Every process runs
-one torch thread. Run: python -m bench overload (about 3 min; writes bench/results/overload.json).
+one torch thread. Run: python -m bench overload (about 5 min; writes bench/results/overload.json).
 The generator alone: python -m bench.overload --generate '<spec json>' (prints its answer as JSON).
 """
 
@@ -123,12 +125,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         train_base(Path(root))
         common = ("--threads", str(THREADS), "--metrics-port", "-1")
-        with (ServerProcess(root, *common) as unbounded,
+        with (ServerProcess(root, *common, "--lifo-after-ms", "0") as arrival_order,
+              ServerProcess(root, *common) as default,
               ServerProcess(root, *common, "--max-queue-size", str(BOUND)) as bounded,
               ServerProcess(root, *common, "--default-timeout-us", str(TIMEOUT_US)) as timed):
-            servers = {"unbounded": unbounded, f"--max-queue-size {BOUND}": bounded,
+            servers = {"no rule, arrival order (--lifo-after-ms 0)": arrival_order,
+                       "no rule, adaptive LIFO (the default)": default, f"--max-queue-size {BOUND}": bounded,
                        f"--default-timeout-us {TIMEOUT_US}": timed}
-            measured = capacity(unbounded.url)
+            measured = capacity(arrival_order.url)
             rate = OVERLOAD * measured
             print(f"capacity {measured:.0f} requests/s (batch {BATCH}, 4 closed-loop clients); offering "
                   f"{rate:.0f}/s for {SECONDS:.0f} s per phase, {REPEATS} rounds\n", flush=True)
@@ -151,7 +155,7 @@ def main() -> None:
 
 def report(results: dict) -> str:
     """The Markdown table of a run: per scenario and server, medians over the rounds; then per scenario
-    the per-round ratios of each rule over the unbounded server."""
+    the per-round ratios of each other server over the first (the reference)."""
     lines = ["| scenario | server | served/s | refused | dropped | timed out | failed otherwise | p50 ms | p99 ms "
              "| max ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, phases in results["scenarios"].items():
@@ -161,7 +165,7 @@ def report(results: dict) -> str:
         (_, free), *ruled = phases.items()
         for name, runs in ruled:
             ratio = lambda read: summary([read(b) / read(f) for f, b in zip(free, runs)])  # noqa: E731
-            lines.append(f"\n{scenario}, {name} / unbounded per round: served/s {ratio(lambda r: r['goodput'])}, "
+            lines.append(f"\n{scenario}, {name} / arrival order per round: served/s {ratio(lambda r: r['goodput'])}, "
                          f"p50 latency {ratio(lambda r: r['latency_ms']['p50'])}, "
                          f"p99 latency {ratio(lambda r: r['latency_ms']['p99'])}")
     return "\n".join(lines)
