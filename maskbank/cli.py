@@ -170,6 +170,15 @@ def _add_serve(commands) -> None:
                    "up, instead of every request waiting longer than the last; the oldest wait until the overload "
                    f"passes. 0 keeps arrival order always (default {LIFO_AFTER_MS:g} without --max-queue-size, 0 "
                    "with it: the bound keeps waits short in arrival order)")
+    p.add_argument("--priority-levels", type=int, default=d.priority_levels, metavar="N",
+                   help="priority levels of the compute pool (Triton's priority_levels): a request's `priority` "
+                   "parameter (tritonclient: infer(..., priority=P)) from 1, the highest, to N; a thread takes the "
+                   "highest level that has work. 0, or beyond N, means --default-priority-level. Requests small "
+                   "enough to run on the event loop start at once at any priority (default "
+                   f"{d.priority_levels}: one level, priorities ignored, as Triton's)")
+    p.add_argument("--default-priority-level", type=int, default=d.default_priority_level, metavar="P",
+                   help="the level of requests that give no priority, from 1 to --priority-levels (default: the "
+                   "lowest, N)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
                    f"(default {d.workers})")
@@ -310,6 +319,7 @@ def _serve(args) -> None:
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,
             default_timeout_us=args.default_timeout_us, lifo_after_ms=args.lifo_after_ms,
+            priority_levels=args.priority_levels, default_priority_level=args.default_priority_level,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
             max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,

@@ -1,4 +1,5 @@
-"""The compute pool: the threads that run forwards the event loop hands off, in adaptive-LIFO order.
+"""The compute pool: the threads that run forwards the event loop hands off, by priority level, then in
+adaptive-LIFO order.
 
 Requests wait here oldest first, as in any thread pool, while the queue moves. Once its oldest
 request has waited longer than `lifo_after` seconds, the queue is standing (the server is offered
@@ -11,13 +12,18 @@ gRPC cancels them, which takes them out of the queue uncomputed. Without client 
 wait until the overload passes: a shorter median wait for a longer tail (python -m bench overload
 measures both).
 
+Work is queued at a priority level (Triton's request `priority`, level 0 first here): a thread takes
+from the first level that has work, so lower levels wait while higher ones have any.
+
 Written by hand rather than taken from concurrent.futures: its ThreadPoolExecutor takes work in
-arrival order only. This is one: a `concurrent.futures.Executor`, so `loop.run_in_executor` hands
-it work, and cancelling the awaiting coroutine cancels a request that has not started.
+arrival order only. This is one: a `concurrent.futures.Executor`, and cancelling a future (as
+cancelling the coroutine that awaits it through asyncio.wrap_future does) takes work that has not
+started out of the queue.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -34,24 +40,25 @@ log = logging.getLogger("maskbank.serving")
 @dataclass
 class _Work:
     future: Future
-    fn: Callable[..., Any]
-    args: tuple
-    kwargs: dict
+    fn: Callable[[], Any]
     expires: float | None  # time.monotonic() after which the work only answers that it came too late
     queued: float = field(default_factory=time.monotonic)
 
 
 class ComputePool(Executor):
-    """`workers` threads taking submitted work oldest first, or newest first while the oldest has
-    waited more than `lifo_after` seconds (None: always oldest first)."""
+    """`workers` threads taking submitted work from the first of `levels` priority levels that has
+    any, oldest first, or newest first while that level's oldest has waited more than `lifo_after`
+    seconds (None: always oldest first)."""
 
-    def __init__(self, workers: int, lifo_after: float | None = None, name: str = "maskbank-compute"):
+    def __init__(self, workers: int, lifo_after: float | None = None, levels: int = 1, name: str = "maskbank-compute"):
         if workers < 1:
             raise ValueError(f"a compute pool needs at least one thread, got {workers}")
         if lifo_after is not None and lifo_after < 0:
             raise ValueError(f"lifo_after must be 0 or more seconds, or None, got {lifo_after}")
+        if levels < 1:
+            raise ValueError(f"a compute pool needs at least one priority level, got {levels}")
         self.lifo_after = lifo_after
-        self._queue: deque[_Work] = deque()
+        self._levels: list[deque[_Work]] = [deque() for _ in range(levels)]
         self._cond = threading.Condition()
         self._shutdown = False
         self._newest_first = FloodLog(log)
@@ -65,9 +72,13 @@ class ComputePool(Executor):
         return len(self._threads)
 
     @property
+    def levels(self) -> int:
+        return len(self._levels)
+
+    @property
     def queued(self) -> int:
-        """Work waiting for a thread now (including work cancelled since, not yet taken out)."""
-        return len(self._queue)
+        """Work waiting for a thread now, at every level (including work cancelled since, not yet taken out)."""
+        return sum(len(level) for level in self._levels)
 
     @property
     def newest_first(self) -> int:
@@ -75,17 +86,20 @@ class ComputePool(Executor):
         return self._newest_first.count
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        return self.submit_until(None, fn, *args, **kwargs)
+        return self.submit_at(0, None, functools.partial(fn, *args, **kwargs))
 
-    def submit_until(self, expires: float | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """`submit`, for work that, once `expires` (a time.monotonic() value) has passed, answers at once
-        without computing (serving.timeouts.QueueTimeouts): at the head of the queue such work is taken
-        before any other, so that it answers when it expires, not when newest-first order reaches it."""
+    def submit_at(self, level: int, expires: float | None, fn: Callable[[], Any]) -> Future:
+        """`fn()` at priority `level` (0 first). Work that, once `expires` (a time.monotonic() value) has
+        passed, answers at once without computing (serving.timeouts.QueueTimeouts) is taken before any
+        other when it is the oldest of its level, so that it answers when it expires, not when
+        newest-first order or the higher levels let it."""
+        if not 0 <= level < len(self._levels):
+            raise ValueError(f"priority level {level} is not one of this pool's 0-{len(self._levels) - 1}")
         future: Future = Future()
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new work after shutdown")
-            self._queue.append(_Work(future, fn, args, kwargs, expires))
+            self._levels[level].append(_Work(future, fn, expires))
             self._cond.notify()
         return future
 
@@ -94,9 +108,10 @@ class ComputePool(Executor):
         with self._cond:
             self._shutdown = True
             if cancel_futures:
-                for work in self._queue:
-                    work.future.cancel()
-                self._queue.clear()
+                for level in self._levels:
+                    for work in level:
+                        work.future.cancel()
+                    level.clear()
             self._cond.notify_all()
         if wait:
             for thread in self._threads:
@@ -105,21 +120,22 @@ class ComputePool(Executor):
 
     def _next(self) -> _Work | None:
         """The work to run next (the lock held), or None when nothing live is queued."""
-        queue = self._queue
-        while queue and queue[0].future.cancelled():  # expired at the head: they must not keep the queue "standing"
-            queue.popleft()
-        if not queue:
+        now = time.monotonic()
+        for level in self._levels:
+            while level and level[0].future.cancelled():  # expired at the head: they must not keep the queue "standing"
+                level.popleft()
+            if level and level[0].expires is not None and now > level[0].expires:
+                return level.popleft()
+        level = next((level for level in self._levels if level), None)
+        if level is None:
             return None
-        now, oldest = time.monotonic(), queue[0]
-        if oldest.expires is not None and now > oldest.expires:
-            return queue.popleft()
-        if self.lifo_after is not None and len(queue) > 1 and now - oldest.queued > self.lifo_after:
+        if self.lifo_after is not None and len(level) > 1 and now - level[0].queued > self.lifo_after:
             self._newest_first.record("the compute pool took %d request(s) {since} newest first (adaptive LIFO): its "
                                       "queue stands, its oldest request having waited over %.0f ms, so the callers "
                                       "still waiting are served first; %d request(s) wait now", 1000 * self.lifo_after,
-                                      len(queue))
-            return queue.pop()
-        return queue.popleft()
+                                      self.queued)
+            return level.pop()
+        return level.popleft()
 
     def _work(self) -> None:
         while True:
@@ -131,7 +147,7 @@ class ComputePool(Executor):
             if not work.future.set_running_or_notify_cancel():  # cancelled while queued: never computed
                 continue
             try:
-                result = work.fn(*work.args, **work.kwargs)
+                result = work.fn()
             except BaseException as error:  # as ThreadPoolExecutor: the caller gets every error
                 work.future.set_exception(error)
             else:

@@ -95,6 +95,18 @@ def decode_timeout(request: pb.ModelInferRequest, default_us: int = 0) -> float 
     return value / 1e6 or None
 
 
+def decode_priority(request: pb.ModelInferRequest) -> int:
+    """The request's `priority` parameter (Triton's, set by tritonclient's `infer(priority=...)`): 1 is the
+    highest level; 0 or absent, the server's default level."""
+    if "priority" not in request.parameters:
+        return 0
+    value = _parameter_value(request.parameters["priority"])
+    if isinstance(value, (bool, float, str)) or value is None or value < 0:
+        raise InvalidRequest(f"parameter 'priority' must be a non-negative integer (1 is the highest level, 0 the "
+                             f"server's default), got {value!r}")
+    return value
+
+
 def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     """Read `task_id` (integer), `task` (name) and `task_inference` (mode); reject unknown names."""
     params = request.parameters

@@ -66,6 +66,8 @@ class ServerConfig:
     # the compute pool takes its newest request first once its oldest waited this long (0: never; None: 100 ms
     # without --max-queue-size, never with it: see `lifo_after`)
     lifo_after_ms: float | None = None
+    priority_levels: int = 0  # Triton's: requests' `priority` 1..N orders the compute pool (0: one level, priority ignored)
+    default_priority_level: int = 0  # the level of requests without a priority (0: the lowest, N)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
@@ -95,9 +97,14 @@ class ServerConfig:
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--max-queue-size", self.max_queue_size, 0),
                                    ("--default-timeout-us", self.default_timeout_us, 0),
-                                   ("--lifo-after-ms", self.lifo_after_ms or 0, 0)):
+                                   ("--lifo-after-ms", self.lifo_after_ms or 0, 0),
+                                   ("--priority-levels", self.priority_levels, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if not 0 <= self.default_priority_level <= self.priority_levels:
+            raise ValueError(f"--default-priority-level must be from 1 to --priority-levels ({self.priority_levels}), "
+                             f"got {self.default_priority_level}" if self.priority_levels else
+                             "--default-priority-level needs --priority-levels: without levels every request has one")
         if not self.poll_interval > 0:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:
@@ -182,7 +189,8 @@ class InferenceServer:
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
-            compute=ComputePool(os.cpu_count() or 1, config.lifo_after),
+            compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),
+            default_priority_level=config.default_priority_level,
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None
@@ -269,6 +277,7 @@ class InferenceServer:
                   "instances": config.instances, "max_queue_size": config.max_queue_size,
                   "default_timeout_us": config.default_timeout_us,
                   "lifo_after_ms": 1000 * config.lifo_after if config.lifo_after else 0,
+                  "priority_levels": config.priority_levels,
                   "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age, "task_inference": config.task_inference}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)

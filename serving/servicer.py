@@ -39,7 +39,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
                  backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
-                 default_timeout_us: int = 0, compute: ComputePool):
+                 default_timeout_us: int = 0, compute: ComputePool, default_priority_level: int = 0):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -54,7 +54,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.admission = admission or Admission()  # the bound per model on requests held at once (none by default)
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
-        self.compute = compute  # runs the forwards handed off the event loop
+        self.compute = compute  # runs the forwards handed off the event loop, a queue per priority level
+        # Triton's: with N levels (the pool's), priority 1 is the highest; 0 or beyond N means this one
+        self.priority_levels = compute.levels if compute.levels > 1 else 0
+        self.default_priority_level = default_priority_level or self.priority_levels
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
@@ -111,6 +114,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
             dynamic_batching=mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=self.max_queue_delay_us,
+                priority_levels=self.priority_levels, default_priority_level=self.default_priority_level,
                 default_queue_policy=mc.ModelQueuePolicy(
                     max_queue_size=self.admission.limit, default_timeout_microseconds=self.default_timeout_us,
                     allow_timeout_override=True)),
@@ -186,6 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                  "per request (--max-batch-size): split the batch")
         selection = oip.decode_task_selection(request)
         timeout = oip.decode_timeout(request, self.default_timeout_us)
+        priority = oip.decode_priority(request)
         outputs = oip.requested_outputs(request)
         rows = inline_rows(snapshot)
         if selection.task is not None and x.ndim > 0 and x.shape[0] <= rows:
@@ -196,9 +201,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
             )
             expires = None if timeout is None else arrived + timeout
-            result = await asyncio.wrap_future(
-                self.compute.submit_until(expires, self.timeouts.run, job, arrived, timeout))
+            result = await asyncio.wrap_future(self.compute.submit_at(
+                self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout)))
         return self._response(request, result, outputs), result
+
+    def _pool_level(self, priority: int) -> int:
+        """The compute pool's level (0 first) of a request of Triton `priority`, as Triton maps it: 0, or a
+        priority beyond the levels, is the default level; without levels every request is at one."""
+        if not self.priority_levels:
+            return 0
+        return (priority if 0 < priority <= self.priority_levels else self.default_priority_level) - 1
 
     @staticmethod
     def _response(request, result: InferenceResult, outputs: list[str]) -> pb.ModelInferResponse:

@@ -4,22 +4,28 @@ request before an older one once the older has waited past --lifo-after-ms."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from functools import partial
+from typing import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
 from serving import InferenceServer, ServerConfig
+from serving._proto import pb
 from serving.compute_pool import ComputePool
+from serving.errors import InvalidRequest
+from serving.oip import decode_priority
 
 from .conftest import TINY, scrape, train_model, wait_for
 
 
-def blocked_pool(lifo_after: float | None) -> tuple[ComputePool, threading.Event]:
+def blocked_pool(lifo_after: float | None, levels: int = 1) -> tuple[ComputePool, threading.Event]:
     """A one-thread pool whose thread waits on the returned event, so that work queues behind it."""
-    pool, release = ComputePool(1, lifo_after), threading.Event()
+    pool, release = ComputePool(1, lifo_after, levels), threading.Event()
     pool.submit(release.wait, 30)
     wait_for(lambda: pool.queued == 0, 10, "the blocker to start")
     return pool, release
@@ -89,6 +95,22 @@ def test_shutdown_can_cancel_what_waits():
     assert all(future.cancelled() for future in waiting)
 
 
+def test_a_thread_takes_the_first_level_that_has_work_and_the_oldest_of_any_level_first_once_expired():
+    pool, release = blocked_pool(lifo_after=None, levels=3)
+    order: list[str] = []
+    futures = [pool.submit_at(2, time.monotonic() + 0.05, partial(order.append, "low, expired"))]
+    futures += [pool.submit_at(level, None, partial(order.append, name))
+                for level, name in ((2, "low"), (1, "middle"), (0, "high"), (2, "low again"), (0, "high again"))]
+    time.sleep(0.1)
+    release.set()
+    for future in futures:
+        future.result(timeout=30)
+    pool.shutdown()
+    assert order == ["low, expired", "high", "high again", "middle", "low", "low again"]
+    with pytest.raises(ValueError, match="priority level 3 is not one of this pool's 0-2"):
+        pool.submit_at(3, None, print)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="at least one thread, got 0"):
         ComputePool(0)
@@ -96,6 +118,30 @@ def test_bad_settings_are_refused():
         ComputePool(1, -1)
     with pytest.raises(ValueError, match="--lifo-after-ms must be at least 0, got -5"):
         ServerConfig(registry="r", lifo_after_ms=-5)
+    with pytest.raises(ValueError, match="at least one priority level, got 0"):
+        ComputePool(1, levels=0)
+    with pytest.raises(ValueError, match="--priority-levels must be at least 0, got -1"):
+        ServerConfig(registry="r", priority_levels=-1)
+    with pytest.raises(ValueError, match=r"--default-priority-level must be from 1 to --priority-levels \(2\), got 3"):
+        ServerConfig(registry="r", priority_levels=2, default_priority_level=3)
+    with pytest.raises(ValueError, match="--default-priority-level needs --priority-levels"):
+        ServerConfig(registry="r", default_priority_level=1)
+
+
+def test_priority_is_read_as_triton_sends_it_and_checked():
+    def request(**value) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="m")
+        if value:
+            message.parameters["priority"].MergeFrom(pb.InferParameter(**value))
+        return message
+
+    assert decode_priority(request()) == 0
+    assert decode_priority(request(uint64_param=2)) == 2  # tritonclient's infer(priority=2)
+    assert decode_priority(request(int64_param=1)) == 1
+    for bad in ({"int64_param": -1}, {"string_param": "high"}, {"double_param": 1.0}, {"bool_param": True}):
+        with pytest.raises(InvalidRequest, match=r"parameter 'priority' must be a non-negative integer \(1 is the "
+                                                 r"highest level, 0 the server's default\), got"):
+            decode_priority(request(**bad))
 
 
 def test_newest_first_by_default_unless_a_queue_bound_keeps_waits_short_or_it_is_turned_off():
@@ -110,7 +156,7 @@ def test_expired_work_at_the_head_goes_first_to_answer_that_it_is_late():
     (a request's `timeout`), so it is taken as soon as it is at the head."""
     pool, release = blocked_pool(lifo_after=0.05)
     order: list[int] = []
-    futures = [pool.submit_until(time.monotonic() + 0.1, order.append, 0)]
+    futures = [pool.submit_at(0, time.monotonic() + 0.1, lambda: order.append(0))]
     futures += [pool.submit(order.append, i) for i in (1, 2, 3)]
     time.sleep(0.2)
     release.set()
@@ -120,43 +166,70 @@ def test_expired_work_at_the_head_goes_first_to_answer_that_it_is_late():
     assert order == [0, 3, 2, 1]
 
 
-def test_a_server_serves_the_newer_request_first_once_the_older_waited_past_lifo_after(tmp_path):
-    """Every compute thread but one is held, and that one too for a while: an older, then a newer
-    task-inference request queue. Once the older has waited past --lifo-after-ms, the thread freed
-    answers the newer first, then the older. The metrics count the choice."""
-    train_model(tmp_path, "m", 2, TINY)
-    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=0, lifo_after_ms=50))
+@contextlib.contextmanager
+def held_server(root, **settings) -> Iterator[tuple[InferenceServer, list[threading.Event]]]:
+    """A server of one TINY model, m, with `settings`, every compute thread held until its event is set."""
+    train_model(root, "m", 2, TINY)
+    server = InferenceServer(ServerConfig(registry=str(root), port=0, metrics_port=0, **settings))
     server.start()
     pool = server.servicer.compute
     releases = [threading.Event() for _ in range(pool.workers)]
     blockers = [pool.submit(release.wait, 30) for release in releases]
     try:
-        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
-        x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
-        tensor = triton.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
         wait_for(lambda: pool.queued == 0, 10, "the blockers to start")
-        answered: list[str] = []
-
-        def send(name: str) -> threading.Thread:
-            thread = threading.Thread(target=lambda: (client.infer("m", [tensor]), answered.append(name)))
-            thread.start()
-            return thread
-
-        older = send("older")
-        wait_for(lambda: pool.queued == 1, 10, "the older request to queue")
-        time.sleep(0.1)  # past --lifo-after-ms
-        newer = send("newer")
-        wait_for(lambda: pool.queued == 2, 10, "the newer request to queue")
-        releases[0].set()  # one thread: it takes the requests one after the other
-        for thread in (newer, older):
-            thread.join(30)
-        assert answered == ["newer", "older"]
-        assert scrape(server)[("maskbank_compute_newest_first_total", ())] == 1
-        assert scrape(server)[("maskbank_compute_queue_requests", ())] == 0
+        yield server, releases
     finally:
         for release in releases:
             release.set()
         for blocker in blockers:
             blocker.result(timeout=30)
         server.stop()
+
+
+def queue_requests(server: InferenceServer, priorities: dict[str, int], answered: list[str],
+                   pause: float = 0.0) -> list[threading.Thread]:
+    """One task-inference request per name, with its priority (0: none), from a thread each, one after
+    the other once the previous is queued in the compute pool (`pause` seconds apart at least); each
+    thread appends its name to `answered` when its answer comes."""
+    client, pool = triton.InferenceServerClient(f"127.0.0.1:{server.port}"), server.servicer.compute
+    tensor = triton.InferInput("input", [4, 64], "FP32")
+    tensor.set_data_from_numpy(np.random.default_rng(0).random((4, 64), dtype=np.float32))
+    threads = []
+    for count, (name, priority) in enumerate(priorities.items(), 1):
+        time.sleep(pause if count > 1 else 0)
+        threads.append(threading.Thread(target=lambda n=name, p=priority: (
+            client.infer("m", [tensor], priority=p), answered.append(n))))
+        threads[-1].start()
+        wait_for(lambda c=count: pool.queued == c, 10, f"request {name!r} to queue")
+    return threads
+
+
+def test_a_server_serves_the_newer_request_first_once_the_older_waited_past_lifo_after(tmp_path):
+    """Every compute thread held: an older, then (past --lifo-after-ms) a newer task-inference request
+    queue. The first thread freed answers the newer first, then the older. The metrics count the choice."""
+    with held_server(tmp_path, lifo_after_ms=50) as (server, releases):
+        answered: list[str] = []
+        threads = queue_requests(server, {"older": 0, "newer": 0}, answered, pause=0.1)
+        releases[0].set()  # one thread: it takes the requests one after the other
+        for thread in threads:
+            thread.join(30)
+        assert answered == ["newer", "older"]
+        assert scrape(server)[("maskbank_compute_newest_first_total", ())] == 1
+        assert scrape(server)[("maskbank_compute_queue_requests", ())] == 0
+
+
+def test_a_server_with_priority_levels_serves_the_higher_priority_first_and_reports_its_levels(tmp_path):
+    """With --priority-levels 2 (requests without a priority at level 2, the lowest), every compute
+    thread held: a request without priority and one beyond the levels (both at the default level) queue
+    before one of priority 1; the first thread freed answers the priority-1 request first. ModelConfig
+    reports the levels as Triton's dynamic_batching does."""
+    with held_server(tmp_path, priority_levels=2, lifo_after_ms=0) as (server, releases):
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        batching = client.get_model_config("m", as_json=True)["config"]["dynamic_batching"]
+        assert (batching["priority_levels"], batching["default_priority_level"]) == ("2", "2")  # uint64 as JSON strings
+        answered: list[str] = []
+        threads = queue_requests(server, {"default": 0, "beyond the levels": 7, "first": 1}, answered)
+        releases[0].set()
+        for thread in threads:
+            thread.join(30)
+        assert answered == ["first", "default", "beyond the levels"]
