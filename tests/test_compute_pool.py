@@ -13,6 +13,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving import InferenceServer, ServerConfig
 from serving._proto import pb
@@ -109,6 +111,46 @@ def test_a_thread_takes_the_first_level_that_has_work_and_the_oldest_of_any_leve
     assert order == ["low, expired", "high", "high again", "middle", "low", "low again"]
     with pytest.raises(ValueError, match="priority level 3 is not one of this pool's 0-2"):
         pool.submit_at(3, None, print)
+
+
+WORK = st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.booleans()), max_size=12)  # (level, expired, cancelled)
+
+
+def expected_order(work: list[tuple[int, bool, bool]], newest_first: bool) -> list[int]:
+    """The order the pool's rule runs `work` (queued in this order behind a busy thread) in: an
+    expired oldest of any level first, else the first level with work, its newest (when the queue
+    stands) or its oldest; cancelled work is taken out at the head, or skipped when taken."""
+    levels: list[list[int]] = [[], [], []]
+    for index, (level, _, _) in enumerate(work):
+        levels[level].append(index)
+    taken = []
+    while any(levels):
+        for level in levels:
+            while level and work[level[0]][2]:
+                level.pop(0)
+        expired = next((level for level in levels if level and work[level[0]][1]), None)
+        level = expired or next((level for level in levels if level), None)
+        if level is not None:
+            taken.append(level.pop(-1 if newest_first and expired is None and len(level) > 1 else 0))
+    return [i for i in taken if not work[i][2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(work=WORK, newest_first=st.booleans())
+def test_the_pool_runs_every_live_piece_of_work_once_in_the_rules_order(work, newest_first):
+    pool, release = blocked_pool(lifo_after=0.0 if newest_first else None, levels=3)
+    ran: list[int] = []
+    futures = [pool.submit_at(level, time.monotonic() - 1 if expired else None, partial(ran.append, index))
+               for index, (level, expired, _) in enumerate(work)]
+    for future, (_, _, cancelled) in zip(futures, work):
+        if cancelled:
+            future.cancel()
+    time.sleep(0.001)  # every piece has waited more than lifo_after=0
+    release.set()
+    pool.shutdown(wait=True)
+    assert ran == expected_order(work, newest_first)
+    assert all(f.cancelled() == cancelled for f, (_, _, cancelled) in zip(futures, work))
+    assert all(f.done() for f in futures)
 
 
 def test_bad_settings_are_refused():
