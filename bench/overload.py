@@ -1,24 +1,26 @@
-"""Overload benchmark: what the compute pool's adaptive LIFO, --max-queue-size and --default-timeout-us
-do when more requests arrive than a server can compute.
+"""Overload benchmark: what the compute pool's adaptive LIFO and priority levels, --max-queue-size and
+--default-timeout-us do when more requests arrive than a server can compute.
 
-Four `maskbank serve` processes of one registry: one with no rule whose compute pool keeps arrival
+Five `maskbank serve` processes of one registry: one with no rule whose compute pool keeps arrival
 order (--lifo-after-ms 0, the reference), one with the defaults (no rule; the pool takes the newest
 request first once its queue stands: adaptive LIFO), one with --max-queue-size BOUND (a request beyond
-it is refused at once) and one with --default-timeout-us TIMEOUT_US (a request that waited longer for
-the compute pool is not computed). They are offered OVERLOAD times the capacity measured first
-(closed-loop clients, bench.loadgen) by an open-loop load generator in its own process: requests go
-out on a fixed schedule whatever the answers, as independent callers send them, first without a
-client deadline, then with each request under a deadline of 1 s (DEADLINES). Phases of SECONDS
-alternate between the servers for REPEATS rounds. Per phase: requests served per second from the
-first request sent to the last answer (goodput); the shares refused (UNAVAILABLE), dropped by the
-server (DEADLINE_EXCEEDED before the deadline) and timed out at the client; and the latency of the
-served requests (p50, p99, max), with ratios of each server over the reference per round, quoted as
+it is refused at once), one with --default-timeout-us TIMEOUT_US (a request that waited longer for
+the compute pool is not computed) and one with --priority-levels PRIORITY_LEVELS. They are offered
+OVERLOAD times the capacity measured first (closed-loop clients, bench.loadgen) by an open-loop load
+generator in its own process: requests go out on a fixed schedule whatever the answers, as
+independent callers send them, every PRIORITY_EVERY-th with Triton's `priority` 1 (which only the
+server with levels reads), first without a client deadline, then with each request under a deadline
+of 1 s (DEADLINES). Phases of SECONDS alternate between the servers for REPEATS rounds. Per phase:
+requests served per second from the first request sent to the last answer (goodput); the shares
+refused (UNAVAILABLE), dropped by the server (DEADLINE_EXCEEDED before the deadline) and timed out at
+the client; the latency of the served requests (p50, p99, max); and the share served and latency of
+the priority-1 requests alone; with ratios of each server over the reference per round, quoted as
 median (min-max). In arrival order without a rule every request is taken and each waits longer than
 the last; with either rule, the requests the server serves keep a bounded wait.
 
 The model is the serving benchmark's (SupSup, MLP 64-512-512-10, one task); requests are task-given,
 BATCH rows each (so they run on the compute pool, not inline on the event loop). Every process runs
-one torch thread. Run: python -m bench overload (about 5 min; writes bench/results/overload.json).
+one torch thread. Run: python -m bench overload (about 6 min; writes bench/results/overload.json).
 The generator alone: python -m bench.overload --generate '<spec json>' (prints its answer as JSON).
 """
 
@@ -39,6 +41,7 @@ THREADS = 1
 BATCH = 256
 BOUND = 32
 TIMEOUT_US = 200_000
+PRIORITY_LEVELS, PRIORITY_EVERY = 2, 10  # every 10th request is sent with priority 1 (all servers; only one has levels)
 OVERLOAD = 2.0  # offered rate / measured capacity
 SECONDS = 4.0  # offered load per phase
 REPEATS = 5
@@ -63,15 +66,17 @@ def generate(spec: dict) -> dict:
     request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     request.parameters["task_id"].int64_param = 0
     raw = request.SerializeToString()
+    request.parameters["priority"].uint64_param = 1  # as tritonclient's infer(priority=1) sends it
+    urgent = request.SerializeToString()
     channel = grpc.insecure_channel(spec["url"], options=[("grpc.max_receive_message_length", 64 << 20)])
     infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
-    answers: list[tuple[str, float]] = []
+    answers: list[tuple[str, float, bool]] = []  # (status, latency, sent with priority 1)
     lock, done = threading.Lock(), threading.Semaphore(0)
 
-    def record(future, sent: float) -> None:
+    def record(future, sent: float, first: bool) -> None:
         code = future.code()
         with lock:
-            answers.append((code.name if code is not None else "CANCELLED", time.monotonic() - sent))
+            answers.append((code.name if code is not None else "CANCELLED", time.monotonic() - sent, first))
         done.release()
 
     count = int(spec["rate"] * spec["seconds"])
@@ -79,22 +84,31 @@ def generate(spec: dict) -> dict:
     for i in range(count):
         if (wait := began + i / spec["rate"] - time.monotonic()) > 0:
             time.sleep(wait)
-        sent = time.monotonic()
-        infer.future(raw, timeout=spec["deadline"]).add_done_callback(lambda f, sent=sent: record(f, sent))
+        sent, first = time.monotonic(), bool(spec["priority_every"]) and i % spec["priority_every"] == 0
+        infer.future(urgent if first else raw, timeout=spec["deadline"]).add_done_callback(
+            lambda f, sent=sent, first=first: record(f, sent, first))
     sending = time.monotonic() - began
     for _ in range(count):
         done.acquire(timeout=spec["deadline"] + 10)
     span = time.monotonic() - began  # from the first request sent to the last answer
     channel.close()
-    served = sorted(latency for code, latency in answers if code == "OK")
-    pct = lambda q: 1000 * served[min(len(served) - 1, int(q * len(served)))] if served else None  # noqa: E731
+    served = [(latency, first) for code, latency, first in answers if code == "OK"]
     return {"sent": count, "sent_per_s": count / sending, "served": len(served),
-            "refused": sum(code == "UNAVAILABLE" for code, _ in answers),
-            "timed_out": sum(code == "DEADLINE_EXCEEDED" and latency >= spec["deadline"] for code, latency in answers),
-            "dropped": sum(code == "DEADLINE_EXCEEDED" and latency < spec["deadline"] for code, latency in answers),
-            "failed": sum(code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED") for code, _ in answers),
+            "refused": sum(code == "UNAVAILABLE" for code, _, _ in answers),
+            "timed_out": sum(code == "DEADLINE_EXCEEDED" and latency >= spec["deadline"] for code, latency, _ in answers),
+            "dropped": sum(code == "DEADLINE_EXCEEDED" and latency < spec["deadline"] for code, latency, _ in answers),
+            "failed": sum(code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED") for code, _, _ in answers),
             "goodput": len(served) / span, "span_s": span,
-            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
+            "latency_ms": percentiles([latency for latency, _ in served]),
+            "priority": {"sent": sum(first for _, _, first in answers), "served": sum(first for _, first in served),
+                         "latency_ms": percentiles([latency for latency, first in served if first])}}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of `latencies` (seconds) in milliseconds (None without any)."""
+    ordered = sorted(latencies)
+    pct = lambda q: 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None  # noqa: E731
+    return {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}
 
 
 def run_generator(spec: dict) -> dict:
@@ -128,10 +142,11 @@ def main() -> None:
         with (ServerProcess(root, *common, "--lifo-after-ms", "0") as arrival_order,
               ServerProcess(root, *common) as default,
               ServerProcess(root, *common, "--max-queue-size", str(BOUND)) as bounded,
-              ServerProcess(root, *common, "--default-timeout-us", str(TIMEOUT_US)) as timed):
+              ServerProcess(root, *common, "--default-timeout-us", str(TIMEOUT_US)) as timed,
+              ServerProcess(root, *common, "--priority-levels", str(PRIORITY_LEVELS)) as levels):
             servers = {"no rule, arrival order (--lifo-after-ms 0)": arrival_order,
                        "no rule, adaptive LIFO (the default)": default, f"--max-queue-size {BOUND}": bounded,
-                       f"--default-timeout-us {TIMEOUT_US}": timed}
+                       f"--default-timeout-us {TIMEOUT_US}": timed, f"--priority-levels {PRIORITY_LEVELS}": levels}
             measured = capacity(arrival_order.url)
             rate = OVERLOAD * measured
             print(f"capacity {measured:.0f} requests/s (batch {BATCH}, 4 closed-loop clients); offering "
@@ -142,9 +157,10 @@ def main() -> None:
                 for _ in range(REPEATS):
                     for name, server in servers.items():
                         phases[name].append(run_generator({"url": server.url, "batch": BATCH, "rate": rate,
-                                                           "seconds": SECONDS, "deadline": deadline}))
+                                                           "seconds": SECONDS, "deadline": deadline,
+                                                           "priority_every": PRIORITY_EVERY}))
     results = {"benchmark": "overload", "threads": THREADS, "batch": BATCH, "bound": BOUND, "timeout_us": TIMEOUT_US,
-               "capacity_rps": measured,
+               "capacity_rps": measured, "priority_levels": PRIORITY_LEVELS, "priority_every": PRIORITY_EVERY,
                "offered_rps": rate, "seconds": SECONDS, "repeats": REPEATS, "deadlines_s": DEADLINES,
                "scenarios": scenarios}
     print(report(results))
@@ -157,7 +173,8 @@ def report(results: dict) -> str:
     """The Markdown table of a run: per scenario and server, medians over the rounds; then per scenario
     the per-round ratios of each other server over the first (the reference)."""
     lines = ["| scenario | server | served/s | refused | dropped | timed out | failed otherwise | p50 ms | p99 ms "
-             "| max ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| max ms | priority 1: served | priority 1: p50 ms | priority 1: p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, phases in results["scenarios"].items():
         for name, runs in phases.items():
             lines.append(f"| {scenario} | {name} | " + row(runs))
@@ -178,7 +195,10 @@ def row(runs: list[dict]) -> str:
             f"{median(lambda r: r['dropped'] / r['sent']):.0%} | {median(lambda r: r['timed_out'] / r['sent']):.0%} | "
             f"{sum(r['failed'] for r in runs)} | "
             f"{median(lambda r: r['latency_ms']['p50']):.0f} | {median(lambda r: r['latency_ms']['p99']):.0f} | "
-            f"{median(lambda r: r['latency_ms']['max']):.0f} |")
+            f"{median(lambda r: r['latency_ms']['max']):.0f} | "
+            f"{median(lambda r: r['priority']['served'] / r['priority']['sent']):.0%} | "
+            f"{median(lambda r: r['priority']['latency_ms']['p50'] or float('nan')):.0f} | "
+            f"{median(lambda r: r['priority']['latency_ms']['p99'] or float('nan')):.0f} |")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--generate"]:
