@@ -190,7 +190,7 @@ class InferenceServer:
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
             compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),
-            default_priority_level=config.default_priority_level,
+            priority_levels=config.priority_levels, default_priority_level=config.default_priority_level,
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import time
+
 import numpy as np
 
 from registry import MaskbankError
@@ -39,7 +40,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
                  backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
-                 default_timeout_us: int = 0, compute: ComputePool, default_priority_level: int = 0):
+                 default_timeout_us: int = 0, compute: ComputePool, priority_levels: int = 0,
+                 default_priority_level: int = 0):
         self.repository = repository
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
@@ -55,9 +57,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
         self.compute = compute  # runs the forwards handed off the event loop, a queue per priority level
-        # Triton's: with N levels (the pool's), priority 1 is the highest; 0 or beyond N means this one
-        self.priority_levels = compute.levels if compute.levels > 1 else 0
-        self.default_priority_level = default_priority_level or self.priority_levels
+        self.priority_levels = priority_levels  # Triton's: `priority` 1 (the highest) to N, the pool's levels
+        self.default_priority_level = default_priority_level or priority_levels  # for 0 or beyond N (0: the lowest)
         self.ready = False  # set once the first load is done; cleared when shutting down
 
     def ServerLive(self, request, context):
