@@ -21,7 +21,7 @@ OUTPUTS = ("logits", "task_id")
 # which it reads as Triton does: decode_timeout).
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
 RESERVED_PREFIXES = ("triton_", "sequence_")
-PARAMETERS = ("task_id", "task", "task_inference", "task_shortlist")
+PARAMETERS = ("task_id", "task", "task_inference", "task_shortlist", "task_scores")
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -41,6 +41,7 @@ class TaskSelection:
     task: int | str | None
     mode: str | None
     shortlist: int | None = None
+    scores: bool = False  # a task-inference answer carries every candidate's score (JSON; costs time and bytes)
 
 
 def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32") -> np.ndarray:
@@ -126,11 +127,15 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     shortlist = _parameter_value(params["task_shortlist"]) if "task_shortlist" in params else None
     if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= 1000):
         raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to 1000, got {shortlist!r}")
+    scores = _parameter_value(params["task_scores"]) if "task_scores" in params else False
+    if not isinstance(scores, bool):
+        raise InvalidRequest(f"parameter 'task_scores' must be a boolean (true: a task-inference answer carries every "
+                             f"candidate's score), got {scores!r}")
     if task_id is not None and name is not None:
         raise InvalidRequest("give either 'task_id' or 'task', not both")
     if mode is not None and (task_id is not None or name is not None):
         raise InvalidRequest("'task_inference' applies only when no task is given; drop 'task_id'/'task' or 'task_inference'")
-    return TaskSelection(task_id if task_id is not None else name, mode, shortlist)
+    return TaskSelection(task_id if task_id is not None else name, mode, shortlist, scores)
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:

@@ -204,7 +204,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             expires = None if timeout is None else arrived + timeout
             result = await asyncio.wrap_future(self.compute.submit_at(
                 self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout)))
-        return self._response(request, result, outputs), result
+        return self._response(request, result, outputs, selection.scores), result
 
     def _pool_level(self, priority: int) -> int:
         """The compute pool's level (0 first) of a request of Triton `priority`, as Triton maps it: 0, or a
@@ -214,7 +214,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return (priority if 0 < priority <= self.priority_levels else self.default_priority_level) - 1
 
     @staticmethod
-    def _response(request, result: InferenceResult, outputs: list[str]) -> pb.ModelInferResponse:
+    def _response(request, result: InferenceResult, outputs: list[str], all_scores: bool) -> pb.ModelInferResponse:
+        """The OIP answer: the outputs asked for and the task parameters; after task inference, the chosen
+        task's score, and every candidate's when `all_scores` (JSON: 27 KB at 1,000 tasks)."""
         entry = result.task.entry
         response = pb.ModelInferResponse(
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id
@@ -227,7 +229,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))
         if result.scores is not None:
             oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
-            oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
+            if all_scores:
+                oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
         return response
 
 

@@ -213,7 +213,7 @@ def test_server_serves_tasks_bit_exact_while_the_basis_grows_and_infers_tasks(tm
 
         # GN exhaustive is generic: lowest mean entropy over every task, with that task's logits.
         for task in range(4):
-            result = logits(client, x[task][:16], task_inference="exhaustive")
+            result = logits(client, x[task][:16], task_inference="exhaustive", task_scores=True)
             scores = json.loads(result.get_response().parameters["task_scores"].string_param)
             chosen = int(result.as_numpy("task_id")[0])
             assert sorted(scores) == ["0", "1", "2", "3"] and chosen == min(range(4), key=lambda i: scores[str(i)])
@@ -235,7 +235,7 @@ def test_alpha_task_inference_per_request_and_as_the_server_default(tmp_path):
         wait_for(lambda: client.is_model_ready("m"), what="the model to be ready")
         for task in (0, 1):  # a basis task's own data: its mask is the most confident one
             x = stream.task(task).x_test.numpy()[:32]
-            for parameters in ({"task_inference": "alpha"}, {}):
+            for parameters in ({"task_inference": "alpha", "task_scores": True}, {"task_scores": True}):
                 result = logits(client, x, **parameters)
                 response = result.get_response().parameters
                 scores = json.loads(response["task_scores"].string_param)

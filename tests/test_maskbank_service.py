@@ -61,6 +61,7 @@ def test_infer_task_reports_gn_details(service):
     assert inferred.mode == "exhaustive" and sorted(inferred.scores) == [0, 1]
     assert inferred.task_id == min(inferred.scores, key=lambda i: (inferred.scores[i], i))
     assert inferred.response.outputs[0].name == "logits"
+    assert "task_scores" not in inferred.response.parameters  # the scores map says it; JSON too only when asked
     given = stub.InferTask(mb.InferTaskRequest(request=oip_request(task_id=1)))
     assert (given.mode, given.task_id, given.task_name, dict(given.scores)) == ("given", 1, "perm-1", {})
     with pytest.raises(grpc.RpcError) as info:

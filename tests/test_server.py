@@ -143,14 +143,19 @@ def test_gn_exhaustive_infers_the_task(live):
     assert share >= 0.95
 
 
-def test_gn_oneshot_answers_with_scores(live):
+def test_gn_oneshot_answers_with_its_score_and_every_score_when_asked(live):
     share = gn_share(live.client, "oneshot")
     print(f"\nGN oneshot: right task for {share:.1%} of batches of 16 (measured, not asserted)")
-    result = infer(live.client, digits_inputs(3, 16), task_inference="oneshot")
+    result = infer(live.client, digits_inputs(3, 16), task_inference="oneshot", task_scores=True)
     params = result.get_response().parameters
-    assert params["task_inference"].string_param == "oneshot"
-    assert sorted(json.loads(params["task_scores"].string_param)) == [str(i) for i in range(TASKS)]
-    assert 0 <= result.as_numpy("task_id")[0] < TASKS
+    scores = json.loads(params["task_scores"].string_param)
+    assert params["task_inference"].string_param == "oneshot" and sorted(scores) == [str(i) for i in range(TASKS)]
+    chosen = result.as_numpy("task_id")[0]
+    assert 0 <= chosen < TASKS and params["task_score"].double_param == scores[str(chosen)]
+    plain = infer(live.client, digits_inputs(3, 16), task_inference="oneshot").get_response().parameters
+    assert "task_scores" not in plain and plain["task_score"].double_param == scores[str(chosen)]
+    with pytest.raises(InferenceServerException, match="parameter 'task_scores' must be a boolean"):
+        infer(live.client, GOOD, task_inference="oneshot", task_scores="yes")
 
 
 def test_gn_binary_and_shortlists(live):
