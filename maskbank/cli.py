@@ -217,6 +217,11 @@ def _add_serve(commands) -> None:
                      "spreads connections rather than requests, such as a Kubernetes Service, also spreads "
                      "long-lived clients over replicas added later; long streams (WatchModel) then end with the "
                      f"connection and must be reopened (default {d.max_connection_age:g}: never)")
+    ops.add_argument("--max-concurrent-streams", type=int, default=d.max_concurrent_streams, metavar="N",
+                     help="calls one client connection may have open at once (HTTP/2's MAX_CONCURRENT_STREAMS); a "
+                     "client beyond it waits, or gets UNAVAILABLE (retryable), before the server reads the call. "
+                     "The one rule that reaches small requests computed on the event loop under overload: without "
+                     "it they wait in gRPC's own queue in arrival order (default 0: gRPC's, no limit)")
     ops.add_argument("--log-format", choices=FORMATS, default="text",
                      help="log lines as text, or as one JSON object per line (time, level, logger, message, fields); "
                      "the level is maskbank's --log-level")
@@ -321,7 +326,8 @@ def _serve(args) -> None:
             default_timeout_us=args.default_timeout_us, lifo_after_ms=args.lifo_after_ms,
             priority_levels=args.priority_levels, default_priority_level=args.default_priority_level,
             max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
-            max_connection_age=args.max_connection_age, metrics_port=args.metrics_port,
+            max_connection_age=args.max_connection_age, max_concurrent_streams=args.max_concurrent_streams,
+            metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
         )

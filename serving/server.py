@@ -71,6 +71,7 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
+    max_concurrent_streams: int = 0  # calls one client connection may have open at once (HTTP/2); 0: gRPC's default
     models: list[str] | None = None  # serve only these models of the registry (None: all, and those published later)
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
     # negative = no metrics endpoint. Bound on `host`, like gRPC.
@@ -109,6 +110,9 @@ class ServerConfig:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
+        if not 0 <= self.max_concurrent_streams <= INT32_MAX:
+            raise ValueError(f"--max-concurrent-streams must be from 0 (gRPC's default) to {INT32_MAX}, "
+                             f"got {self.max_concurrent_streams}")
         if not 0 <= self.max_connection_age <= INT32_MAX // 1000:  # gRPC takes it in milliseconds
             raise ValueError(f"--max-connection-age must be from 0 (never) to {INT32_MAX // 1000} seconds, "
                              f"got {self.max_connection_age}")
@@ -217,6 +221,8 @@ class InferenceServer:
         config = self.config
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        if config.max_concurrent_streams:  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: excess calls never reach the loop
+            limits.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
         if config.max_connection_age:  # GOAWAY after this long; calls under way get the graceful stop's grace
             limits += [("grpc.max_connection_age_ms", max(1, round(1000 * config.max_connection_age))),
                        ("grpc.max_connection_age_grace_ms", min(INT32_MAX, round(1000 * config.grace_seconds)))]
@@ -279,7 +285,8 @@ class InferenceServer:
                   "lifo_after_ms": 1000 * config.lifo_after if config.lifo_after else 0,
                   "priority_levels": config.priority_levels,
                   "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
-                  "max_connection_age": config.max_connection_age, "task_inference": config.task_inference}
+                  "max_connection_age": config.max_connection_age,
+                  "max_concurrent_streams": config.max_concurrent_streams, "task_inference": config.task_inference}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)
 
     def _log_security(self) -> None:

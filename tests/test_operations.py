@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -262,6 +263,37 @@ def test_connections_are_closed_after_max_connection_age_and_clients_carry_on(tm
         server.stop()
 
 
+def test_max_concurrent_streams_bounds_the_calls_a_connection_has_in_the_server(tmp_path):
+    """--max-concurrent-streams 2, every compute thread held: of 6 task-inference calls sent at once on one
+    connection the server holds 2; the others wait at the client or are refused UNAVAILABLE (clients
+    differ), never reaching it. Once the threads are free every call is answered or refused, nothing else."""
+    train_model(tmp_path, "m", 2, TINY)
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=0, max_concurrent_streams=2))
+    server.start()
+    pool = server.servicer.compute
+    releases = [threading.Event() for _ in range(pool.workers)]
+    blockers = [pool.submit(release.wait, 30) for release in releases]
+    pending = ("maskbank_model_requests_pending", (("model", "m"),))
+    try:
+        message = pb.ModelInferRequest(model_name="m", raw_input_contents=[X.tobytes()])  # no task: on the pool
+        message.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            calls = [pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(message, timeout=30) for _ in range(6)]
+            wait_for(lambda: scrape(server)[pending] == 2, 10, "two calls in the server")
+            time.sleep(0.3)
+            assert scrape(server)[pending] == 2 and pool.queued == 2
+            for release in releases:
+                release.set()
+            codes = [call.code() if call.exception() else grpc.StatusCode.OK for call in calls]
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE} and codes.count(grpc.StatusCode.OK) >= 2
+    finally:
+        for release in releases:
+            release.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+        server.stop()
+
+
 def test_config_checks_tls_files_and_limits(tmp_path, certificate):
     cert, key = certificate
     ServerConfig(registry="r", tls_cert=str(cert), tls_key=str(key))
@@ -269,6 +301,8 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
         ServerConfig(registry="r", tls_key=str(key))
     with pytest.raises(ValueError, match="--max-connection-age must be from 0 .never. to 2147483 seconds, got -1"):
         ServerConfig(registry="r", max_connection_age=-1)
+    with pytest.raises(ValueError, match="--max-concurrent-streams must be from 0 .gRPC's default. to 2147483647, got -1"):
+        ServerConfig(registry="r", max_concurrent_streams=-1)
     with pytest.raises(ValueError, match="--model: invalid model name '../x': use 1-128 letters"):
         ServerConfig(registry="r", models=["a", "../x"])
     (tmp_path / "other.pem").write_bytes(b"not a key")
