@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
+from serving import InferenceServer, ServerConfig
 from trainer import train
 
 # Property tests draw the same examples on every run, so that CI never fails on a draw nobody can
@@ -133,3 +136,23 @@ def check_served_while_appending(root, registry: Registry, model: str, x: np.nda
                 assert np.array_equal(served(task), task_logits(registry, task, torch.from_numpy(x), model=model).numpy())
         finally:
             client.close()
+
+
+@contextlib.contextmanager
+def held_server(root, **settings) -> Iterator[tuple[InferenceServer, list[threading.Event]]]:
+    """A server of one TINY model, m, with `settings`, every compute thread held until its event is set."""
+    train_model(root, "m", 2, TINY)
+    server = InferenceServer(ServerConfig(registry=str(root), port=0, metrics_port=0, **settings))
+    server.start()
+    pool = server.servicer.compute
+    releases = [threading.Event() for _ in range(pool.workers)]
+    blockers = [pool.submit(release.wait, 30) for release in releases]
+    try:
+        wait_for(lambda: pool.queued == 0, 10, "the blockers to start")
+        yield server, releases
+    finally:
+        for release in releases:
+            release.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+        server.stop()

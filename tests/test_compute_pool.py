@@ -4,11 +4,9 @@ request before an older one once the older has waited past --lifo-after-ms."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from serving.compute_pool import ComputePool
 from serving.errors import InvalidRequest
 from serving.oip import decode_priority
 
-from .conftest import TINY, scrape, train_model, wait_for
+from .conftest import held_server, scrape, wait_for
 
 
 def blocked_pool(lifo_after: float | None, levels: int = 1) -> tuple[ComputePool, threading.Event]:
@@ -206,26 +204,6 @@ def test_expired_work_at_the_head_goes_first_to_answer_that_it_is_late():
         future.result(timeout=30)
     pool.shutdown()
     assert order == [0, 3, 2, 1]
-
-
-@contextlib.contextmanager
-def held_server(root, **settings) -> Iterator[tuple[InferenceServer, list[threading.Event]]]:
-    """A server of one TINY model, m, with `settings`, every compute thread held until its event is set."""
-    train_model(root, "m", 2, TINY)
-    server = InferenceServer(ServerConfig(registry=str(root), port=0, metrics_port=0, **settings))
-    server.start()
-    pool = server.servicer.compute
-    releases = [threading.Event() for _ in range(pool.workers)]
-    blockers = [pool.submit(release.wait, 30) for release in releases]
-    try:
-        wait_for(lambda: pool.queued == 0, 10, "the blockers to start")
-        yield server, releases
-    finally:
-        for release in releases:
-            release.set()
-        for blocker in blockers:
-            blocker.result(timeout=30)
-        server.stop()
 
 
 def queue_requests(server: InferenceServer, priorities: dict[str, int], answered: list[str],

@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from serving._proto import pb, pb_grpc
 from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
 from serving.logs import JsonFormatter
 
-from .conftest import TINY, scrape, train_model, wait_for
+from .conftest import TINY, held_server, scrape, train_model, wait_for
 
 TOKEN = "s3cret-token"
 MAX_BYTES = 100_000  # the request below of 4 rows is ~1 KB; one of 500 rows is ~128 KB
@@ -267,31 +266,19 @@ def test_max_concurrent_streams_bounds_the_calls_a_connection_has_in_the_server(
     """--max-concurrent-streams 2, every compute thread held: of 6 task-inference calls sent at once on one
     connection the server holds 2; the others wait at the client or are refused UNAVAILABLE (clients
     differ), never reaching it. Once the threads are free every call is answered or refused, nothing else."""
-    train_model(tmp_path, "m", 2, TINY)
-    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=0, max_concurrent_streams=2))
-    server.start()
-    pool = server.servicer.compute
-    releases = [threading.Event() for _ in range(pool.workers)]
-    blockers = [pool.submit(release.wait, 30) for release in releases]
-    pending = ("maskbank_model_requests_pending", (("model", "m"),))
-    try:
+    with held_server(tmp_path, max_concurrent_streams=2) as (server, releases):
+        pending = ("maskbank_model_requests_pending", (("model", "m"),))
         message = pb.ModelInferRequest(model_name="m", raw_input_contents=[X.tobytes()])  # no task: on the pool
         message.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             calls = [pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(message, timeout=30) for _ in range(6)]
             wait_for(lambda: scrape(server)[pending] == 2, 10, "two calls in the server")
             time.sleep(0.3)
-            assert scrape(server)[pending] == 2 and pool.queued == 2
+            assert scrape(server)[pending] == 2 and server.servicer.compute.queued == 2
             for release in releases:
                 release.set()
             codes = [call.code() if call.exception() else grpc.StatusCode.OK for call in calls]
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE} and codes.count(grpc.StatusCode.OK) >= 2
-    finally:
-        for release in releases:
-            release.set()
-        for blocker in blockers:
-            blocker.result(timeout=30)
-        server.stop()
 
 
 def test_config_checks_tls_files_and_limits(tmp_path, certificate):
