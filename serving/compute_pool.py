@@ -72,10 +72,6 @@ class ComputePool(Executor):
         return len(self._threads)
 
     @property
-    def levels(self) -> int:
-        return len(self._levels)
-
-    @property
     def queued(self) -> int:
         """Work waiting for a thread now, at every level (including work cancelled since, not yet taken out)."""
         return sum(len(level) for level in self._levels)

@@ -88,23 +88,24 @@ def decode_timeout(request: pb.ModelInferRequest, default_us: int = 0) -> float 
     """The request's `timeout` parameter (Triton's, set by tritonclient's `infer(timeout=...)`): the
     longest it may wait for its computation to start, in microseconds, `default_us` when absent;
     returned in seconds, None for 0 (no limit, as in Triton)."""
-    if "timeout" not in request.parameters:
-        return default_us / 1e6 or None
-    value = _parameter_value(request.parameters["timeout"])
-    if isinstance(value, (bool, float, str)) or value is None or value < 0:
-        raise InvalidRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {value!r}")
+    value = _non_negative_integer(request, "timeout", default_us, "number of microseconds")
     return value / 1e6 or None
 
 
 def decode_priority(request: pb.ModelInferRequest) -> int:
     """The request's `priority` parameter (Triton's, set by tritonclient's `infer(priority=...)`): 1 is the
     highest level; 0 or absent, the server's default level."""
-    if "priority" not in request.parameters:
-        return 0
-    value = _parameter_value(request.parameters["priority"])
+    return _non_negative_integer(request, "priority", 0, "(1 is the highest level, 0 the server's default)")
+
+
+def _non_negative_integer(request: pb.ModelInferRequest, key: str, default: int, meaning: str) -> int:
+    """The integer parameter `key` (`default` when absent); InvalidRequest, saying `meaning`, unless it is
+    a non-negative integer."""
+    if key not in request.parameters:
+        return default
+    value = _parameter_value(request.parameters[key])
     if isinstance(value, (bool, float, str)) or value is None or value < 0:
-        raise InvalidRequest(f"parameter 'priority' must be a non-negative integer (1 is the highest level, 0 the "
-                             f"server's default), got {value!r}")
+        raise InvalidRequest(f"parameter '{key}' must be a non-negative integer {meaning}, got {value!r}")
     return value
 
 

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry import Manifest, Registry, TaskEntry, build_architecture, effective_parameters, forward
 from serving import InferenceServer, ServerConfig
+from serving._proto import pb
 from trainer import train
 
 # Property tests draw the same examples on every run, so that CI never fails on a draw nobody can
@@ -156,3 +157,12 @@ def held_server(root, **settings) -> Iterator[tuple[InferenceServer, list[thread
         for blocker in blockers:
             blocker.result(timeout=30)
         server.stop()
+
+
+def with_parameter(key: str, **value) -> pb.ModelInferRequest:
+    """A ModelInferRequest for model m carrying parameter `key` set as `value` says (e.g. int64_param=3),
+    or none without `value`: for the decoders of single parameters."""
+    message = pb.ModelInferRequest(model_name="m")
+    if value:
+        message.parameters[key].MergeFrom(pb.InferParameter(**value))
+    return message

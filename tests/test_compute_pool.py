@@ -15,12 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import InferenceServer, ServerConfig
-from serving._proto import pb
 from serving.compute_pool import ComputePool
 from serving.errors import InvalidRequest
 from serving.oip import decode_priority
 
-from .conftest import held_server, scrape, wait_for
+from .conftest import held_server, scrape, wait_for, with_parameter
 
 
 def blocked_pool(lifo_after: float | None, levels: int = 1) -> tuple[ComputePool, threading.Event]:
@@ -169,12 +168,7 @@ def test_bad_settings_are_refused():
 
 
 def test_priority_is_read_as_triton_sends_it_and_checked():
-    def request(**value) -> pb.ModelInferRequest:
-        message = pb.ModelInferRequest(model_name="m")
-        if value:
-            message.parameters["priority"].MergeFrom(pb.InferParameter(**value))
-        return message
-
+    request = partial(with_parameter, "priority")
     assert decode_priority(request()) == 0
     assert decode_priority(request(uint64_param=2)) == 2  # tritonclient's infer(priority=2)
     assert decode_priority(request(int64_param=1)) == 1

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import numpy as np
@@ -30,7 +31,7 @@ from serving.errors import InvalidRequest, RequestTimeout, ServerBusy
 from serving.timeouts import QueueTimeouts
 from serving.statistics import ModelStats
 
-from .conftest import TINY, AtOnce, scrape, train_model, wait_for
+from .conftest import TINY, AtOnce, scrape, train_model, wait_for, with_parameter
 
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
 
@@ -252,12 +253,7 @@ def test_a_request_whose_deadline_passes_while_it_waits_is_counted_and_never_com
 
 
 def test_timeout_is_read_in_microseconds_and_checked():
-    def request(**value) -> pb.ModelInferRequest:
-        message = pb.ModelInferRequest(model_name="m")
-        if value:
-            message.parameters["timeout"].MergeFrom(pb.InferParameter(**value))
-        return message
-
+    request = partial(with_parameter, "timeout")
     assert decode_timeout(request()) is None
     assert decode_timeout(request(int64_param=0)) is None  # 0: no limit, as in Triton
     assert decode_timeout(request(int64_param=250_000)) == 0.25
