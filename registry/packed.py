@@ -15,9 +15,6 @@ import torch
 
 from .errors import InvalidArtifact
 
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TABLES: dict[torch.dtype, np.ndarray] = {}
-
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Bitpack a boolean tensor into uint8, one bit per element, little-endian bit order (element
@@ -41,17 +38,6 @@ def _check_length(packed: torch.Tensor, shape: Sequence[int]) -> int:
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {count} bits of shape {list(shape)}")
     return count
-
-
-def _table(dtype: torch.dtype) -> np.ndarray:
-    """[256, 8]: each byte's bits as 0 / 1 in `dtype` (pack_bits' order), as the raw bits of a
-    same-size integer so numpy can copy dtypes it lacks (bfloat16)."""
-    if dtype not in _TABLES:
-        if not dtype.is_floating_point or dtype.itemsize not in _SAME_SIZE_INT:
-            raise ValueError(f"masks unpack to a floating dtype of 2, 4 or 8 bytes, not {dtype}")
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _TABLES[dtype] = bits.to(dtype).view(_SAME_SIZE_INT[dtype.itemsize]).numpy()
-    return _TABLES[dtype]
 
 
 class PackedMasks(Mapping[str, torch.Tensor]):
@@ -136,23 +122,25 @@ class PackedMasks(Mapping[str, torch.Tensor]):
         """Mask `name` as 0 / 1 in the floating `dtype`: a new tensor, or written into `out` (contiguous,
         on the CPU, of `dtype` and the mask's shape) and returned.
 
-        Straight from the packed bytes: one gather of 8 values per byte from a [256, 8] table (numpy's
-        `take`: 1.8x the time of PyTorch's copy of an unpacked bool mask to float; with the multiply by
-        the weight that follows, 1.2x on masks cold in cache, as on a serving cache miss. PyTorch's
-        index_select and embedding took 3-4x numpy's take here, shift-and-mask 4x.)
+        Unpacked by numpy's `unpackbits` to uint8 0 / 1, then copied into `dtype` by PyTorch (vectorised
+        from uint8). On the three masks of MLP 64-512-512-10, over 1,000 tasks' masks in turn, that took
+        0.85x the time of the gather of 8 values per byte from a [256, 8] table this replaced (57.6 against
+        67.8 µs), and a cache miss's whole build (mask times weight) 0.87x (87.9 against 101.1 µs);
+        one-off in-process timing, 1 thread. Multiplying the weight by the uint8 or bool mask directly
+        took 1.3x and 2.8x that build; PyTorch's index_select and embedding 3-4x the table's gather,
+        shift-and-mask 4x.
         """
-        shape, table = self.shapes[name], _table(dtype)
+        shape = self.shapes[name]
+        if not dtype.is_floating_point:
+            raise ValueError(f"masks unpack to a floating dtype, not {dtype}")
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         elif out.dtype != dtype or out.shape != shape or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"a buffer for mask '{name}' must be a contiguous CPU {dtype} tensor of shape "
                              f"{list(shape)}, got {'a non-contiguous ' if not out.is_contiguous() else ''}"
                              f"{out.device.type} {out.dtype} {list(out.shape)}")
-        flat, packed = out.view(-1).view(_SAME_SIZE_INT[dtype.itemsize]).numpy(), self.packed[name].numpy()
-        whole, rest = divmod(flat.size, 8)
-        np.take(table, packed[:whole], axis=0, out=flat[: whole * 8].reshape(whole, 8), mode="wrap")  # wrap: no bounds check, bytes are < 256
-        if rest:
-            flat[whole * 8 :] = table[packed[whole], :rest]
+        bits = np.unpackbits(self.packed[name].numpy(), count=out.numel(), bitorder="little")
+        out.view(-1).copy_(torch.from_numpy(bits))
         return out
 
 

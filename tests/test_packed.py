@@ -69,7 +69,7 @@ def test_as_float_refuses_a_buffer_it_cannot_fill(out, message):
 
 
 def test_as_float_refuses_a_dtype_that_is_not_floating():
-    with pytest.raises(ValueError, match="floating dtype of 2, 4 or 8 bytes, not torch.int32"):
+    with pytest.raises(ValueError, match="masks unpack to a floating dtype, not torch.int32"):
         PackedMasks.pack(masks()).as_float("fc.weight", torch.int32)
 
 
