@@ -262,6 +262,10 @@ class InferenceServer:
         self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
+        if not self.repository.models() and not config.models:
+            log.warning("registry %s holds no loadable model (nothing published there yet, or not the --registry "
+                        "meant?): a model is served once a generation of it is published there (checked every "
+                        "%g s)", self.repository.registry.location, config.poll_interval)
         if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
             log.warning("not serving %s yet (--model): not in registry %s, or not loadable (see above); a model "
                         "is served once a loadable generation of it is published", ", ".join(map(repr, waiting)),

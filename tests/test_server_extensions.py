@@ -154,3 +154,16 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         wait_for(lambda: client.is_model_ready("later"), what="model 'later' once published")
         assert not client.is_model_ready("c")
         client.close()
+
+
+def test_a_server_on_an_empty_registry_says_so_and_serves_what_is_published_later(tmp_path):
+    """No model yet (a registry about to be filled, or a mistyped --registry): a warning names the
+    location; a model published afterwards is served without a restart."""
+    with ServerProcess(tmp_path, "--poll-interval", "0.2") as process:
+        assert any(f"registry {tmp_path} holds no loadable model" in line and "WARNING" in line
+                   for line in process.output)
+        train_model(tmp_path, "m", 1, TINY)
+        client = triton.InferenceServerClient(process.url)
+        wait_for(lambda: client.is_model_ready("m"), what="model m served")
+        assert client.infer("m", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
+        client.close()
