@@ -89,6 +89,17 @@ def test_append_refuses_contradicting_settings(tmp_path):
         train(registry, "new", 1, {"stream": "permuted-digits"})
 
 
+def test_train_refuses_fewer_than_one_task_and_writes_nothing(tmp_path):
+    from registry import Registry
+    from trainer import train
+
+    registry = Registry(tmp_path / "reg")
+    for tasks in (0, -2):
+        with pytest.raises(TrainingError, match=f"a model needs at least 1 task, not {tasks}"):
+            train(registry, "m", tasks, {"method": "supsup", "stream": "permuted-digits", **TINY})
+    assert registry.find_manifest("m") is None
+
+
 def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     import numpy as np
 

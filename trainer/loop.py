@@ -203,6 +203,8 @@ def train(
 ) -> Manifest:
     """Learn tasks until `model` has `tasks` of them, publishing a new generation after each.
     With `fwt`, each task is also trained alone to measure forward transfer."""
+    if tasks < 1:
+        raise TrainingError(f"a model needs at least 1 task, not {tasks}")
     manifest = registry.find_manifest(model)
     settings = resolve_settings(manifest, requested)
     stream = get_stream(settings.stream, settings.seed, settings.data_root)
