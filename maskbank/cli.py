@@ -364,4 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     except MaskbankError as error:
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that cannot be written or read, a port taken: the system's words suffice
+        print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0

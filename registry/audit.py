@@ -12,6 +12,7 @@ from __future__ import annotations
 import lzma
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -191,5 +192,6 @@ def plot_audit(result: ModelAudit, path: str) -> None:
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -82,7 +82,7 @@ def test_gc_deletes_only_old_unreferenced_blobs(trained, capsys):
 
 
 def test_audit_figures(trained, capsys, tmp_path):
-    plot = tmp_path / "audit.png"
+    plot = tmp_path / "plots" / "audit.png"  # its folder is created
     code, result = run_json(capsys, "registry", "audit", "m", "--registry", trained.location, "--plot", str(plot))
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = 64 * 32 + 32 * 10
@@ -100,3 +100,11 @@ def test_impresslearn_cost_matches_the_paper_example():
     # with a SupSup mask at density 0.1 counted as 16-bit indices.
     phi, cx = impresslearn_cost(mask_bytes=2 * 0.1 * 266_200, basis_size=5, layers=3, max_tasks=359)
     assert cx == pytest.approx(67, abs=1.5) and phi == pytest.approx(741.5 + 60, rel=1e-3)
+
+
+def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for command in (["report", "m"], ["registry", "audit", "m"]):
+        code = main([*command, "--registry", trained.location, "--plot", str(tmp_path / "a-file" / "out.png")])
+        assert code == 1
+        assert f"maskbank {command[0]}: error: " in capsys.readouterr().err
