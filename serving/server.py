@@ -220,7 +220,10 @@ class InferenceServer:
         """The grpc.aio server with every service registered (built on the loop that will run it)."""
         config = self.config
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-                  ("grpc.max_send_message_length", config.max_message_bytes)]
+                  ("grpc.max_send_message_length", config.max_message_bytes),
+                  # gRPC's default on Linux lets a second server bind a port already served and take a
+                  # share of its new connections, silently: a taken --port must be an error instead
+                  ("grpc.so_reuseport", 0)]
         if config.max_concurrent_streams:  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: excess calls never reach the loop
             limits.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
         if config.max_connection_age:  # GOAWAY after this long; calls under way get the graceful stop's grace
@@ -245,14 +248,18 @@ class InferenceServer:
         config = self.config
         self.repository.refresh()
         address = f"{config.host}:{config.port}"
-        if self._credentials is not None:
-            self.port = self.server.add_secure_port(address, self._credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if self._credentials is not None:
+                self.port = self.server.add_secure_port(address, self._credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind": the port taken, or the address not this machine's
+            self.port = 0
         metrics_port = config.metrics_listen_port()
         try:
             if self.port == 0:
-                raise OSError(f"cannot listen on {address}")
+                raise OSError(f"cannot listen on {address} (the port is taken, or the address is not one of this "
+                              "machine's): pick another --port, or 0 for a free one")
             if metrics_port is not None:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
         except OSError:  # nothing served yet: release the port and the loop's thread
