@@ -228,28 +228,42 @@ def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProc
             **_aio_floors(runs), "context": context(runs)}
 
 
+def _masked_weights(root: Path) -> tuple[int, int]:
+    """(tasks, masked weights per task) of MODEL in the registry at `root`."""
+    registry = Registry(root)
+    manifest = registry.manifest(MODEL)
+    return len(manifest.tasks), sum(math.prod(shape) for shape in _backbone_shapes(registry, manifest).values())
+
+
 def freed_mask_bytes(root: Path) -> int:
     """What holding the masks of the registry's tasks bitpacked instead of as bool saves (7/8 of a
     byte per masked weight): the memory an equal-memory comparison gives the weight cache."""
-    registry = Registry(root)
-    manifest = registry.manifest(MODEL)
-    weights = sum(math.prod(shape) for shape in _backbone_shapes(registry, manifest).values())
-    return len(manifest.tasks) * weights * 7 // 8
+    tasks, weights = _masked_weights(root)
+    return tasks * weights * 7 // 8
+
+
+def all_tasks_bytes(root: Path) -> int:
+    """A cache size that holds every task's effective weights (float32, one per backbone weight), with
+    a tenth to spare for the cache's own accounting."""
+    tasks, weights = _masked_weights(root)
+    return tasks * weights * 4 * 11 // 10
 
 
 def task_mix(load: LoadProcess, single: ServerProcess, mixes: dict[int, ServerProcess], roots: dict[int, Path],
-             equal_memory: ServerProcess) -> dict:
-    """Each mix against the single task; and the largest mix again on a server whose cache also has
-    the memory that bitpacked masks free (what the same resident memory buys since masks are packed)."""
+             sized: dict[str, ServerProcess]) -> dict:
+    """Each mix against the single task; and the largest mix again on servers with other cache sizes
+    (`sized`, by label): one whose cache also has the memory that bitpacked masks free (what the same
+    resident memory buys since masks are packed), one whose cache holds every task."""
     largest = max(mixes)
     phases = {"single": spec(single.url)}
     phases |= {f"mix{t}": spec(server.url, tasks=list(range(t))) for t, server in mixes.items()}
-    phases[f"mix{largest}_equal_memory"] = spec(equal_memory.url, tasks=list(range(largest)))
+    phases |= {f"mix{largest}_{label}": spec(server.url, tasks=list(range(largest))) for label, server in sized.items()}
     runs = alternate(load, phases)
     out = {f"{name}_vs_single": ratios(runs, name, "single") for name in phases if name != "single"}
     out["context"] = context(runs)
     out["cache"] = {name: cache_stats(server) for name, server in [
-        ("single", single), *((f"mix{t}", s) for t, s in mixes.items()), (f"mix{largest}_equal_memory", equal_memory)]}
+        ("single", single), *((f"mix{t}", s) for t, s in mixes.items()),
+        *((f"mix{largest}_{label}", s) for label, s in sized.items())]}
     # Not timed: are the answers right? Every answer's logits against in-process logits of its task.
     smallest = min(mixes)
     registry = Registry(roots[smallest])
@@ -332,6 +346,9 @@ def _rows(results: dict) -> list[tuple]:
         s = tm[f"mix{t}_equal_memory_vs_single"]
         rows.append((f"task_mix {t}, equal memory", f"the same, --cache-bytes raised by the {tm['freed_mask_mb']:.0f} MB "
                      "that bitpacked masks free", "maskbank, one task (serve_overhead's load)", fmt(s), "(reported)", None))
+        s = tm[f"mix{t}_all_cached_vs_single"]
+        rows.append((f"task_mix {t}, every task cached", f"the same, --cache-bytes {tm['all_cached_mb']:.0f} MB (every "
+                     "task's weights)", "maskbank, one task (serve_overhead's load)", fmt(s), "(reported)", None))
     if ha := results.get("hot_add"):
         p50 = ha["p50_s"]
         hot_ok = p50 is not None and p50 <= 1.0 and ha["failures"] == 0 and not ha["not_served_in_time"]
@@ -401,11 +418,14 @@ def _measure(sections: tuple[str, ...], root: Path, stack: contextlib.ExitStack)
         floor.stop()
     if "task_mix" in sections:
         mixes = {t: maskbank(stack, root / f"mix{t}") for t in MIX_TASKS}
-        freed = freed_mask_bytes(root / f"mix{max(MIX_TASKS)}")
-        equal_memory = maskbank(stack, root / f"mix{max(MIX_TASKS)}", "--cache-bytes", str(ServerConfig.cache_bytes + freed))
-        results["task_mix"] = task_mix(load, single, mixes, {t: root / f"mix{t}" for t in MIX_TASKS}, equal_memory)
+        largest = root / f"mix{max(MIX_TASKS)}"
+        freed, every_task = freed_mask_bytes(largest), all_tasks_bytes(largest)
+        sized = {label: maskbank(stack, largest, "--cache-bytes", str(size))
+                 for label, size in (("equal_memory", ServerConfig.cache_bytes + freed), ("all_cached", every_task))}
+        results["task_mix"] = task_mix(load, single, mixes, {t: root / f"mix{t}" for t in MIX_TASKS}, sized)
         results["task_mix"]["freed_mask_mb"] = freed / 1e6
-        for server in [*mixes.values(), equal_memory]:
+        results["task_mix"]["all_cached_mb"] = every_task / 1e6
+        for server in [*mixes.values(), *sized.values()]:
             server.stop()
     if single is not None:
         single.stop()

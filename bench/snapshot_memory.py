@@ -26,6 +26,12 @@ prepares the new stack from the previous one; B = Snapshot.load without a previo
 (as before: the first gradient request then summed every task's masks), then mask_stack(). Both
 with a cache that admits nothing (the float matrix is timed above), REPEATS alternated rounds.
 
+Task-given forward at batch FORWARD_BATCH on the same snapshot (what task_mix's requests cost, without
+gRPC): one task, its weights cached and warm in the CPU's caches (the reference); a random task of the
+TASKS each call, its weights cached (a cache big enough for all: a hit, read cold from memory); a
+random task each call with a cache that admits nothing (every call builds the weights from the packed
+masks into per-thread buffers: a miss). FORWARD_CALLS calls each, alternated, REPEATS rounds.
+
 torch.set_num_threads(THREADS). Prints Markdown tables and writes the same numbers to
 bench/results/snapshot_memory.json.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -55,6 +62,7 @@ THREADS = 1
 REPEATS = 5
 GN_BATCH = 16
 GN_MODES = ["oneshot-input", "oneshot", "binary"]
+FORWARD_BATCH, FORWARD_CALLS = 32, 300
 MODEL = "bench"
 RESULTS = Path(__file__).parent / "results" / "snapshot_memory.json"
 
@@ -163,6 +171,41 @@ def reload_with_gradients(registry: Registry) -> dict:
             "scratch_vs_prepared": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
 
 
+def forward_cost(registry: Registry) -> dict:
+    """Microseconds per task-given forward: one warm task, a random cached task (cold in memory), a
+    random task built on every call (a miss), and each over the warm one (see the module docstring)."""
+    manifest = registry.manifest(MODEL)
+    cached, built = (Snapshot.load(registry, manifest, None, LRUCache(size)) for size in (4 << 30, 0))
+    x = torch.rand(FORWARD_BATCH, SIZES[0], generator=torch.Generator().manual_seed(2))
+    rng = random.Random(0)
+    ids = sorted(cached.tasks)
+    for task in cached.tasks.values():  # every task's weights into the cache
+        cached.logits(task, x)
+    warm = cached.tasks[ids[0]]
+
+    def calls(snapshot: Snapshot, random_task: bool) -> float:
+        tasks = [snapshot.tasks[rng.choice(ids)] if random_task else warm for _ in range(FORWARD_CALLS)]
+        began = time.perf_counter()
+        for task in tasks:
+            snapshot.logits(task, x)
+        return (time.perf_counter() - began) / FORWARD_CALLS * 1e6
+
+    runs = {"one_task": (cached, False), "random_cached": (cached, True), "random_built": (built, True)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(REPEATS + 1):  # the first round warms up
+            for name, (snapshot, random_task) in runs.items():
+                us = calls(snapshot, random_task)
+                if round_:
+                    times[name].append(us)
+    out = {f"{name}_us": statistics.median(t) for name, t in times.items()}
+    for name in ("random_cached", "random_built"):
+        ratios = [a / b for a, b in zip(times[name], times["one_task"])]
+        out[f"{name}_vs_one_task"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    out["cache"] = {"cached": dataclasses.asdict(cached._cache.stats()), "built": dataclasses.asdict(built._cache.stats())}
+    return out
+
+
 def _without_stack(snapshot: Snapshot) -> Snapshot:
     """`snapshot`'s loaded parts in a snapshot that never built a stack (a reload reuses them either way)."""
     return Snapshot(snapshot.manifest, snapshot.backbones, snapshot.shared, snapshot.tasks, LRUCache(0))
@@ -176,6 +219,7 @@ def main() -> None:
         timing = load_seconds(registry)
         gn = superposition(registry)
         reload = reload_with_gradients(registry)
+        forward = forward_cost(registry)
     print(f"Snapshot of {TASKS} SupSup tasks, MLP {SIZES}, random masks at density {DENSITY} (bitmask/v1); "
           f"torch.set_num_threads({THREADS}); load: {REPEATS} alternating rounds after a warm-up\n")
     print("| task masks held as | bytes per task | bits per weight | all tasks | load time (median) |")
@@ -200,12 +244,19 @@ def main() -> None:
     print(f"\nReload with one task appended while gradient modes are in use: stack prepared at load from the "
           f"previous one {reload['prepared_ms']:.1f} ms (load included), load then stack from scratch "
           f"{reload['scratch_ms']:.1f} ms: {ratio['median']:.1f}x ({ratio['min']:.1f}-{ratio['max']:.1f})")
+    print(f"\nTask-given forward, batch {FORWARD_BATCH}, µs per call (median of {REPEATS} rounds of {FORWARD_CALLS} calls):\n")
+    print("| task of each call | weights | µs | / one task |\n|---|---|---|---|")
+    print(f"| one task | cached, warm | {forward['one_task_us']:.0f} | 1 |")
+    for name, what in (("random_cached", "cached (a hit, cold in memory)"), ("random_built", "built from the packed masks (a miss)")):
+        ratio = forward[f"{name}_vs_one_task"]
+        print(f"| random of {TASKS} | {what} | {forward[f'{name}_us']:.0f} | "
+              f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |")
     setup = {"tasks": TASKS, "sizes": SIZES, "density": DENSITY, "threads": THREADS, "repeats": REPEATS,
-             "gn_batch": GN_BATCH}
+             "gn_batch": GN_BATCH, "forward_batch": FORWARD_BATCH, "forward_calls": FORWARD_CALLS}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "snapshot_memory", "setup": setup, "memory": memory,
                                    "load": timing, "superposition": gn,
-                                   "reload_with_gradients": reload}, indent=2) + "\n")
+                                   "reload_with_gradients": reload, "forward": forward}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 
