@@ -20,6 +20,7 @@ every write.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from .errors import RegistryError
+from .errors import MaskbankError, RegistryError
 
 Creator = Callable[[AbstractFileSystem, str, bytes], bool]
 
@@ -37,12 +38,33 @@ _MEMORY_LOCK = threading.Lock()  # one per process: so is the memory filesystem
 _CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing write is in flight
 
 
+def _reaching(method):
+    """`method` with the storage client's own failures that are not OSErrors (botocore's
+    NoCredentialsError, say: the caller cannot act on a library's exception type) raised as a
+    RegistryError naming the registry. OSErrors (FileNotFoundError, PermissionError, ...) keep
+    their meaning for callers and pass as they are."""
+
+    @functools.wraps(method)
+    def reaching(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, MaskbankError):
+            raise
+        except Exception as error:  # noqa: BLE001  any client library's failure, reported with its words
+            raise RegistryError(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
+
+    return reaching
+
+
 class FsspecStorage:
     """The `Storage` protocol (registry/storage.py) over `fsspec.core.url_to_fs(url)`."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+        except (ValueError, ImportError) as error:  # an unknown scheme, or its package not installed
+            raise RegistryError(f"cannot open registry {self.url}: {error}") from error
         self.root = root.rstrip("/")
         self.scheme = self.url.split("://", 1)[0]
         self._creator = _creator_for(self.fs)
@@ -54,10 +76,12 @@ class FsspecStorage:
         """The full URL of `key`, for error messages."""
         return f"{self.url}/{key}"
 
+    @_reaching
     def read(self, key: str) -> bytes:
         """The object's bytes (one whole-object GET); FileNotFoundError if absent."""
         return self.fs.cat_file(self._path(key))
 
+    @_reaching
     def write(self, key: str, data: bytes) -> None:
         """Replace the object as a whole (an S3 PUT is atomic: readers never see part of it)."""
         self._require_writable()
@@ -67,6 +91,7 @@ class FsspecStorage:
         finally:
             self.fs.invalidate_cache(path)
 
+    @_reaching
     def create(self, key: str, data: bytes) -> bool:
         """Write the object only if `key` does not exist yet; True if this call created it.
         Atomic with respect to other creators, in this process or any other."""
@@ -77,10 +102,12 @@ class FsspecStorage:
         finally:
             self.fs.invalidate_cache(path)
 
+    @_reaching
     def exists(self, key: str) -> bool:
         path = self._fresh(key)
         return self.fs.exists(path)
 
+    @_reaching
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is not an error."""
         path = self._path(key)
@@ -91,6 +118,7 @@ class FsspecStorage:
         finally:
             self.fs.invalidate_cache(path)
 
+    @_reaching
     def list_dir(self, prefix: str) -> list[str]:
         """Sorted names (last path component) directly below `prefix`; [] if there are none."""
         path = self._fresh(prefix)
@@ -101,6 +129,7 @@ class FsspecStorage:
         names = (_last_component(entry) for entry in entries if entry.rstrip("/") != path)
         return sorted(name for name in names if name)
 
+    @_reaching
     def modified(self, key: str) -> float:
         """When the object was last written, as a POSIX timestamp."""
         return _timestamp(self.fs.modified(self._fresh(key)))

@@ -17,6 +17,7 @@ import tritonclient.grpc as triton
 from moto.server import ThreadedMotoServer
 from s3fs import S3FileSystem
 
+from maskbank.cli import main
 from maskbank.process import ServerProcess
 from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError
 from trainer import get_stream
@@ -204,6 +205,26 @@ def test_backends_without_atomic_create_are_read_only(tmp_path):
     with pytest.raises(RegistryError, match=r"publishing to local:// is not supported.*s3://.*memory://"):
         registry.commit(registry.manifest("m").next())
     assert Registry(tmp_path).generations("m") == [1]
+
+
+def test_a_registry_url_that_cannot_be_opened_or_reached_is_a_registry_error(s3_url, capsys):
+    """An unknown scheme, a backend whose package is missing, an S3 store without credentials: each a
+    RegistryError naming the registry (the CLI prints it), never a client library's traceback."""
+    with pytest.raises(RegistryError, match=r"cannot open registry foo://bucket/x: Protocol not known: foo"):
+        Registry("foo://bucket/x")
+    with pytest.raises(RegistryError, match=r"cannot open registry gs://bucket/x: .*gcsfs"):
+        Registry("gs://bucket/x")
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.delenv(name)
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookup either
+        S3FileSystem.clear_instance_cache()
+        try:
+            assert main(["registry", "ls", "--registry", s3_url]) == 2
+        finally:
+            S3FileSystem.clear_instance_cache()
+    assert (f"maskbank registry: error: cannot reach registry {s3_url}: NoCredentialsError: Unable to locate "
+            "credentials") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- two servers following one S3 registry
