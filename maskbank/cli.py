@@ -80,7 +80,7 @@ def _add_train(commands) -> None:
         options.add_argument(flag, **kwargs)
     options.add_argument("--set", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                          help="any other option of the method's config, e.g. --set weight_epochs=5 (repeatable; "
-                         "values are read as JSON when they parse, else as text)")
+                         "values are read as JSON when they parse, else as text, and checked against the option's type)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

@@ -55,6 +55,28 @@ def test_supsup_learns_a_task_without_touching_the_backbone():
     assert artifact.metrics["density"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("method, option, value, message", [
+    ("supsup", "epochs", "abc", "must be an integer, got 'abc'"),
+    ("supsup", "epochs", 1.5, "must be an integer, got 1.5"),
+    ("supsup", "epochs", True, "must be an integer, got True"),
+    ("supsup", "density", "0.5", "must be a number, got '0.5'"),
+    ("supsup", "mask", 3, "must be text, got 3"),
+    ("cl-lsg", "target", True, "must be a number, got True"),
+])
+def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, value, message):
+    from registry.errors import MaskbankError
+
+    with pytest.raises(MaskbankError, match=f"option '{option}' of method '{method}' {message}"):
+        get_method(method, **{option: value})
+
+
+def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():
+    assert get_method("supsup", density=1).config.density == 1.0
+    assert isinstance(get_method("supsup", density=1).config.density, float)
+    assert get_method("cl-lsg", target=0.9).config.target == 0.9
+    assert get_method("supsup", epochs=None).config.epochs == get_method("supsup").config.epochs
+
+
 def test_training_publishes_every_task_with_metrics(tmp_path):
     registry = train_model(tmp_path, "m", 2, TINY)
     manifest = registry.manifest("m")

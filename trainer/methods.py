@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -123,7 +125,25 @@ def get_method(name: str, **config: Any) -> Method:
     overrides = {k: v for k, v in config.items() if v is not None}
     if extra := set(overrides) - fields:
         raise MaskbankError(f"method '{name}' has no option(s) {sorted(extra)} (options: {sorted(fields)})")
-    return cls(cls.Config(**overrides))
+    hints = typing.get_type_hints(cls.Config)
+    return cls(cls.Config(**{k: _typed(name, k, hints[k], v) for k, v in overrides.items()}))
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _typed(method: str, option: str, hint: Any, value: Any) -> Any:
+    """`value` as option `option`'s declared type (bool, int, float, str, or one of them | None; an
+    integer is a valid float), else MaskbankError: a config of the wrong type fails late, deep in
+    training, with a message about something else."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in kinds:
+        if kind in _KINDS and isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+            return value
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    wanted = " or ".join(_KINDS.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds if kind is not type(None))
+    raise MaskbankError(f"option '{option}' of method '{method}' must be {wanted}, got {value!r}")
 
 
 def method_names() -> list[str]:
