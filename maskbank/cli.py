@@ -58,6 +58,17 @@ def _option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count), refused before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_train(commands) -> None:
     from trainer import method_names, stream_names
 
@@ -69,7 +80,7 @@ def _add_train(commands) -> None:
     )
     p.add_argument("--registry", required=True, help="registry directory (created if missing)")
     p.add_argument("--model", required=True, help="model name in the registry")
-    p.add_argument("--tasks", type=int, required=True, help="total number of tasks the model should have")
+    p.add_argument("--tasks", type=_positive_int, required=True, help="total number of tasks the model should have")
     p.add_argument("--method", choices=method_names(), help="continual-learning method (required for a new model)")
     p.add_argument("--stream", choices=stream_names(), help="task stream (required for a new model)")
     p.add_argument("--seed", type=int, help="seed of the stream, backbone and every task (default 0)")
@@ -235,8 +246,8 @@ def _add_demo(commands) -> None:
     )
     p.add_argument("--registry", default="demo-registry", help="registry directory (default ./demo-registry)")
     p.add_argument("--model", default="digits", help="model name (default digits)")
-    p.add_argument("--tasks", type=int, default=5, help="number of permuted-digits tasks (default 5)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size of the queries (default 16)")
+    p.add_argument("--tasks", type=_positive_int, default=5, help="number of permuted-digits tasks (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size of the queries (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:

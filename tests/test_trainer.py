@@ -122,6 +122,22 @@ def test_train_refuses_fewer_than_one_task_and_writes_nothing(tmp_path):
     assert registry.find_manifest("m") is None
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--tasks", "0", "--registry", "r", "--model", "m"], "argument --tasks: expected a positive integer, got 0"),
+    (["demo", "--tasks", "-1"], "argument --tasks: expected a positive integer, got -1"),
+    (["demo", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+    (["demo", "--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
+])
+def test_counts_on_the_command_line_are_checked_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    from maskbank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no registry started
+
+
 def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     import numpy as np
 
