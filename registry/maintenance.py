@@ -81,6 +81,9 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
     candidate's age is checked again right before it is deleted. Refuses to run while any
     manifest is unreadable, because its references would be unknown.
     """
+    if not grace_seconds >= 0:
+        raise RegistryError(f"gc refused: the grace period must be 0 seconds or more, got {grace_seconds:g} (it spares "
+                            "the blobs of a publish in progress; 0 deletes every unreferenced blob now)")
     try:
         referenced = set(referenced_blobs(registry))
     except MaskbankError as error:

@@ -74,6 +74,10 @@ def test_gc_deletes_only_old_unreferenced_blobs(trained, capsys):
     orphan = trained.put("tensors/v1", {})
     code, report = run_json(capsys, "registry", "gc", *where)  # default grace: an hour
     assert code == 0 and report["deleted"] == [] and report["kept_recent"] == [orphan.digest]
+    for bad in ("-5", "nan"):  # a negative or NaN grace period would spare nothing, not even a publish in progress
+        assert main(["registry", "gc", "--grace-seconds", bad, *where]) == 2
+        assert "gc refused: the grace period must be 0 seconds or more" in capsys.readouterr().err
+    assert trained.blobs.exists(orphan.digest)
     code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", "--dry-run", *where)
     assert report["deleted"] == [orphan.digest] and trained.blobs.exists(orphan.digest)
     code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", *where)
