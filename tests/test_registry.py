@@ -169,19 +169,20 @@ def test_supsup_writes_into_given_buffers_the_same_bits_it_would_allocate():
         effective_parameters("supsup", backbone, {"masks": {"w": mask}}, out={"w": torch.empty(7, 5)})
 
 
-def test_supsup_from_masks_in_one_buffer_builds_the_same_bits_as_from_the_table():
+def test_supsup_from_masks_in_one_buffer_builds_the_same_bits_as_the_cpus_way():
     """The GPU's way (masks moved into one buffer by PackedMasks.to, unpacked by shift-and-mask, one
-    uint8 x float product per weight), run on the CPU: bit for bit the table lookup's weights, fresh
-    or written into buffers, with negative zeros where the mask drops a negative weight."""
+    uint8 x float product per weight), run on the CPU: bit for bit the CPU's weights (as_float, then
+    an in-place product), fresh or written into buffers, with negative zeros where the mask drops a
+    negative weight."""
     from registry import PackedMasks, effective_parameters
 
     generator = torch.Generator().manual_seed(1)
     backbone = {"a": torch.randn(5, 7, generator=generator), "b": torch.randn(3, 3, 3, generator=generator)}
     masks = PackedMasks.pack({name: torch.rand(w.shape, generator=generator) < 0.5 for name, w in backbone.items()})
     out = {name: torch.full_like(w, float("nan")) for name, w in backbone.items()}
-    table = effective_parameters("supsup", backbone, {"masks": masks})
+    cpus = effective_parameters("supsup", backbone, {"masks": masks})
     for written in (effective_parameters("supsup", backbone, {"masks": masks.to("cpu")}),
                     effective_parameters("supsup", backbone, {"masks": masks.to("cpu")}, out=out)):
         for name in backbone:
-            assert torch.equal(written[name].view(torch.int32), table[name].view(torch.int32))
+            assert torch.equal(written[name].view(torch.int32), cpus[name].view(torch.int32))
     assert all(written[name] is out[name] for name in backbone)
