@@ -77,6 +77,13 @@ def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():
     assert get_method("supsup", epochs=None).config.epochs == get_method("supsup").config.epochs
 
 
+def test_option_types_the_check_does_not_know_are_left_to_the_config():
+    from trainer.methods import _typed
+
+    assert _typed("plugin", "layers", list[int], [1, 2]) == [1, 2]
+    assert _typed("plugin", "scale", float | None, 2) == 2.0
+
+
 def test_training_publishes_every_task_with_metrics(tmp_path):
     registry = train_model(tmp_path, "m", 2, TINY)
     manifest = registry.manifest("m")

@@ -9,10 +9,10 @@ dataclass config whose unknown keys are errors and whose resolved values are sav
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 import types
 import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -126,7 +126,7 @@ def get_method(name: str, **config: Any) -> Method:
     if extra := set(overrides) - fields:
         raise MaskbankError(f"method '{name}' has no option(s) {sorted(extra)} (options: {sorted(fields)})")
     hints = typing.get_type_hints(cls.Config)
-    return cls(cls.Config(**{k: _typed(name, k, hints[k], v) for k, v in overrides.items()}))
+    return cls(cls.Config(**{k: _typed(name, k, hints.get(k), v) for k, v in overrides.items()}))
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
@@ -135,14 +135,16 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "tex
 def _typed(method: str, option: str, hint: Any, value: Any) -> Any:
     """`value` as option `option`'s declared type (bool, int, float, str, or one of them | None; an
     integer is a valid float), else MaskbankError: a config of the wrong type fails late, deep in
-    training, with a message about something else."""
+    training, with a message about something else. Other declared types are left to the config."""
     kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if any(kind not in _KINDS for kind in kinds if kind is not type(None)):
+        return value  # a type this check does not know (a plugin's list, say): its config decides
     for kind in kinds:
-        if kind in _KINDS and isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int to Python
             return value
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-    wanted = " or ".join(_KINDS.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds if kind is not type(None))
+    wanted = " or ".join(_KINDS[kind] for kind in kinds if kind is not type(None))
     raise MaskbankError(f"option '{option}' of method '{method}' must be {wanted}, got {value!r}")
 
 
