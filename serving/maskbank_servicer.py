@@ -6,6 +6,7 @@ import asyncio
 
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
+from .errors import InvalidRequest
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .snapshot import LoadedTask, Snapshot
@@ -37,7 +38,11 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
 
     def DescribeTask(self, request, context):
         snapshot = self.repository.get(request.model)
-        key = request.task_name if request.WhichOneof("task") == "task_name" else request.task_id
+        which = request.WhichOneof("task")
+        if which is None:  # proto3 would read an unset task_id as 0: describing task 0 unasked is a wrong answer
+            raise InvalidRequest(f"DescribeTask needs task_id or task_name; model '{snapshot.model}' has tasks "
+                                 + ", ".join(f"{t.id} ({t.name})" for t in snapshot.manifest.tasks))
+        key = request.task_name if which == "task_name" else request.task_id
         return task_info(snapshot, snapshot.tasks[snapshot.manifest.task(key).id])
 
     async def InferTask(self, request, context):

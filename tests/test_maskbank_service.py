@@ -50,6 +50,10 @@ def test_list_and_describe_tasks(service):
     with pytest.raises(grpc.RpcError) as info:
         stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=5))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no task 5" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # neither id nor name: not silently task 0
+        stub.DescribeTask(mb.DescribeTaskRequest(model="m"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "DescribeTask needs task_id or task_name; model 'm' has tasks 0 (perm-0), 1 (perm-1)"
     with pytest.raises(grpc.RpcError) as info:
         stub.ListTasks(mb.ListTasksRequest(model="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
