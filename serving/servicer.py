@@ -157,6 +157,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def RepositoryModelLoad(self, request, context):
+        if request.parameters:  # Triton's config override and model files ('config', 'file:...')
+            raise InvalidRequest(
+                f"RepositoryModelLoad of '{request.model_name}' takes no parameters here (got "
+                f"{', '.join(map(repr, sorted(request.parameters)))}): a maskbank model is what its registry holds, "
+                "so load it without a config or files, and publish a new generation to change it")
         self.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 

@@ -106,6 +106,10 @@ def test_repository_index_load_and_unload(server):
     with pytest.raises(InferenceServerException, match="has no model 'zzz'") as info:
         client.load_model("zzz", headers=ADMIN)
     assert info.value.status() == "StatusCode.NOT_FOUND"
+    for override in ({"config": "{}"}, {"files": {"file:1/model.onnx": b"x"}, "config": "{}"}):
+        with pytest.raises(InferenceServerException, match="takes no parameters here .*publish a new generation") as info:
+            client.load_model("b", headers=ADMIN, **override)  # Triton's config override: not silently ignored
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     client.unload_model("a", headers=ADMIN)
     with grpc.insecure_channel(server[0].url) as channel:  # tritonclient cannot ask for ready models only
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
