@@ -6,9 +6,10 @@ import dataclasses
 import json
 import sys
 
-from registry import Registry
+from registry import Registry, RegistryError
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
+from registry.storage import LocalStorage
 
 
 def add_registry_commands(commands) -> None:
@@ -38,6 +39,10 @@ def add_registry_commands(commands) -> None:
 
 def run_registry_command(args) -> int:
     registry = Registry(args.registry)
+    if isinstance(registry.storage, LocalStorage) and not registry.storage.root.is_dir():
+        # a mistyped path would otherwise list no models and verify "OK"
+        raise RegistryError(f"no registry at {args.registry}: the directory does not exist (the first "
+                            f"`maskbank train --registry {args.registry} ...` creates it)")
     return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "audit": _audit}[args.registry_command](registry, args)
 
 

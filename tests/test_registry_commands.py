@@ -112,3 +112,13 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
         code = main([*command, "--registry", trained.location, "--plot", str(tmp_path / "a-file" / "out.png")])
         assert code == 1
         assert f"maskbank {command[0]}: error: " in capsys.readouterr().err
+
+
+def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_registry(tmp_path, capsys):
+    missing = str(tmp_path / "typo")
+    for action in ("ls", "verify", "gc"):
+        assert main(["registry", action, "--registry", missing]) == 2
+        assert f"maskbank registry: error: no registry at {missing}: the directory does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()  # an existing, empty registry is one: nothing wrong in it
+    assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 0
