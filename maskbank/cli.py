@@ -281,7 +281,16 @@ def _train(args) -> None:
     config.update(dict(args.options))
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}
-    manifest = train(Registry(args.registry), args.model, args.tasks, requested, fwt=args.fwt)
+    registry = Registry(args.registry)
+    try:
+        manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
+    except KeyboardInterrupt:  # Ctrl-C: every task published so far stays; say where to pick up
+        published = registry.find_manifest(args.model)
+        done = len(published.tasks) if published else 0
+        state = f"generation {published.generation}" if published else "nothing published"
+        print(f"\nmaskbank train: interrupted; model '{args.model}' has {done} of {args.tasks} task(s) in "
+              f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
+        raise SystemExit(130) from None
     print(format_report(manifest))
 
 

@@ -145,6 +145,38 @@ def test_counts_on_the_command_line_are_checked_before_any_work(argv, message, c
     assert not any(tmp_path.iterdir())  # no registry started
 
 
+def test_ctrl_c_during_training_keeps_what_was_published_and_says_so(tmp_path):
+    """SIGINT (Ctrl-C) mid-training: one line saying how many tasks the registry holds and how to go
+    on, status 130, no traceback; the published generations verify."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "200", "--registry",
+               str(tmp_path / "reg"), "--model", "m", "--arch", json.dumps(TINY["architecture"]), "--epochs", "2"]
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
+              "from maskbank.cli import main; sys.exit(main(sys.argv[1:]))")
+    process = subprocess.Popen([sys.executable, "-c", script, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("published task 0 "):
+                process.send_signal(signal.SIGINT)
+                break
+        rest = process.stdout.read()
+        assert process.wait(60) == 130
+    finally:
+        process.kill()
+    assert "Traceback" not in rest
+    published = Registry(tmp_path / "reg").manifest("m")
+    assert (f"maskbank train: interrupted; model 'm' has {len(published.tasks)} of 200 task(s) in {tmp_path / 'reg'} "
+            f"(generation {published.generation}); the same command trains the rest") in rest
+    from registry.maintenance import verify
+
+    assert verify(Registry(tmp_path / "reg")).ok
+
+
 def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     import numpy as np
 
