@@ -387,4 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file that cannot be written or read, a port taken: the system's words suffice
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the shell's convention, without a traceback (train says more itself)
+        print(f"\nmaskbank {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
