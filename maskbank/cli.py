@@ -94,7 +94,7 @@ def _add_train(commands) -> None:
                          "values are read as JSON when they parse, else as text, and checked against the option's type)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
 
 
 # flag, method config key, argparse keyword arguments. Defaults live in each method's Config.

@@ -106,6 +106,8 @@ class ServerConfig:
             raise ValueError(f"--default-priority-level must be from 1 to --priority-levels ({self.priority_levels}), "
                              f"got {self.default_priority_level}" if self.priority_levels else
                              "--default-priority-level needs --priority-levels: without levels every request has one")
+        if self.torch_threads is not None and self.torch_threads < 0:
+            raise ValueError(f"--threads must be 0 or more (0: torch's and ONNX Runtime's own choice), got {self.torch_threads}")
         if not self.poll_interval > 0:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:

@@ -323,6 +323,8 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
             ServerConfig(registry="r", **{field: value})
     with pytest.raises(ValueError, match="--poll-interval must be a positive"):
         ServerConfig(registry="r", poll_interval=0)
+    with pytest.raises(ValueError, match=r"--threads must be 0 or more \(0: torch's and ONNX Runtime's own choice\), got -1"):
+        ServerConfig(registry="r", torch_threads=-1)  # torch.set_num_threads raised a RuntimeError traceback
 
 
 def test_serve_takes_sizes_with_units_and_explains_a_bad_one(capsys):

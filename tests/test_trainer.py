@@ -134,6 +134,8 @@ def test_train_refuses_fewer_than_one_task_and_writes_nothing(tmp_path):
     (["demo", "--tasks", "-1"], "argument --tasks: expected a positive integer, got -1"),
     (["demo", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
     (["demo", "--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
+    (["train", "--tasks", "2", "--registry", "r", "--model", "m", "--threads", "-1"],
+     "argument --threads: expected a positive integer, got -1"),
 ])
 def test_counts_on_the_command_line_are_checked_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
     from maskbank.cli import main
