@@ -73,6 +73,8 @@ def _ls(registry: Registry, args) -> int:
 
 
 def _show(registry: Registry, args) -> int:
+    if args.generation is not None and args.generation < 1:  # the registry reads 0 as "the newest"
+        raise RegistryError(f"--generation must be 1 or more (omit it for the newest), got {args.generation}")
     manifest = registry.manifest(args.model, args.generation)
     if args.task is not None:
         task = manifest.task(int(args.task) if args.task.isdigit() else args.task)
