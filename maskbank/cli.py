@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> None:
     import torch
 
-    from registry import Registry
+    from registry import PublishConflict, Registry
     from trainer import train
 
     if args.threads:
@@ -284,6 +284,10 @@ def _train(args) -> None:
     registry = Registry(args.registry)
     try:
         manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
+    except PublishConflict as error:  # the API's "reload and retry", said for the command line
+        raise PublishConflict(f"{error}. Another publisher (a second `maskbank train`?) is adding tasks to model "
+                              f"'{args.model}': run this command again once it has finished; it goes on from the "
+                              "tasks published") from None
     except KeyboardInterrupt:  # Ctrl-C: every task published so far stays; say where to pick up
         published = registry.find_manifest(args.model)
         done = len(published.tasks) if published else 0

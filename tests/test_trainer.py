@@ -179,6 +179,33 @@ def test_ctrl_c_during_training_keeps_what_was_published_and_says_so(tmp_path):
     assert verify(Registry(tmp_path / "reg")).ok
 
 
+def test_a_second_publisher_makes_train_stop_with_what_to_do(tmp_path):
+    """Another publisher commits the generation train meant to write next: train stops (status 2) with
+    the registry's words and what to do on the command line; what it published stays."""
+    import json
+    import subprocess
+    import sys
+
+    command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "50", "--registry",
+               str(tmp_path / "reg"), "--model", "m", "--arch", json.dumps(TINY["architecture"]), "--epochs", "20"]
+    process = subprocess.Popen([sys.executable, "-m", "maskbank", *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("published task 0 "):  # it now trains task 1, for generation 2
+                registry = Registry(tmp_path / "reg")
+                registry.commit(registry.manifest("m").next())  # generation 2, by someone else
+                break
+        rest = process.stdout.read()
+        assert process.wait(60) == 2
+    finally:
+        process.kill()
+    assert ("another publisher got there first: reload and retry. Another publisher (a second `maskbank train`?) "
+            "is adding tasks to model 'm': run this command again once it has finished; it goes on from the tasks "
+            "published") in rest
+    assert Registry(tmp_path / "reg").generations("m") == [1, 2]
+
+
 def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     import numpy as np
 
