@@ -117,8 +117,13 @@ class Manifest:
         task = (self._tasks_by_id if isinstance(key, int) else self._tasks_by_name).get(key)
         if task is not None:
             return task
-        known = ", ".join(f"{t.id} ({t.name})" for t in self.tasks) or "none yet"
-        raise TaskNotFound(f"model '{self.model}' has no task {key!r} at generation {self.generation} (tasks: {known})")
+        raise TaskNotFound(f"model '{self.model}' has no task {key!r} at generation {self.generation} "
+                           f"(tasks: {self.task_list})")
+
+    @property
+    def task_list(self) -> str:
+        """The tasks as a person reads them in a message: "0 (perm-0), 1 (perm-1)", or "none yet"."""
+        return ", ".join(f"{t.id} ({t.name})" for t in self.tasks) or "none yet"
 
     def next(self, *, tasks: tuple[TaskEntry, ...] | None = None, **changes) -> "Manifest":
         """The following generation with `changes` applied; published tasks can only be appended to."""

@@ -41,7 +41,7 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
         which = request.WhichOneof("task")
         if which is None:  # proto3 would read an unset task_id as 0: describing task 0 unasked is a wrong answer
             raise InvalidRequest(f"DescribeTask needs task_id or task_name; model '{snapshot.model}' has tasks "
-                                 + ", ".join(f"{t.id} ({t.name})" for t in snapshot.manifest.tasks))
+                                 f"{snapshot.manifest.task_list}")
         key = request.task_name if which == "task_name" else request.task_id
         return task_info(snapshot, snapshot.tasks[snapshot.manifest.task(key).id])
 
