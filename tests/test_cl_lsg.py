@@ -233,9 +233,9 @@ def test_command_line_trains_and_audits(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="seed_fraction must be in"):
+    with pytest.raises(MaskbankError, match="method 'cl-lsg': seed_fraction must be in"):
         get_method("cl-lsg", seed_fraction=0)
-    with pytest.raises(ValueError, match="target must be >= 0"):
+    with pytest.raises(MaskbankError, match="target must be >= 0"):
         get_method("cl-lsg", target=-0.5)
     with pytest.raises(MaskbankError, match="cl-lsg needs a plain chain of .* BatchNorm and residual blocks are not"):
         network_layers(build_architecture({**CNN, "bn": "nonaffine"}))

@@ -155,7 +155,7 @@ def test_appending_equals_training_at_once(trained, tmp_path):
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="density must be in"):
+    with pytest.raises(MaskbankError, match="method 'exssnet': density must be in"):
         get_method("exssnet", density=0.0)
     with pytest.raises(MaskbankError, match=r"has no option\(s\) \['mask_lr'\]"):
         get_method("exssnet", mask_lr=0.1)

@@ -95,9 +95,9 @@ def test_the_basis_is_append_only():
 
 def test_config_is_checked():
     assert get_method("impresslearn").config.basis == "hetero" and get_method("impresslearn").config.basis_size == 5
-    with pytest.raises(ValueError, match="basis must be one of hetero, homo, random, got 'mixed'"):
+    with pytest.raises(MaskbankError, match="basis must be one of hetero, homo, random, got 'mixed'"):
         get_method("impresslearn", basis="mixed")
-    with pytest.raises(ValueError, match="alpha_optimizer must be one of adam, rmsprop"):
+    with pytest.raises(MaskbankError, match="alpha_optimizer must be one of adam, rmsprop"):
         get_method("impresslearn", alpha_optimizer="sgd")
     with pytest.raises(MaskbankError, match=r"has no option\(s\) \['epochs'\]"):
         get_method("impresslearn", epochs=3)

@@ -242,9 +242,9 @@ def test_appending_equals_training_at_once(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="share must be one of"):
+    with pytest.raises(MaskbankError, match="share must be one of"):
         get_method("packnet-share", share="lowest,2")
-    with pytest.raises(ValueError, match=r"prune must be in \[0, 1\)"):
+    with pytest.raises(MaskbankError, match=r"method 'packnet-share': prune must be in \[0, 1\)"):
         get_method("packnet-share", prune=1.0)
     narrow = {"arch": "mlp", "sizes": [64, 2, 2, 2]}  # 2 filters per layer: one for each of the first two tasks
     registry = Registry(tmp_path)

@@ -70,6 +70,40 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, va
         get_method(method, **{option: value})
 
 
+@pytest.mark.parametrize("method, option, value, message", [
+    ("supsup", "density", 1.5, "density must be in (0, 1], got 1.5"),
+    ("supsup", "lr", -1.0, "lr must be > 0, got -1.0"),
+    ("supsup", "lr", float("nan"), "lr must be > 0, got nan"),
+    ("supsup", "batch_size", 0, "batch_size must be >= 1, got 0"),
+    ("supsup", "momentum", 1.0, "momentum must be in [0, 1), got 1.0"),
+    ("supsup", "epochs", -1, "epochs must be >= 0, got -1"),
+    ("exssnet", "weight_lr", 0.0, "weight_lr must be > 0, got 0.0"),
+    ("impresslearn", "alpha_lr", -0.1, "alpha_lr must be > 0, got -0.1"),
+    ("packnet-share", "finetune_lr", 0.0, "finetune_lr must be > 0, got 0.0"),
+    ("spg", "lr", 0.0, "lr must be > 0, got 0.0"),
+    ("ewc", "penalty", -1.0, "penalty must be >= 0, got -1.0"),
+    ("cl-lsg", "mask_lr", -1.0, "mask_lr must be > 0, got -1.0"),
+    ("cl-lsg", "target", float("nan"), "target must be >= 0"),
+])
+def test_method_options_out_of_range_are_refused_by_name(method, option, value, message):
+    from registry.errors import MaskbankError
+
+    with pytest.raises(MaskbankError) as refused:
+        get_method(method, **{option: value})
+    assert str(refused.value).startswith(f"method '{method}': {message}")
+
+
+def test_train_refuses_an_option_out_of_range_in_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    from maskbank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--registry", "reg",
+                 "--model", "m", "--density", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "maskbank train: error: method 'supsup': density must be in (0, 1], got 1.5\n"
+    assert not any(tmp_path.iterdir())  # no registry started
+
+
 def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():
     assert get_method("supsup", density=1).config.density == 1.0
     assert isinstance(get_method("supsup", density=1).config.density, float)

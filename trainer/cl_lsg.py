@@ -67,7 +67,7 @@ from registry.errors import MaskbankError
 from registry.materialize_cl_lsg import METHOD, kernel_masked, layer_of
 
 from .fit import fit
-from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, register_method
+from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, register_method, require
 from .packnet import filter_layers
 from .streams import TaskData
 
@@ -94,19 +94,14 @@ class CLLSGConfig:
     val_fraction: float = 0.2  # share of the training set held out for the growth decision
 
     def __post_init__(self):
-        if self.target is not None and self.target < 0:
+        if self.target is not None and not self.target >= 0:  # NaN too
             raise ValueError(f"target must be >= 0 (an accuracy; above 1 always grows), got {self.target}")
-        for name in ("seed_fraction", "grow_fraction"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("epochs", "grow_epochs", "scratch_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 1 or self.beta_max < 1 or self.gumbel_temperature <= 0:
-            raise ValueError(f"batch_size and beta_max must be >= 1 and gumbel_temperature > 0, got "
-                             f"{self.batch_size}, {self.beta_max}, {self.gumbel_temperature}")
+        require(self, "in (0, 1]", "seed_fraction", "grow_fraction")
+        require(self, "in (0, 1)", "val_fraction")
+        require(self, ">= 1", "epochs", "grow_epochs", "scratch_epochs", "batch_size", "beta_max")
+        require(self, "> 0", "lr", "mask_lr", "gumbel_temperature")
+        require(self, "in [0, 1)", "momentum")
+        require(self, ">= 0", "penalty")
 
 
 def network_layers(module: nn.Module) -> list[str]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import HeadConfig, HeadMethod, latest_state
-from .methods import Tensors, TrainingContext, register_method
+from .methods import Tensors, TrainingContext, register_method, require
 from .streams import TaskData
 
 FISHER = "fisher"
@@ -32,8 +32,7 @@ class EWCConfig(HeadConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.penalty < 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty}")
+        require(self, ">= 0", "penalty")
 
 
 def fisher_diagonal(module: nn.Module, trained: Tensors, head: str, task: TaskData, batch_size: int) -> Tensors:

@@ -39,7 +39,7 @@ from registry.codecs import signed_constant
 from registry.errors import MaskbankError
 
 from .fit import fit
-from .methods import Method, TaskArtifact, TrainingContext, register_method
+from .methods import Method, TaskArtifact, TrainingContext, register_method, require
 from .streams import TaskData
 from .supsup import EdgePopupMask, attach_frozen, batchnorm_statistics
 
@@ -65,16 +65,11 @@ class ExSSNeTConfig:
     kkt_margin: float = 0.1  # KKT transfers only above chance + max(margin, 2 standard errors of chance)
 
     def __post_init__(self):
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if not 0 < self.kkt_fraction <= 1:
-            raise ValueError(f"kkt_fraction must be in (0, 1], got {self.kkt_fraction}")
-        for name in ("epochs", "weight_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "kkt_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self, "in (0, 1]", "density", "kkt_fraction")
+        require(self, ">= 0", "epochs", "weight_epochs", "weight_decay", "kkt_margin")
+        require(self, "> 0", "lr", "weight_lr")
+        require(self, ">= 1", "batch_size", "kkt_k")
+        require(self, "in [0, 1)", "momentum", "weight_momentum")
 
 
 def _union(masks: list[Tensors], name: str, like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from registry import head_name
 from registry.errors import MaskbankError
 
 from .fit import fit
-from .methods import Method, TaskArtifact, Tensors, TrainingContext, he_normal, he_normal_backbone, register_method
+from .methods import Method, TaskArtifact, Tensors, TrainingContext, he_normal, he_normal_backbone, register_method, require
 from .streams import TaskData
 
 
@@ -38,8 +38,10 @@ class HeadConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0 and 0 <= momentum < 1; got {self}")
+        require(self, ">= 0", "epochs")
+        require(self, ">= 1", "batch_size")
+        require(self, "> 0", "lr")
+        require(self, "in [0, 1)", "momentum")
 
 
 def check_plain(module: nn.Module, method: str) -> None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from registry.errors import InvalidArtifact
 from registry.materialize_impresslearn import superpose
 
-from .methods import Method, TaskArtifact, TrainingContext, register_method
+from .methods import Method, TaskArtifact, TrainingContext, register_method, require
 from .streams import TaskData
 from .supsup import EdgePopupMask, SupSup, SupSupConfig, attach_frozen
 
@@ -66,14 +66,12 @@ class ImpressLearnConfig:
     def __post_init__(self):
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
-        if self.basis_size < 1:
-            raise ValueError(f"basis_size must be at least 1, got {self.basis_size}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        require(self, ">= 1", "basis_size", "batch_size")
+        require(self, "in (0, 1]", "density")
+        require(self, ">= 0", "mask_epochs", "alpha_epochs", "penalty")
+        require(self, "> 0", "mask_lr", "alpha_lr")
         if self.alpha_optimizer not in OPTIMIZERS:
             raise ValueError(f"alpha_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.alpha_optimizer!r}")
-        if self.penalty < 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 
 
 class BasisCombination(nn.Module):

@@ -107,6 +107,26 @@ def he_normal_backbone(module: nn.Module, generator: torch.Generator) -> Tensors
     return {name: he_normal(module.get_parameter(name), generator) for name in maskable_parameters(module)}
 
 
+_RULES = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+}
+
+
+def require(config: Any, rule: str, *names: str) -> None:
+    """ValueError naming the first option of `names` whose value in `config` breaks `rule` (a key
+    of _RULES, e.g. "> 0"). NaN breaks every rule. For a Config's __post_init__: out-of-range
+    settings (a negative learning rate, an empty batch) are refused before any training."""
+    for name in names:
+        value = getattr(config, name)
+        if not _RULES[rule](value):
+            raise ValueError(f"{name} must be {rule}, got {value}")
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -126,7 +146,11 @@ def get_method(name: str, **config: Any) -> Method:
     if extra := set(overrides) - fields:
         raise MaskbankError(f"method '{name}' has no option(s) {sorted(extra)} (options: {sorted(fields)})")
     hints = typing.get_type_hints(cls.Config)
-    return cls(cls.Config(**{k: _typed(name, k, hints.get(k), v) for k, v in overrides.items()}))
+    typed = {k: _typed(name, k, hints.get(k), v) for k, v in overrides.items()}
+    try:
+        return cls(cls.Config(**typed))
+    except ValueError as error:  # a Config's own range checks (its __post_init__)
+        raise MaskbankError(f"method '{name}': {error}") from error
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}

@@ -47,7 +47,7 @@ from registry import effective_parameters, forward, maskable_parameters
 from registry.errors import MaskbankError
 from registry.materialize_packnet import filter_masked, in_key, out_key
 
-from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, he_normal_backbone, register_method
+from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, he_normal_backbone, register_method, require
 from .fit import fit
 from .streams import TaskData
 
@@ -85,14 +85,10 @@ class PackNetShareConfig:
 
     def __post_init__(self):
         parse_share(self.share)
-        if not 0 <= self.prune < 1:
-            raise ValueError(f"prune must be in [0, 1), got {self.prune}")
-        for name in ("epochs", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "score_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self, "in [0, 1)", "prune", "momentum")
+        require(self, ">= 0", "epochs", "finetune_epochs")
+        require(self, "> 0", "lr", "finetune_lr")
+        require(self, ">= 1", "batch_size", "score_samples")
 
 
 # ---------------------------------------------------------------- the network as a chain of filter layers

@@ -20,7 +20,7 @@ from registry.architectures import maskable_parameters
 from registry.codecs import signed_constant
 
 from .fit import fit
-from .methods import Method, TaskArtifact, TrainingContext, register_method
+from .methods import Method, TaskArtifact, TrainingContext, register_method, require
 from .streams import TaskData
 
 
@@ -156,8 +156,11 @@ class SupSupConfig:
     weight_decay: float = 1e-4
 
     def __post_init__(self):
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        require(self, "in (0, 1]", "density")
+        require(self, ">= 0", "epochs", "weight_decay")
+        require(self, "> 0", "lr")
+        require(self, ">= 1", "batch_size")
+        require(self, "in [0, 1)", "momentum")
         if self.mask not in MASK_RULES:
             raise ValueError(f"mask must be one of {MASK_RULES}, got {self.mask!r}")
 
