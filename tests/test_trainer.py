@@ -1,5 +1,7 @@
 """The trainer: streams, SupSup, metrics, and appending tasks to a published model."""
 
+import re
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -116,6 +118,23 @@ def test_option_types_the_check_does_not_know_are_left_to_the_config():
 
     assert _typed("plugin", "layers", list[int], [1, 2]) == [1, 2]
     assert _typed("plugin", "scale", float | None, 2) == 2.0
+
+
+@pytest.mark.parametrize("architecture, message", [
+    ({"arch": "mlp", "sizes": [10, 32, 10]},
+     "does not take stream 'permuted-digits': its examples are 64 features (images of 1x8x8) (mat1 and mat2"),
+    ({"arch": "cnn", "input_shape": [1, 7, 7]}, "its examples are 64 features (images of 1x8x8) (unflatten"),
+    ({"arch": "mlp", "sizes": [64, 32, 3]},
+     "has 3 outputs, but the tasks of stream 'permuted-digits' have up to 10 classes: make its last layer"),
+])
+def test_an_architecture_that_does_not_fit_the_stream_is_refused_before_anything_is_written(tmp_path, architecture,
+                                                                                              message):
+    from trainer.loop import TrainingError
+
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        train_model(tmp_path / "reg", "m", 1, {"architecture": architecture})
+    assert not Registry(tmp_path / "reg").list_models()
+    assert not any(path.is_file() for path in (tmp_path / "reg").rglob("*"))  # not even the backbone's blob
 
 
 def test_training_publishes_every_task_with_metrics(tmp_path):

@@ -8,6 +8,7 @@ reused (an explicit setting that contradicts them is an error, because task i de
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -55,6 +56,27 @@ class TrainSettings:
 
 def default_architecture(stream: TaskStream) -> dict[str, Any]:
     return {"arch": "mlp", "sizes": [int(np.prod(stream.input_shape)), 512, 512, stream.num_classes]}
+
+
+def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: TaskStream) -> None:
+    """TrainingError unless `module` takes the stream's examples and has an output for each of its
+    classes; otherwise the mismatch surfaces as a shape error (or an out-of-range label) deep in the
+    first epoch, after the model's backbone is already in the registry."""
+    features = int(np.prod(stream.input_shape))
+    images = f" (images of {'x'.join(map(str, stream.image_shape))})" if stream.image_shape else ""
+    spec = json.dumps(architecture)
+    training = module.training
+    try:
+        with torch.no_grad():
+            outputs = module.eval()(torch.zeros(2, *stream.input_shape)).shape[1]
+    except RuntimeError as error:
+        raise TrainingError(f"architecture {spec} does not take stream '{stream.name}': its examples are "
+                            f"{features} features{images} ({error})") from None
+    finally:
+        module.train(training)
+    if outputs < stream.num_classes:
+        raise TrainingError(f"architecture {spec} has {outputs} outputs, but the tasks of stream '{stream.name}' "
+                            f"have up to {stream.num_classes} classes: make its last layer at least that wide")
 
 
 def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> TrainSettings:
@@ -210,6 +232,7 @@ def train(
     stream = get_stream(settings.stream, settings.seed, settings.data_root)
     method = get_method(settings.method, **settings.method_config)
     module = build_architecture(settings.architecture)
+    check_fits(module, settings.architecture, stream)
     if tasks > stream.max_tasks:
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
     state = _load_model(registry, manifest) if manifest else _new_model(registry, method, module, settings.seed)
