@@ -217,7 +217,7 @@ def _add_serve(commands) -> None:
     ops.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
     ops.add_argument("--max-message-bytes", type=byte_size, default=d.max_message_bytes, metavar="SIZE",
                      help=f"largest gRPC request and response, in bytes or with a unit like 16MiB (default "
-                     f"{d.max_message_bytes >> 20}MiB); a "
+                     f"{d.max_message_bytes >> 20}MiB; at least 4KiB); a "
                      "larger request is refused with RESOURCE_EXHAUSTED")
     ops.add_argument("--grace-seconds", type=float, default=d.grace_seconds, metavar="SECONDS",
                      help=f"on SIGTERM/Ctrl-C, how long running calls may finish before the server stops "

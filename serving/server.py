@@ -43,6 +43,9 @@ MASKBANK_SERVICE = mb.DESCRIPTOR.services_by_name["Maskbank"].full_name
 DEFAULT_METRICS_PORT = 8002  # as Triton
 INT32_MAX = 2**31 - 1  # gRPC's integer options are signed 32-bit
 MAX_MESSAGE_BYTES = INT32_MAX
+# Below this a server refuses most of what it is asked (a row of 1,024 float features is 4 KiB; a model's
+# metadata, config and task list take hundreds of bytes): a limit so low is a missing unit ("64" for 64MiB).
+MIN_MESSAGE_BYTES = 4 << 10
 LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
 
 
@@ -90,9 +93,10 @@ class ServerConfig:
             given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
             raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
                              "(or neither, for plaintext)")
-        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
-            raise ValueError(f"--max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES} (2 GiB - 1, gRPC's "
-                             f"limit), got {self.max_message_bytes}")
+        if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"--max-message-bytes must be from {MIN_MESSAGE_BYTES} (4KiB) to {MAX_MESSAGE_BYTES} "
+                             f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}; a bare number is bytes: "
+                             "give a unit, like 16MiB")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
                                    ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
@@ -276,9 +280,10 @@ class InferenceServer:
                         "meant?): a model is served once a generation of it is published there (checked every "
                         "%g s)", self.repository.registry.location, config.poll_interval)
         if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
-            log.warning("not serving %s yet (--model): not in registry %s, or not loadable (see above); a model "
-                        "is served once a loadable generation of it is published", ", ".join(map(repr, waiting)),
-                        self.repository.registry.location)
+            held = ", ".join(self.repository.registry.list_models()) or "none"
+            log.warning("not serving %s yet (--model): not in registry %s (it holds: %s), or not loadable (see "
+                        "above); a model is served once a loadable generation of it is published",
+                        ", ".join(map(repr, waiting)), self.repository.registry.location, held)
         self._log_limits()
         self._log_security()
         return self.port

@@ -139,7 +139,8 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
     with ServerProcess(tmp_path, "--poll-interval", "0.2", "--model", "a", "--model", "later",
                        "--admin-token", TOKEN) as process:
         client = triton.InferenceServerClient(process.url)
-        assert any("not serving 'later' yet (--model): not in registry" in line for line in process.output)
+        assert any(f"not serving 'later' yet (--model): not in registry {tmp_path} (it holds: a, b)" in line
+                   for line in process.output)
         train_model(tmp_path, "a", 2, TINY)
         train_model(tmp_path, "c", 1, TINY)
         wait_for(lambda: client.get_model_metadata("a").versions == ["2"], what="model a at generation 2")
