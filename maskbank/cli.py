@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 
 from registry import MaskbankError
 
@@ -56,6 +57,22 @@ def _option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), json.loads(value)
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
+
+
+def plot_file(text: str) -> str:
+    """An argparse type for --plot: the file to write, with '.png' added to a name without an extension
+    (as matplotlib would add it, so the name printed is the file written); an extension matplotlib
+    cannot write is refused before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if not path.suffix:
+        return f"{text}.png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise argparse.ArgumentTypeError(f"cannot draw a '{path.suffix}' file; name one ending in "
+                                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -119,7 +136,8 @@ def _add_report(commands) -> None:
     p.add_argument("model")
     p.add_argument("--registry", required=True, help="registry directory or URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the accuracy matrix as a heatmap")
+    p.add_argument("--plot", metavar="FILE.png", type=plot_file,
+                   help="draw the accuracy matrix as a heatmap (png, or the format of the file's extension: svg, pdf, ...)")
 
 
 def _add_serve(commands) -> None:

@@ -11,6 +11,8 @@ from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 from registry.storage import LocalStorage
 
+from .cli import plot_file
+
 
 def add_registry_commands(commands) -> None:
     p = commands.add_parser("registry", help="inspect, verify, clean and audit a registry",
@@ -31,7 +33,9 @@ def add_registry_commands(commands) -> None:
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     aud = sub.add_parser("audit", help="bytes per task and artifact kind against dense, 16-bit-index, entropy and zstd/lzma references")
     aud.add_argument("model")
-    aud.add_argument("--plot", metavar="FILE.png", help="draw bytes per task and cumulative size vs one dense model per task")
+    aud.add_argument("--plot", metavar="FILE.png", type=plot_file,
+                     help="draw bytes per task and cumulative size vs one dense model per task (png, or the format of "
+                     "the file's extension: svg, pdf, ...)")
     for parser in (ls, show, check, gc, aud):
         parser.add_argument("--registry", required=True, **common)
         parser.add_argument("--json", action="store_true", help="machine-readable output")

@@ -117,6 +117,22 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
         assert f"maskbank {command[0]}: error: " in capsys.readouterr().err
 
 
+def test_a_plot_is_written_where_the_command_says(trained, capsys, tmp_path):
+    """A name without an extension gets '.png', and the message names that file; an extension
+    matplotlib cannot write is refused before any work; svg is drawn as svg."""
+    for command in (["report", "m"], ["registry", "audit", "m"]):
+        assert main([*command, "--registry", trained.location, "--plot", str(tmp_path / command[-2])]) == 0
+        written = tmp_path / f"{command[-2]}.png"
+        assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {written}\n" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as refused:
+            main([*command, "--registry", trained.location, "--plot", str(tmp_path / "out.xyz")])
+        assert refused.value.code == 2
+        assert "argument --plot: cannot draw a '.xyz' file; name one ending in .avif, .eps" in capsys.readouterr().err
+    assert main(["report", "m", "--registry", trained.location, "--plot", str(tmp_path / "m.svg")]) == 0
+    assert b"<svg" in (tmp_path / "m.svg").read_bytes()[:500]
+    assert not (tmp_path / "out.xyz").exists()
+
+
 def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_registry(tmp_path, capsys):
     missing = str(tmp_path / "typo")
     for action in ("ls", "verify", "gc"):
