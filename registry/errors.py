@@ -41,6 +41,10 @@ class InvalidArtifact(RegistryError):
     """An artifact does not fit its backbone (missing keys, wrong shapes or dtypes)."""
 
 
+class ExportError(MaskbankError):
+    """An export cannot be written where it was asked to go (the folder holds something else)."""
+
+
 class UnknownName(MaskbankError, KeyError):
     """A name looked up in one of maskbank's registries (architectures, codecs, methods...)."""
 

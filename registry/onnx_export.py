@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from .architectures import build_architecture, input_features
 from .catalog import Registry
-from .errors import InvalidArtifact, UnknownName
+from .errors import ExportError, InvalidArtifact, UnknownName
 from .manifest import Manifest, TaskEntry
 from .materialize import effective_parameters, served_backbone
 
@@ -43,6 +43,7 @@ OPSET = 17
 INPUT = "input"
 OUTPUT = "logits"
 BATCH = "batch"
+INDEX = "export.json"  # lists the export's model, layout and task files
 LAYOUTS = ("shared", "self-contained")  # per task: weights for backbone.onnx, or a standalone model
 
 
@@ -177,8 +178,9 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     if layout not in LAYOUTS:
         raise UnknownName(f"Unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
     manifest = registry.manifest(model)
-    graph = architecture_graph(manifest.architecture)
     out = Path(out)
+    earlier = _earlier_export(out, manifest.model)
+    graph = architecture_graph(manifest.architecture)
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     save_checked(weights_as_inputs(graph), out / "backbone.onnx")
     tasks = []
@@ -192,11 +194,37 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
             save_checked(self_contained(graph, weights, entry.num_classes), out / file)
         tasks.append({"id": entry.id, "name": entry.name, "method": entry.method, "num_classes": entry.num_classes,
                       "file": file})
-    index = out / "export.json"
-    index.write_text(json.dumps({"model": manifest.model, "generation": manifest.generation, "layout": layout,
-                                 "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
-                                 "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, indent=2))
+    index = out / INDEX
+    staged = index.with_suffix(".json.partial")
+    staged.write_text(json.dumps({"model": manifest.model, "generation": manifest.generation, "layout": layout,
+                                  "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
+                                  "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, indent=2))
+    staged.replace(index)  # atomic: the index a reader finds lists files that are all written
+    for stale in earlier - {task["file"] for task in tasks}:
+        (out / stale).unlink(missing_ok=True)
     return index
+
+
+def _earlier_export(out: Path, model: str) -> set[str]:
+    """The task files an earlier export of `model` into `out` listed (a re-export replaces it and
+    removes those it no longer lists). ExportError if `out` holds anything else: another model's
+    export is never overwritten, nor a folder of other files."""
+    index = out / INDEX
+    if index.is_file():
+        try:
+            earlier = json.loads(index.read_text())
+            owner, files = earlier["model"], {task["file"] for task in earlier["tasks"]}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ExportError(f"{out} has an unreadable {INDEX} ({error}): export into another folder, or "
+                              "remove this one first") from None
+        if owner != model:
+            raise ExportError(f"{out} holds the ONNX export of model '{owner}': export '{model}' into another "
+                              "folder, or remove that one first")
+        return files
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} is not an empty folder and holds no maskbank export (an interrupted export "
+                          f"leaves no {INDEX}): export into a new or empty folder")
+    return set()
 
 
 

@@ -29,6 +29,7 @@ from maskbank.cli import main
 from maskbank.process import ServerProcess
 from registry import Registry, TaskNotFound
 from registry.materialize import _MATERIALIZERS
+from registry.errors import ExportError
 from registry.onnx_export import architecture_graph, export_onnx, onnx_weights, task_weights, weights_as_inputs
 from serving._proto import maskbank_pb2 as mb
 from serving._proto import maskbank_pb2_grpc as mb_grpc
@@ -141,6 +142,28 @@ def test_export_only_the_tasks_asked_for(bn_registry, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["1.safetensors"]
     with pytest.raises(TaskNotFound, match=r"no task 5 .*tasks: 0 \(perm-0\), 1 \(perm-1\)"):
         list(task_weights(bn_registry, bn_registry.manifest("m"), [5]))
+
+
+def test_a_re_export_replaces_its_own_files_and_never_another_models(bn_registry, tmp_path):
+    """Exporting again into the same folder replaces that model's export and removes the task files
+    it no longer lists; another model's export, or a folder of other files, is refused untouched."""
+    out = tmp_path / "out"
+    export_onnx(bn_registry, "m", out)
+    export_onnx(bn_registry, "m", out, ["perm-1"], layout="self-contained")
+    index = json.loads((out / "export.json").read_text())
+    assert [t["file"] for t in index["tasks"]] == ["tasks/1.onnx"] and index["layout"] == "self-contained"
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["1.onnx"]
+    assert not (out / "export.json.partial").exists()
+    (out / "export.json").write_text(json.dumps({**index, "model": "other"}))  # as another model's export
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ExportError, match=f"{out} holds the ONNX export of model 'other': export 'm' into another"):
+        export_onnx(bn_registry, "m", out)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ExportError, match="notes is not an empty folder and holds no maskbank export"):
+        export_onnx(bn_registry, "m", tmp_path / "notes")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
 def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_path):
