@@ -75,7 +75,7 @@ def plot_file(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1 (a count), refused before any work starts."""
     try:
         value = int(text)
@@ -97,7 +97,7 @@ def _add_train(commands) -> None:
     )
     p.add_argument("--registry", required=True, help="registry directory (created if missing)")
     p.add_argument("--model", required=True, help="model name in the registry")
-    p.add_argument("--tasks", type=_positive_int, required=True, help="total number of tasks the model should have")
+    p.add_argument("--tasks", type=positive_int, required=True, help="total number of tasks the model should have")
     p.add_argument("--method", choices=method_names(), help="continual-learning method (required for a new model)")
     p.add_argument("--stream", choices=stream_names(), help="task stream (required for a new model)")
     p.add_argument("--seed", type=int, help="seed of the stream, backbone and every task (default 0)")
@@ -111,7 +111,7 @@ def _add_train(commands) -> None:
                          "values are read as JSON when they parse, else as text, and checked against the option's type)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
-    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
 
 
 # flag, method config key, argparse keyword arguments. Defaults live in each method's Config.
@@ -264,8 +264,8 @@ def _add_demo(commands) -> None:
     )
     p.add_argument("--registry", default="demo-registry", help="registry directory (default ./demo-registry)")
     p.add_argument("--model", default="digits", help="model name (default digits)")
-    p.add_argument("--tasks", type=_positive_int, default=5, help="number of permuted-digits tasks (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size of the queries (default 16)")
+    p.add_argument("--tasks", type=positive_int, default=5, help="number of permuted-digits tasks (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the queries (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:

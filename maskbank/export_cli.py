@@ -9,6 +9,8 @@ from tqdm import tqdm
 from registry import Registry
 from registry.onnx_export import LAYOUTS, export_onnx
 
+from .cli import positive_int
+
 ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
 FP32 [N, classes], every weight a graph input named after the network's parameter, batch dimension dynamic) and,
 per task, its effective weights (DIR/tasks/ID.safetensors, to feed as those inputs) or with --layout self-contained
@@ -33,7 +35,8 @@ def add_export_commands(commands) -> None:
                       help="per task: its weights for the shared graph (default), or a standalone ONNX model")
     triton = sub.add_parser("triton", help="a Triton model repository, one ONNX model per task", description=TRITON_HELP)
     triton.add_argument("--out", required=True, metavar="REPO", help="model repository folder (created if missing)")
-    triton.add_argument("--max-batch-size", type=int, default=1024, help="Triton's max_batch_size (default 1024)")
+    triton.add_argument("--max-batch-size", type=positive_int, default=1024,
+                        help="Triton's max_batch_size, rows per batch of its dynamic batcher (default 1024)")
     for parser in (onnx, triton):
         parser.add_argument("model", help="model name in the registry")
         parser.add_argument("--registry", required=True, help="registry directory or URL")

@@ -21,6 +21,7 @@ from google.protobuf import text_format
 
 from registry import Registry, TaskEntry
 from registry.architectures import input_features
+from registry.errors import ExportError
 from registry.onnx_export import (
     INPUT,
     OUTPUT,
@@ -63,6 +64,8 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                   max_batch_size: int = 1024, progress: Progress = lambda items, total: items) -> list[Path]:
     """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
     the model directories. Every ONNX file passes onnx.checker before it is written."""
+    if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
+        raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)

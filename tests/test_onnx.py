@@ -192,6 +192,12 @@ def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
     assert "has no model 'nope' (models: m)" in capsys.readouterr().err
     assert main(["export", "triton", "m", "--registry", root, "--out", str(tmp_path / "x"), "--task", "9"]) == 2
     assert "no task 9 at generation 2 (tasks: 0 (perm-0), 1 (perm-1))" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "triton", "m", "--registry", root, "--out", str(tmp_path / "y"), "--max-batch-size", "0"])
+    assert "argument --max-batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="max_batch_size must be at least 1"):
+        export_triton(bn_registry, "m", tmp_path / "y", max_batch_size=-3)
+    assert not (tmp_path / "y").exists()
 
 
 # ---------------------------------------------------------------- a real server with --backend onnxruntime
