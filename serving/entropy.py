@@ -20,10 +20,11 @@ Tensors = dict[str, torch.Tensor]
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of the softmax entropy, divided by log(classes) (so in [0, 1])."""
-    log_p = torch.log_softmax(logits, dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-    return entropy / math.log(logits.shape[1]) if logits.shape[1] > 1 else entropy
+    """Mean over the batch of the softmax entropy, divided by log(classes) (so in [0, 1]): a scalar
+    for logits [N, C]; for [K, N, C] (K outputs stacked), the K means at once."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1).mean(dim=-1)
+    return entropy / math.log(logits.shape[-1]) if logits.shape[-1] > 1 else entropy
 
 
 def mean_entropy_gradient(logits: torch.Tensor) -> torch.Tensor:
