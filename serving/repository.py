@@ -52,6 +52,8 @@ class ModelRepository:
         self._changed = threading.Condition()  # notified whenever a snapshot is swapped in
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._gone: list[str] = []  # served models the registry last listed without (warned about once)
+        self._poll_error: str | None = None  # why the last poll failed (logged once), None after one succeeds
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
@@ -117,7 +119,10 @@ class ModelRepository:
         the snapshots swapped in, once their superposition is warm (Snapshot.warm)."""
         with self._refresh_lock:
             swapped = []
-            for model in models if models is not None else self.registry.list_models():
+            listed = self.registry.list_models() if models is None else models
+            if models is None:
+                self._note_gone(listed)
+            for model in listed:
                 if model in self._unloaded or not self._follows(model):
                     continue
                 current = self._snapshots.get(model)
@@ -144,6 +149,20 @@ class ModelRepository:
             snapshot.warm()
         return swapped
 
+    def _note_gone(self, listed: list[str]) -> None:
+        """Log once when served models vanish from the registry's listing (a volume unmounted, a
+        bucket emptied) and once when they are back. They stay served at the generation loaded:
+        registries only grow, so a model that vanishes is more likely unreachable than deleted."""
+        gone = sorted(set(self._snapshots) - set(listed))
+        if gone and gone != self._gone:
+            log.warning("registry %s no longer lists model(s) %s (not reachable there, or deleted): still serving "
+                        "the generation loaded of each until it is back or unloaded", self.registry.location,
+                        ", ".join(map(repr, gone)))
+        back = sorted(set(self._gone) - set(gone))
+        if back:
+            log.info("registry %s lists model(s) %s again", self.registry.location, ", ".join(map(repr, back)))
+        self._gone = gone
+
     def _follows(self, model: str) -> bool:
         """Whether this server serves `model` when the registry has it (--model, or loaded since)."""
         return self._only is None or model in self._only
@@ -166,11 +185,25 @@ class ModelRepository:
             while not self._stop.wait(interval):
                 try:
                     self.refresh()
-                except Exception:  # a poll must never kill the follower; the next one retries
-                    log.exception("refreshing models from %s failed", self.registry.location)
+                except Exception as error:  # a poll must never kill the follower; the next one retries
+                    self._poll_failed(error)
+                else:
+                    if self._poll_error is not None:
+                        log.info("registry %s can be read again", self.registry.location)
+                    self._poll_error = None
 
         self._thread = threading.Thread(target=loop, name="maskbank-follow", daemon=True)
         self._thread.start()
+
+    def _poll_failed(self, error: Exception) -> None:
+        """Log a failed poll once per distinct error (with its traceback unless it is maskbank's own,
+        whose message says it all): a registry unreachable for an hour must not log a traceback per
+        poll. The models loaded keep serving."""
+        reason = f"{type(error).__name__}: {error}"
+        if reason != self._poll_error:
+            log.error("refreshing models from %s failed, still serving the generations loaded; retrying every "
+                      "poll: %s", self.registry.location, reason, exc_info=not isinstance(error, MaskbankError))
+        self._poll_error = reason
 
     def close(self) -> None:
         self._stop.set()

@@ -1,0 +1,66 @@
+"""The server's model repository following a registry that goes away or cannot be read: the loaded
+generations keep serving, and an operator reads one line when it happens and one when it is over,
+not one per poll."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from registry import Registry
+from serving.repository import ModelRepository
+
+from .conftest import TINY, train_model, wait_for
+
+
+def messages(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_models_that_vanish_from_the_registry_keep_serving_and_are_logged_once(tmp_path, caplog):
+    train_model(tmp_path / "reg", "m", 1, TINY)
+    location = Registry(tmp_path / "reg").location
+    repository = ModelRepository(Registry(tmp_path / "reg"))
+    repository.refresh()
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        (tmp_path / "reg").rename(tmp_path / "unmounted")
+        for _ in range(3):
+            repository.refresh()
+        assert repository.models() == ["m"] and repository.get("m").generation == 1
+        (tmp_path / "unmounted").rename(tmp_path / "reg")
+        repository.refresh()
+        repository.refresh()
+    assert messages(caplog) == [
+        f"registry {location} no longer lists model(s) 'm' (not reachable there, or deleted): still serving the "
+        "generation loaded of each until it is back or unloaded",
+        f"registry {location} lists model(s) 'm' again",
+    ]
+
+
+def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(tmp_path, caplog):
+    """The newest manifest is unreadable (here: a directory where its file should be): every poll
+    fails the same way, which is logged once, with its traceback; serving goes on; once the file is
+    readable the next poll says so and loads it."""
+    registry = train_model(tmp_path, "m", 1, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    blocked = tmp_path / "models" / "m" / "generations" / "0000000002.json"
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        blocked.mkdir()
+        repository.follow(0.02)
+        try:
+            wait_for(lambda: any("failed" in m for m in messages(caplog)), what="the failed poll to be logged")
+            time.sleep(0.3)  # about 15 more polls, failing the same way
+            failures = [r for r in caplog.records if "failed" in r.getMessage()]
+            assert repository.get("m").generation == 1
+            blocked.rmdir()
+            train_model(tmp_path, "m", 2, TINY)
+            wait_for(lambda: repository.get("m").generation == 2, what="generation 2 to be served")
+        finally:
+            repository.close()
+    assert len(failures) == 1 and failures[0].levelno == logging.ERROR and failures[0].exc_info
+    assert failures[0].getMessage().startswith(
+        f"refreshing models from {registry.location} failed, still serving the generations loaded; retrying every "
+        "poll: IsADirectoryError:")
+    assert f"registry {registry.location} can be read again" in messages(caplog)
+    assert sum("failed" in m for m in messages(caplog)) == 1
