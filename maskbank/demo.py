@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from registry import Registry
+from registry import MaskbankError, Registry
 from trainer import get_stream, train
 from trainer.metrics import format_matrix
 
@@ -30,12 +30,28 @@ def query_accuracy(client, model: str, x: np.ndarray, y: np.ndarray, task_id: in
     return correct / len(x), right_task / batches
 
 
+DEMO_SETTINGS = {"method": "supsup", "stream": "permuted-digits"}
+
+
+def _check_demo_model(registry: Registry, model: str) -> None:
+    """MaskbankError unless `model` is new or a demo model, which the demo reuses and appends to: train's
+    own refusal of other settings tells the user to omit options the demo does not have."""
+    manifest = registry.find_manifest(model)
+    settings = manifest.training.get("settings", {}) if manifest is not None else DEMO_SETTINGS
+    if any(settings.get(key) != value for key, value in DEMO_SETTINGS.items()):
+        raise MaskbankError(f"model '{model}' in {registry.location} is not a demo model ({settings.get('method')} on "
+                            f"{settings.get('stream')}; the demo trains supsup on permuted-digits): pick another "
+                            "--model or --registry")
+
+
 def run_demo(registry_dir: str, model: str, tasks: int, batch_size: int) -> None:
     import tritonclient.grpc as triton
 
     began = time.perf_counter()
+    registry = Registry(registry_dir)
+    _check_demo_model(registry, model)
     print(f"== 1. training {tasks} permuted-digits tasks with SupSup into {registry_dir} (model '{model}')")
-    manifest = train(Registry(registry_dir), model, tasks, {"method": "supsup", "stream": "permuted-digits"})
+    manifest = train(registry, model, tasks, DEMO_SETTINGS)
     names = [t.name for t in manifest.tasks]
     print("\ntrainer's accuracy matrix (row: after learning task i; column: test accuracy on task j)")
     print(format_matrix(manifest.training["accuracy_matrix"], names))

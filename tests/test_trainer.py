@@ -200,6 +200,17 @@ def test_counts_on_the_command_line_are_checked_before_any_work(argv, message, c
     assert not any(tmp_path.iterdir())  # no registry started
 
 
+def test_demo_refuses_a_model_trained_otherwise_before_any_work(tmp_path, capsys):
+    from maskbank.cli import main
+
+    train_model(tmp_path, "m", 1, TINY, stream="split-digits")
+    assert main(["demo", "--registry", str(tmp_path), "--model", "m"]) == 2
+    assert capsys.readouterr().err == (
+        f"maskbank demo: error: model 'm' in {tmp_path} is not a demo model (supsup on split-digits; the demo "
+        "trains supsup on permuted-digits): pick another --model or --registry\n")
+    assert Registry(tmp_path).generations("m") == [1]
+
+
 def test_ctrl_c_during_training_keeps_what_was_published_and_says_so(tmp_path):
     """SIGINT (Ctrl-C) mid-training: one line saying how many tasks the registry holds and how to go
     on, status 130, no traceback; the published generations verify."""
