@@ -100,7 +100,7 @@ def _add_train(commands) -> None:
     p.add_argument("--tasks", type=positive_int, required=True, help="total number of tasks the model should have")
     p.add_argument("--method", choices=method_names(), help="continual-learning method (required for a new model)")
     p.add_argument("--stream", choices=stream_names(), help="task stream (required for a new model)")
-    p.add_argument("--seed", type=int, help="seed of the stream, backbone and every task (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the stream, backbone and every task, from 0 to 2**32 - 1 (default 0)")
     p.add_argument("--arch", type=_architecture, help="architecture spec as JSON (default: MLP 512-512 for the stream)")
     p.add_argument("--data-root", help="folder with torchvision dataset files (for split-/permuted-<dataset> streams)")
     options = p.add_argument_group("method options (each method takes those its config has; others are an error)")

@@ -1,6 +1,7 @@
 """Task streams: deterministic by (seed, task), documented shapes and labels, and streams over local
 files that say what is missing instead of downloading."""
 
+import re
 import struct
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from registry import build_architecture
+from registry import MaskbankError, build_architecture
 from trainer import get_stream, stream_names
 from trainer.streams import DataUnavailable, TaskStream, _mnist1d, rotation_angle
 
@@ -191,3 +192,15 @@ def test_image_folder_problems_are_explained(tmp_path):
     few = make_image_folder(tmp_path / "few", classes=3)
     with pytest.raises(DataUnavailable, match="a split stream needs at least 5 classes"):
         get_stream("split-imagefolder", data_root=few)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, True, 1.5])
+def test_a_seed_numpy_and_scikit_learn_cannot_take_is_refused_by_name(seed):
+    with pytest.raises(MaskbankError, match=re.escape(f"a seed is an integer from 0 to 4294967295 (numpy's and "
+                                                      f"scikit-learn's range), got {seed!r}")):
+        get_stream("permuted-digits", seed)
+
+
+def test_the_largest_seed_makes_every_task():
+    stream = get_stream("split-digits", 2**32 - 1)
+    assert [stream.task(i).num_classes for i in range(5)] == [2] * 5

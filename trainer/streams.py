@@ -94,15 +94,21 @@ def register_stream(name: str):
     return decorate
 
 
+MAX_SEED = 2**32 - 1
+
+
 def get_stream(name: str, seed: int = 0, data_root: str | os.PathLike | None = None) -> TaskStream:
     """The stream `name` with `seed`; streams that read files look for them under `data_root`.
 
     Raises:
         UnknownName: no stream of that name.
+        MaskbankError: a seed numpy and scikit-learn cannot take (below 0 or at least 2**32).
         DataUnavailable: the stream reads files and `data_root` is None, missing, or lacks them.
     """
     if name not in _STREAMS:
         raise unknown("stream", name, _STREAMS)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MaskbankError(f"a seed is an integer from 0 to {MAX_SEED} (numpy's and scikit-learn's range), got {seed!r}")
     factory = _STREAMS[name]
     if "data_root" in inspect.signature(factory).parameters:
         return factory(seed, data_root=data_root)
