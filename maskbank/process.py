@@ -12,6 +12,8 @@ import threading
 import time
 from collections import deque
 
+from serving.address import host_port
+
 
 class ChildServer:
     """A server child process whose startup line matches `listening` (groups: host, port); use as
@@ -32,7 +34,7 @@ class ChildServer:
 
     @property
     def url(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def start(self) -> "ChildServer":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

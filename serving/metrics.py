@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from registry import MaskbankError
 
+from .address import host_port
 from .admission import Admission
 from .compute_pool import ComputePool
 from .repository import ModelRepository
@@ -205,7 +206,7 @@ class MetricsServer:
         try:
             self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as error:
-            raise OSError(f"cannot serve metrics on {host}:{port} ({error.strerror or error}): pick another "
+            raise OSError(f"cannot serve metrics on {host_port(host, port)} ({error.strerror or error}): pick another "
                           "--metrics-port, 0 for a free one, or -1 to turn metrics off") from error
         self.port = self._httpd.server_port
         return self.port

@@ -25,6 +25,7 @@ from registry.names import check_name
 from ._proto import POOL, pb, pb_grpc
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
+from .address import host_port
 from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
@@ -253,7 +254,7 @@ class InferenceServer:
         """Load the registry's models, bind, start serving and following; return the bound port."""
         config = self.config
         self.repository.refresh()
-        address = f"{config.host}:{config.port}"
+        address = host_port(config.host, config.port)
         try:
             if self._credentials is not None:
                 self.port = self.server.add_secure_port(address, self._credentials)
@@ -319,8 +320,7 @@ class InferenceServer:
     def metrics_url(self) -> str | None:
         if self.metrics_port is None:
             return None
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.metrics_port}/metrics"
+        return f"http://{host_port(self.config.host, self.metrics_port)}/metrics"
 
     def stop(self) -> None:
         """Graceful stop: report NOT_SERVING, let running calls finish (up to the grace period), stop."""
@@ -381,8 +381,8 @@ def serve_forever(config: ServerConfig) -> None:
     details = [f"pid {os.getpid()}", describe_device(server.repository.device)] + (["TLS"] if config.tls else [])
     details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
     # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
-    print(f"maskbank serving {config.registry} on {config.host}:{port} ({'; '.join(details)})", flush=True)
-    log.info("listening on %s:%d", config.host, port,
+    print(f"maskbank serving {config.registry} on {host_port(config.host, port)} ({'; '.join(details)})", flush=True)
+    log.info("listening on %s", host_port(config.host, port),
              extra={"port": port, "metrics_port": server.metrics_port, "tls": config.tls})
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -172,3 +172,38 @@ def test_a_server_on_an_empty_registry_says_so_and_serves_what_is_published_late
         wait_for(lambda: client.is_model_ready("m"), what="model m served")
         assert client.infer("m", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
         client.close()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_host_port_brackets_ipv6_literals():
+    from serving.address import host_port
+
+    assert host_port("127.0.0.1", 8001) == "127.0.0.1:8001" and host_port("localhost", 1) == "localhost:1"
+    assert host_port("::1", 8001) == "[::1]:8001" and host_port("[::1]", 8001) == "[::1]:8001"
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_a_server_on_the_ipv6_loopback_answers_grpc_and_metrics(tmp_path):
+    """--host ::1: gRPC once read "::1:PORT" as another address and failed to bind."""
+    import urllib.request
+
+    train_model(tmp_path, "m", 1, TINY)
+    with ServerProcess(tmp_path, "--metrics-port", "0", host="::1") as process:
+        assert process.url.startswith("[::1]:")
+        client = triton.InferenceServerClient(process.url)
+        wait_for(lambda: client.is_model_ready("m"), what="the model to be ready")
+        assert client.infer("m", request(), parameters={"task_id": 0}).as_numpy("task_id").tolist() == [0] * len(X)
+        line = next(line for line in process.output if line.startswith("maskbank serving"))
+        metrics = line.split("metrics on ")[1].rstrip(")")
+        assert metrics.startswith("http://[::1]:") and urllib.request.urlopen(metrics).status == 200
+        client.close()
