@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 
 import numpy as np
@@ -20,9 +21,13 @@ from .compute_pool import ComputePool
 from .errors import InvalidRequest
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
+from .snapshot import Snapshot
 from .statistics import Statistics
 from .status import status_code
+from .task_inference import default_or_exhaustive
 from .timeouts import QueueTimeouts
+
+log = logging.getLogger("maskbank.serving")
 
 # A task-given forward of at most this many multiply-adds (rows x model weights) runs inline on the
 # event loop (batched there by a LoopBatcher, never into a bigger forward): handing it to a thread
@@ -48,6 +53,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.statistics = statistics
         self.version = version
         self.default_mode = default_mode
+        self._defaults_replaced: set[str] = set()  # models whose requests got exhaustive for the default (logged once)
         self.default_shortlist = default_shortlist
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
@@ -121,8 +127,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     allow_timeout_override=True)),
         )
         methods = sorted({t.method for t in snapshot.manifest.tasks})
+        default = default_or_exhaustive(snapshot, self.default_mode)
         for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
-                           ("generation", str(snapshot.generation)), ("default_task_inference", self.default_mode),
+                           ("generation", str(snapshot.generation)), ("default_task_inference", default),
                            ("instances", str(self.batcher.instances))):
             config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
@@ -203,13 +210,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await infer_on_loop(snapshot, x, selection.task, self.loop_batcher, rows, self.backend)
         else:
             job = functools.partial(
-                infer, snapshot, x, task=selection.task, mode=selection.mode or self.default_mode,
+                infer, snapshot, x, task=selection.task, mode=selection.mode or self._default_mode(snapshot),
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
             )
             expires = None if timeout is None else arrived + timeout
             result = await asyncio.wrap_future(self.compute.submit_at(
                 self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout)))
         return self._response(request, result, outputs, selection.scores), result
+
+    def _default_mode(self, snapshot: Snapshot) -> str:
+        """The server's default task inference for `snapshot`, or exhaustive where it cannot run
+        there (task_inference.default_or_exhaustive); the first such request of a model logs why."""
+        mode = default_or_exhaustive(snapshot, self.default_mode)
+        if mode != self.default_mode and snapshot.model not in self._defaults_replaced:
+            self._defaults_replaced.add(snapshot.model)
+            log.warning("model '%s': the default task inference '%s' (--task-inference) cannot run on its tasks, so "
+                        "its requests that name no mode use '%s' (the response's task_inference says so)",
+                        snapshot.model, self.default_mode, mode)
+        return mode
 
     def _pool_level(self, priority: int) -> int:
         """The compute pool's level (0 first) of a request of Triton `priority`, as Triton maps it: 0, or a

@@ -140,6 +140,14 @@ def usable_modes(snapshot: Snapshot) -> list[str]:
     return [m for m in mode_names() if m not in _REQUIREMENTS or _REQUIREMENTS[m](snapshot) is None]
 
 
+def default_or_exhaustive(snapshot: Snapshot, mode: str) -> str:
+    """`mode`, a server's default, where it can run on `snapshot`, else `exhaustive` (which always
+    can): a server-wide `--task-inference oneshot` must not make every request that names no mode
+    fail on the server's SPG models. A mode a request names is never replaced."""
+    problem = _REQUIREMENTS.get(mode)
+    return mode if problem is None or problem(snapshot) is None else "exhaustive"
+
+
 def _require(mode: str, snapshot: Snapshot) -> None:
     """InvalidRequest naming the modes that work, unless `mode` can run on `snapshot`."""
     problem = _REQUIREMENTS[mode](snapshot)

@@ -218,3 +218,34 @@ def test_served_by_a_real_server_on_the_newest_backbone(tmp_path):
             result = client.infer("m", [inp], parameters={"task_inference": "exhaustive"})
             assert result.get_response().parameters["task_id"].int64_param in range(4)
         client.close()
+
+
+def test_a_server_default_that_cannot_run_on_a_model_falls_back_to_exhaustive_there(tmp_path):
+    """--task-inference oneshot on a server that also serves an SPG model: that model's requests that
+    name no mode use exhaustive (said in the response, its config and one log line); the SupSup
+    model keeps oneshot; a request that names oneshot for the SPG model is still refused."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    from maskbank.process import ServerProcess
+
+    from .conftest import wait_for
+
+    quiet_train(tmp_path, 2)
+    quiet_train(tmp_path, 2, method="supsup", model="s")
+    x = get_stream(STREAM).task(1).x_test[:8].numpy()
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with ServerProcess(tmp_path, "--task-inference", "oneshot") as server:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready("m") and client.is_model_ready("s"), what="both models")
+        for model, mode in (("m", "exhaustive"), ("m", "exhaustive"), ("s", "oneshot")):
+            answer = client.infer(model, [inp]).get_response().parameters
+            assert answer["task_inference"].string_param == mode
+            config = client.get_model_config(model).config
+            assert config.parameters["default_task_inference"].string_value == mode
+        with pytest.raises(InferenceServerException, match="task_inference 'oneshot' needs mask-based tasks"):
+            client.infer("m", [inp], parameters={"task_inference": "oneshot"})
+        client.close()
+    warnings = [line for line in server.output if "cannot run on its tasks" in line]
+    assert len(warnings) == 1 and "model 'm': the default task inference 'oneshot' (--task-inference)" in warnings[0]
