@@ -160,7 +160,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--poll-interval", type=float, default=d.poll_interval, help=f"seconds between checks of the registry for new generations (default {d.poll_interval:g})")
     p.add_argument("--task-inference", choices=mode_names(), default=d.task_inference,
                    help="how to infer the task when a request names none (per request: parameter 'task_inference'; "
-                   f"default {d.task_inference}: exact, cost grows with the task count)")
+                   f"default {d.task_inference}: exact, cost grows with the task count); models this mode cannot run "
+                   "on (oneshot on SPG tasks) use exhaustive")
     p.add_argument("--cache-bytes", type=byte_size, default=d.cache_bytes, metavar="SIZE",
                    help="bound of the per-task effective-weight LRU cache, in bytes or with a unit like 512MiB "
                    f"(default {d.cache_bytes >> 20}MiB); least recently used tasks are evicted and rebuilt on demand. "
