@@ -61,9 +61,23 @@ def verify(registry: Registry) -> VerifyReport:
             registry.load(ref)
         except MaskbankError as error:
             kind = "missing" if "missing" in str(error) else "corrupt"
-            report.problems.append(Problem(kind, registry.blobs.describe(digest), str(error)))
+            report.problems.append(Problem(kind, registry.blobs.describe(digest),
+                                           f"{error} (used by {_users(registry, digest)})"))
     report.orphans = sorted(set(registry.blobs.digests()) - set(refs))
     return report
+
+
+def _users(registry: Registry, digest: str) -> str:
+    """What references blob `digest` in each model's newest readable generation, in words (which
+    task to republish, which backbone to restore), or that only older generations do."""
+    users = []
+    for model in registry.list_models():
+        try:
+            manifest = registry.manifest(model)
+        except MaskbankError:  # reported on its own
+            continue
+        users += [f"model '{model}' {what}" for ref, what in manifest.blob_uses() if ref.digest == digest]
+    return "; ".join(users) or "older generations only"
 
 
 @dataclass

@@ -101,8 +101,15 @@ class Manifest:
 
     def blob_refs(self) -> list[BlobRef]:
         """Every blob this generation references."""
-        return ([b.blob for b in self.backbones.values()] + list(self.shared.values())
-                + [r for t in self.tasks for r in (*t.parts.values(), *t.state.values())])
+        return [ref for ref, _ in self.blob_uses()]
+
+    def blob_uses(self) -> list[tuple[BlobRef, str]]:
+        """Every blob this generation references, with what it is to the model, in words
+        ("backbone version 1", "task 2 (perm-2) part masks"), for messages about a bad blob."""
+        return ([(b.blob, f"backbone version {v}") for v, b in self.backbones.items()]
+                + [(ref, f"shared part {kind}") for kind, ref in self.shared.items()]
+                + [(ref, f"task {t.id} ({t.name}) {what} {kind}") for t in self.tasks
+                   for what, refs in (("part", t.parts), ("training state", t.state)) for kind, ref in refs.items()])
 
     @cached_property  # servers look a task up on every request: a scan of 1,000 tasks cost ~0.1 ms
     def _tasks_by_id(self) -> dict[int, TaskEntry]:

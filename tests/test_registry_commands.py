@@ -55,6 +55,8 @@ def test_verify_finds_corruption_and_orphans(trained, capsys):
     code, out = run(capsys, "registry", "verify", *where)
     assert code == 1
     assert f"PROBLEM (corrupt) {path}" in out and "1 unreferenced blob(s)" in out
+    task = trained.manifest("m").task(0)
+    assert f"(used by model 'm' task 0 ({task.name}) part masks)" in out  # what to republish
     _, report = run_json(capsys, "registry", "verify", *where)
     assert report["orphans"] == [orphan.digest]
 
