@@ -137,6 +137,16 @@ def test_an_architecture_that_does_not_fit_the_stream_is_refused_before_anything
     assert not any(path.is_file() for path in (tmp_path / "reg").rglob("*"))  # not even the backbone's blob
 
 
+def test_a_data_root_a_built_in_stream_does_not_use_is_said_not_silently_ignored(tmp_path):
+    from trainer import train
+
+    lines = []
+    train(Registry(tmp_path), "m", 1, {"method": "supsup", "stream": "permuted-digits", **TINY,
+                                       "data_root": str(tmp_path / "data")}, log=lines.append)
+    assert lines[0] == (f"note: --data-root {tmp_path / 'data'} is not used: stream 'permuted-digits' is built in, "
+                        "with no files to read")
+
+
 def test_training_publishes_every_task_with_metrics(tmp_path):
     registry = train_model(tmp_path, "m", 2, TINY)
     manifest = registry.manifest("m")

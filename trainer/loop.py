@@ -32,7 +32,7 @@ from registry.errors import MaskbankError
 
 from . import metrics
 from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method
-from .streams import TaskData, TaskStream, get_stream
+from .streams import TaskData, TaskStream, get_stream, reads_files
 
 BACKBONE_VERSION = "1"
 _BACKBONE_SEED_KEY = 1 << 30  # keeps the backbone's random stream apart from every task's
@@ -230,6 +230,9 @@ def train(
     manifest = registry.find_manifest(model)
     settings = resolve_settings(manifest, requested)
     stream = get_stream(settings.stream, settings.seed, settings.data_root)
+    if requested.get("data_root") and not reads_files(stream.name):
+        log(f"note: --data-root {requested['data_root']} is not used: stream '{stream.name}' is built in, with no "
+            "files to read")
     method = get_method(settings.method, **settings.method_config)
     module = build_architecture(settings.architecture)
     check_fits(module, settings.architecture, stream)

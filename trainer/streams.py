@@ -110,9 +110,15 @@ def get_stream(name: str, seed: int = 0, data_root: str | os.PathLike | None = N
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise MaskbankError(f"a seed is an integer from 0 to {MAX_SEED} (numpy's and scikit-learn's range), got {seed!r}")
     factory = _STREAMS[name]
-    if "data_root" in inspect.signature(factory).parameters:
+    if reads_files(name):
         return factory(seed, data_root=data_root)
     return factory(seed)  # data_root is ignored by streams that need no files
+
+
+def reads_files(name: str) -> bool:
+    """Whether stream `name` reads its examples from files under a data root (torchvision
+    datasets, image folders), rather than being built in (scikit-learn's digits, MNIST-1D)."""
+    return name in _STREAMS and "data_root" in inspect.signature(_STREAMS[name]).parameters
 
 
 def stream_names() -> list[str]:
