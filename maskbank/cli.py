@@ -75,6 +75,14 @@ def plot_file(text: str) -> str:
     return text
 
 
+def progress_bar(description: str, unit: str):
+    """A `progress(items, total)` wrapper for long library work (registry.progress): a tqdm bar on
+    stderr, shown only when stderr is a terminal, so logs and --json output stay clean."""
+    from tqdm import tqdm
+
+    return lambda items, total: tqdm(items, total=total, desc=description, unit=unit, disable=None)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1 (a count), refused before any work starts."""
     try:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
-
 from registry import Registry
 from registry.onnx_export import LAYOUTS, export_onnx
 
-from .cli import positive_int
+from .cli import positive_int, progress_bar
 
 ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
 FP32 [N, classes], every weight a graph input named after the network's parameter, batch dimension dynamic) and,
@@ -48,19 +46,15 @@ def _task_key(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def _progress(items, total: int):
-    return tqdm(items, total=total, desc="exporting tasks", unit="task", disable=None)
-
-
 def run_export_command(args) -> int:
-    registry = Registry(args.registry)
+    registry, progress = Registry(args.registry), progress_bar("exporting tasks", "task")
     if args.export_command == "onnx":
-        index = export_onnx(registry, args.model, args.out, args.tasks, layout=args.layout, progress=_progress)
+        index = export_onnx(registry, args.model, args.out, args.tasks, layout=args.layout, progress=progress)
         print(f"wrote {index.parent} (index: {index})", file=sys.stderr)
     else:
         from serving.triton_export import export_triton
 
         models = export_triton(registry, args.model, args.out, args.tasks, max_batch_size=args.max_batch_size,
-                               progress=_progress)
+                               progress=progress)
         print(f"wrote {len(models)} Triton model(s) into {args.out}", file=sys.stderr)
     return 0

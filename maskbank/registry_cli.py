@@ -11,7 +11,7 @@ from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 from registry.storage import LocalStorage
 
-from .cli import plot_file
+from .cli import plot_file, progress_bar
 
 
 def add_registry_commands(commands) -> None:
@@ -106,7 +106,7 @@ def _show(registry: Registry, args) -> int:
 
 
 def _verify(registry: Registry, args) -> int:
-    report = verify(registry)
+    report = verify(registry, progress_bar("verifying blobs", "blob"))
     lines = [f"checked {sum(report.generations.values())} generation(s) of {len(report.generations)} model(s) "
              f"and {report.blobs_checked} blob(s) in {registry.location}"]
     lines += [f"PROBLEM ({p.kind}) {p.where}: {p.message}" for p in report.problems]
@@ -118,7 +118,8 @@ def _verify(registry: Registry, args) -> int:
 
 
 def _gc(registry: Registry, args) -> int:
-    report = collect_garbage(registry, args.grace_seconds, args.dry_run)
+    report = collect_garbage(registry, args.grace_seconds, args.dry_run,
+                             progress_bar("checking unreferenced blobs", "blob"))
     verb = "would delete" if args.dry_run else "deleted"
     text = (f"{verb} {len(report.deleted)} unreferenced blob(s), {report.bytes_freed:,} bytes; kept "
             f"{len(report.kept_recent)} younger than {args.grace_seconds:g} s")

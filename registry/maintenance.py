@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .catalog import Registry
 from .errors import MaskbankError, RegistryError
 from .manifest import BlobRef
+from .progress import Progress, no_progress
 
 
 @dataclass
@@ -51,11 +52,12 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
     return refs
 
 
-def verify(registry: Registry) -> VerifyReport:
-    """Re-hash and decode every referenced blob, read every manifest, and list orphans."""
+def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport:
+    """Re-hash and decode every referenced blob, read every manifest, and list orphans.
+    `progress(items, total)` may wrap the loop over the blobs (a progress bar)."""
     report = VerifyReport()
     refs = referenced_blobs(registry, report)
-    for digest, ref in sorted(refs.items()):
+    for digest, ref in progress(sorted(refs.items()), len(refs)):
         report.blobs_checked += 1
         try:
             registry.load(ref)
@@ -87,7 +89,8 @@ class GcReport:
     kept_recent: list[str] = field(default_factory=list)  # unreferenced but younger than the grace period
 
 
-def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False,
+                    progress: Progress = no_progress) -> GcReport:
     """Delete blobs that no generation of any model references and that are older than the grace period.
 
     Safe against a concurrent publish: a publisher writes (or rewrites) its blobs before its
@@ -103,7 +106,8 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
     except MaskbankError as error:
         raise RegistryError(f"gc refused: {error}; fix or remove that manifest first (`maskbank registry verify`)") from None
     report = GcReport()
-    for digest in sorted(set(registry.blobs.digests()) - referenced):
+    candidates = sorted(set(registry.blobs.digests()) - referenced)
+    for digest in progress(candidates, len(candidates)):
         key = registry.blobs.key(digest)
         if time.time() - registry.storage.modified(key) < grace_seconds:
             report.kept_recent.append(digest)

@@ -25,7 +25,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -38,6 +38,7 @@ from .catalog import Registry
 from .errors import ExportError, InvalidArtifact, UnknownName
 from .manifest import Manifest, TaskEntry
 from .materialize import effective_parameters, served_backbone
+from .progress import Progress, no_progress
 
 OPSET = 17
 INPUT = "input"
@@ -162,11 +163,8 @@ def task_weights(registry: Registry, manifest: Manifest,
             yield entry, effective_parameters(entry.method, backbones[version], parts, shared)
 
 
-Progress = Callable[[Iterable, int], Iterable]
-
-
 def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[int | str] = (), *,
-                layout: str = "shared", progress: Progress = lambda items, total: items) -> Path:
+                layout: str = "shared", progress: Progress = no_progress) -> Path:
     """Write `model`'s newest generation as ONNX into the folder `out`; return the index file.
 
     `out/backbone.onnx` is always written: the graph with every weight a graph input. Per task,

@@ -22,10 +22,10 @@ from google.protobuf import text_format
 from registry import Registry, TaskEntry
 from registry.architectures import input_features
 from registry.errors import ExportError
+from registry.progress import Progress, no_progress
 from registry.onnx_export import (
     INPUT,
     OUTPUT,
-    Progress,
     architecture_graph,
     onnx_weights,
     save_checked,
@@ -61,7 +61,7 @@ def triton_config(name: str, features: int, task: TaskEntry, model: str, generat
 
 
 def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequence[int | str] = (), *,
-                  max_batch_size: int = 1024, progress: Progress = lambda items, total: items) -> list[Path]:
+                  max_batch_size: int = 1024, progress: Progress = no_progress) -> list[Path]:
     """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
     the model directories. Every ONNX file passes onnx.checker before it is written."""
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have

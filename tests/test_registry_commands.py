@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from maskbank.cli import main
 from registry import Registry
@@ -143,3 +144,18 @@ def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_regis
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()  # an existing, empty registry is one: nothing wrong in it
     assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 0
+
+
+def test_verify_and_gc_report_progress_over_their_blobs(trained):
+    from registry.maintenance import collect_garbage, verify
+
+    totals = []
+
+    def progress(items, total):
+        totals.append(total)
+        return items
+
+    report = verify(trained, progress)
+    trained.put("tensors/v1", {"orphan": torch.ones(1)})
+    collected = collect_garbage(trained, 0, dry_run=True, progress=progress)
+    assert totals == [report.blobs_checked, 1] and len(collected.deleted) == 1
