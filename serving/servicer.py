@@ -36,6 +36,12 @@ log = logging.getLogger("maskbank.serving")
 INLINE_MACS = 1 << 24
 
 
+# The Triton protocol extensions this server implements, by Triton's names, for clients that check
+# ServerMetadata before using one: RepositoryIndex/Load/Unload, ModelConfig, ModelStatistics, request
+# parameters, and the request's `priority` and `timeout` (schedule_policy).
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters", "schedule_policy"]
+
+
 def inline_rows(snapshot) -> int:
     """The most rows of a task-given forward of `snapshot`'s model that may run on the event loop."""
     return INLINE_MACS // max(1, snapshot.weights)
@@ -74,7 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.ready)
 
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="maskbank", version=self.version, extensions=[])
+        return pb.ServerMetadataResponse(name="maskbank", version=self.version, extensions=EXTENSIONS)
 
     def ModelReady(self, request, context):
         try:

@@ -76,7 +76,10 @@ def test_server_and_model_metadata(live):
     client = live.client
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     assert not client.is_model_ready("nope")
-    assert client.get_server_metadata().name == "maskbank"
+    server = client.get_server_metadata()
+    assert server.name == "maskbank"
+    assert list(server.extensions) == ["model_repository", "model_configuration", "statistics", "parameters",
+                                       "schedule_policy"]
     meta = client.get_model_metadata(MODEL)
     assert (meta.name, list(meta.versions), meta.platform) == (MODEL, ["5"], "maskbank_pytorch")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
