@@ -7,7 +7,9 @@ per-request parameters maskbank understands.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -139,12 +141,48 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     return TaskSelection(task_id if task_id is not None else name, mode, shortlist, scores)
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
-    """Names of the outputs to return, in order (all of them when the request names none)."""
-    names = [o.name for o in request.outputs] or list(OUTPUTS)
-    if bad := [n for n in names if n not in OUTPUTS]:
+class RequestedOutput(NamedTuple):
+    """An output to return: the tensor itself (classes 0), or, with Triton's classification extension
+    (tritonclient: `InferRequestedOutput(name, class_count=k)`), its k largest values per row."""
+
+    name: str
+    classes: int = 0
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
+    """The outputs to return, in order (all of them, as tensors, when the request names none)."""
+    if not request.outputs:
+        return [RequestedOutput(name) for name in OUTPUTS]
+    if bad := [o.name for o in request.outputs if o.name not in OUTPUTS]:
         raise InvalidRequest(f"unknown output(s) {bad}; the model's outputs are {list(OUTPUTS)}")
-    return names
+    outputs = []
+    for output in request.outputs:
+        classes = _parameter_value(output.parameters["classification"]) if "classification" in output.parameters else 0
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+            raise InvalidRequest(f"output '{output.name}': parameter 'classification' (class_count) must be a "
+                                 f"non-negative integer, got {classes!r}")
+        if classes and output.name != "logits":
+            raise InvalidRequest(f"output '{output.name}' cannot be classified (class_count): only 'logits' has "
+                                 "classes")
+        outputs.append(RequestedOutput(output.name, classes))
+    return outputs
+
+
+def top_classes(logits: np.ndarray, count: int) -> np.ndarray:
+    """Triton's classification output: per row, the `count` largest logits (all of them if fewer) as
+    "value:index" strings, largest first (ties: the lower index first), [N, min(count, classes)]."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :count]
+    values = np.take_along_axis(logits, order, axis=1)
+    return np.array([[f"{value:f}:{index}" for value, index in zip(*row)] for row in zip(values, order)],
+                    dtype=object).reshape(order.shape)
+
+
+def add_bytes_output(response: pb.ModelInferResponse, name: str, strings: np.ndarray) -> None:
+    """Append a BYTES output as raw contents: each element a 4-byte little-endian length, then its
+    UTF-8 bytes, row-major (what tritonclient's as_numpy decodes)."""
+    response.outputs.add(name=name, datatype="BYTES", shape=list(strings.shape))
+    encoded = [s.encode() for s in strings.flat]
+    response.raw_output_contents.append(b"".join(struct.pack("<I", len(e)) + e for e in encoded))
 
 
 def add_raw_output(response: pb.ModelInferResponse, name: str, datatype: str, array: np.ndarray) -> None:

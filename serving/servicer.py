@@ -37,9 +37,10 @@ INLINE_MACS = 1 << 24
 
 
 # The Triton protocol extensions this server implements, by Triton's names, for clients that check
-# ServerMetadata before using one: RepositoryIndex/Load/Unload, ModelConfig, ModelStatistics, request
-# parameters, and the request's `priority` and `timeout` (schedule_policy).
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters", "schedule_policy"]
+# ServerMetadata before using one: the top classes of an output (class_count), RepositoryIndex/Load/
+# Unload, ModelConfig, ModelStatistics, request parameters, the request's `priority` and `timeout`.
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "parameters",
+              "schedule_policy"]
 
 
 def inline_rows(snapshot) -> int:
@@ -243,7 +244,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return (priority if 0 < priority <= self.priority_levels else self.default_priority_level) - 1
 
     @staticmethod
-    def _response(request, result: InferenceResult, outputs: list[str], all_scores: bool) -> pb.ModelInferResponse:
+    def _response(request, result: InferenceResult, outputs: list[oip.RequestedOutput],
+                  all_scores: bool) -> pb.ModelInferResponse:
         """The OIP answer: the outputs asked for and the task parameters; after task inference, the chosen
         task's score, and every candidate's when `all_scores` (JSON: 27 KB at 1,000 tasks)."""
         entry = result.task.entry
@@ -251,8 +253,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=result.snapshot.model, model_version=str(result.snapshot.generation), id=request.id
         )
         response.MergeFrom(_task_parameters(entry.id, entry.name, result.mode, result.backend))
-        for name in outputs:
-            if name == "logits":
+        for name, classes in outputs:
+            if name == "logits" and classes:
+                oip.add_bytes_output(response, name, oip.top_classes(result.logits, classes))
+            elif name == "logits":
                 oip.add_raw_output(response, name, "FP32", result.logits)
             else:
                 oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))

@@ -78,8 +78,8 @@ def test_server_and_model_metadata(live):
     assert not client.is_model_ready("nope")
     server = client.get_server_metadata()
     assert server.name == "maskbank"
-    assert list(server.extensions) == ["model_repository", "model_configuration", "statistics", "parameters",
-                                       "schedule_policy"]
+    assert list(server.extensions) == ["classification", "model_repository", "model_configuration", "statistics",
+                                       "parameters", "schedule_policy"]
     meta = client.get_model_metadata(MODEL)
     assert (meta.name, list(meta.versions), meta.platform) == (MODEL, ["5"], "maskbank_pytorch")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
@@ -282,3 +282,26 @@ def test_models_published_after_start_are_served_and_stop_is_graceful(tmp_path):
     finally:
         code = server.stop()
     assert code == 0 and any("stopped" in line for line in server.output)
+
+
+def test_classification_extension_answers_the_top_classes_as_triton_does(live):
+    """tritonclient's InferRequestedOutput(..., class_count=k): per row the k largest logits as
+    "value:index" strings, largest first; all classes when k exceeds them; only logits has classes."""
+    client = live.client
+    x = digits_inputs(2, 5)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    logits = client.infer(MODEL, [inp], parameters={"task_id": 2}).as_numpy("logits")
+    for count in (3, 50):
+        outputs = [triton.InferRequestedOutput("logits", class_count=count), triton.InferRequestedOutput("task_id")]
+        result = client.infer(MODEL, [inp], outputs=outputs, parameters={"task_id": 2})
+        classes = result.as_numpy("logits")
+        assert classes.shape == (5, min(count, 10)) and result.as_numpy("task_id").tolist() == [2] * 5
+        for row, strings in zip(logits, classes):
+            pairs = [s.decode().split(":") for s in strings]
+            assert [int(i) for _, i in pairs] == np.argsort(-row, kind="stable")[: min(count, 10)].tolist()
+            assert [float(v) for v, _ in pairs] == pytest.approx(np.sort(row)[::-1][: min(count, 10)], abs=1e-6)
+    with pytest.raises(InferenceServerException, match="output 'task_id' cannot be classified .class_count.: only "
+                                                       "'logits' has classes"):
+        client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("task_id", class_count=2)],
+                     parameters={"task_id": 2})
