@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from .errors import RegistryError
+
 
 class Storage(Protocol):
     def describe(self, key: str) -> str:
@@ -56,6 +58,9 @@ class LocalStorage:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():  # else every command fails later, on some inner path
+            raise RegistryError(f"registry {self.root} is a file, not a directory: give a directory (created on the "
+                                "first publish) or an fsspec URL")
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from maskbank.cli import main
-from registry import Registry
+from registry import Registry, RegistryError
 from registry.audit import binary_entropy, impresslearn_cost
 
 from .conftest import TINY, train_model
@@ -159,3 +160,18 @@ def test_verify_and_gc_report_progress_over_their_blobs(trained):
     trained.put("tensors/v1", {"orphan": torch.ones(1)})
     collected = collect_garbage(trained, 0, dry_run=True, progress=progress)
     assert totals == [report.blobs_checked, 1] and len(collected.deleted) == 1
+
+
+def test_a_registry_path_that_is_a_file_is_refused_by_every_command(tmp_path, capsys):
+    """It failed deep inside ("Not a directory: 'afile/blobs/sha256/5d'"), or was called missing
+    with the advice that training would create it."""
+    path = tmp_path / "afile"
+    path.write_text("not a registry")
+    message = f"registry {path} is a file, not a directory: give a directory (created on the first publish) or an fsspec URL"
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        Registry(path)
+    for command in (["registry", "ls"], ["report", "m"], ["train", "--method", "supsup", "--stream", "permuted-digits",
+                                                          "--tasks", "1", "--model", "m"]):
+        assert main([*command, "--registry", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert path.read_text() == "not a registry"
