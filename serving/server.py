@@ -128,8 +128,18 @@ class ServerConfig:
                 check_name("model", model)
             except MaskbankError as error:
                 raise ValueError(f"--model: {error}") from None
+        if any(c.isspace() for c in self.bearer_token or ""):
+            raise ValueError("--admin-token (or MASKBANK_ADMIN_TOKEN) contains whitespace, which a client cannot send "
+                             "in 'authorization: Bearer TOKEN'; use a token without spaces")
         if self.tls:
             tls_key_pair(self.tls_cert, self.tls_key)  # unreadable or mismatched files fail here, clearly
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The admin token as clients send it ('authorization: Bearer TOKEN'): without the whitespace
+        around it, such as the newline a token read from a secret file ends with, which no client could
+        ever match; None (admin calls refused) when there is none."""
+        return (self.admin_token or "").strip() or None
 
     @property
     def lifo_after(self) -> float | None:
@@ -239,7 +249,7 @@ class InferenceServer:
         server = grpc.aio.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
             # Authorisation first: a refused admin call never reaches the servicer.
-            interceptors=[AdminAuthInterceptor(config.admin_token), ErrorInterceptor()], options=limits,
+            interceptors=[AdminAuthInterceptor(config.bearer_token), ErrorInterceptor()], options=limits,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), server)
@@ -310,7 +320,10 @@ class InferenceServer:
 
     def _log_security(self) -> None:
         config = self.config
-        if not config.admin_token:
+        if config.admin_token and config.bearer_token != config.admin_token:
+            log.warning("the admin token (--admin-token or MASKBANK_ADMIN_TOKEN) has whitespace around it, such as "
+                        "the newline of a secret file, which no client can send: it is used without it")
+        if not config.bearer_token:
             log.info("admin calls (model load/unload) are refused: the server was started without --admin-token")
         elif not config.tls and not _loopback(config.host):
             log.warning("the admin token travels in clear text: %s is not a loopback address and TLS is off "

@@ -67,7 +67,8 @@ class Served:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, certificate) -> dict[str, Served]:
     """Two servers of one registry:
-    "ops": admin token from MASKBANK_ADMIN_TOKEN, a small message limit, JSON logs, metrics on a free port;
+    "ops": admin token from MASKBANK_ADMIN_TOKEN (with a secret file's trailing newline), a small message limit,
+    JSON logs, metrics on a free port;
     "tls": TLS with the self-signed certificate, no admin token configured, metrics off.
     Servers follow the registry, so the model is trained while they start (the file's time budget is tight)."""
     root = tmp_path_factory.mktemp("registry")
@@ -77,7 +78,7 @@ def servers(tmp_path_factory, certificate) -> dict[str, Served]:
         trained = pool.submit(train_model, root, "a", 2, TINY)
         try:
             with pytest.MonkeyPatch.context() as env:
-                env.setenv("MASKBANK_ADMIN_TOKEN", TOKEN)
+                env.setenv("MASKBANK_ADMIN_TOKEN", TOKEN + "\n")  # as read from a secret file: clients send TOKEN
                 started.append(ServerProcess(
                     root, "--poll-interval", "0.2", "--max-message-bytes", str(MAX_BYTES), "--log-format", "json",
                     "--metrics-port", "0", "--grace-seconds", "2").start())
@@ -166,6 +167,7 @@ def test_admin_calls_need_the_bearer_token(ops):
     assert not client.is_model_ready("a")
     client.load_model("a", headers={"authorization": f"bearer {TOKEN}"})  # the scheme is case-insensitive
     assert client.is_model_ready("a")
+    assert sum("has whitespace around it, such as the newline of a secret file" in line for line in ops[0].output) == 1
     assert client.infer("a", request(), parameters={"task_id": 1}).as_numpy("task_id").tolist() == [1] * len(X)
 
 
@@ -317,6 +319,10 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
             ServerConfig(registry="r", max_message_bytes=limit)
     with pytest.raises(ValueError, match="--grace-seconds"):
         ServerConfig(registry="r", grace_seconds=-1)
+    with pytest.raises(ValueError, match=r"--admin-token \(or MASKBANK_ADMIN_TOKEN\) contains whitespace"):
+        ServerConfig(registry="r", admin_token="two words")
+    assert ServerConfig(registry="r", admin_token=" t0ken\n").bearer_token == "t0ken"
+    assert ServerConfig(registry="r", admin_token="\n").bearer_token is None
     for field, flag, value in (("instances", "--instances", 0), ("workers", "--workers", 0),
                                ("max_batch_size", "--max-batch-size", 0), ("cache_bytes", "--cache-bytes", -1),
                                ("max_queue_delay_us", "--max-queue-delay-us", -5)):
