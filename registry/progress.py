@@ -1,5 +1,5 @@
-"""How long registry work (verify, gc, export) reports its progress: the caller passes a wrapper
-for the work's loop, such as a tqdm bar; the library itself prints nothing."""
+"""How long-running registry work (verify, gc, export) reports its progress: the caller passes a
+wrapper for the loop of the work, such as a tqdm bar; the library itself prints nothing."""
 
 from __future__ import annotations
 
