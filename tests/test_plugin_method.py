@@ -10,19 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from registry import Registry, register_materializer
 from registry.codecs import signed_constant
 from serving import ModelRepository, infer
+from registry.errors import MaskbankError
 from trainer import Method, TaskArtifact, get_method, method_names, register_method, train
+from trainer.methods import require
 
 
 @dataclass
 class LastLayerConfig:
     epochs: int = 20
     lr: float = 0.05
+
+    def __post_init__(self):
+        require(self, ">= 0", "epochs")
+        require(self, "> 0", "lr")
 
 
 @register_method
@@ -56,6 +63,8 @@ def _last_layer(backbone, parts, shared):
 
 def test_a_plugged_in_method_trains_publishes_and_serves(tmp_path):
     assert "test-lastlayer" in method_names() and get_method("test-lastlayer", epochs=3).config.epochs == 3
+    with pytest.raises(MaskbankError, match=r"^method 'test-lastlayer': lr must be > 0, got 0.0$"):
+        get_method("test-lastlayer", lr=0.0)
     registry = Registry(tmp_path)
     settings = {"method": "test-lastlayer", "stream": "permuted-digits",
                 "architecture": {"arch": "mlp", "sizes": [64, 128, 10]}}
