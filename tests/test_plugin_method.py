@@ -18,8 +18,7 @@ from registry import Registry, register_materializer
 from registry.codecs import signed_constant
 from serving import ModelRepository, infer
 from registry.errors import MaskbankError
-from trainer import Method, TaskArtifact, get_method, method_names, register_method, train
-from trainer.methods import require
+from trainer import Method, TaskArtifact, get_method, method_names, register_method, require, train
 
 
 @dataclass

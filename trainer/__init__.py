@@ -11,6 +11,7 @@ from .methods import (
     get_method,
     method_names,
     register_method,
+    require,
 )
 from .streams import DataUnavailable, TaskData, TaskStream, get_stream, register_stream, stream_names
 
@@ -29,6 +30,7 @@ __all__ = [
     "method_names",
     "register_method",
     "register_stream",
+    "require",
     "stream_names",
     "train",
 ]
