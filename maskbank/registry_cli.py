@@ -63,15 +63,21 @@ def _plain(value):
 
 
 def _ls(registry: Registry, args) -> int:
-    rows = []
+    rows, empty = [], []
     for model in registry.list_models():
-        manifest = registry.manifest(model)
+        manifest = registry.find_manifest(model)
+        if manifest is None:  # a first publish under way, or a stray entry: not a model (yet), not an error
+            empty.append(model)
+            continue
         rows.append({"model": model, "generation": manifest.generation, "tasks": len(manifest.tasks),
                      "methods": sorted({t.method for t in manifest.tasks}),
                      "bytes": sum(r.size for r in manifest.blob_refs())})
     text = "\n".join(["| model | generation | tasks | methods | bytes |", "|---|---|---|---|---|"] + [
         f"| {r['model']} | {r['generation']} | {r['tasks']} | {', '.join(r['methods'])} | {r['bytes']:,} |" for r in rows
     ]) if rows else f"registry {registry.location} has no models"
+    if empty:
+        text += (f"\n(no generation in {', '.join(map(repr, empty))} under models/: a first publish under way, or "
+                 "not a model)")
     _emit(args, rows, text)
     return 0
 

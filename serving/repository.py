@@ -110,8 +110,9 @@ class ModelRepository:
                 rows.append((model, 0, "UNLOADED", "unloaded by request"))
             elif not self._follows(model):
                 rows.append((model, 0, "UNLOADED", "not among the models this server was started with (--model)"))
-            else:
+            elif model in self._load_errors or self.registry.latest_generation(model):
                 rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
+            # else: no generation under that name (a first publish under way, or a stray entry): not a model yet
         return rows
 
     def refresh(self, models: list[str] | None = None) -> list[Snapshot]:

@@ -64,3 +64,19 @@ def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(t
         "poll: IsADirectoryError:")
     assert f"registry {registry.location} can be read again" in messages(caplog)
     assert sum("failed" in m for m in messages(caplog)) == 1
+
+
+def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys):
+    """A stray file under models/ (or a first publish under way) is no model: the index leaves it out
+    and `registry ls` lists the real models and mentions it, rather than failing on it."""
+    from maskbank.cli import main
+
+    train_model(tmp_path, "m", 1, TINY)
+    (tmp_path / "models" / "NOTES").write_text("a person's notes")
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    assert [row[0] for row in repository.index()] == ["m"]
+    assert main(["registry", "ls", "--registry", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| m | 1 | 1 | supsup |" in out
+    assert "(no generation in 'NOTES' under models/: a first publish under way, or not a model)" in out
