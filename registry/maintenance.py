@@ -47,7 +47,7 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
                 report.problems.append(Problem("manifest", f"{model} generation {generation}", str(error)))
                 continue
             refs.update((ref.digest, ref) for ref in manifest.blob_refs())
-        if report is not None:
+        if report is not None and generations:  # an entry without any is no model (registry ls says so)
             report.generations[model] = len(generations)
     return refs
 

@@ -80,3 +80,5 @@ def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| m | 1 | 1 | supsup |" in out
     assert "(no generation in 'NOTES' under models/: a first publish under way, or not a model)" in out
+    assert main(["registry", "verify", "--registry", str(tmp_path)]) == 0
+    assert "checked 1 generation(s) of 1 model(s)" in capsys.readouterr().out
