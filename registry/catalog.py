@@ -78,8 +78,10 @@ class Registry:
         return manifest
 
     def find_manifest(self, model: str) -> Manifest | None:
-        """The newest manifest of `model`, or None if it was never published."""
-        return self.manifest(model) if self.latest_generation(model) else None
+        """The newest manifest of `model`, or None if it was never published (one listing of its
+        generations, not two: on object storage each is a request)."""
+        latest = self.latest_generation(model)
+        return self.manifest(model, latest) if latest else None
 
     def commit(self, manifest: Manifest) -> Manifest:
         """Publish `manifest` as its generation, which must be the next one (compare-and-swap)."""
