@@ -45,7 +45,13 @@ class Registry:
         return f"Registry({self.location!r})"
 
     def list_models(self) -> list[str]:
+        """Every entry under models/ (a model, a first publish under way, or a stray file)."""
         return [m for m in self.storage.list_dir("models") if not m.startswith(".")]
+
+    def published_models(self) -> list[str]:
+        """The entries under models/ with at least one generation: what messages name as models (one
+        listing per entry, so not for hot paths)."""
+        return [m for m in self.list_models() if self.latest_generation(m)]
 
     def generations(self, model: str) -> list[int]:
         """All published generations of `model`, oldest first ([] if none)."""
@@ -66,7 +72,7 @@ class Registry:
         except FileNotFoundError:
             data = None
         if data is None:
-            known = ", ".join(self.list_models()) or "none"
+            known = ", ".join(self.published_models()) or "none"
             what = f"model '{model}'" if generation == 0 else f"generation {generation} of model '{model}'"
             raise ModelNotFound(f"registry {self.location} has no {what} (models: {known})")
         manifest = Manifest.from_json(data, source=self.storage.describe(key))

@@ -78,9 +78,9 @@ class ModelRepository:
 
     def load(self, model: str) -> Snapshot:
         """Load (or refresh) `model` now, and follow it again if it was unloaded."""
-        if model not in self.registry.list_models():
+        if not self.registry.latest_generation(model):
             raise ModelNotFound(f"registry {self.registry.location} has no model '{model}' to load "
-                                f"(models: {', '.join(self.registry.list_models()) or 'none'})")
+                                f"(models: {', '.join(self.registry.published_models()) or 'none'})")
         self._unloaded.discard(model)
         if self._only is not None:
             self._only.add(model)

@@ -291,7 +291,7 @@ class InferenceServer:
                         "meant?): a model is served once a generation of it is published there (checked every "
                         "%g s)", self.repository.registry.location, config.poll_interval)
         if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
-            held = ", ".join(self.repository.registry.list_models()) or "none"
+            held = ", ".join(self.repository.registry.published_models()) or "none"
             log.warning("not serving %s yet (--model): not in registry %s (it holds: %s), or not loadable (see "
                         "above); a model is served once a loadable generation of it is published",
                         ", ".join(map(repr, waiting)), self.repository.registry.location, held)

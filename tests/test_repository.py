@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import time
 
-from registry import Registry
+import pytest
+
+from registry import ModelNotFound, Registry
 from serving.repository import ModelRepository
 
 from .conftest import TINY, train_model, wait_for
@@ -82,3 +84,7 @@ def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys
     assert "(no generation in 'NOTES' under models/: a first publish under way, or not a model)" in out
     assert main(["registry", "verify", "--registry", str(tmp_path)]) == 0
     assert "checked 1 generation(s) of 1 model(s)" in capsys.readouterr().out
+    with pytest.raises(ModelNotFound, match=r"has no model 'NOTES' to load \(models: m\)$"):
+        repository.load("NOTES")
+    with pytest.raises(ModelNotFound, match=r"has no model 'typo' \(models: m\)$"):
+        Registry(tmp_path).manifest("typo")
