@@ -170,6 +170,10 @@ def _add_serve(commands) -> None:
                    help="how to infer the task when a request names none (per request: parameter 'task_inference'; "
                    f"default {d.task_inference}: exact, cost grows with the task count); models this mode cannot run "
                    "on (oneshot on SPG tasks) use exhaustive")
+    p.add_argument("--task-shortlist", type=int, default=d.task_shortlist, metavar="K",
+                   help="the gradient task-inference modes (oneshot, oneshot-input, binary, alpha) check their K "
+                   "best-ranked tasks exactly by entropy: K more forwards for reliability (per request: parameter "
+                   f"'task_shortlist'; default {d.task_shortlist}: the gradient rule alone)")
     p.add_argument("--cache-bytes", type=byte_size, default=d.cache_bytes, metavar="SIZE",
                    help="bound of the per-task effective-weight LRU cache, in bytes or with a unit like 512MiB "
                    f"(default {d.cache_bytes >> 20}MiB); least recently used tasks are evicted and rebuilt on demand. "
@@ -370,7 +374,7 @@ def _serve(args) -> None:
     try:
         config = ServerConfig(
             registry=args.registry, host=args.host, port=args.port, poll_interval=args.poll_interval,
-            task_inference=args.task_inference, cache_bytes=args.cache_bytes, workers=args.workers,
+            task_inference=args.task_inference, task_shortlist=args.task_shortlist, cache_bytes=args.cache_bytes, workers=args.workers,
             torch_threads=args.threads, backend=args.backend, device=args.device, max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._proto import pb
 from .errors import InvalidRequest
+from .task_inference import MAX_SHORTLIST
 
 INPUT_NAME = "input"
 MAX_INPUT_BYTES = 1 << 31  # above gRPC's own largest message: a shape claiming more is wrong
@@ -128,16 +129,21 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     if mode is not None and not isinstance(mode, str):
         raise InvalidRequest(f"parameter 'task_inference' must be a string, got {mode!r}")
     shortlist = _parameter_value(params["task_shortlist"]) if "task_shortlist" in params else None
-    if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= 1000):
-        raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to 1000, got {shortlist!r}")
+    if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= MAX_SHORTLIST):
+        raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to {MAX_SHORTLIST}, got {shortlist!r}")
     scores = _parameter_value(params["task_scores"]) if "task_scores" in params else False
     if not isinstance(scores, bool):
         raise InvalidRequest(f"parameter 'task_scores' must be a boolean (true: a task-inference answer carries every "
                              f"candidate's score), got {scores!r}")
     if task_id is not None and name is not None:
         raise InvalidRequest("give either 'task_id' or 'task', not both")
-    if mode is not None and (task_id is not None or name is not None):
-        raise InvalidRequest("'task_inference' applies only when no task is given; drop 'task_id'/'task' or 'task_inference'")
+    if task_id is not None or name is not None:
+        gn_only = [key for key, given in (("task_inference", mode is not None), ("task_shortlist", shortlist is not None),
+                                          ("task_scores", "task_scores" in params)) if given]
+        if gn_only:
+            verb = "applies" if len(gn_only) == 1 else "apply"
+            raise InvalidRequest(f"{', '.join(map(repr, gn_only))} {verb} only when no task is given (task inference); "
+                                 f"drop 'task_id'/'task' or {', '.join(map(repr, gn_only))}")
     return TaskSelection(task_id if task_id is not None else name, mode, shortlist, scores)
 
 

@@ -36,7 +36,7 @@ from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .statistics import Statistics
 from .status import ErrorInterceptor
-from .task_inference import mode_names, needs_gradients
+from .task_inference import MAX_SHORTLIST, mode_names, needs_gradients
 
 log = logging.getLogger("maskbank.serving")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -57,6 +57,7 @@ class ServerConfig:
     port: int = 8001  # 0 picks a free port
     poll_interval: float = 1.0  # seconds between registry checks for new generations
     task_inference: str = "exhaustive"  # default GN mode when a request names no task
+    task_shortlist: int = 1  # default `task_shortlist` of the gradient GN modes (candidates checked by entropy)
     cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
     workers: int = 8  # threads for the RPCs that are not coroutines (gRPC's migration thread pool)
     torch_threads: int | None = None  # intra-op threads for inference, torch's and ONNX Runtime's (default: theirs)
@@ -87,6 +88,8 @@ class ServerConfig:
     def __post_init__(self):
         if self.task_inference not in mode_names():
             raise ValueError(f"unknown task inference mode '{self.task_inference}' (known: {', '.join(mode_names())})")
+        if not 1 <= self.task_shortlist <= MAX_SHORTLIST:
+            raise ValueError(f"--task-shortlist must be from 1 to {MAX_SHORTLIST}, got {self.task_shortlist}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(BACKENDS)})")
         check_device(self.device)
@@ -206,6 +209,7 @@ class InferenceServer:
         self.statistics = Statistics()
         self.servicer = InferenceServicer(
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
+            default_shortlist=config.task_shortlist,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
             backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
@@ -315,7 +319,8 @@ class InferenceServer:
                   "priority_levels": config.priority_levels,
                   "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age,
-                  "max_concurrent_streams": config.max_concurrent_streams, "task_inference": config.task_inference}
+                  "max_concurrent_streams": config.max_concurrent_streams, "task_inference": config.task_inference,
+                  "task_shortlist": config.task_shortlist}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)
 
     def _log_security(self) -> None:

@@ -66,6 +66,9 @@ def register_mode(name: str, gradients: bool = False):
     return decorate
 
 
+MAX_SHORTLIST = 1000  # the most candidates a gradient mode may check by entropy (request or server default)
+
+
 def mode_names() -> list[str]:
     return sorted(_MODES)
 

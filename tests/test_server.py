@@ -176,6 +176,22 @@ def test_gn_binary_and_shortlists(live):
         infer(live.client, GOOD, task_inference="oneshot", task_shortlist=0)
 
 
+def test_server_default_shortlist_applies_to_requests_that_name_none(live):
+    """`serve --task-shortlist K` is the shortlist of GN requests without one: K = every task is the
+    exhaustive rule; a request's own `task_shortlist` still wins."""
+    with ServerProcess(live.registry.location, "--task-inference", "oneshot", "--task-shortlist", str(TASKS)) as server:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready(MODEL), what="the model to be ready")
+        for task in range(TASKS):
+            x = digits_inputs(task, 16)
+            result, exact = infer(client, x), infer(live.client, x, task_inference="exhaustive")
+            assert result.get_response().parameters["task_inference"].string_param == "oneshot"
+            assert result.as_numpy("task_id")[0] == exact.as_numpy("task_id")[0]
+            own = infer(client, x, task_shortlist=1).as_numpy("task_id")[0]
+            assert own == infer(live.client, x, task_inference="oneshot").as_numpy("task_id")[0]
+        client.close()
+
+
 def test_server_default_mode_is_exhaustive(live):
     result = infer(live.client, digits_inputs(1, 16))
     assert result.get_response().parameters["task_inference"].string_param == "exhaustive"
@@ -212,6 +228,11 @@ BAD_REQUESTS = {
                         "model 'digits' has supsup tasks: use 'binary', 'exhaustive', 'oneshot' or 'oneshot-input'"),
     "negative task id": (dict(x=GOOD, task_id=-1), "INVALID_ARGUMENT", "'task_id' must be a non-negative integer"),
     "id and name": (dict(x=GOOD, task_id=1, task="perm-1"), "INVALID_ARGUMENT", "either 'task_id' or 'task'"),
+    "task and a mode": (dict(x=GOOD, task_id=1, task_inference="oneshot"), "INVALID_ARGUMENT",
+                        "'task_inference' applies only when no task is given (task inference)"),
+    "task and GN options": (dict(x=GOOD, task="perm-1", task_shortlist=3, task_scores=True), "INVALID_ARGUMENT",
+                            "'task_shortlist', 'task_scores' apply only when no task is given (task inference); "
+                            "drop 'task_id'/'task' or 'task_shortlist', 'task_scores'"),
 }
 
 
