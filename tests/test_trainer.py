@@ -145,6 +145,7 @@ def test_a_data_root_a_built_in_stream_does_not_use_is_said_not_silently_ignored
                                        "data_root": str(tmp_path / "data")}, log=lines.append)
     assert lines[0] == (f"note: --data-root {tmp_path / 'data'} is not used: stream 'permuted-digits' is built in, "
                         "with no files to read")
+    assert Registry(tmp_path).manifest("m").training["settings"]["data_root"] is None  # nor kept in the model
 
 
 def test_training_publishes_every_task_with_metrics(tmp_path):

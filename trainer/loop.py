@@ -97,7 +97,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             seed=stream.seed,
             architecture=given.get("architecture") or default_architecture(stream),
             method_config=asdict(method.config),
-            data_root=data_root,
+            data_root=data_root if reads_files(stream.name) else None,  # a path the model never used is not kept
         )
     stored = manifest.training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
