@@ -45,6 +45,17 @@ def check_input(snapshot: Snapshot, x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def check_output(snapshot: Snapshot, task: LoadedTask, inputs: torch.Tensor, logits: np.ndarray) -> np.ndarray:
+    """`logits`, unless the network overflowed on these inputs (finite, but too large): then InvalidRequest,
+    not NaN answered as a success."""
+    if not np.isfinite(logits).all():
+        row = int(np.argwhere(~np.isfinite(logits))[0][0])
+        raise InvalidRequest(f"task {task.entry.id} of model '{snapshot.model}' computes non-finite outputs for this "
+                             f"input (the first in row {row}): the network overflows on it (its largest magnitude is "
+                             f"{float(inputs.abs().max()):.3g}); send inputs on the scale of the model's training data")
+    return logits
+
+
 def infer(
     snapshot: Snapshot,
     x: np.ndarray,
@@ -63,7 +74,7 @@ def infer(
     if task is not None:
         chosen, run = given_task(snapshot, task, backend)
         logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run)
-        return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
+        return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name)
     if needs_gradients(mode):
         backend = PYTORCH
     started = time.perf_counter_ns()
@@ -71,7 +82,8 @@ def infer(
     logits = choice.logits if choice.logits is not None else backend.logits(snapshot, choice.task, inputs)
     if batcher is not None:
         batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
-    return InferenceResult(snapshot, choice.task, logits.cpu().numpy(), choice.mode, backend.name, choice.scores)
+    return InferenceResult(snapshot, choice.task, check_output(snapshot, choice.task, inputs, logits.cpu().numpy()),
+                           choice.mode, backend.name, choice.scores)
 
 
 async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher, max_rows: int,
@@ -82,7 +94,7 @@ async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batc
     inputs = check_input(snapshot, x)
     chosen, run = given_task(snapshot, task, backend)
     logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run, max_rows)
-    return InferenceResult(snapshot, chosen, logits.numpy(), "given", backend.name)
+    return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name)
 
 
 def given_task(snapshot: Snapshot, task: int | str, backend: Backend):

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -263,7 +264,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if result.scores is not None:
             oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             if all_scores:
-                oip.set_parameter(response.parameters, "task_scores", json.dumps(result.scores))
+                finite = {task: (score if math.isfinite(score) else None) for task, score in result.scores.items()}
+                oip.set_parameter(response.parameters, "task_scores", json.dumps(finite))  # JSON has no Infinity: null
         return response
 
 

@@ -25,6 +25,7 @@ top 3 for 96% of those batches.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Callable
@@ -47,6 +48,12 @@ class TaskChoice:
     mode: str
     scores: dict[int, float]
     logits: torch.Tensor | None = None  # the chosen task's logits, when the mode computed them
+
+
+def _scores(values: torch.Tensor) -> list[float]:
+    """Scores as floats, a non-finite one (an input so large that the network overflows) as +inf: it
+    ranks last, so NaN cannot break a ranking (NaN compares false with everything)."""
+    return torch.nan_to_num(values, nan=math.inf, posinf=math.inf, neginf=math.inf).tolist()
 
 
 LogitsOf = Callable[[list[LoadedTask], torch.Tensor], dict[int, torch.Tensor]]  # tasks' forwards, by task id
@@ -90,9 +97,12 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
     logits_of = logits_of or snapshot.logits_of
     if mode in _REQUIREMENTS:
         _require(mode, snapshot)
-    if mode == "exhaustive":
-        return _MODES[mode](snapshot, x, logits_of)
-    return _MODES[mode](snapshot, x, logits_of, shortlist)
+    choice = _MODES[mode](snapshot, x, logits_of) if mode == "exhaustive" else _MODES[mode](snapshot, x, logits_of, shortlist)
+    if choice.scores and math.isinf(min(choice.scores.values())):  # no finite score: nothing to rank by
+        raise InvalidRequest(f"task_inference '{mode}' found no finite score on model '{snapshot.model}' for this input: "
+                             f"the network overflows on it (its largest magnitude is {float(x.abs().max()):.3g}); "
+                             "send inputs on the scale of the model's training data")
+    return choice
 
 
 @register_mode("exhaustive")
@@ -113,7 +123,7 @@ def _entropies(outputs: dict[int, torch.Tensor]) -> dict[int, float]:
         groups.setdefault(logits.shape, []).append(task)
     scores: dict[int, float] = {}
     for tasks in groups.values():
-        scores.update(zip(tasks, mean_entropy(torch.stack([outputs[t] for t in tasks])).tolist()))
+        scores.update(zip(tasks, _scores(mean_entropy(torch.stack([outputs[t] for t in tasks])))))
     return {task: scores[task] for task in outputs}
 
 
@@ -178,7 +188,7 @@ def superposition_gradient(snapshot: Snapshot, x: torch.Tensor, candidates: list
     layers = list(stack.columns)[:1] if input_layer_only else list(stack.columns)
     gradients = snapshot.entropy_gradients(tasks.parameters, x, tasks.classes, layers)
     gradient = stack.gradient(tasks, {name: g.cpu() for name, g in gradients.items()})  # the masks are on the CPU
-    return dict(zip(candidates, gradient.tolist()))
+    return dict(zip(candidates, _scores(gradient)))
 
 
 def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, candidates: list[int], mode: str,
@@ -250,5 +260,5 @@ def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: i
                    for b in range(size)]
     target = F.one_hot(torch.tensor(min(range(size), key=lambda b: (entropy[b], b))), size).to(torch.float32)
     distance = sum(((layer - target) ** 2).sum(dim=1) for layer in stack.values())
-    scores = dict(zip(ids, distance.tolist()))
+    scores = dict(zip(ids, _scores(distance)))
     return _shortlisted(snapshot, x, logits_of, ids, "alpha", scores, shortlist)

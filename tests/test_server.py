@@ -220,6 +220,13 @@ BAD_REQUESTS = {
     "wrong datatype": (dict(x=GOOD.astype(np.float64), datatype="FP64", task_id=0), "INVALID_ARGUMENT", "datatype FP64; the model takes FP32"),
     "NaN": (dict(x=np.where(np.arange(64) == 5, np.nan, GOOD).astype(np.float32), task_id=0), "INVALID_ARGUMENT", "NaN or infinite value(s), the first at index [0, 5]"),
     "inf": (dict(x=np.full((2, 64), np.inf, np.float32)), "INVALID_ARGUMENT", "128 NaN or infinite"),
+    "overflow, task given": (dict(x=np.full((2, 64), 3e38, np.float32), task_id=0), "INVALID_ARGUMENT",
+                             "task 0 of model 'digits' computes non-finite outputs for this input (the first in row 0): "
+                             "the network overflows on it"),
+    "overflow, binary": (dict(x=np.full((2, 64), 3e38, np.float32), task_inference="binary"), "INVALID_ARGUMENT",
+                         "task_inference 'binary' found no finite score on model 'digits' for this input"),
+    "overflow, exhaustive": (dict(x=np.full((2, 64), 3e38, np.float32)), "INVALID_ARGUMENT",
+                             "task_inference 'exhaustive' found no finite score"),
     "wrong input name": (dict(x=GOOD, name="pixels", task_id=0), "INVALID_ARGUMENT", "exactly one input named 'input'"),
     "unknown parameter": (dict(x=GOOD, taskid=0), "INVALID_ARGUMENT", "unknown request parameter(s) ['taskid']"),
     "unknown mode": (dict(x=GOOD, task_inference="psychic"), "INVALID_ARGUMENT", "Unknown task_inference mode 'psychic' (known: alpha, binary, exhaustive, oneshot, oneshot-input)"),

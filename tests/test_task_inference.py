@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -199,3 +200,11 @@ def test_a_request_does_not_wait_for_another_thread_building_the_matrix(tmp_path
         assert tasks.dense is None
         assert torch.allclose(cached.gradient(tasks, gradients), expected, rtol=1e-5, atol=1e-9)
     assert cached.dense() is not None and cached.key in cached.cache
+
+
+def test_non_finite_scores_rank_last_and_never_break_a_ranking():
+    """NaN compares false with everything: binary's median split kept no task and failed. A
+    non-finite score (the network overflowed) is +inf, so it ranks after every finite one."""
+    from serving.task_inference import _scores
+
+    assert _scores(torch.tensor([0.5, float("nan"), float("-inf"), float("inf"), -1.0])) == [0.5, math.inf, math.inf, math.inf, -1.0]
