@@ -85,8 +85,8 @@ class MaskbankCollector:
         yield from self._triton(served, counters)
         unserved = CounterMetricFamily(
             "maskbank_unserved_model_request_failure",
-            "Inference requests that named a model this server does not serve (not labelled by the requested name)")
-        unserved.add_metric([], sum(s.fail.count for model, s in counters.items() if model not in served))
+            "Inference requests that named a model (or version) this server does not serve (not labelled by the requested name)")
+        unserved.add_metric([], self.statistics.unserved_failures)
         yield unserved
         yield from self._models(served, counters)
         yield from self._admission(served)

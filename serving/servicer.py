@@ -24,7 +24,7 @@ from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
 from .snapshot import Snapshot
 from .statistics import Statistics
-from .status import status_code
+from .status import abort_details
 from .task_inference import default_or_exhaustive
 from .timeouts import QueueTimeouts
 
@@ -115,8 +115,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             try:
                 yield pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
-            except MaskbankError as error:
-                yield pb.ModelStreamInferResponse(error_message=f"{status_code(error).name}: {error}")
+            except Exception as error:  # noqa: BLE001  a bug too is this request's answer (INTERNAL, logged)
+                code, message = abort_details("/inference.GRPCInferenceService/ModelStreamInfer", error)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
 
     def ModelConfig(self, request, context):
         snapshot = self.repository.get(request.name, request.version)
@@ -187,11 +190,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
         success or failure and duration in the model's statistics. The model is looked up first (NOT_FOUND
-        before input errors); a request beyond its bound (--max-queue-size) is refused before anything else
+        before input errors; a request for a model or version not served counts in `Statistics.unserved_failures`,
+        not under its name: made-up names would grow the statistics without bound); a request beyond its bound (--max-queue-size) is refused before anything else
         is read: ServerBusy (UNAVAILABLE), counted as a failure."""
         began = time.perf_counter_ns()
         try:
             snapshot = self.repository.get(request.model_name, request.model_version)
+        except MaskbankError:
+            self.statistics.unserved()
+            raise
+        try:
             with self.admission.admit(snapshot.model):
                 response, result = await self._infer(request, snapshot)
         except asyncio.CancelledError:  # the caller cancelled, or its deadline passed: nobody will read an answer

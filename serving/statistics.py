@@ -41,6 +41,12 @@ class Statistics:
     def __init__(self):
         self._models: dict[str, ModelStats] = defaultdict(ModelStats)
         self._lock = threading.Lock()
+        self.unserved_failures = 0  # requests naming a model not served: one count, not one entry per name
+
+    def unserved(self) -> None:
+        """A request named a model this server does not serve (its name is not kept: clients choose it)."""
+        with self._lock:
+            self.unserved_failures += 1
 
     def request(self, model: str, rows: int, total_ns: int, ok: bool, cancelled: bool = False) -> None:
         """One request finished (successfully or not; `cancelled`: failed because its caller went away)

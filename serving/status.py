@@ -45,6 +45,18 @@ def status_code(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_MESSAGE_CHARS = 2000  # a status message's length at most: it travels in a header (clients cap them at 16 KiB)
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message`, or its beginning and end when longer than `limit`: it may quote a client's string (a
+    4 MB model name), and the end usually says what to do."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 4
+    return f"{message[:head]} ... [{len(message) - head - tail} characters left out] ... {message[-tail:]}"
+
+
 def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status `error` ends a call to `method` with (INTERNAL, with a generic message, for a
     bug), logged: a MaskbankError in one line, anything else with its traceback. An abort the handler
@@ -52,10 +64,11 @@ def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, reg.MaskbankError):
+        message = bounded(str(error))
         # refusals come in floods when they come: logged in summary where they are decided (FloodLog)
         log.log(logging.DEBUG if isinstance(error, Overloaded) else logging.INFO, "%s -> %s: %s", method,
-                status_code(error).name, error)
-        return status_code(error), str(error)
+                status_code(error).name, message)
+        return status_code(error), message
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # not a bug: this request did not fit now
         where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
         log.error("%s ran out of %s", method, where, exc_info=error)

@@ -60,6 +60,59 @@ def test_stream_infer_answers_in_order_and_survives_a_bad_request(server):
     assert np.array_equal(first.as_numpy("logits"), direct)
 
 
+def test_a_stream_error_names_its_request(server):
+    """A raw client matches answers to requests by id: a failed request's answer carries it too."""
+    url = server[0].url
+    requests = [pb.ModelInferRequest(model_name="a", id=name) for name in ("no-input", "unknown-model")]
+    requests[1].model_name = "nope"
+    with grpc.insecure_channel(url) as channel:
+        answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=30))
+    assert [(a.infer_response.id, a.infer_response.model_name) for a in answers] == [("no-input", "a"), ("unknown-model", "nope")]
+    assert answers[0].error_message.startswith("INVALID_ARGUMENT: ") and answers[1].error_message.startswith("NOT_FOUND: ")
+
+
+def test_a_bug_answering_one_stream_request_fails_that_request_only():
+    """Any exception, not only maskbank's own errors, is the answer of its request: the stream goes on
+    (it ended the whole call with INTERNAL, unanswered requests included)."""
+    import asyncio
+
+    from serving.servicer import InferenceServicer
+
+    class Failing(InferenceServicer):
+        def __init__(self):  # only ModelStreamInfer's loop is under test here
+            pass
+
+        async def answer(self, request):
+            if request.id == "bad":
+                raise RuntimeError("a bug")
+            return pb.ModelInferResponse(id=request.id), None
+
+    async def answers():
+        async def requests():
+            for name in ("first", "bad", "third"):
+                yield pb.ModelInferRequest(model_name="a", id=name)
+
+        return [a async for a in Failing().ModelStreamInfer(requests(), None)]
+
+    first, bad, third = asyncio.run(answers())
+    assert (first.error_message, third.error_message, third.infer_response.id) == ("", "", "third")
+    assert bad.infer_response.id == "bad"
+    assert bad.error_message == ("INTERNAL: internal error in /inference.GRPCInferenceService/ModelStreamInfer; "
+                                 "the server log has details")
+
+
+def test_a_huge_model_name_gets_not_found_and_is_not_kept(server):
+    """A client's string is quoted in part (a status message travels in a header, which clients cap at
+    16 KiB) and a model the server does not serve gets no statistics (they would grow without bound)."""
+    _, client, _ = server
+    name = "x" * 100_000
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(name, request(), parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "characters left out" in info.value.message()
+    assert len(info.value.message()) <= 2000
+    assert name not in [m.name for m in client.get_inference_statistics().model_stats]
+
+
 def test_model_config(server):
     _, client, _ = server
     config = client.get_model_config("a").config
