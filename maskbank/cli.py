@@ -253,6 +253,11 @@ def _add_serve(commands) -> None:
     ops.add_argument("--grace-seconds", type=float, default=d.grace_seconds, metavar="SECONDS",
                      help=f"on SIGTERM/Ctrl-C, how long running calls may finish before the server stops "
                      f"(default {d.grace_seconds:g})")
+    ops.add_argument("--drain-seconds", type=float, default=d.drain_seconds, metavar="SECONDS",
+                     help="on SIGTERM/Ctrl-C, how long to go on serving with health NOT_SERVING (and ServerReady "
+                     "false) before refusing new calls, so that readiness probes and balancers move traffic away "
+                     f"first: a Kubernetes readinessProbe's period times its failureThreshold (default "
+                     f"{d.drain_seconds:g}: stop accepting at once)")
     ops.add_argument("--max-connection-age", type=float, default=d.max_connection_age, metavar="SECONDS",
                      help="close each client connection after this long (gRPC's GOAWAY: clients reconnect by "
                      "themselves, and calls under way get --grace-seconds to finish), so that a load balancer that "
@@ -380,7 +385,7 @@ def _serve(args) -> None:
             instances=args.instances, max_queue_size=args.max_queue_size, models=args.models,
             default_timeout_us=args.default_timeout_us, lifo_after_ms=args.lifo_after_ms,
             priority_levels=args.priority_levels, default_priority_level=args.default_priority_level,
-            max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
+            max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds, drain_seconds=args.drain_seconds,
             max_connection_age=args.max_connection_age, max_concurrent_streams=args.max_concurrent_streams,
             metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get("MASKBANK_ADMIN_TOKEN") or None,

@@ -75,6 +75,9 @@ class ServerConfig:
     default_priority_level: int = 0  # the level of requests without a priority (0: the lowest, N)
     max_message_bytes: int = 64 << 20  # largest request and response, in bytes (gRPC's own default: 4 MiB in)
     grace_seconds: float = 5.0  # how long a graceful stop lets running calls finish
+    # how long a graceful stop keeps serving with health NOT_SERVING first, so that readiness checks (a
+    # Kubernetes readinessProbe) take the replica out of rotation before it refuses new calls
+    drain_seconds: float = 0.0
     max_connection_age: float = 0.0  # seconds before a client connection is closed (GOAWAY) to rebalance; 0: never
     max_concurrent_streams: int = 0  # calls one client connection may have open at once (HTTP/2); 0: gRPC's default
     models: list[str] | None = None  # serve only these models of the registry (None: all, and those published later)
@@ -120,6 +123,8 @@ class ServerConfig:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
+        if not 0 <= self.drain_seconds <= 3600:
+            raise ValueError(f"--drain-seconds must be from 0 to 3600, got {self.drain_seconds}")
         if not 0 <= self.max_concurrent_streams <= INT32_MAX:
             raise ValueError(f"--max-concurrent-streams must be from 0 (gRPC's default) to {INT32_MAX}, "
                              f"got {self.max_concurrent_streams}")
@@ -341,7 +346,8 @@ class InferenceServer:
         return f"http://{host_port(self.config.host, self.metrics_port)}/metrics"
 
     def stop(self) -> None:
-        """Graceful stop: report NOT_SERVING, let running calls finish (up to the grace period), stop."""
+        """Graceful stop: report NOT_SERVING, keep serving for the drain period, let running calls finish
+        (up to the grace period), stop."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -356,6 +362,9 @@ class InferenceServer:
     async def _drain(self) -> None:
         self.servicer.ready = False
         await self.health.enter_graceful_shutdown()
+        if self.config.drain_seconds:  # still serving, but unready: balancers and probes move away first
+            log.info("draining: health NOT_SERVING, still serving calls for %g s (--drain-seconds)", self.config.drain_seconds)
+            await asyncio.sleep(self.config.drain_seconds)
         await self.server.stop(self.config.grace_seconds)
 
     def wait(self) -> None:

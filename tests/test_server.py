@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +311,26 @@ def test_models_published_after_start_are_served_and_stop_is_graceful(tmp_path):
     finally:
         code = server.stop()
     assert code == 0 and any("stopped" in line for line in server.output)
+
+
+def test_drain_serves_while_health_says_not_serving(tmp_path):
+    """With --drain-seconds, a stopping server answers health checks NOT_SERVING (and ServerReady false)
+    on new connections and still serves calls, so readiness probes move traffic away before it refuses."""
+    train_model(tmp_path, "m", 1, TINY)
+    server = ServerProcess(tmp_path, "--drain-seconds", "3").start()
+    try:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready("m"), what="the model")
+        server._process.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("draining" in line for line in server.output), what="the drain to begin")
+        with grpc.insecure_channel(server.url) as channel:  # a new connection, as a probe makes
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING and not client.is_server_ready()
+        assert infer(client, GOOD, model="m", task_id=0).as_numpy("task_id").tolist() == [0] * 4
+        client.close()
+    finally:
+        code = server.stop()
+    assert code == 0
 
 
 def test_classification_extension_answers_the_top_classes_as_triton_does(live):
