@@ -96,13 +96,16 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._expected = Expected()
 
-    def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`.
+    def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+            arrived_ns: int | None = None) -> torch.Tensor:
+        """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`; its
+        queue time counts from `arrived_ns` (time.perf_counter_ns(); default now), so that a wait
+        before this call (for the compute pool) is queue time too.
 
         A request that finds fewer than `instances` batches of its key running, none of them
         gathering company, leads one at once (no Event, no hand-off: the uncontended path costs two
         lock round trips); the others queue and wait."""
-        item = _Pending(x)
+        item = _Pending(x) if arrived_ns is None else _Pending(x, arrived_ns)
         with self._cond:
             state = self._keys.setdefault(key, _Key())
             leads = state.running < self.instances and not state.gathering

@@ -65,15 +65,18 @@ def infer(
     batcher: DynamicBatcher | None = None,
     shortlist: int = 1,
     backend: Backend = PYTORCH,
+    arrived_ns: int | None = None,
 ) -> InferenceResult:
     """Run `x` through `task` of the snapshot's model, or through the task that `mode` infers when task is None.
-    With a batcher, task-given requests run batched with concurrent ones for the same task.
+    With a batcher, task-given requests run batched with concurrent ones for the same task, and the
+    statistics count queue time from `arrived_ns` (time.perf_counter_ns() when the request arrived;
+    default: this call), so that a wait for the compute pool is queue time, as in Triton.
     Forwards run on `backend`, except task inference by gradients, which always runs on PyTorch."""
     model = snapshot.model
     inputs = check_input(snapshot, x)
     if task is not None:
         chosen, run = given_task(snapshot, task, backend)
-        logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run)
+        logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run, arrived_ns)
         return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name)
     if needs_gradients(mode):
         backend = PYTORCH
@@ -81,7 +84,8 @@ def infer(
     choice = infer_task(mode, snapshot, inputs, shortlist, lambda tasks, batch: backend.logits_of(snapshot, tasks, batch))
     logits = choice.logits if choice.logits is not None else backend.logits(snapshot, choice.task, inputs)
     if batcher is not None:
-        batcher.statistics.execution(model, len(inputs), 1, 0, time.perf_counter_ns() - started)
+        queued = 0 if arrived_ns is None else max(0, started - arrived_ns)
+        batcher.statistics.execution(model, len(inputs), 1, queued, time.perf_counter_ns() - started)
     return InferenceResult(snapshot, choice.task, check_output(snapshot, choice.task, inputs, logits.cpu().numpy()),
                            choice.mode, backend.name, choice.scores)
 

@@ -212,7 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response, result
 
     async def _infer(self, request, snapshot) -> tuple[pb.ModelInferResponse, InferenceResult]:
-        arrived = time.monotonic()
+        arrived, arrived_ns = time.monotonic(), time.perf_counter_ns()
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
             raise InvalidRequest(f"the request has {x.shape[0]} rows; this server takes at most {self.max_batch_size} "
@@ -228,6 +228,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             job = functools.partial(
                 infer, snapshot, x, task=selection.task, mode=selection.mode or self._default_mode(snapshot),
                 batcher=self.batcher, shortlist=selection.shortlist or self.default_shortlist, backend=self.backend,
+                arrived_ns=arrived_ns,
             )
             expires = None if timeout is None else arrived + timeout
             result = await asyncio.wrap_future(self.compute.submit_at(

@@ -136,6 +136,16 @@ def test_statistics_count_successes_and_failures(server):
     assert sorted(s.name for s in every) == ["a", "b"]
 
 
+def test_queue_time_includes_the_wait_for_the_compute_pool(server):
+    """Task inference runs on the compute pool: the time from arrival to its start is queue time, as
+    in Triton (it was recorded as 0, however long requests waited for a thread)."""
+    _, client, _ = server
+    before = client.get_inference_statistics("b").model_stats[0].inference_stats.queue
+    client.infer("b", request(), parameters={"task_inference": "exhaustive"})
+    after = client.get_inference_statistics("b").model_stats[0].inference_stats.queue
+    assert after.count == before.count + 1 and after.ns > before.ns
+
+
 def test_oversized_batch_is_refused(server):
     _, client, _ = server
     with pytest.raises(InferenceServerException, match="at most 8 per request") as info:
