@@ -52,8 +52,9 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
                                     backend=result.backend)
 
     async def WatchModel(self, request, context):
-        """The model's generation now, then each new one as it is served. The wait for the next runs
-        on a thread, WATCH_POLL_SECONDS at a time; a client that goes away cancels the call there."""
+        """The model's generation now, then each new one as it is served; NOT_FOUND once the model is
+        no longer served (unloaded, or gone from the registry). The wait for the next runs on a thread,
+        WATCH_POLL_SECONDS at a time; a client that goes away cancels the call there."""
         snapshot = self.repository.get(request.model)
         while True:
             yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation, tasks=len(snapshot.tasks),
@@ -63,3 +64,5 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
             while snapshot is None:
                 snapshot = await asyncio.to_thread(self.repository.wait_for_generation, request.model, after,
                                                    WATCH_POLL_SECONDS)
+                if snapshot is None:  # unloaded or gone since: the watch ends NOT_FOUND, as a new one would
+                    self.repository.get(request.model)

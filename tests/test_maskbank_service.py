@@ -84,3 +84,19 @@ def test_watch_model_streams_each_new_generation(service):
     publisher.join()
     assert (second.generation, second.tasks, list(second.task_names)) == (3, 3, ["perm-0", "perm-1", "perm-2"])
     stream.cancel()
+
+
+def test_a_watch_ends_not_found_when_its_model_is_unloaded(tmp_path):
+    """A watcher must not go on believing a model is served: it went silent until its own deadline."""
+    import tritonclient.grpc as triton
+
+    train_model(tmp_path, "m", 1, TINY)
+    with ServerProcess(tmp_path, "--admin-token", "secret") as server, grpc.insecure_channel(server.url) as channel:
+        stream = mb_grpc.MaskbankStub(channel).WatchModel(mb.WatchModelRequest(model="m"), timeout=60)
+        assert next(stream).generation == 1
+        client = triton.InferenceServerClient(server.url)
+        client.unload_model("m", headers={"authorization": "Bearer secret"})
+        client.close()
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'m'" in info.value.details()
