@@ -84,13 +84,18 @@ class ServerConfig:
     # Prometheus metrics port: None = 8002 (Triton's), or a free port when `port` is 0; 0 = a free port;
     # negative = no metrics endpoint. Bound on `host`, like gRPC.
     metrics_port: int | None = None
-    admin_token: str | None = None  # bearer token for load/unload; None or "": admin calls are refused
+    admin_token: str | None = None  # bearer token for load/unload; None or "": admin calls are refused (blank: an error)
     tls_cert: str | None = None  # PEM certificate (chain) file; with tls_key, gRPC is served over TLS
     tls_key: str | None = None  # PEM private key file (unencrypted)
 
     def __post_init__(self):
         if self.task_inference not in mode_names():
             raise ValueError(f"unknown task inference mode '{self.task_inference}' (known: {', '.join(mode_names())})")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be from 0 (a free port) to 65535, got {self.port}")
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise ValueError(f"--metrics-port must be at most 65535 (0: a free port; negative: no metrics endpoint), "
+                             f"got {self.metrics_port}")
         if not 1 <= self.task_shortlist <= MAX_SHORTLIST:
             raise ValueError(f"--task-shortlist must be from 1 to {MAX_SHORTLIST}, got {self.task_shortlist}")
         if self.backend not in BACKENDS:
@@ -136,6 +141,9 @@ class ServerConfig:
                 check_name("model", model)
             except MaskbankError as error:
                 raise ValueError(f"--model: {error}") from None
+        if self.admin_token and not self.bearer_token:
+            raise ValueError("--admin-token (or MASKBANK_ADMIN_TOKEN) is only whitespace: give a token, or leave it "
+                             "unset (empty) to refuse admin calls")
         if any(c.isspace() for c in self.bearer_token or ""):
             raise ValueError("--admin-token (or MASKBANK_ADMIN_TOKEN) contains whitespace, which a client cannot send "
                              "in 'authorization: Bearer TOKEN'; use a token without spaces")

@@ -322,7 +322,14 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
     with pytest.raises(ValueError, match=r"--admin-token \(or MASKBANK_ADMIN_TOKEN\) contains whitespace"):
         ServerConfig(registry="r", admin_token="two words")
     assert ServerConfig(registry="r", admin_token=" t0ken\n").bearer_token == "t0ken"
-    assert ServerConfig(registry="r", admin_token="\n").bearer_token is None
+    assert ServerConfig(registry="r", admin_token="").bearer_token is None
+    with pytest.raises(ValueError, match=r"--admin-token \(or MASKBANK_ADMIN_TOKEN\) is only whitespace"):
+        ServerConfig(registry="r", admin_token="   \n")  # it disabled admin calls, with two contradicting log lines
+    for port in (-1, 65536, 84000):
+        with pytest.raises(ValueError, match=rf"--port must be from 0 \(a free port\) to 65535, got {port}"):
+            ServerConfig(registry="r", port=port)  # gRPC bound 84000 mod 65536, a port nobody asked for
+    with pytest.raises(ValueError, match=r"--metrics-port must be at most 65535 .* got 70001"):
+        ServerConfig(registry="r", metrics_port=70001)  # an OverflowError traceback
     for field, flag, value in (("instances", "--instances", 0), ("workers", "--workers", 0),
                                ("max_batch_size", "--max-batch-size", 0), ("cache_bytes", "--cache-bytes", -1),
                                ("max_queue_delay_us", "--max-queue-delay-us", -5)):
