@@ -15,7 +15,7 @@ import numpy as np
 
 from ._proto import pb
 from .errors import InvalidRequest
-from .task_inference import MAX_SHORTLIST
+from .task_inference import MAX_SHORTLIST, mode_names
 
 INPUT_NAME = "input"
 MAX_INPUT_BYTES = 1 << 31  # above gRPC's own largest message: a shape claiming more is wrong
@@ -128,6 +128,9 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
         raise InvalidRequest(f"parameter 'task' must be a string (the task name), got {name!r}")
     if mode is not None and not isinstance(mode, str):
         raise InvalidRequest(f"parameter 'task_inference' must be a string, got {mode!r}")
+    if mode == "":  # not "the default": a client that meant a mode and sent none should hear of it
+        raise InvalidRequest(f"parameter 'task_inference' is empty: name a mode ({', '.join(mode_names())}) or leave "
+                             "the parameter out for the server's default")
     shortlist = _parameter_value(params["task_shortlist"]) if "task_shortlist" in params else None
     if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= MAX_SHORTLIST):
         raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to {MAX_SHORTLIST}, got {shortlist!r}")

@@ -234,6 +234,8 @@ BAD_REQUESTS = {
     "alpha on SupSup": (dict(x=GOOD, task_inference="alpha"), "INVALID_ARGUMENT",
                         "task_inference 'alpha' needs ImpressLearn tasks (alpha over shared basis masks) on one backbone; "
                         "model 'digits' has supsup tasks: use 'binary', 'exhaustive', 'oneshot' or 'oneshot-input'"),
+    "empty mode": (dict(x=GOOD, task_inference=""), "INVALID_ARGUMENT", "parameter 'task_inference' is empty: name a "
+                   "mode (alpha, binary, exhaustive, oneshot, oneshot-input) or leave the parameter out"),
     "negative task id": (dict(x=GOOD, task_id=-1), "INVALID_ARGUMENT", "'task_id' must be a non-negative integer"),
     "id and name": (dict(x=GOOD, task_id=1, task="perm-1"), "INVALID_ARGUMENT", "either 'task_id' or 'task'"),
     "task and a mode": (dict(x=GOOD, task_id=1, task_inference="oneshot"), "INVALID_ARGUMENT",
