@@ -63,13 +63,17 @@ def configure(log_format: str, level: str | int | None = None) -> None:
 class FloodLog:
     """For events that come in floods when they come (requests refused or dropped under overload): a
     warning at the first, then at most one line every FLOOD_LOG_SECONDS with the count since the
-    last line. A line per event would cost the most when the server has least to spare."""
+    last line; the events after a line are written by a timer once that period ends, so the tail of
+    a burst is not held back until the next one. A line per event would cost the most when the
+    server has least to spare."""
 
     def __init__(self, logger: logging.Logger):
         self._logger = logger
         self._lock = threading.Lock()
         self._count = 0  # events so far
         self._logged = (float("-inf"), 0)  # when the last line was written, and `_count` then
+        self._latest: tuple[str, tuple] | None = None  # the template and args of the last event held back
+        self._timer: threading.Timer | None = None  # writes what was held back when the period ends
 
     @property
     def count(self) -> int:
@@ -83,7 +87,25 @@ class FloodLog:
             self._count += 1
             now, (when, count) = time.monotonic(), self._logged
             if now - when < FLOOD_LOG_SECONDS:
+                self._latest = (template, args)
+                if self._timer is None:
+                    self._timer = threading.Timer(when + FLOOD_LOG_SECONDS - now, self._write_held_back)
+                    self._timer.daemon = True
+                    self._timer.start()
                 return
             self._logged = (now, self._count)
+            events = self._count - count
         since = "since the last such line" if count else "so far"
-        self._logger.warning(template.replace("{since}", since), self._count - count, *args)
+        self._logger.warning(template.replace("{since}", since), events, *args)
+
+    def _write_held_back(self) -> None:
+        """The timer's line: the events since the last line, if any came after it."""
+        with self._lock:
+            self._timer = None
+            (_, count), latest = self._logged, self._latest
+            if latest is None or self._count == count:
+                return
+            self._logged = (time.monotonic(), self._count)
+            events = self._count - count
+        template, args = latest
+        self._logger.warning(template.replace("{since}", "since the last such line"), events, *args)

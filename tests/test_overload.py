@@ -346,3 +346,22 @@ def test_a_server_default_timeout_applies_to_requests_that_give_none(tmp_path):
         server.stop()
     with pytest.raises(ValueError, match="--default-timeout-us must be at least 0, got -1"):
         ServerConfig(registry="r", default_timeout_us=-1)
+
+
+def test_a_flood_log_writes_the_tail_of_a_burst_when_its_period_ends(monkeypatch, caplog):
+    """Events after a line were only written at the next event 10 s later: the log undercounted a
+    burst until the next one, however long that took."""
+    from serving import logs
+
+    monkeypatch.setattr(logs, "FLOOD_LOG_SECONDS", 0.3)
+    flood = logs.FloodLog(logging.getLogger("maskbank.test.flood"))
+    with caplog.at_level(logging.WARNING, logger="maskbank.test.flood"):
+        for _ in range(5):
+            flood.record("refused %d request(s) {since}")
+        assert [r.getMessage() for r in caplog.records] == ["refused 1 request(s) so far"]
+        deadline = time.monotonic() + 10
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.4)  # no third line: nothing came after the second
+    assert [r.getMessage() for r in caplog.records] == ["refused 1 request(s) so far",
+                                                         "refused 4 request(s) since the last such line"]
