@@ -47,6 +47,7 @@ class ModelRepository:
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
+        self._loading: set[str] = set()  # models a load() is bringing in now, not served yet
         self._only = None if only is None else set(only)  # the models this server follows, if not all
         self._refresh_lock = threading.Lock()
         self._changed = threading.Condition()  # notified whenever a snapshot is swapped in
@@ -62,10 +63,15 @@ class ModelRepository:
         """The current snapshot of `model`; `version`, if given, must be its generation."""
         snapshot = self._snapshots.get(model)
         if snapshot is None:
+            if model in self._loading:
+                raise ModelUnavailable(f"model '{model}' is being loaded (RepositoryModelLoad); retry in a moment")
             if model in self._unloaded:
                 raise ModelNotFound(f"model '{model}' is unloaded; load it again (RepositoryModelLoad) to serve it")
             if model in self._load_errors:
                 raise ModelUnavailable(f"model '{model}' could not be loaded: {self._load_errors[model]}")
+            if self._only is not None and model in self._only:
+                raise ModelNotFound(f"model '{model}' is not served yet: this server serves it (--model) once a loadable "
+                                    f"generation of it is in registry {self.registry.location}")
             known = ", ".join(self.models()) or "none"
             only = "" if self._only is None else "; this server serves only the models it was started with (--model)"
             raise ModelNotFound(f"no model named '{model}' is served (models: {known}{only})")
@@ -81,10 +87,14 @@ class ModelRepository:
         if not self.registry.latest_generation(model):
             raise ModelNotFound(f"registry {self.registry.location} has no model '{model}' to load "
                                 f"(models: {', '.join(self.registry.published_models()) or 'none'})")
-        self._unloaded.discard(model)
-        if self._only is not None:
-            self._only.add(model)
-        self.refresh([model])
+        self._loading.add(model)
+        try:
+            self._unloaded.discard(model)
+            if self._only is not None:
+                self._only.add(model)
+            self.refresh([model])
+        finally:
+            self._loading.discard(model)
         return self.get(model)
 
     def unload(self, model: str) -> None:

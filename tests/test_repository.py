@@ -88,3 +88,26 @@ def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys
         repository.load("NOTES")
     with pytest.raises(ModelNotFound, match=r"has no model 'typo' \(models: m\)$"):
         Registry(tmp_path).manifest("typo")
+
+
+def test_a_model_being_loaded_is_unavailable_not_unknown(tmp_path):
+    """Between an operator's load and its snapshot, requests were told the model is not served at all
+    (NOT_FOUND, naming the --model list it is in): it is loading, so retry (UNAVAILABLE)."""
+    from serving.errors import ModelUnavailable
+
+    train_model(tmp_path, "m", 1, TINY)
+    seen = []
+
+    class Watched(ModelRepository):
+        def refresh(self, models=None):
+            if models == ["m"]:
+                with pytest.raises(ModelUnavailable, match=r"model 'm' is being loaded \(RepositoryModelLoad\); retry"):
+                    self.get("m")
+                seen.append(models)
+            return super().refresh(models)
+
+    repository = Watched(Registry(tmp_path), only=["m"])
+    with pytest.raises(ModelNotFound, match="model 'm' is not served yet: this server serves it .--model. once a loadable"):
+        repository.get("m")
+    repository.load("m")
+    assert seen == [["m"]] and repository.get("m").generation == 1
