@@ -116,8 +116,17 @@ def _verify(registry: Registry, args) -> int:
     lines = [f"checked {sum(report.generations.values())} generation(s) of {len(report.generations)} model(s) "
              f"and {report.blobs_checked} blob(s) in {registry.location}"]
     lines += [f"PROBLEM ({p.kind}) {p.where}: {p.message}" for p in report.problems]
-    if report.orphans:
+    if report.orphans and report.manifests_complete:
         lines.append(f"{len(report.orphans)} unreferenced blob(s) (harmless; `maskbank registry gc` removes them)")
+    elif report.orphans:
+        lines.append(f"{len(report.orphans)} blob(s) no readable manifest references: the unreadable or missing "
+                     "manifests above may use them, so restore those before `maskbank registry gc` (it refuses until then)")
+    if report.leftovers:
+        lines.append(f"{len(report.leftovers)} temporary file(s) of interrupted writes (harmless; `maskbank registry gc` "
+                     "removes them)")
+    if report.strays:
+        shown = ", ".join(report.strays[:5]) + (", ..." if len(report.strays) > 5 else "")
+        lines.append(f"{len(report.strays)} file(s) under blobs/ that are no blob, left alone (remove them by hand): {shown}")
     lines.append("OK" if report.ok else f"{len(report.problems)} problem(s) found")
     _emit(args, {**dataclasses.asdict(report), "ok": report.ok}, "\n".join(lines))
     return 0 if report.ok else 1
@@ -127,8 +136,9 @@ def _gc(registry: Registry, args) -> int:
     report = collect_garbage(registry, args.grace_seconds, args.dry_run,
                              progress_bar("checking unreferenced blobs", "blob"))
     verb = "would delete" if args.dry_run else "deleted"
-    text = (f"{verb} {len(report.deleted)} unreferenced blob(s), {report.bytes_freed:,} bytes; kept "
-            f"{len(report.kept_recent)} younger than {args.grace_seconds:g} s")
+    text = (f"{verb} {len(report.deleted)} unreferenced blob(s) and {len(report.leftovers_deleted)} temporary file(s) "
+            f"of interrupted writes, {report.bytes_freed:,} bytes; kept {len(report.kept_recent)} blob(s) younger than "
+            f"{args.grace_seconds:g} s")
     _emit(args, {**dataclasses.asdict(report), "dry_run": args.dry_run}, text)
     return 0
 

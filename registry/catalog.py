@@ -55,7 +55,7 @@ class Registry:
 
     def generations(self, model: str) -> list[int]:
         """All published generations of `model`, oldest first ([] if none)."""
-        names = self.storage.list_dir(self._generations_prefix(model))
+        names = self.storage.list_dir(self.generations_prefix(model))
         return sorted(int(m.group(1)) for name in names if (m := _GENERATION_FILE.fullmatch(name)))
 
     def latest_generation(self, model: str) -> int:
@@ -66,7 +66,7 @@ class Registry:
     def manifest(self, model: str, generation: int | None = None) -> Manifest:
         """Read and verify one generation of `model` (the newest by default)."""
         generation = generation or self.latest_generation(model)
-        key = self._manifest_key(model, generation)
+        key = self.manifest_key(model, generation)
         try:
             data = self.storage.read(key) if generation else None
         except FileNotFoundError:
@@ -96,7 +96,7 @@ class Registry:
             raise ManifestError(f"refusing to publish '{manifest.model}': blobs {missing} are not in the registry")
         latest = self.latest_generation(manifest.model)
         if manifest.generation != latest + 1 or not self.storage.create(
-            self._manifest_key(manifest.model, manifest.generation), manifest.to_json()
+            self.manifest_key(manifest.model, manifest.generation), manifest.to_json()
         ):
             raise PublishConflict(
                 f"model '{manifest.model}': generation {manifest.generation} cannot be published because "
@@ -158,8 +158,10 @@ class Registry:
             return value
         return codecs.apply_delta(self.load_backbone(manifest, entry.base), value)
 
-    def _generations_prefix(self, model: str) -> str:
+    def generations_prefix(self, model: str) -> str:
+        """The storage key below which `model`'s manifests live."""
         return f"models/{check_name('model', model)}/generations"
 
-    def _manifest_key(self, model: str, generation: int) -> str:
-        return f"{self._generations_prefix(model)}/{generation:010d}.json"
+    def manifest_key(self, model: str, generation: int) -> str:
+        """The storage key of one generation's manifest."""
+        return f"{self.generations_prefix(model)}/{generation:010d}.json"

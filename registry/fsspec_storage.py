@@ -129,6 +129,10 @@ class FsspecStorage:
         names = (_last_component(entry) for entry in entries if entry.rstrip("/") != path)
         return sorted(name for name in names if name)
 
+    def leftovers(self, prefix: str) -> list[str]:
+        """None: an object store writes whole objects without temporaries."""
+        return []
+
     @_reaching
     def modified(self, key: str) -> float:
         """When the object was last written, as a POSIX timestamp."""

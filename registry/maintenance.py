@@ -15,7 +15,7 @@ from .progress import Progress, no_progress
 class Problem:
     """One thing wrong with the registry, named so a person can act on it."""
 
-    kind: str  # 'manifest', 'missing', 'corrupt'
+    kind: str  # 'manifest', 'missing', 'corrupt', 'unreadable'
     where: str
     message: str
 
@@ -26,6 +26,9 @@ class VerifyReport:
     blobs_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # blobs no manifest references (gc removes them)
+    strays: list[str] = field(default_factory=list)  # keys under blobs/ that name no blob (left alone)
+    leftovers: list[str] = field(default_factory=list)  # temporary files of killed writes (gc removes them)
+    manifests_complete: bool = True  # every manifest read: only then is an unreferenced blob surely an orphan
 
     @property
     def ok(self) -> bool:
@@ -38,13 +41,20 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
     refs: dict[str, BlobRef] = {}
     for model in registry.list_models():
         generations = registry.generations(model)
+        if missing := sorted(set(range(1, generations[-1] + 1)) - set(generations)) if generations else []:
+            error = RegistryError(f"generation(s) {', '.join(map(str, missing))} of '{model}' are missing: publishing adds "
+                                  "generations one at a time, so they were deleted or not copied; restore them")
+            if report is None:
+                raise error
+            report.problems.append(Problem("missing", f"{model} generations", str(error)))
         for generation in generations:
             try:
                 manifest = registry.manifest(model, generation)
-            except MaskbankError as error:
+            except (MaskbankError, OSError) as error:
                 if report is None:
-                    raise
-                report.problems.append(Problem("manifest", f"{model} generation {generation}", str(error)))
+                    raise RegistryError(f"manifest {registry.storage.describe(registry.manifest_key(model, generation))} "
+                                        f"cannot be read: {error}") if isinstance(error, OSError) else error from None
+                report.problems.append(Problem("manifest", f"{model} generation {generation}", _reason(error)))
                 continue
             refs.update((ref.digest, ref) for ref in manifest.blob_refs())
         if report is not None and generations:  # an entry without any is no model (registry ls says so)
@@ -57,16 +67,31 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
     `progress(items, total)` may wrap the loop over the blobs (a progress bar)."""
     report = VerifyReport()
     refs = referenced_blobs(registry, report)
+    report.manifests_complete = not report.problems
     for digest, ref in progress(sorted(refs.items()), len(refs)):
         report.blobs_checked += 1
         try:
             registry.load(ref)
-        except MaskbankError as error:
-            kind = "missing" if "missing" in str(error) else "corrupt"
+        except (MaskbankError, OSError) as error:  # an unreadable blob is one problem, not the end of the check
+            kind = "unreadable" if isinstance(error, OSError) else "missing" if "missing" in str(error) else "corrupt"
             report.problems.append(Problem(kind, registry.blobs.describe(digest),
-                                           f"{error} (used by {_users(registry, digest)})"))
+                                           f"{_reason(error)} (used by {_users(registry, digest)})"))
     report.orphans = sorted(set(registry.blobs.digests()) - set(refs))
+    report.strays = registry.blobs.strays()
+    report.leftovers = _leftovers(registry)
     return report
+
+
+def _reason(error: Exception) -> str:
+    """An error in words: an OSError says what the system said about which file."""
+    return f"cannot be read: {error}" if isinstance(error, OSError) else str(error)
+
+
+def _leftovers(registry: Registry) -> list[str]:
+    """Temporary files that killed writes left beside blobs and manifests (local directories only)."""
+    manifests = [key for model in registry.list_models()
+                 for key in registry.storage.leftovers(registry.generations_prefix(model))]
+    return registry.blobs.leftovers() + manifests
 
 
 def _users(registry: Registry, digest: str) -> str:
@@ -76,7 +101,7 @@ def _users(registry: Registry, digest: str) -> str:
     for model in registry.list_models():
         try:
             manifest = registry.manifest(model)
-        except MaskbankError:  # reported on its own
+        except (MaskbankError, OSError):  # reported on its own
             continue
         users += [f"model '{model}' {what}" for ref, what in manifest.blob_uses() if ref.digest == digest]
     return "; ".join(users) or "older generations only"
@@ -87,6 +112,7 @@ class GcReport:
     deleted: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     kept_recent: list[str] = field(default_factory=list)  # unreferenced but younger than the grace period
+    leftovers_deleted: list[str] = field(default_factory=list)  # temporary files of killed writes
 
 
 def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False,
@@ -117,4 +143,10 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
             registry.blobs.delete(digest)
         report.deleted.append(digest)
         report.bytes_freed += size
+    for key in _leftovers(registry):  # a live writer's temporary is seconds old: the grace period spares it
+        if time.time() - registry.storage.modified(key) >= grace_seconds:
+            report.bytes_freed += len(registry.storage.read(key))
+            if not dry_run:
+                registry.storage.delete(key)
+            report.leftovers_deleted.append(key)
     return report

@@ -41,6 +41,10 @@ class Storage(Protocol):
 
     def modified(self, key: str) -> float: ...
 
+    def leftovers(self, prefix: str) -> list[str]:
+        """Keys of the temporary objects a killed writer left directly below `prefix` (invisible to
+        `list_dir`); none where whole-object writes need no temporary (object stores)."""
+
 
 def open_storage(location: str | os.PathLike) -> Storage:
     """The storage backend for a registry location (a directory path or an fsspec URL)."""
@@ -104,6 +108,10 @@ class LocalStorage:
 
     def modified(self, key: str) -> float:
         return (self.root / key).stat().st_mtime
+
+    def leftovers(self, prefix: str) -> list[str]:
+        folder = self.root / prefix
+        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if p.name.startswith(".tmp-")) if folder.is_dir() else []
 
     @staticmethod
     def _flushed_temporary(path: Path, data: bytes) -> Path:

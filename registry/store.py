@@ -54,12 +54,21 @@ class BlobStore:
         return self.storage.exists(self.key(digest))
 
     def digests(self) -> list[str]:
-        """Every blob in the store (by listing, not by reading)."""
-        return [
-            DIGEST_PREFIX + name
-            for shard in self.storage.list_dir(BLOB_PREFIX)
-            for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}")
-        ]
+        """Every blob in the store (by listing, not by reading); what is no blob is left out (`strays`)."""
+        return [DIGEST_PREFIX + name for shard, name in self._listing() if _is_blob_name(shard, name)]
+
+    def strays(self) -> list[str]:
+        """Keys under the blob folder that name no blob (a README, .DS_Store, a sync tool's files):
+        maintenance reports them and never reads or deletes them."""
+        return [f"{BLOB_PREFIX}/{shard}/{name}" for shard, name in self._listing() if not _is_blob_name(shard, name)]
+
+    def leftovers(self) -> list[str]:
+        """Temporary files of blob writes that were killed (local directories only)."""
+        return [key for shard in self.storage.list_dir(BLOB_PREFIX) for key in self.storage.leftovers(f"{BLOB_PREFIX}/{shard}")]
+
+    def _listing(self) -> list[tuple[str, str]]:
+        return [(shard, name) for shard in self.storage.list_dir(BLOB_PREFIX)
+                for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}")]
 
     def delete(self, digest: str) -> None:
         self.storage.delete(self.key(digest))
@@ -72,3 +81,8 @@ class BlobStore:
         ):
             raise BlobCorrupt(f"malformed blob reference {digest!r}: expected 'sha256:' and 64 hex digits")
         return hexdigest
+
+
+def _is_blob_name(shard: str, name: str) -> bool:
+    """Whether `shard/name` under the blob folder is where a blob lives: 64 hex digits, the first two its shard."""
+    return len(name) == 64 and name[:2] == shard and all(c in "0123456789abcdef" for c in name)

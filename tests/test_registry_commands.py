@@ -76,6 +76,69 @@ def test_verify_reports_a_missing_blob_and_a_broken_manifest(trained, capsys):
     assert "gc refused" in capsys.readouterr().err
 
 
+def test_files_that_are_no_blob_are_reported_and_left_alone(trained, capsys):
+    """A README or .DS_Store under blobs/ made gc fail ('malformed blob reference') while verify said OK."""
+    where = ["--registry", trained.location]
+    blobs = Path(trained.location) / "blobs" / "sha256"
+    shard = next(p for p in blobs.iterdir() if p.is_dir())
+    strays = [blobs / "zz" / "notahash", shard / "README", shard / (shard.name + "0" * 61 + "x")]
+    for stray in strays:
+        stray.parent.mkdir(exist_ok=True)
+        stray.write_text("not a blob")
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 0 and "3 file(s) under blobs/ that are no blob, left alone (remove them by hand)" in out
+    code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", *where)
+    assert code == 0 and report["deleted"] == [] and all(stray.exists() for stray in strays)
+
+
+def test_verify_reports_every_unreadable_or_missing_file_and_gaps(trained, capsys):
+    """An unreadable blob or manifest (here a directory where the file should be) ended verify with one
+    OSError line, hiding the rest; a generation deleted from the middle of the history passed."""
+    where = ["--registry", trained.location]
+    manifest = trained.manifest("m")
+    unreadable = Path(trained.blobs.describe(manifest.task(0).parts["masks"].digest))
+    unreadable.unlink()
+    unreadable.mkdir()
+    Path(trained.blobs.describe(manifest.task(1).parts["masks"].digest)).unlink()
+    code, report = run_json(capsys, "registry", "verify", *where)
+    assert code == 1 and sorted(p["kind"] for p in report["problems"]) == ["missing", "unreadable"]
+    assert any(p["where"] == str(unreadable) and "cannot be read: [Errno 21] Is a directory" in p["message"]
+               for p in report["problems"])
+    first = Path(trained.location) / "models" / "m" / "generations" / "0000000001.json"
+    first.unlink()
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 1 and "PROBLEM (missing) m generations: generation(s) 1 of 'm' are missing" in out
+    assert main(["registry", "gc", "--grace-seconds", "0", *where]) == 2  # its blobs' users are unknown
+    assert "generation(s) 1 of 'm' are missing" in capsys.readouterr().err
+
+
+def test_blobs_a_damaged_manifest_may_use_are_not_called_harmless(trained, capsys):
+    where = ["--registry", trained.location]
+    newest = Path(trained.location) / "models" / "m" / "generations" / "0000000002.json"
+    newest.write_text(newest.read_text()[:100])  # task 1's mask is referenced by it alone
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 1 and "harmless" not in out
+    assert "1 blob(s) no readable manifest references: the unreadable or missing manifests above may use them" in out
+
+
+def test_gc_removes_the_temporary_files_of_killed_writes_after_the_grace_period(trained, capsys):
+    """A publish killed mid-write leaves a .tmp- file beside the blobs (or manifests): nothing listed
+    or removed it."""
+    import os
+
+    where = ["--registry", trained.location]
+    shard = next(p for p in (Path(trained.location) / "blobs" / "sha256").iterdir())
+    old, young = shard / ".tmp-killed", shard / ".tmp-writing"
+    old.write_bytes(b"x" * 1000)
+    young.write_bytes(b"y")
+    os.utime(old, (1e9, 1e9))
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 0 and "2 temporary file(s) of interrupted writes (harmless" in out
+    code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "3600", *where)
+    assert report["leftovers_deleted"] == [f"blobs/sha256/{shard.name}/.tmp-killed"] and report["bytes_freed"] == 1000
+    assert not old.exists() and young.exists()
+
+
 def test_gc_deletes_only_old_unreferenced_blobs(trained, capsys):
     where = ["--registry", trained.location]
     orphan = trained.put("tensors/v1", {})
