@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from registry import MaskbankError
@@ -291,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maskbank", description="Continual-learning model serving: train, publish, serve.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="maskbank's own log level (default INFO); libraries (botocore, ...) log warnings and "
+                        "errors only, unless DEBUG")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
     _add_serve(commands)
@@ -318,19 +322,20 @@ def _train(args) -> None:
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}
     registry = Registry(args.registry)
+    registry.check_location(must_exist=False)  # an S3 bucket that does not exist: before any training
     try:
         manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
     except PublishConflict as error:  # the API's "reload and retry", said for the command line
         raise PublishConflict(f"{error}. Another publisher (a second `maskbank train`?) is adding tasks to model "
                               f"'{args.model}': run this command again once it has finished; it goes on from the "
                               "tasks published") from None
-    except KeyboardInterrupt:  # Ctrl-C: every task published so far stays; say where to pick up
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: every task published so far stays; say where to pick up
         published = registry.find_manifest(args.model)
         done = len(published.tasks) if published else 0
         state = f"generation {published.generation}" if published else "nothing published"
-        print(f"\nmaskbank train: interrupted; model '{args.model}' has {done} of {args.tasks} task(s) in "
+        print(f"\nmaskbank train: {_stopped_by(interrupt)}; model '{args.model}' has {done} of {args.tasks} task(s) in "
               f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(_interrupted_status(interrupt)) from None
     print(format_report(manifest))
 
 
@@ -338,7 +343,9 @@ def _report(args) -> None:
     from registry import Registry
     from trainer.metrics import plot_matrix
 
-    manifest = Registry(args.registry).manifest(args.model)
+    registry = Registry(args.registry)
+    registry.check_location()  # a mistyped path is no registry, not one without this model
+    manifest = registry.manifest(args.model)
     if args.plot:
         plot_matrix(manifest.training["accuracy_matrix"], [t.name for t in manifest.tasks], args.plot,
                     f"{manifest.model}: {manifest.training['settings']['method']} on {manifest.training['settings']['stream']}")
@@ -408,9 +415,32 @@ def _demo(args) -> None:
     run_demo(args.registry, args.model, args.tasks, args.batch_size)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's, `timeout`'s, `docker stop`'s): unwinds like Ctrl-C, so every command stops
+    as cleanly (a demo's server child stopped, a training run's message said), with status 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # libraries (botocore's "Found credentials ...") stay at WARNING unless maskbank's level is DEBUG
+    logging.basicConfig(level=logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("maskbank").setLevel(args.log_level)
+    terminate = None
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():  # serve drains itself
+        terminate = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _run(args) -> int:
     try:
         if args.command == "registry":
             from .registry_cli import run_registry_command
@@ -427,7 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file that cannot be written or read, a port taken: the system's words suffice
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the shell's convention, without a traceback (train says more itself)
-        print(f"\nmaskbank {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the shell's convention, without a traceback
+        print(f"\nmaskbank {args.command}: {_stopped_by(interrupt)}", file=sys.stderr)
+        return _interrupted_status(interrupt)
     return 0
+
+
+def _stopped_by(interrupt: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+
+
+def _interrupted_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's status for a process stopped by that signal: 128 + its number."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)

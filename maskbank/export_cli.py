@@ -48,6 +48,7 @@ def _task_key(text: str) -> int | str:
 
 def run_export_command(args) -> int:
     registry, progress = Registry(args.registry), progress_bar("exporting tasks", "task")
+    registry.check_location()  # a mistyped path is no registry, not one without this model
     if args.export_command == "onnx":
         index = export_onnx(registry, args.model, args.out, args.tasks, layout=args.layout, progress=progress)
         print(f"wrote {index.parent} (index: {index})", file=sys.stderr)

@@ -43,10 +43,13 @@ class ChildServer:
         found = threading.Event()
         threading.Thread(target=self._read_output, args=(found,), daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout
-        while not found.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.output))
+        try:
+            while not found.wait(0.1):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.output))
+        except BaseException:  # not started, or interrupted meanwhile (Ctrl-C, SIGTERM): no child is left behind
+            self.stop()
+            raise
         return self
 
     def _read_output(self, found: threading.Event) -> None:

@@ -9,7 +9,6 @@ import sys
 from registry import Registry, RegistryError
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
-from registry.storage import LocalStorage
 
 from .cli import plot_file, progress_bar
 
@@ -43,10 +42,7 @@ def add_registry_commands(commands) -> None:
 
 def run_registry_command(args) -> int:
     registry = Registry(args.registry)
-    if isinstance(registry.storage, LocalStorage) and not registry.storage.root.is_dir():
-        # a mistyped path would otherwise list no models and verify "OK"
-        raise RegistryError(f"no registry at {args.registry}: the directory does not exist (the first "
-                            f"`maskbank train --registry {args.registry} ...` creates it)")
+    registry.check_location()  # a mistyped path would otherwise list no models and verify "OK"
     return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "audit": _audit}[args.registry_command](registry, args)
 
 

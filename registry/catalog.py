@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import codecs
-from .errors import ManifestError, ModelNotFound, PublishConflict
+from .errors import ManifestError, ModelNotFound, PublishConflict, RegistryError
 from .kinds import get_kind
 from .manifest import BackboneVersion, BlobRef, Manifest
 from .names import check_name
@@ -43,6 +43,12 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
+
+    def check_location(self, must_exist: bool = True) -> None:
+        """RegistryError when no registry can be at this location (an S3 bucket that does not exist)
+        or, with `must_exist`, none is there: a mistyped path must not read as an empty registry."""
+        if problem := self.storage.location_problem(must_exist):
+            raise RegistryError(f"no registry at {self.location}: {problem}")
 
     def list_models(self) -> list[str]:
         """Every entry under models/ (a model, a first publish under way, or a stray file)."""

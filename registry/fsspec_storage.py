@@ -34,6 +34,7 @@ from .errors import MaskbankError, RegistryError
 
 Creator = Callable[[AbstractFileSystem, str, bytes], bool]
 
+_BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # schemes whose URL starts with a bucket/container
 _MEMORY_LOCK = threading.Lock()  # one per process: so is the memory filesystem
 _CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing write is in flight
 
@@ -132,6 +133,20 @@ class FsspecStorage:
     def leftovers(self, prefix: str) -> list[str]:
         """None: an object store writes whole objects without temporaries."""
         return []
+
+    @_reaching
+    def location_problem(self, must_exist: bool) -> str | None:
+        """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL."""
+        bucket = self.root.split("/", 1)[0]
+        self.fs.invalidate_cache()
+        if self.scheme in _BUCKETED and bucket:
+            try:
+                self.fs.info(bucket)  # not exists(): s3fs answers False for missing credentials too
+            except FileNotFoundError:
+                return f"bucket '{bucket}' does not exist, or these credentials cannot see it"
+        if must_exist and not self.fs.exists(self.root):
+            return "nothing is stored under it (the first publish, `maskbank train --registry ...`, creates it)"
+        return None
 
     @_reaching
     def modified(self, key: str) -> float:

@@ -41,6 +41,10 @@ class Storage(Protocol):
 
     def modified(self, key: str) -> float: ...
 
+    def location_problem(self, must_exist: bool) -> str | None:
+        """Why no registry can be at this location (an S3 bucket that does not exist), or, with
+        `must_exist`, why none is there yet (nothing stored); None if all is well."""
+
     def leftovers(self, prefix: str) -> list[str]:
         """Keys of the temporary objects a killed writer left directly below `prefix` (invisible to
         `list_dir`); none where whole-object writes need no temporary (object stores)."""
@@ -108,6 +112,11 @@ class LocalStorage:
 
     def modified(self, key: str) -> float:
         return (self.root / key).stat().st_mtime
+
+    def location_problem(self, must_exist: bool) -> str | None:
+        if must_exist and not self.root.is_dir():
+            return "the directory does not exist (the first publish, `maskbank train --registry ...`, creates it)"
+        return None
 
     def leftovers(self, prefix: str) -> list[str]:
         folder = self.root / prefix

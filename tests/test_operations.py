@@ -381,3 +381,19 @@ def test_json_formatter_writes_one_line_with_extra_fields_and_the_traceback():
     assert entry["message"] == "model a\nfailed" and entry["level"] == "ERROR" and entry["logger"] == "maskbank.test"
     assert (entry["model"], entry["generation"], entry["path"]) == ("a", 3, "/x")
     assert "RuntimeError: boom" in entry["exception"] and entry["time"].endswith("+00:00")
+
+
+def test_a_child_server_interrupted_while_starting_is_not_left_behind():
+    """Ctrl-C or SIGTERM (demo turns it into an exception) while a child server starts: the child
+    is stopped, not orphaned holding its port and registry."""
+    import _thread
+    import sys
+    import threading
+
+    from maskbank.process import ChildServer
+
+    child = ChildServer([sys.executable, "-c", "import time; time.sleep(60)"], re.compile(r"never (\S+):(\d+)"))
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        child.start()
+    assert child._process.poll() is not None

@@ -4,6 +4,7 @@ there too, and several servers must follow one shared registry."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -225,6 +226,34 @@ def test_a_registry_url_that_cannot_be_opened_or_reached_is_a_registry_error(s3_
             S3FileSystem.clear_instance_cache()
     assert (f"maskbank registry: error: cannot reach registry {s3_url}: NoCredentialsError: Unable to locate "
             "credentials") in capsys.readouterr().err
+
+
+def test_a_bucket_that_does_not_exist_is_no_registry(s3_endpoint, capsys):
+    """A mistyped bucket listed no models and verified OK, like a mistyped local path before; train
+    failed with botocore's words only, not naming the registry."""
+    url = "s3://no-such-bucket/reg"
+    train = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--model", "m"]
+    for command in (["registry", "ls"], ["registry", "verify"], ["registry", "gc"], ["report", "m"], train):
+        assert main([*command, "--registry", url]) == 2
+        assert f"error: no registry at {url}: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+
+
+def test_an_s3_prefix_with_nothing_under_it_is_no_registry_until_the_first_publish(s3_url, capsys):
+    assert main(["registry", "verify", "--registry", s3_url]) == 2
+    assert f"no registry at {s3_url}: nothing is stored under it" in capsys.readouterr().err
+    Registry(s3_url).put("tensors/v1", {})
+    assert main(["registry", "verify", "--registry", s3_url]) == 0
+
+
+def test_library_info_logs_stay_out_of_command_output(s3_url):
+    """Every S3 command printed botocore's INFO lines ('Found credentials in environment variables')."""
+    import subprocess
+    import sys
+
+    Registry(s3_url).put("tensors/v1", {})
+    done = subprocess.run([sys.executable, "-m", "maskbank", "registry", "ls", "--registry", s3_url, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout) == [] and "INFO" not in done.stderr, done.stderr
 
 
 # ---------------------------------------------------------------- two servers following one S3 registry
