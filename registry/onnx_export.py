@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -146,12 +147,23 @@ def _cut_logits(model: onnx.ModelProto, num_classes: int) -> None:
     model.graph.output.append(helper.make_tensor_value_info(OUTPUT, elem_type, [BATCH, num_classes]))
 
 
+def selected_tasks(manifest: Manifest, keys: Sequence[int | str] = ()) -> list[TaskEntry]:
+    """The tasks `keys` names (ids or names; all when empty), in that order, each once however often
+    it is named (an id and its name are one task). Unknown keys raise TaskNotFound naming the model's tasks."""
+    if not keys:
+        return list(manifest.tasks)
+    entries = {}
+    for key in keys:
+        entry = manifest.task(key)
+        entries.setdefault(entry.id, entry)
+    return list(entries.values())
+
+
 def task_weights(registry: Registry, manifest: Manifest,
                  keys: Sequence[int | str] = ()) -> Iterator[tuple[TaskEntry, dict[str, torch.Tensor]]]:
-    """(task, effective parameters) for the tasks `keys` names (ids or names; all when empty), in
-    that order, each on the backbone version a server runs it on. Unknown keys raise TaskNotFound
-    naming the model's tasks before any work is done."""
-    entries = [manifest.task(key) for key in keys] if keys else list(manifest.tasks)
+    """(task, effective parameters) for the tasks `keys` names (`selected_tasks`), each on the
+    backbone version a server runs it on. Unknown keys raise TaskNotFound before any work is done."""
+    entries = selected_tasks(manifest, keys)
     shared = {kind: registry.load(ref) for kind, ref in manifest.shared.items()}
     backbones: dict[str, dict[str, torch.Tensor]] = {}
     for entry in entries:
@@ -179,19 +191,13 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     out = Path(out)
     earlier = _earlier_export(out, manifest.model)
     graph = architecture_graph(manifest.architecture)
-    (out / "tasks").mkdir(parents=True, exist_ok=True)
-    save_checked(weights_as_inputs(graph), out / "backbone.onnx")
-    tasks = []
-    for entry, params in progress(task_weights(registry, manifest, keys), len(keys) or len(manifest.tasks)):
-        weights = onnx_weights(graph, params)
-        if layout == "shared":
-            file = f"tasks/{entry.id}.safetensors"
-            safetensors.numpy.save_file(weights, str(out / file))
-        else:
-            file = f"tasks/{entry.id}.onnx"
-            save_checked(self_contained(graph, weights, entry.num_classes), out / file)
-        tasks.append({"id": entry.id, "name": entry.name, "method": entry.method, "num_classes": entry.num_classes,
-                      "file": file})
+    created = not out.exists()
+    try:
+        tasks = _write_tasks(registry, manifest, keys, graph, out, layout, progress)
+    except BaseException:  # a corrupt blob, Ctrl-C: a first export leaves nothing, so the same command can retry
+        if not earlier:
+            _remove_partial(out, created)
+        raise
     index = out / INDEX
     staged = index.with_suffix(".json.partial")
     staged.write_text(json.dumps({"model": manifest.model, "generation": manifest.generation, "layout": layout,
@@ -201,6 +207,34 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     for stale in earlier - {task["file"] for task in tasks}:
         (out / stale).unlink(missing_ok=True)
     return index
+
+
+def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | str], graph, out: Path, layout: str,
+                 progress: Progress) -> list[dict[str, Any]]:
+    """Write backbone.onnx and each task's file; return the index's task entries."""
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    save_checked(weights_as_inputs(graph), out / "backbone.onnx")
+    tasks = []
+    for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
+        weights = onnx_weights(graph, params)
+        if layout == "shared":
+            file = f"tasks/{entry.id}.safetensors"
+            safetensors.numpy.save_file(weights, str(out / file))
+        else:
+            file = f"tasks/{entry.id}.onnx"
+            save_checked(self_contained(graph, weights, entry.num_classes), out / file)
+        tasks.append({"id": entry.id, "name": entry.name, "method": entry.method, "num_classes": entry.num_classes,
+                      "file": file})
+    return tasks
+
+
+def _remove_partial(out: Path, created: bool) -> None:
+    """Undo a first export into `out` that failed: the folder was new or empty (`_earlier_export`)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _earlier_export(out: Path, model: str) -> set[str]:
@@ -219,8 +253,10 @@ def _earlier_export(out: Path, model: str) -> set[str]:
             raise ExportError(f"{out} holds the ONNX export of model '{owner}': export '{model}' into another "
                               "folder, or remove that one first")
         return files
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} is not an empty folder and holds no maskbank export (an interrupted export "
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: export into a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not an empty folder and holds no maskbank export (an export killed midway "
                           f"leaves no {INDEX}): export into a new or empty folder")
     return set()
 

@@ -30,6 +30,7 @@ from registry.onnx_export import (
     onnx_weights,
     save_checked,
     self_contained,
+    selected_tasks,
     task_weights,
 )
 
@@ -70,7 +71,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
     written = []
-    for entry, params in progress(task_weights(registry, manifest, keys), len(keys) or len(manifest.tasks)):
+    for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
         name = triton_model_name(manifest.model, entry)
         directory = Path(repo) / name
         (directory / str(manifest.generation)).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -142,6 +143,34 @@ def test_export_only_the_tasks_asked_for(bn_registry, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["1.safetensors"]
     with pytest.raises(TaskNotFound, match=r"no task 5 .*tasks: 0 \(perm-0\), 1 \(perm-1\)"):
         list(task_weights(bn_registry, bn_registry.manifest("m"), [5]))
+
+
+def test_a_task_named_twice_is_exported_once(bn_registry, tmp_path):
+    index = json.loads(export_onnx(bn_registry, "m", tmp_path, [1, "perm-1", 0, 1]).read_text())
+    assert [t["id"] for t in index["tasks"]] == [1, 0]
+
+
+def test_a_failed_first_export_leaves_nothing_so_the_same_command_can_retry(bn_registry, tmp_path):
+    """A corrupt blob midway left backbone.onnx and the tasks before it, and the retry was refused
+    ('not an empty folder'), though the command itself had made that folder."""
+    import shutil
+
+    from registry import BlobCorrupt
+
+    copy = Registry(shutil.copytree(bn_registry.location, tmp_path / "reg"))
+    blob = Path(copy.blobs.describe(copy.manifest("m").task(1).parts["masks"].digest))
+    good = blob.read_bytes()
+    blob.write_bytes(b"corrupt")
+    (tmp_path / "empty").mkdir()
+    for out, left in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        with pytest.raises(BlobCorrupt):
+            export_onnx(copy, "m", out)
+        assert out.exists() == left and (not left or not any(out.iterdir()))
+    blob.write_bytes(good)
+    assert [t["id"] for t in json.loads(export_onnx(copy, "m", tmp_path / "new").read_text())["tasks"]] == [0, 1]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="file is a file, not a folder"):
+        export_onnx(copy, "m", tmp_path / "file")
 
 
 def test_a_re_export_replaces_its_own_files_and_never_another_models(bn_registry, tmp_path):
