@@ -308,3 +308,17 @@ def test_supsup_keeps_batchnorm_statistics_per_task_and_serves_them(tmp_path):
     assert np.array_equal(infer(repository.get("bn"), x.numpy(), task=1).logits, expected.detach().numpy())
     with pytest.raises(RuntimeError, match="running_mean"):  # statistics are never silently defaulted
         forward(module, effective_parameters("supsup", backbone, {"masks": parts["masks"]}), x)
+
+
+def test_appending_with_other_settings_names_the_flags_to_omit(tmp_path):
+    """The refusal names each clashing option by its command-line flag (it said --architecture for --arch)."""
+    from trainer import train
+
+    registry = train_model(tmp_path, "m", 1, TINY)
+    other = {"method": "supsup", "stream": "permuted-digits", "architecture": {"arch": "mlp", "sizes": [64, 16, 10]},
+             "method_config": {"epochs": 3}}
+    with pytest.raises(TrainingError) as info:
+        train(registry, "m", 2, other)
+    message = str(info.value)
+    assert "--arch {'arch': 'mlp', 'sizes': [64, 16, 10]} (model has {'arch': 'mlp', 'sizes': [64, 32, 10]})" in message
+    assert "--epochs 3 (model has 2)" in message and registry.generations("m") == [1]

@@ -79,6 +79,9 @@ def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: Ta
                             f"have up to {stream.num_classes} classes: make its last layer at least that wide")
 
 
+_FLAGS = {"architecture": "--arch"}  # settings whose command-line flag is not --NAME
+
+
 def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> TrainSettings:
     """Combine explicit settings (None = not given) with those stored in an existing model."""
     given = {k: v for k, v in requested.items() if v is not None}
@@ -101,7 +104,8 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
         )
     stored = manifest.training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
-    clashes = [f"--{k.replace('_', '-')} {v!r} (model has {stored[k]!r})" for k, v in given.items() if stored[k] != v]
+    clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
+               for k, v in given.items() if stored[k] != v]
     clashes += [f"--{k.replace('_', '-')} {v!r} (model has {stored['method_config'].get(k)!r})"
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
     if clashes:
