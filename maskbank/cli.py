@@ -358,6 +358,14 @@ def _report(args) -> None:
         print(format_report(manifest))
 
 
+def _fwt_coverage(training: dict, tasks: int) -> str:
+    """A note when FWT averages over only some of the tasks it could (--fwt given on some runs only)."""
+    covered = training.get("fwt_tasks")
+    if training.get("fwt") is None or covered is None or covered >= tasks - 1:
+        return ""
+    return f" (over {covered} of the {tasks - 1} tasks after the first: the others were trained without --fwt)"
+
+
 def format_report(manifest) -> str:
     """The accuracy matrix, the summary metrics and the per-task metrics of a manifest."""
     from trainer.metrics import format_matrix
@@ -368,7 +376,8 @@ def format_report(manifest) -> str:
              f"{training['settings']['stream']} (seed {training['settings']['seed']})", "",
              format_matrix(training["accuracy_matrix"], names), "",
              f"average accuracy {training['average_accuracy']:.3f}  forgetting {training['forgetting']:.3f}  "
-             f"BWT {training['bwt']:.3f}  FWT " + ("(train with --fwt)" if fwt is None else f"{fwt:.3f}"), ""]
+             f"BWT {training['bwt']:.3f}  FWT " + ("(train with --fwt)" if fwt is None else f"{fwt:.3f}")
+             + _fwt_coverage(training, len(manifest.tasks)), ""]
     keys = sorted({k for t in manifest.tasks for k, v in t.metrics.items() if isinstance(v, (int, float)) and k != "accuracy"})
     lines.append("| task | " + " | ".join(keys) + " |")
     lines.append("|---" * (len(keys) + 1) + "|")

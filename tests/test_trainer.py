@@ -322,3 +322,19 @@ def test_appending_with_other_settings_names_the_flags_to_omit(tmp_path):
     message = str(info.value)
     assert "--arch {'arch': 'mlp', 'sizes': [64, 16, 10]} (model has {'arch': 'mlp', 'sizes': [64, 32, 10]})" in message
     assert "--epochs 3 (model has 2)" in message and registry.generations("m") == [1]
+
+
+def test_fwt_says_how_many_tasks_it_covers(tmp_path):
+    """--fwt given on an append only: FWT averaged over the tasks with a trained-alone reference was
+    printed as the model's FWT with no word that it left the others out."""
+    from maskbank.cli import format_report
+    from trainer import train
+
+    settings = {"method": "supsup", "stream": "permuted-digits", **TINY}
+    registry = Registry(tmp_path)
+    train(registry, "m", 2, settings, log=lambda _: None)
+    partial = train(registry, "m", 3, {}, log=lambda _: None, fwt=True)
+    assert partial.training["fwt_tasks"] == 1 and partial.training["fwt"] is not None
+    assert "(over 1 of the 2 tasks after the first: the others were trained without --fwt)" in format_report(partial)
+    whole = train(Registry(tmp_path / "whole"), "m", 3, settings, log=lambda _: None, fwt=True)
+    assert whole.training["fwt_tasks"] == 2 and "over" not in format_report(whole).split("FWT")[1].split("\n")[0]

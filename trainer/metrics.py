@@ -36,6 +36,7 @@ def summary(matrix: list[list[float]], alone: list[float | None] | None = None) 
         "forgetting": forgetting(matrix),
         "bwt": backward_transfer(matrix),
         "fwt": forward_transfer(matrix, alone or []),
+        "fwt_tasks": len(_transfer_pairs(matrix, alone or [])),  # FWT's tasks: those with a trained-alone reference
     }
 
 
@@ -51,8 +52,13 @@ def format_matrix(matrix: list[list[float]], names: list[str]) -> str:
 def forward_transfer(matrix: list[list[float]], alone: list[float | None]) -> float | None:
     """FWT as SPG reports it: mean over tasks j >= 1 of (accuracy on j just after learning it in
     the sequence) - (accuracy of the same method trained on task j alone); None without references."""
-    pairs = [(matrix[j][j], alone[j]) for j in range(1, len(matrix)) if j < len(alone) and alone[j] is not None]
+    pairs = _transfer_pairs(matrix, alone)
     return mean(a - b for a, b in pairs) if pairs else None
+
+
+def _transfer_pairs(matrix: list[list[float]], alone: list[float | None]) -> list[tuple[float, float]]:
+    """(accuracy just after learning j, accuracy trained alone) for the tasks j >= 1 that have a reference."""
+    return [(matrix[j][j], alone[j]) for j in range(1, len(matrix)) if j < len(alone) and alone[j] is not None]
 
 
 def plot_matrix(matrix: list[list[float]], names: list[str], path: str, title: str) -> None:
