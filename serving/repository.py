@@ -136,7 +136,7 @@ class ModelRepository:
             for model in listed:
                 if model in self._unloaded or not self._follows(model):
                     continue
-                current = self._snapshots.get(model)
+                current, latest = self._snapshots.get(model), None
                 try:
                     latest = self.registry.latest_generation(model)
                     if latest == 0 or (current and current.generation == latest):
@@ -145,7 +145,9 @@ class ModelRepository:
                                              self.gradients, self.device)
                 except MaskbankError as error:
                     if self._load_errors.get(model) != str(error):
-                        log.error("model '%s' generation could not be loaded, keeping the previous one: %s", model, error)
+                        kept = (f"still serving generation {current.generation}" if current is not None
+                                else "not served until a loadable generation is published")
+                        log.error("model '%s': generation %s could not be loaded (%s): %s", model, latest, kept, error)
                     self._load_errors[model] = str(error)
                     continue
                 with self._changed:

@@ -111,3 +111,23 @@ def test_a_model_being_loaded_is_unavailable_not_unknown(tmp_path):
         repository.get("m")
     repository.load("m")
     assert seen == [["m"]] and repository.get("m").generation == 1
+
+
+def test_a_generation_that_cannot_be_loaded_is_logged_with_what_is_served_instead(tmp_path, caplog):
+    """The log said 'keeping the previous one' for a model that had none."""
+    train_model(tmp_path, "m", 1, TINY)
+    first = tmp_path / "models" / "m" / "generations" / "0000000001.json"
+    text = first.read_text()
+    first.write_text(text[:50])
+    repository = ModelRepository(Registry(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        repository.refresh()
+    assert "model 'm': generation 1 could not be loaded (not served until a loadable generation is published)" in caplog.text
+    first.write_text(text)
+    repository.refresh()
+    train_model(tmp_path, "m", 2, TINY)
+    (tmp_path / "models" / "m" / "generations" / "0000000002.json").write_text("{")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        repository.refresh()
+    assert "model 'm': generation 2 could not be loaded (still serving generation 1)" in caplog.text
