@@ -385,15 +385,20 @@ def test_json_formatter_writes_one_line_with_extra_fields_and_the_traceback():
 
 def test_a_child_server_interrupted_while_starting_is_not_left_behind():
     """Ctrl-C or SIGTERM (demo turns it into an exception) while a child server starts: the child
-    is stopped, not orphaned holding its port and registry."""
-    import _thread
+    is stopped, not orphaned holding its port and registry. In a fresh process, whose children
+    nothing else reaps."""
+    import subprocess
     import sys
-    import threading
 
-    from maskbank.process import ChildServer
-
-    child = ChildServer([sys.executable, "-c", "import time; time.sleep(60)"], re.compile(r"never (\S+):(\d+)"))
-    threading.Timer(0.5, _thread.interrupt_main).start()
-    with pytest.raises(KeyboardInterrupt):
-        child.start()
-    assert child._process.poll() is not None
+    script = """
+import _thread, re, sys, threading
+from maskbank.process import ChildServer
+child = ChildServer([sys.executable, "-c", "import time; time.sleep(60)"], re.compile(r"never (\\S+):(\\d+)"))
+threading.Timer(0.5, _thread.interrupt_main).start()
+try:
+    child.start()
+except KeyboardInterrupt:
+    print("interrupted, child exit status", child._process.poll())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted, child exit status -15", done.stdout + done.stderr
