@@ -436,10 +436,11 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # libraries (botocore's "Found credentials ...") stay at WARNING unless maskbank's level is DEBUG
-    logging.basicConfig(level=logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("maskbank").setLevel(args.log_level)
+    if not logging.getLogger().handlers:  # a process of its own, not a caller (a test) that set logging up
+        # libraries (botocore's "Found credentials ...") stay at WARNING unless maskbank's level is DEBUG
+        logging.basicConfig(level=logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("maskbank").setLevel(args.log_level)
     terminate = None
     if args.command != "serve" and threading.current_thread() is threading.main_thread():  # serve drains itself
         terminate = signal.signal(signal.SIGTERM, _raise_terminated)

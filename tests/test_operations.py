@@ -391,7 +391,9 @@ def test_a_child_server_interrupted_while_starting_is_not_left_behind():
     import sys
 
     script = """
-import _thread, re, sys, threading
+import _thread, re, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job ignores it,
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and then interrupt_main() does nothing
 from maskbank.process import ChildServer
 child = ChildServer([sys.executable, "-c", "import time; time.sleep(60)"], re.compile(r"never (\\S+):(\\d+)"))
 threading.Timer(0.5, _thread.interrupt_main).start()
