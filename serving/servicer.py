@@ -189,10 +189,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
-        success or failure and duration in the model's statistics. The model is looked up first (NOT_FOUND
-        before input errors; a request for a model or version not served counts in `Statistics.unserved_failures`,
-        not under its name: made-up names would grow the statistics without bound); a request beyond its bound (--max-queue-size) is refused before anything else
-        is read: ServerBusy (UNAVAILABLE), counted as a failure."""
+        success or failure and duration in the model's statistics. The model is looked up first
+        (NOT_FOUND before input errors); a request for a model or version not served counts in
+        `Statistics.unserved_failures`, not under its name, since made-up names would grow the
+        statistics without bound. A request beyond its bound (--max-queue-size) is refused before
+        anything else is read: ServerBusy (UNAVAILABLE), counted as a failure."""
         began = time.perf_counter_ns()
         try:
             snapshot = self.repository.get(request.model_name, request.model_version)
