@@ -272,7 +272,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))
         if result.scores is not None:
-            oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
+            if entry.id in result.scores:  # binary with a shortlist of every task ranks none by gradient
+                oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
             if all_scores:
                 finite = {task: (score if math.isfinite(score) else None) for task, score in result.scores.items()}
                 oip.set_parameter(response.parameters, "task_scores", json.dumps(finite))  # JSON has no Infinity: null

@@ -168,7 +168,8 @@ class Snapshot:
         for kind, ref in manifest.shared.items():
             unchanged = previous is not None and previous.manifest.shared.get(kind) == ref
             shared[kind] = previous.shared[kind] if unchanged else registry.load(ref)
-        reusable = {t.key: t for t in previous.tasks.values()} if previous else {}
+        # a task that failed to load is loaded again: its blob may have been restored since
+        reusable = {t.key: t for t in previous.tasks.values() if t.error is None} if previous else {}
         tasks = {}
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
@@ -343,6 +344,8 @@ class Snapshot:
         tasks = self.healthy_tasks()
         backbones = {t.entry.backbone for t in tasks}
         if not tasks or not all("masks" in t.parts for t in tasks) or len(backbones) != 1:
+            return None
+        if any("bn_stats" in t.parts for t in tasks):  # per-task BatchNorm statistics cannot be superposed
             return None
         # keyed by what the masks are (backbone version, blob digests), hashed once: a lookup per request
         key = (self.model, "mask-stack", hashlib.sha256(repr([t.key for t in tasks]).encode()).hexdigest())

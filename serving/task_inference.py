@@ -130,7 +130,8 @@ def _entropies(outputs: dict[int, torch.Tensor]) -> dict[int, float]:
 def _superposition_problem(snapshot: Snapshot) -> str | None:
     """Why the superposition modes (oneshot, binary) cannot run on `snapshot`, or None."""
     if snapshot.mask_stack() is None:
-        return "needs mask-based tasks (SupSup, ExSSNeT) on one backbone"
+        return ("needs mask-based tasks on one backbone version without per-task BatchNorm statistics (SupSup "
+                "without BatchNorm; ExSSNeT trains the backbone, a version per task)")
     return None
 
 

@@ -247,3 +247,17 @@ def test_alpha_task_inference_per_request_and_as_the_server_default(tmp_path):
                            "model 'm' has impresslearn tasks: use 'alpha' or 'exhaustive'"):
             logits(client, stream.task(0).x_test.numpy()[:4], task_inference="oneshot")
         client.close()
+
+
+def test_batchnorm_networks_are_refused_before_anything_is_trained(tmp_path):
+    """A BatchNorm network trained its first task and then failed with a reparametrisation traceback:
+    ImpressLearn's tasks combine basis masks and carry no BatchNorm statistics."""
+    from registry import MaskbankError, Registry
+    from trainer import train
+
+    settings = {"method": "impresslearn", "stream": "permuted-digits",
+                "architecture": {"arch": "cnn", "input_shape": [1, 8, 8], "width": 4, "bn": "nonaffine"}}
+    with pytest.raises(MaskbankError, match="method 'impresslearn' combines basis masks per task and keeps no "
+                                            "BatchNorm statistics; use an architecture without BatchNorm"):
+        train(Registry(tmp_path), "m", 2, settings, log=lambda _: None)
+    assert not Registry(tmp_path).list_models()

@@ -113,6 +113,22 @@ def pytorch_logits(registry: Registry, x: np.ndarray) -> dict[int, np.ndarray]:
     return {t.entry.id: snapshot.logits(t, torch.from_numpy(x)).numpy() for t in snapshot.healthy_tasks()}
 
 
+def test_gradient_modes_refuse_per_task_batchnorm_statistics(bn_registry):
+    """Superposed masks have no BatchNorm statistics to run with: the gradient modes failed with
+    DATA_LOSS ('missing bn0.running_mean') on a healthy model. They are refused like any mode that does
+    not apply, and a server default of oneshot falls back to exhaustive for this model."""
+    from serving.errors import InvalidRequest
+    from serving.task_inference import default_or_exhaustive, infer_task, usable_modes
+
+    snapshot = snapshot_of(bn_registry)
+    assert usable_modes(snapshot) == ["exhaustive"] and default_or_exhaustive(snapshot, "oneshot") == "exhaustive"
+    for mode in ("oneshot", "oneshot-input", "binary"):
+        with pytest.raises(InvalidRequest, match=f"task_inference '{mode}' needs mask-based tasks on one backbone "
+                                                 "version without per-task BatchNorm statistics"):
+            infer_task(mode, snapshot, torch.from_numpy(X))
+    assert infer_task("exhaustive", snapshot, torch.from_numpy(X)).mode == "exhaustive"
+
+
 def test_export_onnx_both_layouts_check_run_any_batch_and_agree(bn_registry, tmp_path):
     shared_index = json.loads(export_onnx(bn_registry, "m", tmp_path / "shared").read_text())
     contained_index = json.loads(export_onnx(bn_registry, "m", tmp_path / "contained", layout="self-contained").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,19 @@ def test_a_generation_that_cannot_be_loaded_is_logged_with_what_is_served_instea
     with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
         repository.refresh()
     assert "model 'm': generation 2 could not be loaded (still serving generation 1)" in caplog.text
+
+
+def test_a_task_that_failed_to_load_is_loaded_again_with_the_next_generation(tmp_path):
+    """A task whose blob failed verification stayed out of service for the life of the process, even
+    once the blob was restored and new generations were published (a new replica served it)."""
+    registry = train_model(tmp_path, "m", 1, TINY)
+    blob = Path(registry.blobs.describe(registry.manifest("m").task(0).parts["masks"].digest))
+    good = blob.read_bytes()
+    blob.write_bytes(b"corrupt")
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    assert repository.get("m").tasks[0].error is not None
+    blob.write_bytes(good)
+    train_model(tmp_path, "m", 2, TINY)
+    repository.refresh()
+    assert [t.error for t in repository.get("m").tasks.values()] == [None, None]

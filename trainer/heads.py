@@ -44,11 +44,11 @@ class HeadConfig:
         require(self, "in [0, 1)", "momentum")
 
 
-def check_plain(module: nn.Module, method: str) -> None:
-    """Refuse networks these methods cannot serve exactly: BatchNorm statistics would have to be
-    versioned with the backbone, which the head-based artifact does not carry."""
+def check_plain(module: nn.Module, method: str, why: str = "trains the shared network") -> None:
+    """Refuse networks a method cannot serve exactly, before anything is trained: BatchNorm statistics
+    would have to be kept per task (or versioned with the backbone), which its artifact does not carry."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        raise MaskbankError(f"method '{method}' trains the shared network and keeps no BatchNorm statistics; "
+        raise MaskbankError(f"method '{method}' {why} and keeps no BatchNorm statistics; "
                             "use an architecture without BatchNorm (e.g. bn: none)")
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from registry.errors import InvalidArtifact
 from registry.materialize_impresslearn import superpose
 
+from .heads import check_plain
 from .methods import Method, TaskArtifact, TrainingContext, register_method, require
 from .streams import TaskData
 from .supsup import EdgePopupMask, SupSup, SupSupConfig, attach_frozen
@@ -113,6 +114,7 @@ class ImpressLearn(Method):
     Config = ImpressLearnConfig
 
     def create_backbone(self, module: nn.Module, generator: torch.Generator) -> Tensors:
+        check_plain(module, self.name, "combines basis masks per task")
         return self._supsup().create_backbone(module, generator)
 
     def learn_task(self, module: nn.Module, task: TaskData, generator: torch.Generator,
