@@ -4,8 +4,10 @@ Run `maskbank COMMAND --help` for details."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -174,9 +176,9 @@ def _add_serve(commands) -> None:
                    f"default {d.task_inference}: exact, cost grows with the task count); models this mode cannot run "
                    "on (oneshot on SPG tasks) use exhaustive")
     p.add_argument("--task-shortlist", type=int, default=d.task_shortlist, metavar="K",
-                   help="the gradient task-inference modes (oneshot, oneshot-input, binary, alpha) check their K "
+                   help="the ranking task-inference modes (oneshot, oneshot-input, binary, alpha) check their K "
                    "best-ranked tasks exactly by entropy: K more forwards for reliability (per request: parameter "
-                   f"'task_shortlist'; default {d.task_shortlist}: the gradient rule alone)")
+                   f"'task_shortlist'; default {d.task_shortlist}: the ranking alone)")
     p.add_argument("--cache-bytes", type=byte_size, default=d.cache_bytes, metavar="SIZE",
                    help="bound of the per-task effective-weight LRU cache, in bytes or with a unit like 512MiB "
                    f"(default {d.cache_bytes >> 20}MiB); least recently used tasks are evicted and rebuilt on demand. "
@@ -388,8 +390,6 @@ def format_report(manifest) -> str:
 
 
 def _serve(args) -> None:
-    import os
-
     from serving import ServerConfig, serve_forever
     from serving.logs import configure
 
@@ -434,7 +434,27 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+PLUGINS_VARIABLE = "MASKBANK_PLUGINS"
+
+
+def load_plugins() -> None:
+    """Import the modules MASKBANK_PLUGINS names (comma-separated): a plugin registers its methods and
+    materialisers when imported, so `train --method NAME` offers them and `serve` (which inherits the
+    variable) can materialise their tasks. MaskbankError naming the module when one cannot be imported."""
+    for name in filter(None, (part.strip() for part in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001  the plugin's own failure, in one line
+            raise MaskbankError(f"{PLUGINS_VARIABLE}: cannot import plugin module '{name}': "
+                                f"{type(error).__name__}: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins()  # before the parser: --method's choices include the plugins' methods
+    except MaskbankError as error:
+        print(f"maskbank: error: {error}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:  # a process of its own, not a caller (a test) that set logging up
         # libraries (botocore's "Found credentials ...") stay at WARNING unless maskbank's level is DEBUG

@@ -58,9 +58,12 @@ class BlobStore:
         return [DIGEST_PREFIX + name for shard, name in self._listing() if _is_blob_name(shard, name)]
 
     def strays(self) -> list[str]:
-        """Keys under the blob folder that name no blob (a README, .DS_Store, a sync tool's files):
-        maintenance reports them and never reads or deletes them."""
-        return [f"{BLOB_PREFIX}/{shard}/{name}" for shard, name in self._listing() if not _is_blob_name(shard, name)]
+        """Keys under the blob folder that name no blob (a README, .DS_Store, a sync tool's files), at
+        any of its levels: maintenance reports them and never reads or deletes them."""
+        top = [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
+        shards = [f"{BLOB_PREFIX}/{shard}" for shard in self.storage.list_dir(BLOB_PREFIX) if not _is_shard_name(shard)]
+        return top + shards + [f"{BLOB_PREFIX}/{shard}/{name}" for shard, name in self._listing()
+                               if _is_shard_name(shard) and not _is_blob_name(shard, name)]
 
     def leftovers(self) -> list[str]:
         """Temporary files of blob writes that were killed (local directories only)."""
@@ -81,6 +84,11 @@ class BlobStore:
         ):
             raise BlobCorrupt(f"malformed blob reference {digest!r}: expected 'sha256:' and 64 hex digits")
         return hexdigest
+
+
+def _is_shard_name(name: str) -> bool:
+    """Whether `name` directly under blobs/sha256 is a shard folder: two hex digits."""
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
 
 
 def _is_blob_name(shard: str, name: str) -> bool:

@@ -8,6 +8,7 @@ from registry/kinds.py, and a materialiser registered with `register_materialize
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,38 @@ def test_a_plugged_in_method_trains_publishes_and_serves(tmp_path):
     result = infer(repository.get("plug"), x, task=1)
     assert result.logits.shape == (8, 10) and result.mode == "given"
     assert infer(repository.get("plug"), x, mode="exhaustive").task.entry.id in (0, 1)
+
+
+def test_the_command_line_trains_and_serves_a_plugin_named_in_maskbank_plugins(tmp_path, monkeypatch):
+    """`maskbank train --method NAME` offered only the built-in methods: a plugin could be used from
+    Python alone. MASKBANK_PLUGINS names modules to import first, in `train` and in `serve`."""
+    import subprocess
+    import sys
+
+    import tritonclient.grpc as triton
+
+    from maskbank.process import ServerProcess
+
+    from .conftest import wait_for
+
+    root = str(Path(__file__).resolve().parents[1])  # where `tests.test_plugin_method` imports from
+    monkeypatch.setenv("MASKBANK_PLUGINS", "tests.test_plugin_method")
+    monkeypatch.setenv("PYTHONPATH", root)
+    command = [sys.executable, "-m", "maskbank", "train", "--method", "test-lastlayer", "--stream", "permuted-digits",
+               "--tasks", "1", "--registry", str(tmp_path), "--model", "plug", "--arch", '{"arch": "mlp", "sizes": [64, 32, 10]}',
+               "--epochs", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with ServerProcess(tmp_path) as server:
+        client = triton.InferenceServerClient(server.url)
+        wait_for(lambda: client.is_model_ready("plug"), what="the plugin's model")
+        x = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        assert client.infer("plug", [inp], parameters={"task_id": 0}).as_numpy("logits").shape == (2, 10)
+        client.close()
+    monkeypatch.setenv("MASKBANK_PLUGINS", "no_such_plugin_module")
+    done = subprocess.run([sys.executable, "-m", "maskbank", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == ("maskbank: error: MASKBANK_PLUGINS: cannot import plugin module "
+                                                            "'no_such_plugin_module': ModuleNotFoundError: No module "
+                                                            "named 'no_such_plugin_module'")

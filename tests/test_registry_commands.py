@@ -81,12 +81,13 @@ def test_files_that_are_no_blob_are_reported_and_left_alone(trained, capsys):
     where = ["--registry", trained.location]
     blobs = Path(trained.location) / "blobs" / "sha256"
     shard = next(p for p in blobs.iterdir() if p.is_dir())
-    strays = [blobs / "zz" / "notahash", shard / "README", shard / (shard.name + "0" * 61 + "x")]
+    strays = [blobs / "zz" / "notahash", shard / "README", shard / (shard.name + "0" * 61 + "x"), blobs / "notes.txt",
+              blobs.parent / "README"]
     for stray in strays:
         stray.parent.mkdir(exist_ok=True)
         stray.write_text("not a blob")
     code, out = run(capsys, "registry", "verify", *where)
-    assert code == 0 and "3 file(s) under blobs/ that are no blob, left alone (remove them by hand)" in out
+    assert code == 0 and "5 file(s) under blobs/ that are no blob, left alone (remove them by hand)" in out
     code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", *where)
     assert code == 0 and report["deleted"] == [] and all(stray.exists() for stray in strays)
 
