@@ -76,8 +76,8 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
             kind = "unreadable" if isinstance(error, OSError) else "missing" if "missing" in str(error) else "corrupt"
             report.problems.append(Problem(kind, registry.blobs.describe(digest),
                                            f"{_reason(error)} (used by {_users(registry, digest)})"))
-    report.orphans = sorted(set(registry.blobs.digests()) - set(refs))
-    report.strays = registry.blobs.strays()
+    stored, report.strays = registry.blobs.inventory()
+    report.orphans = sorted(set(stored) - set(refs))
     report.leftovers = _leftovers(registry)
     return report
 

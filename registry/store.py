@@ -54,24 +54,29 @@ class BlobStore:
         return self.storage.exists(self.key(digest))
 
     def digests(self) -> list[str]:
-        """Every blob in the store (by listing, not by reading); what is no blob is left out (`strays`)."""
-        return [DIGEST_PREFIX + name for shard, name in self._listing() if _is_blob_name(shard, name)]
+        """Every blob in the store (by listing, not by reading); what is no blob is left out (`inventory`)."""
+        return self.inventory()[0]
 
-    def strays(self) -> list[str]:
-        """Keys under the blob folder that name no blob (a README, .DS_Store, a sync tool's files), at
-        any of its levels: maintenance reports them and never reads or deletes them."""
-        top = [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
-        shards = [f"{BLOB_PREFIX}/{shard}" for shard in self.storage.list_dir(BLOB_PREFIX) if not _is_shard_name(shard)]
-        return top + shards + [f"{BLOB_PREFIX}/{shard}/{name}" for shard, name in self._listing()
-                               if _is_shard_name(shard) and not _is_blob_name(shard, name)]
+    def inventory(self) -> tuple[list[str], list[str]]:
+        """(every blob's digest, every key under the blob folder that names no blob: a README, .DS_Store,
+        a sync tool's files, at any of its levels), from one listing of each shard. Maintenance reports
+        the strays and never reads or deletes them."""
+        shards = self.storage.list_dir(BLOB_PREFIX)
+        strays = [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
+        strays += [f"{BLOB_PREFIX}/{shard}" for shard in shards if not _is_shard_name(shard)]
+        digests = []
+        for shard in filter(_is_shard_name, shards):
+            for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}"):
+                if _is_blob_name(shard, name):
+                    digests.append(DIGEST_PREFIX + name)
+                else:
+                    strays.append(f"{BLOB_PREFIX}/{shard}/{name}")
+        return digests, strays
 
     def leftovers(self) -> list[str]:
         """Temporary files of blob writes that were killed (local directories only)."""
         return [key for shard in self.storage.list_dir(BLOB_PREFIX) for key in self.storage.leftovers(f"{BLOB_PREFIX}/{shard}")]
 
-    def _listing(self) -> list[tuple[str, str]]:
-        return [(shard, name) for shard in self.storage.list_dir(BLOB_PREFIX)
-                for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}")]
 
     def delete(self, digest: str) -> None:
         self.storage.delete(self.key(digest))
