@@ -234,7 +234,10 @@ def _remove_partial(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         return
     for path in out.iterdir():
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _earlier_export(out: Path, model: str) -> set[str]:
