@@ -129,7 +129,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=snapshot.model, platform=self.platform, backend="maskbank", max_batch_size=self.max_batch_size,
             input=[mc.ModelInput(name=oip.INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(snapshot.manifest.input_shape))],
             output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[classes.pop() if len(classes) == 1 else -1]),
-                    mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1])],
+                    # one id per row: Triton writes a [N] output of a batching model as dims [1] reshaped to []
+                    mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1], reshape=mc.ModelTensorReshape())],
             dynamic_batching=mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=self.max_queue_delay_us,
                 priority_levels=self.priority_levels, default_priority_level=self.default_priority_level,

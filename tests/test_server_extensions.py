@@ -119,6 +119,8 @@ def test_model_config(server):
     assert (config.name, config.platform, config.backend, config.max_batch_size) == ("a", "maskbank_pytorch", "maskbank", 8)
     assert [(i.name, list(i.dims)) for i in config.input] == [("input", [64])]
     assert [o.name for o in config.output] == ["logits", "task_id"]
+    task_id = config.output[1]  # [N] at batch N, as responses have it (ModelMetadata: [-1]), in Triton's words
+    assert list(task_id.dims) == [1] and task_id.HasField("reshape") and list(task_id.reshape.shape) == []
     assert config.parameters["tasks"].string_value == "2" and config.parameters["methods"].string_value == "supsup"
 
 
