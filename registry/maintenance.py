@@ -51,9 +51,11 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
             try:
                 manifest = registry.manifest(model, generation)
             except (MaskbankError, OSError) as error:
-                if report is None:
-                    raise RegistryError(f"manifest {registry.storage.describe(registry.manifest_key(model, generation))} "
-                                        f"cannot be read: {error}") if isinstance(error, OSError) else error from None
+                if report is None and isinstance(error, MaskbankError):
+                    raise
+                if report is None:  # a system error, said as the registry's, naming the manifest
+                    where = registry.storage.describe(registry.manifest_key(model, generation))
+                    raise RegistryError(f"manifest {where} {_reason(error)}") from None
                 report.problems.append(Problem("manifest", f"{model} generation {generation}", _reason(error)))
                 continue
             refs.update((ref.digest, ref) for ref in manifest.blob_refs())
@@ -76,9 +78,9 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
             kind = "unreadable" if isinstance(error, OSError) else "missing" if "missing" in str(error) else "corrupt"
             report.problems.append(Problem(kind, registry.blobs.describe(digest),
                                            f"{_reason(error)} (used by {_users(registry, digest)})"))
-    stored, report.strays = registry.blobs.inventory()
-    report.orphans = sorted(set(stored) - set(refs))
-    report.leftovers = _leftovers(registry)
+    stored = registry.blobs.inventory()
+    report.orphans, report.strays = sorted(set(stored.digests) - set(refs)), stored.strays
+    report.leftovers = stored.leftovers + _manifest_leftovers(registry)
     return report
 
 
@@ -87,11 +89,10 @@ def _reason(error: Exception) -> str:
     return f"cannot be read: {error}" if isinstance(error, OSError) else str(error)
 
 
-def _leftovers(registry: Registry) -> list[str]:
-    """Temporary files that killed writes left beside blobs and manifests (local directories only)."""
-    manifests = [key for model in registry.list_models()
-                 for key in registry.storage.leftovers(registry.generations_prefix(model))]
-    return registry.blobs.leftovers() + manifests
+def _manifest_leftovers(registry: Registry) -> list[str]:
+    """Temporary files that killed writes left beside manifests (local directories only); those beside
+    blobs come with BlobStore.inventory."""
+    return [key for model in registry.list_models() for key in registry.storage.leftovers(registry.generations_prefix(model))]
 
 
 def _users(registry: Registry, digest: str) -> str:
@@ -132,7 +133,8 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
     except MaskbankError as error:
         raise RegistryError(f"gc refused: {error}; fix or remove that manifest first (`maskbank registry verify`)") from None
     report = GcReport()
-    candidates = sorted(set(registry.blobs.digests()) - referenced)
+    stored = registry.blobs.inventory()
+    candidates = sorted(set(stored.digests) - referenced)
     for digest in progress(candidates, len(candidates)):
         key = registry.blobs.key(digest)
         if time.time() - registry.storage.modified(key) < grace_seconds:
@@ -143,7 +145,7 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
             registry.blobs.delete(digest)
         report.deleted.append(digest)
         report.bytes_freed += size
-    for key in _leftovers(registry):  # a live writer's temporary is seconds old: the grace period spares it
+    for key in stored.leftovers + _manifest_leftovers(registry):  # a live writer's temporary is seconds old: spared
         if time.time() - registry.storage.modified(key) >= grace_seconds:
             report.bytes_freed += len(registry.storage.read(key))
             if not dry_run:

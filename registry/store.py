@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 from .errors import BlobCorrupt, BlobNotFound
 from .storage import Storage
@@ -14,6 +15,15 @@ BLOB_PREFIX = "blobs/sha256"
 def digest_of(data: bytes) -> str:
     """The content address of `data`, e.g. 'sha256:9f86d0...'."""
     return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class BlobInventory:
+    """The blob folder's listing, sorted into blobs, stray keys and temporaries (BlobStore.inventory)."""
+
+    digests: list[str] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
 
 
 class BlobStore:
@@ -55,28 +65,24 @@ class BlobStore:
 
     def digests(self) -> list[str]:
         """Every blob in the store (by listing, not by reading); what is no blob is left out (`inventory`)."""
-        return self.inventory()[0]
+        return self.inventory().digests
 
-    def inventory(self) -> tuple[list[str], list[str]]:
-        """(every blob's digest, every key under the blob folder that names no blob: a README, .DS_Store,
-        a sync tool's files, at any of its levels), from one listing of each shard. Maintenance reports
-        the strays and never reads or deletes them."""
+    def inventory(self) -> "BlobInventory":
+        """What the blob folder holds, from one listing of each shard: the blobs, the keys that name no
+        blob (a README, .DS_Store, a sync tool's files, at any of its levels: maintenance reports them
+        and never reads or deletes them), and the temporary files of killed writes (local directories)."""
         shards = self.storage.list_dir(BLOB_PREFIX)
-        strays = [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
-        strays += [f"{BLOB_PREFIX}/{shard}" for shard in shards if not _is_shard_name(shard)]
-        digests = []
+        found = BlobInventory()
+        found.strays += [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
+        found.strays += [f"{BLOB_PREFIX}/{shard}" for shard in shards if not _is_shard_name(shard)]
         for shard in filter(_is_shard_name, shards):
             for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}"):
                 if _is_blob_name(shard, name):
-                    digests.append(DIGEST_PREFIX + name)
+                    found.digests.append(DIGEST_PREFIX + name)
                 else:
-                    strays.append(f"{BLOB_PREFIX}/{shard}/{name}")
-        return digests, strays
-
-    def leftovers(self) -> list[str]:
-        """Temporary files of blob writes that were killed (local directories only)."""
-        return [key for shard in self.storage.list_dir(BLOB_PREFIX) for key in self.storage.leftovers(f"{BLOB_PREFIX}/{shard}")]
-
+                    found.strays.append(f"{BLOB_PREFIX}/{shard}/{name}")
+            found.leftovers += self.storage.leftovers(f"{BLOB_PREFIX}/{shard}")
+        return found
 
     def delete(self, digest: str) -> None:
         self.storage.delete(self.key(digest))
