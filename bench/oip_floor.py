@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskbank.parent import stop_with_parent
 from maskbank.process import ChildServer
 from serving._proto import pb, pb_grpc
 
@@ -170,6 +171,7 @@ def cli(argv: list[str] | None = None) -> None:  # not `main`: `python -m bench`
                         help="a grpc.aio server computing inline on its event loop (the Python gRPC ceiling), or "
                         "with 'executor' on --workers threads")
     args = parser.parse_args(argv)
+    stop_with_parent()  # a benchmark killed mid-run leaves no floor server behind
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only request bytes
     sizes = [int(s) for s in args.sizes.split(",")]

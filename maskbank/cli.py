@@ -16,6 +16,8 @@ from pathlib import Path
 
 from registry import MaskbankError
 
+from .parent import stop_with_parent
+
 EXAMPLES = """examples:
   maskbank train --method supsup --stream permuted-digits --tasks 5 --registry ./demo-registry --model digits
   maskbank train --tasks 8 --registry ./demo-registry --model digits      # append tasks 5..7
@@ -450,6 +452,7 @@ def load_plugins() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_with_parent()  # a server the demo or a test started must not outlive it
     try:
         load_plugins()  # before the parser: --method's choices include the plugins' methods
     except MaskbankError as error:

@@ -14,6 +14,8 @@ from collections import deque
 
 from serving.address import host_port
 
+from .parent import PARENT_VARIABLE
+
 
 class ChildServer:
     """A server child process whose startup line matches `listening` (groups: host, port); use as
@@ -37,7 +39,7 @@ class ChildServer:
         return host_port(self.host, self.port)
 
     def start(self) -> "ChildServer":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())}
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          env=env, cwd=self.cwd)
         found = threading.Event()

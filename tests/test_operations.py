@@ -404,3 +404,34 @@ except KeyboardInterrupt:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "interrupted, child exit status -15", done.stdout + done.stderr
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie nobody reaps counts: it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_server_stops_when_its_parent_is_killed(tmp_path):
+    """SIGKILL of the demo (or of a test run) gives it no chance to stop its server child: the child
+    stops by itself (prctl PR_SET_PDEATHSIG), rather than living on, holding its port and registry."""
+    train_model(tmp_path, "m", 1, TINY)
+    script = f"""
+import sys, time
+from maskbank.process import ServerProcess
+server = ServerProcess({str(tmp_path)!r}).start()
+print(server._process.pid, flush=True)
+time.sleep(120)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: _gone(child), 30, "the orphaned server to stop")
+    finally:
+        parent.kill()
