@@ -23,19 +23,19 @@ from trainer import train
 
 THREADS = 1  # as bench/gn.py: on the shared 2-core machine a second thread waits for a busy core
 TASKS, BATCH, BATCHES_PER_TASK, EPOCHS = 20, 16, 5, 8
-CONFIGS = (  # (hidden width, mask rule, topk density)
-    (128, "topk", 0.5), (512, "topk", 0.5), (128, "sign", 0.5), (128, "topk", 0.2), (128, "topk", 0.1), (512, "topk", 0.1),
+CONFIGS = (  # (hidden width, mask rule, topk density: None for sign, which takes none)
+    (128, "topk", 0.5), (512, "topk", 0.5), (128, "sign", None), (128, "topk", 0.2), (128, "topk", 0.1), (512, "topk", 0.1),
 )
 MODES = (("exhaustive", 1), ("oneshot", 1), ("oneshot", 3), ("binary", 1), ("oneshot-input", 1), ("oneshot-input", 3))
 RESULTS = Path(__file__).parent / "results" / "gn_oneshot.json"
 
 
-def config_name(width: int, rule: str, density: float) -> str:
+def config_name(width: int, rule: str, density: float | None) -> str:
     """The table's row label of a configuration."""
     return f"64-{width}-{width}-10, " + ("sign" if rule == "sign" else f"topk {density}")
 
 
-def measure(width: int, rule: str, density: float) -> dict[str, float]:
+def measure(width: int, rule: str, density: float | None) -> dict[str, float]:
     """Train one model, then the share of batches each mode gets right (and the trained accuracy)."""
     with tempfile.TemporaryDirectory() as root:
         registry = Registry(root)

@@ -131,7 +131,7 @@ def _add_train(commands) -> None:
 # flag, method config key, argparse keyword arguments. Defaults live in each method's Config.
 METHOD_OPTIONS = [
     ("--density", "density", dict(type=float, help="fraction of each layer's weights a mask keeps (top-k masks; "
-                                  "--mask sign keeps the weights whose score is >= 0, about half, whatever the density)")),
+                                  "--mask sign keeps the weights whose score is >= 0, about half, and refuses --density)")),
     ("--epochs", "epochs", dict(type=int, help="epochs per task")),
     ("--lr", "lr", dict(type=float, help="learning rate")),
     ("--batch-size", "batch_size", dict(type=int, help="training batch size")),

@@ -106,6 +106,22 @@ def test_train_refuses_an_option_out_of_range_in_one_line_before_any_work(capsys
     assert not any(tmp_path.iterdir())  # no registry started
 
 
+def test_an_option_that_would_do_nothing_is_refused_in_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    """--density with --mask sign was accepted and silently ignored: a sign mask keeps the weights whose
+    score is >= 0, however dense that is. Its default (0.5, kept in the model's settings) is no clash."""
+    from maskbank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--registry", "reg",
+                 "--model", "m", "--mask", "sign", "--density", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("maskbank train: error: method 'supsup': option 'density' has no effect with "
+                                 "mask='sign' (a sign mask keeps the weights whose score is >= 0); omit it\n")
+    assert not any(tmp_path.iterdir())
+    assert get_method("supsup", mask="sign").config.density == 0.5
+    assert get_method("supsup", mask="topk", density=0.2).config.density == 0.2
+
+
 def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():
     assert get_method("supsup", density=1).config.density == 1.0
     assert isinstance(get_method("supsup", density=1).config.density, float)

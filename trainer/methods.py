@@ -148,9 +148,15 @@ def get_method(name: str, **config: Any) -> Method:
     hints = typing.get_type_hints(cls.Config)
     typed = {k: _typed(name, k, hints.get(k), v) for k, v in overrides.items()}
     try:
-        return cls(cls.Config(**typed))
+        config = cls.Config(**typed)
     except ValueError as error:  # a Config's own range checks (its __post_init__)
         raise MaskbankError(f"method '{name}': {error}") from error
+    for key in typed:  # an option given where the config's other choices make it do nothing: say so, not ignore it
+        for other, value, why in getattr(cls.Config, "INERT", {}).get(key, ()):
+            if getattr(config, other) == value:
+                raise MaskbankError(f"method '{name}': option '{key}' has no effect with {other}={value!r} ({why}); "
+                                    f"omit it")
+    return cls(config)
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}

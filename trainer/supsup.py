@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -154,6 +154,8 @@ class SupSupConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # options that do nothing under another option's value (get_method refuses them given there)
+    INERT: ClassVar[dict] = {"density": [("mask", "sign", "a sign mask keeps the weights whose score is >= 0")]}
 
     def __post_init__(self):
         require(self, "in (0, 1]", "density")
