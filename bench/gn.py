@@ -1,4 +1,4 @@
-"""Task inference (GN): accuracy and cost per mode (BENCHMARKS.md rows gn_accuracy and gn_cost).
+"""Task inference (GN): accuracy and cost per mode (the gn_accuracy and gn_cost rows of the README's benchmark targets).
 
 One SupSup model with 100 permuted-digits tasks (MLP 64-128-128-10, 8 epochs per task); views
 of its first T tasks are served in-process exactly as the server does (Snapshot + task

@@ -1,6 +1,6 @@
 """Task inference on an ImpressLearn model: the `alpha` mode (basis-GN) against exhaustive, and the
-two continuous formulations of basis optimisation it was chosen over (gn_accuracy and gn_cost of
-BENCHMARKS.md, for the method with a basis; bench/gn.py covers SupSup).
+two continuous formulations of basis optimisation it was chosen over (gn_accuracy and gn_cost of the
+README's benchmark targets, for the method with a basis; bench/gn.py covers SupSup).
 
 One ImpressLearn model (heterogeneous basis of BASIS masks, MLP 64-128-128-10, permuted digits,
 default ImpressLearnConfig) with TASKS tasks; views of its first T tasks are served in-process as the

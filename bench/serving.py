@@ -1,4 +1,4 @@
-"""Serving benchmark: the serve_overhead, small_requests, task_mix and hot_add rows of BENCHMARKS.md.
+"""Serving benchmark: the serve_overhead, small_requests, task_mix and hot_add rows of the README's serving table (and their targets).
 
 Every server is a real child process on a free loopback port (`maskbank serve` through
 maskbank.process.ServerProcess, the protocol floor through bench.oip_floor.FloorProcess); the load

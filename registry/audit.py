@@ -4,7 +4,7 @@ For every part of every task: bytes and bits per backbone weight; for masks also
 (a) a dense 32-bit copy of the network, (b) SupSup's 16-bit index lists, (c) the iid entropy
 bound at the mask's density and (d) zstd -19 / lzma of the bitpacked mask, each divided by the
 stored bytes (above 1: the registry stores less). Shared bytes (backbone versions) are amortised
-over the tasks. ImpressLearn's per-task cost follows the paper's Table 2 (METHODS.md).
+over the tasks. ImpressLearn's per-task cost follows the paper's Table 2.
 """
 
 from __future__ import annotations

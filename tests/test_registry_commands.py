@@ -171,7 +171,7 @@ def test_audit_figures(trained, capsys, tmp_path):
 
 
 def test_impresslearn_cost_matches_the_paper_example():
-    # LeNet 300-100 (266,200 weights), |M| = 5 basis masks, 3 layers, 359 tasks: Cx about 67 (METHODS.md),
+    # LeNet 300-100 (266,200 weights), |M| = 5 basis masks, 3 layers, 359 tasks: Cx about 67 (the paper's Table 2),
     # with a SupSup mask at density 0.1 counted as 16-bit indices.
     phi, cx = impresslearn_cost(mask_bytes=2 * 0.1 * 266_200, basis_size=5, layers=3, max_tasks=359)
     assert cx == pytest.approx(67, abs=1.5) and phi == pytest.approx(741.5 + 60, rel=1e-3)
