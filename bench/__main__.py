@@ -23,7 +23,8 @@ def usage() -> str:
     for name in available():
         first_paragraph = (importlib.import_module(f"bench.{name}").__doc__ or "").strip().split("\n\n")[0]
         lines.append(f"  {name:<16} {textwrap.shorten(first_paragraph, 100, placeholder=' ...')}")
-    lines.append("\nSome take their own options: python -m bench.<name> --help (e.g. bench.serving --only task_mix).")
+    lines.append("\nEach describes itself: python -m bench.<name> --help; bench.serving also takes options "
+                 "(e.g. --only task_mix).")
     return "\n".join(lines)
 
 

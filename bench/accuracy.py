@@ -40,6 +40,8 @@ from registry import Registry
 from registry.audit import audit
 from trainer import train
 
+from ._command import run_benchmark
+
 THREADS = 1
 SEEDS = (0, 1, 2)
 DENSITY = 0.05
@@ -308,4 +310,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

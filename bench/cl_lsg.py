@@ -31,6 +31,8 @@ import torch
 from registry import Registry
 from trainer import train
 
+from ._command import run_benchmark
+
 THREADS = 1
 SEEDS = (0, 1, 2)
 TASKS = 5
@@ -104,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

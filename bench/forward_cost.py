@@ -31,6 +31,7 @@ from serving._proto import pb
 from serving.server import InferenceServer, ServerConfig
 from trainer import train
 
+from ._command import run_benchmark
 from .oip_floor import FloorServicer
 
 THREADS, CALLS, REPEATS = 1, 300, 7
@@ -110,3 +111,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({"benchmark": "forward_cost", "threads": THREADS, "architecture": ARCHITECTURE,
                                    "results": results}, indent=2))
     print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    run_benchmark(main, __doc__)

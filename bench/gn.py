@@ -26,6 +26,8 @@ from serving.entropy import autograd_gradients
 from serving.task_inference import infer_task
 from trainer import get_stream, train
 
+from ._command import run_benchmark
+
 THREADS = 1  # on the shared 2-core machine a second thread waits for a busy core: 2 threads gave 0.0x-3000x spreads
 TASKS = 100
 ARCHITECTURE = {"arch": "mlp", "sizes": [64, 128, 128, 10]}
@@ -152,3 +154,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    run_benchmark(main, __doc__)

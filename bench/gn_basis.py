@@ -31,6 +31,7 @@ from serving.snapshot import Snapshot
 from serving.task_inference import infer_task, mean_entropy
 from trainer import get_stream, train
 
+from ._command import run_benchmark
 from .gn import relative_to_given, table, view
 
 THREADS = 1  # as bench/gn.py: on the shared 2-core machine a second thread waits for a busy core
@@ -142,3 +143,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    run_benchmark(main, __doc__)

@@ -21,6 +21,8 @@ from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 from trainer import train
 
+from ._command import run_benchmark
+
 THREADS = 1  # as bench/gn.py: on the shared 2-core machine a second thread waits for a busy core
 TASKS, BATCH, BATCHES_PER_TASK, EPOCHS = 20, 16, 5, 8
 CONFIGS = (  # (hidden width, mask rule, topk density: None for sign, which takes none)
@@ -72,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

@@ -32,6 +32,7 @@ from serving.task_inference import infer_task
 
 from maskbank.process import ServerProcess
 
+from ._command import run_benchmark
 from .loadgen import LoadProcess
 from .serving import MODEL, SIZES, add_synthetic_tasks, alternate, context, fmt, ratios, reference_logits, spec, train_base
 
@@ -137,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

@@ -35,6 +35,8 @@ from serving.cache import LRUCache
 from serving.snapshot import Snapshot
 from trainer import get_stream, train
 
+from ._command import run_benchmark
+
 TASKS = 5
 STREAMS = {
     "split-digits": ("dissimilar", [64, 128, 128, 2]),
@@ -128,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

@@ -42,6 +42,7 @@ from serving import ModelRepository
 from serving.onnx_backend import OnnxRuntimeBackend
 from trainer import train
 
+from ._command import run_benchmark
 from .loadgen import LoadProcess
 from .serving import BATCH, MODEL, REPEATS, add_synthetic_tasks, alternate, context, fmt, ratios, reference_logits, spec
 
@@ -189,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

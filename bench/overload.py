@@ -43,6 +43,8 @@ from pathlib import Path
 
 from maskbank.process import ServerProcess
 
+from ._command import run_benchmark
+
 THREADS = 1
 BATCH = 256
 BOUND = 32
@@ -227,8 +229,9 @@ def priority_cells(runs: list[dict]) -> str:
             f"{median(lambda r: r['priority']['latency_ms']['p50'] or float('nan')):.0f} | "
             f"{median(lambda r: r['priority']['latency_ms']['p99'] or float('nan')):.0f} |")
 
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--generate"]:
         print(json.dumps(generate(json.loads(sys.argv[2]))))
     else:
-        main()
+        run_benchmark(main, __doc__)

@@ -55,6 +55,8 @@ from serving.snapshot import Snapshot
 from serving.superposition import CHUNK_BYTES
 from serving.task_inference import infer_task
 
+from ._command import run_benchmark
+
 TASKS = 1000
 SIZES = [64, 512, 512, 10]
 DENSITY = 0.5
@@ -261,4 +263,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

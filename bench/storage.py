@@ -32,6 +32,8 @@ from registry.kinds import MASK_CODECS
 from registry.mask_coding import CODEC
 from trainer import train
 
+from ._command import run_benchmark
+
 DENSITIES = (0.05, 0.1, 0.3, 0.5)
 TASKS = 3
 ARCHITECTURE = {"arch": "mlp", "sizes": [64, 512, 512, 10]}
@@ -163,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)

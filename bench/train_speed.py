@@ -40,6 +40,8 @@ from registry import build_architecture
 from trainer import TaskData, TrainingContext, get_method, get_stream
 from trainer.supsup import _TopK
 
+from ._command import run_benchmark
+
 THREADS = 1  # 2 shared cores under load from other jobs: one thread gives the steadiest ratios
 WARMUP, REPEATS = 1, 5
 BATCH_SIZE = 64
@@ -244,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main, __doc__)
