@@ -14,6 +14,7 @@ from .errors import (
     ModelNotFound,
     PublishConflict,
     RegistryError,
+    RegistryUnreachable,
     TaskNotFound,
     UnknownName,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "PublishConflict",
     "Registry",
     "RegistryError",
+    "RegistryUnreachable",
     "TaskEntry",
     "TaskNotFound",
     "UnknownName",

@@ -9,6 +9,11 @@ class RegistryError(MaskbankError):
     """Something in the registry is missing, malformed or inconsistent."""
 
 
+class RegistryUnreachable(RegistryError):
+    """The registry's store did not answer (no route, refused, timed out, no credentials): nothing is
+    known about its contents, so a reader retries later rather than judging what it holds."""
+
+
 class InvalidName(RegistryError):
     """A model or task name that cannot be used safely as a registry key."""
 

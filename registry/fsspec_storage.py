@@ -21,6 +21,7 @@ every write.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,29 +31,56 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from .errors import MaskbankError, RegistryError
+from .errors import MaskbankError, RegistryError, RegistryUnreachable
 
 Creator = Callable[[AbstractFileSystem, str, bytes], bool]
 
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # schemes whose URL starts with a bucket/container
 _MEMORY_LOCK = threading.Lock()  # one per process: so is the memory filesystem
 _CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing write is in flight
+S3FS_TRIES = 2
+S3_TIMEOUTS = {"connect_timeout": ("MASKBANK_S3_CONNECT_TIMEOUT", 5.0), "read_timeout": ("MASKBANK_S3_READ_TIMEOUT", 5.0)}
+
+
+def _s3_options() -> dict[str, Any]:
+    """s3fs's options for a store that may hang rather than refuse: botocore waits 60 s per connect and
+    per read and retries each up to 5 times, and s3fs retries timeouts 5 times more, so a stalled endpoint
+    held a server's registry poll (and any call reading the registry) for many minutes, unlogged.
+    Here: connect 5 s, each socket read 5 s (MASKBANK_S3_CONNECT_TIMEOUT / MASKBANK_S3_READ_TIMEOUT),
+    botocore's standard retry mode with AWS_MAX_ATTEMPTS (3) attempts, and s3fs's own loop (which also
+    retries a body cut off mid-read) down to 2 tries: a stalled store is an error within about a minute."""
+    timeouts = {}
+    for key, (variable, default) in S3_TIMEOUTS.items():
+        try:
+            timeouts[key] = float(os.environ.get(variable, default))
+        except ValueError:
+            raise RegistryError(f"{variable} must be a number of seconds, got {os.environ[variable]!r}") from None
+        if not timeouts[key] > 0:
+            raise RegistryError(f"{variable} must be a positive number of seconds, got {os.environ[variable]!r}")
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", "3")
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise RegistryError(f"AWS_MAX_ATTEMPTS must be a whole number of attempts >= 1, got {attempts!r}")
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": int(attempts)}
+    return {"config_kwargs": {**timeouts, "retries": retries}}
 
 
 def _reaching(method):
-    """`method` with the storage client's own failures that are not OSErrors (botocore's
-    NoCredentialsError, say: the caller cannot act on a library's exception type) raised as a
-    RegistryError naming the registry. OSErrors (FileNotFoundError, PermissionError, ...) keep
-    their meaning for callers and pass as they are."""
+    """`method` with the storage client's own failures (botocore's NoCredentialsError, a read that timed
+    out: the caller cannot act on a library's exception type) raised as RegistryUnreachable naming
+    the registry. Python's own OSErrors (FileNotFoundError, PermissionError, ...) keep their meaning
+    for callers and pass as they are; a library's OSError subclass (botocore's ReadTimeoutError is
+    one, through requests) is the library's."""
 
     @functools.wraps(method)
     def reaching(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except (OSError, MaskbankError):
+        except MaskbankError:
             raise
         except Exception as error:  # noqa: BLE001  any client library's failure, reported with its words
-            raise RegistryError(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
+            if isinstance(error, OSError) and type(error).__module__ == "builtins":
+                raise
+            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
 
     return reaching
 
@@ -62,12 +90,15 @@ class FsspecStorage:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        self.scheme = self.url.split("://", 1)[0]
+        s3 = self.scheme in ("s3", "s3a")
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url)
+            self.fs, root = fsspec.core.url_to_fs(self.url, **(_s3_options() if s3 else {}))
         except (ValueError, ImportError) as error:  # an unknown scheme, or its package not installed
             raise RegistryError(f"cannot open registry {self.url}: {error}") from error
+        if s3:
+            self.fs.retries = S3FS_TRIES  # its loop wraps botocore's: tries multiply
         self.root = root.rstrip("/")
-        self.scheme = self.url.split("://", 1)[0]
         self._creator = _creator_for(self.fs)
 
     def __repr__(self) -> str:

@@ -118,7 +118,7 @@ class MaskbankCollector:
         for model, snapshot in sorted(served.items()):
             generation.add_metric([model], snapshot.generation)
             tasks.add_metric([model], len(snapshot.tasks))
-            broken.add_metric([model], len(snapshot.tasks) - len(snapshot.healthy_tasks()))
+            broken.add_metric([model], len(snapshot.out_of_service()))
             cancelled.add_metric([model], counters[model].cancelled if model in counters else 0)
         yield from (generation, tasks, broken, cancelled)
 

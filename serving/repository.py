@@ -55,6 +55,7 @@ class ModelRepository:
         self._thread: threading.Thread | None = None
         self._gone: list[str] = []  # served models the registry last listed without (warned about once)
         self._poll_error: str | None = None  # why the last poll failed (logged once), None after one succeeds
+        self._published: dict[str, bool] | None = None  # the last poll's listing: has each model a generation?
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
@@ -110,9 +111,12 @@ class ModelRepository:
         log.info("unloaded model '%s'", model)
 
     def index(self) -> list[tuple[str, int, str, str]]:
-        """(model, generation, state, reason) for every model of the registry or the server."""
+        """(model, generation, state, reason) for every model of the registry or the server. From the
+        registry as the last poll found it (`refresh` of every model), not read per call: a registry
+        that is slow or stalled must not hold a caller (or a server thread per caller)."""
+        published = self._published if self._published is not None else self._read_published()
         rows = []
-        for model in sorted(set(self.registry.list_models()) | set(self._snapshots)):
+        for model in sorted(set(published) | set(self._snapshots)):
             snapshot = self._snapshots.get(model)
             if snapshot is not None:
                 rows.append((model, snapshot.generation, "READY", ""))
@@ -120,10 +124,14 @@ class ModelRepository:
                 rows.append((model, 0, "UNLOADED", "unloaded by request"))
             elif not self._follows(model):
                 rows.append((model, 0, "UNLOADED", "not among the models this server was started with (--model)"))
-            elif model in self._load_errors or self.registry.latest_generation(model):
+            elif model in self._load_errors or published.get(model):
                 rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
             # else: no generation under that name (a first publish under way, or a stray entry): not a model yet
         return rows
+
+    def _read_published(self) -> dict[str, bool]:
+        """Whether each model the registry lists has a generation, read now (before any poll)."""
+        return {model: bool(self.registry.latest_generation(model)) for model in self.registry.list_models()}
 
     def refresh(self, models: list[str] | None = None) -> list[Snapshot]:
         """Load what changed in the registry (for `models`, default all followed ones); return
@@ -133,14 +141,20 @@ class ModelRepository:
             listed = self.registry.list_models() if models is None else models
             if models is None:
                 self._note_gone(listed)
+            published = dict.fromkeys(listed, True)  # models not followed count as published: index lists them
             for model in listed:
                 if model in self._unloaded or not self._follows(model):
                     continue
                 current, latest = self._snapshots.get(model), None
                 try:
-                    latest = self.registry.latest_generation(model)
-                    if latest == 0 or (current and current.generation == latest):
-                        continue
+                    latest = published[model] = self.registry.latest_generation(model)
+                    if latest == 0 or (current and current.generation == latest
+                                       and not (models is not None and current.out_of_service())):
+                        continue  # unchanged; an explicit load (models given) retries the tasks out of service
+                    if current and latest < current.generation:
+                        log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
+                                    "model was deleted and published again, or the registry restored from an older "
+                                    "copy); serving generation %d", model, latest, current.generation, latest)
                     snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache,
                                              self.gradients, self.device)
                 except MaskbankError as error:
@@ -158,6 +172,8 @@ class ModelRepository:
                 self._load_errors.pop(model, None)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
+            if models is None:
+                self._published = {model: bool(has) for model, has in published.items()}
         for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
             snapshot.warm()
         return swapped

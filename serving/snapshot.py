@@ -23,6 +23,7 @@ from registry import (
     MaskbankError,
     PackedMasks,
     Registry,
+    RegistryUnreachable,
     TaskEntry,
     build_architecture,
     effective_parameters,
@@ -174,6 +175,9 @@ class Snapshot:
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
             tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
+            failed_before = previous is not None and entry.id in previous.tasks and previous.tasks[entry.id].error
+            if failed_before and tasks[entry.id].error is None:
+                log.info("model '%s': task %s (%s) is back in service", manifest.model, entry.id, entry.name)
         snapshot = cls(manifest, backbones, shared, tasks, cache, device, previous)
         earlier = previous._mask_stack if previous is not None and isinstance(previous._mask_stack, MaskStack) else None
         if gradients or earlier is not None:  # ready before the swap
@@ -198,6 +202,10 @@ class Snapshot:
         if loaded.error is not None:
             raise loaded.error
         return loaded
+
+    def out_of_service(self) -> list[LoadedTask]:
+        """The tasks that failed to load (a missing or corrupt blob), in id order."""
+        return [t for t in self.tasks.values() if t.error is not None]
 
     def healthy_tasks(self) -> list[LoadedTask]:
         """The tasks in service (loaded without error), in id order: a new list (on the GN path, per request)."""
@@ -397,8 +405,13 @@ def _cached_bytes(params: Tensors, backbone: Tensors) -> int:
 
 
 def _load_task(registry: Registry, entry: TaskEntry) -> LoadedTask:
+    """The task loaded, or out of service with its blob's error. A registry that does not answer says
+    nothing about the blob: that fails the whole load (the previous generation keeps serving, the
+    next poll retries) rather than take a sound task out of service."""
     try:
         return LoadedTask(entry, {name: registry.load(ref) for name, ref in entry.parts.items()})
+    except RegistryUnreachable:
+        raise
     except MaskbankError as error:
         log.error("task %s (%s) is out of service: %s", entry.id, entry.name, error)
         return LoadedTask(entry, None, error)

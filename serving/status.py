@@ -30,6 +30,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (reg.BlobNotFound, grpc.StatusCode.DATA_LOSS),
     (reg.ManifestError, grpc.StatusCode.DATA_LOSS),
     (reg.InvalidArtifact, grpc.StatusCode.DATA_LOSS),
+    (reg.RegistryUnreachable, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ServerBusy, grpc.StatusCode.UNAVAILABLE),
     (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),

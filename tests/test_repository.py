@@ -148,3 +148,54 @@ def test_a_task_that_failed_to_load_is_loaded_again_with_the_next_generation(tmp
     train_model(tmp_path, "m", 2, TINY)
     repository.refresh()
     assert [t.error for t in repository.get("m").tasks.values()] == [None, None]
+
+
+def test_an_explicit_load_brings_a_restored_task_back_into_service(tmp_path, caplog):
+    """The DATA_LOSS message says to restore the blob, and RepositoryModelLoad is 'load or refresh
+    now', yet a load of the generation served kept the task out of service until a new generation
+    or a restart. A poll (nothing changed) still leaves it alone: it would re-read a bad blob each second."""
+    registry = train_model(tmp_path, "m", 2, TINY)
+    blob = Path(registry.blobs.describe(registry.manifest("m").task(1).parts["masks"].digest))
+    good = blob.read_bytes()
+    blob.write_bytes(b"corrupt")
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    assert [t.entry.id for t in repository.get("m").out_of_service()] == [1]
+    blob.write_bytes(good)
+    assert repository.refresh() == []
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        loaded = repository.load("m")
+    assert loaded.generation == 2 and loaded.out_of_service() == [] and repository.get("m") is loaded
+    assert "model 'm': task 1 (perm-1) is back in service" in messages(caplog)
+    assert repository.load("m") is loaded  # nothing out of service: nothing to load again
+
+
+def test_a_generation_that_goes_backwards_is_a_warning(tmp_path, caplog):
+    """Generations only grow; a registry whose newest is below the one served was replaced (a model
+    deleted and published again, an older backup restored). Served, but said as a warning."""
+    train_model(tmp_path / "a", "m", 2, TINY)
+    repository = ModelRepository(Registry(tmp_path / "a"))
+    repository.refresh()
+    generations = tmp_path / "a" / "models" / "m" / "generations"
+    (generations / "0000000002.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="maskbank.serving"):
+        repository.refresh()
+    assert repository.get("m").generation == 1
+    assert ("model 'm': the registry's newest generation is 1, below the 2 served (the model was deleted and "
+            "published again, or the registry restored from an older copy); serving generation 1") in messages(caplog)
+
+
+def test_the_index_answers_from_the_last_poll_without_reading_the_registry(tmp_path):
+    """RepositoryIndex read the registry on every call: while an S3 registry stalled, each call held a
+    server thread until the client's deadline, and a few of them froze every other non-inference
+    call. It now answers from what the last poll found (as fresh as the poll interval): here the
+    registry is gone, and the index still says what the poll saw."""
+    root = tmp_path / "reg"
+    train_model(root, "m", 1, TINY)
+    train_model(root, "n", 1, TINY)
+    repository = ModelRepository(Registry(root), only=["m"])
+    assert repository.index()[0] == ("m", 0, "UNAVAILABLE", "not loaded yet")  # before any poll: read now
+    repository.refresh()
+    root.rename(tmp_path / "elsewhere")
+    assert repository.index() == [
+        ("m", 1, "READY", ""), ("n", 0, "UNLOADED", "not among the models this server was started with (--model)")]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -20,7 +23,7 @@ from s3fs import S3FileSystem
 
 from maskbank.cli import main
 from maskbank.process import ServerProcess
-from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError
+from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError, RegistryUnreachable
 from trainer import get_stream
 
 from .conftest import TINY, manifest_with, train_model, wait_for
@@ -236,6 +239,46 @@ def test_a_bucket_that_does_not_exist_is_no_registry(s3_endpoint, capsys):
     for command in (["registry", "ls"], ["registry", "verify"], ["registry", "gc"], ["report", "m"], train):
         assert main([*command, "--registry", url]) == 2
         assert f"error: no registry at {url}: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def stalled_endpoint(s3_endpoint, monkeypatch) -> Iterator[str]:
+    """An S3 endpoint that accepts connections and never answers (a store that hangs, not one that
+    refuses), with short timeouts so that a test waits seconds, not the defaults' minute."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # connections complete in the kernel's backlog; nobody reads them
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("MASKBANK_S3_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    S3FileSystem.clear_instance_cache()
+    try:
+        yield f"s3://{BUCKET}/stalled"
+    finally:
+        S3FileSystem.clear_instance_cache()
+        silent.close()
+
+
+def test_a_stalled_store_is_an_error_naming_the_registry_within_its_timeouts(stalled_endpoint, capsys):
+    """With botocore's defaults (60 s per read, 5 attempts) and s3fs's 5 retries around them, a read of a
+    store that hung took many minutes and held a server's registry poll meanwhile, unlogged."""
+    began = time.monotonic()
+    with pytest.raises(RegistryUnreachable, match=rf"cannot reach registry {stalled_endpoint}: ReadTimeoutError: "):
+        Registry(stalled_endpoint).list_models()
+    assert time.monotonic() - began < 30
+    assert main(["registry", "ls", "--registry", stalled_endpoint]) == 2
+    assert f"maskbank registry: error: cannot reach registry {stalled_endpoint}: ReadTimeoutError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MASKBANK_S3_READ_TIMEOUT", "soon", "MASKBANK_S3_READ_TIMEOUT must be a number of seconds, got 'soon'"),
+    ("MASKBANK_S3_CONNECT_TIMEOUT", "0", "MASKBANK_S3_CONNECT_TIMEOUT must be a positive number of seconds, got '0'"),
+    ("AWS_MAX_ATTEMPTS", "0", "AWS_MAX_ATTEMPTS must be a whole number of attempts >= 1, got '0'"),
+])
+def test_s3_timeouts_from_the_environment_are_checked(s3_url, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        Registry(s3_url)
 
 
 def test_an_s3_prefix_with_nothing_under_it_is_no_registry_until_the_first_publish(s3_url, capsys):
