@@ -62,7 +62,7 @@ def test_supsup_learns_a_task_without_touching_the_backbone():
     ("supsup", "epochs", 1.5, "must be an integer, got 1.5"),
     ("supsup", "epochs", True, "must be an integer, got True"),
     ("supsup", "density", "0.5", "must be a number, got '0.5'"),
-    ("supsup", "mask", 3, "must be text, got 3"),
+    ("supsup", "mask", [3], "must be text, got \\[3\\]"),
     ("cl-lsg", "target", True, "must be a number, got True"),
 ])
 def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, value, message):
@@ -75,7 +75,6 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, va
 @pytest.mark.parametrize("method, option, value, message", [
     ("supsup", "density", 1.5, "density must be in (0, 1], got 1.5"),
     ("supsup", "lr", -1.0, "lr must be > 0, got -1.0"),
-    ("supsup", "lr", float("nan"), "lr must be > 0, got nan"),
     ("supsup", "batch_size", 0, "batch_size must be >= 1, got 0"),
     ("supsup", "momentum", 1.0, "momentum must be in [0, 1), got 1.0"),
     ("supsup", "epochs", -1, "epochs must be >= 0, got -1"),
@@ -85,7 +84,7 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, va
     ("spg", "lr", 0.0, "lr must be > 0, got 0.0"),
     ("ewc", "penalty", -1.0, "penalty must be >= 0, got -1.0"),
     ("cl-lsg", "mask_lr", -1.0, "mask_lr must be > 0, got -1.0"),
-    ("cl-lsg", "target", float("nan"), "target must be >= 0"),
+    ("packnet-share", "score_samples", 1, "score_samples must be >= 2, got 1"),
 ])
 def test_method_options_out_of_range_are_refused_by_name(method, option, value, message):
     from registry.errors import MaskbankError
@@ -93,6 +92,25 @@ def test_method_options_out_of_range_are_refused_by_name(method, option, value, 
     with pytest.raises(MaskbankError) as refused:
         get_method(method, **{option: value})
     assert str(refused.value).startswith(f"method '{method}': {message}")
+
+
+@pytest.mark.parametrize("option, value", [("lr", float("nan")), ("lr", float("inf")), ("lr", 1e300), ("target", float("nan"))])
+def test_numbers_training_cannot_compute_with_are_refused_by_name(option, value):
+    """`--lr inf` trained NaN scores into masks of nothing learned (and published them); `--lr 1e300`,
+    finite to Python, overflowed float32 deep in the optimizer, with a traceback."""
+    from registry.errors import MaskbankError
+
+    method = "cl-lsg" if option == "target" else "supsup"
+    with pytest.raises(MaskbankError, match=re.escape(
+            f"option '{option}' of method '{method}' must be a finite number within float32's range (+-3.4e+38: "
+            f"training computes in float32), got {value!r}")):
+        get_method(method, **{option: value})
+
+
+def test_text_options_take_what_json_read_as_a_number():
+    """`--set share=0` was refused ('must be text, got 0') though `--share 0` works: --set reads JSON first."""
+    assert get_method("packnet-share", share=0).config.share == "0"
+
 
 
 def test_train_refuses_an_option_out_of_range_in_one_line_before_any_work(capsys, tmp_path, monkeypatch):
@@ -192,7 +210,7 @@ def test_append_refuses_contradicting_settings(tmp_path):
 
     with pytest.raises(TrainingError, match=r"--stream 'split-digits' \(model has 'permuted-digits'\)"):
         train(registry, "m", 2, {"stream": "split-digits"})
-    with pytest.raises(TrainingError, match=r"--density 0.2 \(model has 0.5\)"):
+    with pytest.raises(TrainingError, match=r"--set density=0.2 \(model has 0.5\)"):
         train(registry, "m", 2, {"method_config": {"density": 0.2}})
     with pytest.raises(TrainingError, match="--method is required"):
         train(registry, "new", 1, {"stream": "permuted-digits"})
@@ -337,7 +355,7 @@ def test_appending_with_other_settings_names_the_flags_to_omit(tmp_path):
         train(registry, "m", 2, other)
     message = str(info.value)
     assert "--arch {'arch': 'mlp', 'sizes': [64, 16, 10]} (model has {'arch': 'mlp', 'sizes': [64, 32, 10]})" in message
-    assert "--epochs 3 (model has 2)" in message and registry.generations("m") == [1]
+    assert "--set epochs=3 (model has 2)" in message and registry.generations("m") == [1]
 
 
 def test_fwt_says_how_many_tasks_it_covers(tmp_path):
@@ -354,3 +372,41 @@ def test_fwt_says_how_many_tasks_it_covers(tmp_path):
     assert "(over 1 of the 2 tasks after the first: the others were trained without --fwt)" in format_report(partial)
     whole = train(Registry(tmp_path / "whole"), "m", 3, settings, log=lambda _: None, fwt=True)
     assert whole.training["fwt_tasks"] == 2 and "over" not in format_report(whole).split("FWT")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["--method", "impresslearn", "--basis", "random", "--basis-size", "2", "--set", "alpha_epochs=1",
+      "--set", "alpha_lr=1e30"],
+     "task 0 (perm-0) alpha: the training loss became nan (diverged); lower --set alpha_lr (or --set penalty)"),
+    (["--method", "supsup", "--epochs", "1", "--lr", "1e30"],
+     "task 0 (perm-0): the trained values are no longer finite numbers (diverged); lower the learning rate (--lr)"),
+    (["--method", "packnet-share", "--share", "lowest", "--epochs", "1"],
+     "share 'lowest' ranks subnetworks by connectivity, which needs at least two hidden layers"),
+])
+def test_a_first_task_that_fails_leaves_nothing_behind(command, message, capsys, tmp_path, monkeypatch):
+    """ImpressLearn's own alpha loop had no divergence check: NaN alpha was published (exit 0), served as
+    garbage, and written into the manifest as bare NaN, which no strict JSON reader takes. SupSup's loss
+    stays finite on NaN scores (a mask is their top-k), so it published masks of nothing learned. And
+    the backbone was written before the first task, so any first-task failure left an orphan blob."""
+    from maskbank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", *command, "--stream", "permuted-digits", "--tasks", "1", "--registry", "reg", "--model", "m",
+                 "--arch", '{"arch": "mlp", "sizes": [64, 32, 10]}'])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_an_artifact_with_values_that_are_not_finite_is_never_published():
+    """The last guard, for a method's loop that checks nothing as it goes (a plugin's, say)."""
+    from trainer.fit import TrainingDiverged
+    from trainer.loop import _check_publishable
+    from trainer.methods import TaskArtifact
+
+    fine = {"head": {"w": torch.ones(2)}}
+    _check_publishable("task 0", TaskArtifact(parts=fine, metrics={"alpha_l1": [1.0, 2.0]}))
+    with pytest.raises(TrainingDiverged, match=r"task 0: its part 'alpha' holds values that are not finite numbers \(l0\)"):
+        _check_publishable("task 0", TaskArtifact(parts={"alpha": {"l0": torch.tensor([float("nan")])}}))
+    with pytest.raises(TrainingDiverged, match=r"task 0: its metrics \['alpha_l1'\] are not finite numbers"):
+        _check_publishable("task 0", TaskArtifact(parts=fine, metrics={"alpha_l1": [float("nan")], "rule": "x"}))
+

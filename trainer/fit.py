@@ -44,10 +44,20 @@ def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs
             before_step()
             optimizer.step()
             after_step()
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"{desc}: the training loss became {loss.item()} (diverged); "
-                                       "lower the learning rate (--lr) or the method's penalty or scale")
+            check_finite(desc, loss)
             total += loss.item() * len(batch)
+        check_finite(desc, None, params)
         schedule.step()
         bar.set_postfix(loss=f"{total / n:.3f}")
     return total / n
+
+
+def check_finite(desc: str, loss: torch.Tensor | None, params: list[torch.Tensor] = (),
+                 remedy: str = "lower the learning rate (--lr) or the method's penalty or scale") -> None:
+    """TrainingDiverged unless the loss and the trained tensors are finite. Both are needed: an
+    edge-popup mask is the top-k of its scores, so NaN scores (a learning rate too large) still
+    give a mask and a finite loss, and a mask of nothing learned."""
+    if loss is not None and not math.isfinite(loss.item()):
+        raise TrainingDiverged(f"{desc}: the training loss became {loss.item()} (diverged); {remedy}")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingDiverged(f"{desc}: the trained values are no longer finite numbers (diverged); {remedy}")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from registry.errors import InvalidArtifact
 from registry.materialize_impresslearn import superpose
 
+from .fit import check_finite
 from .heads import check_plain
 from .methods import Method, TaskArtifact, TrainingContext, register_method, require
 from .streams import TaskData
@@ -190,8 +191,8 @@ class ImpressLearn(Method):
         alphas = [c.alpha for c in layers.values()]
         optimizer = OPTIMIZERS[cfg.alpha_optimizer](alphas, lr=cfg.alpha_lr)
         n = len(task.y_train)
-        bar = tqdm(range(cfg.alpha_epochs), desc=f"task {task.index} ({task.name}) alpha", unit="epoch", leave=False,
-                   disable=None)
+        desc, remedy = f"task {task.index} ({task.name}) alpha", "lower --set alpha_lr (or --set penalty)"
+        bar = tqdm(range(cfg.alpha_epochs), desc=desc, unit="epoch", leave=False, disable=None)
         for _ in bar:
             order = torch.randperm(n, generator=generator)
             total = 0.0
@@ -204,7 +205,9 @@ class ImpressLearn(Method):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                check_finite(desc, loss, remedy=remedy)
                 total += loss.item() * len(batch)
+            check_finite(desc, None, alphas, remedy)
             bar.set_postfix(loss=f"{total / n:.3f}")
         alpha = {name: c.alpha.detach().clone() for name, c in layers.items()}
         return alpha, {"alpha_l1": [round(float(a.abs().sum()), 4) for a in alpha.values()]}

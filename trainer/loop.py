@@ -9,6 +9,7 @@ reused (an explicit setting that contradicts them is an error, because task i de
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from registry import (
 from registry.errors import MaskbankError
 
 from . import metrics
+from .fit import TrainingDiverged
 from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method
 from .streams import TaskData, TaskStream, get_stream, reads_files
 
@@ -106,7 +108,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
                for k, v in given.items() if stored[k] != v]
-    clashes += [f"--{k.replace('_', '-')} {v!r} (model has {stored['method_config'].get(k)!r})"
+    clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} (model has {stored['method_config'].get(k)!r})"  # valid for every option
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
     if clashes:
         raise TrainingError(
@@ -146,15 +148,18 @@ class _Model:
     alone: list[float | None]  # each task's accuracy when trained alone (the FWT reference), if measured
     evaluated: dict[tuple[int, str], float]  # (task id, backbone version it ran on) -> test accuracy
 
+    codec: str | None = None  # a new model's backbone codec: its first version is written with its first task
+
     @property
     def latest(self) -> str:
-        return max(self.backbone_refs, key=int)
+        return max(self.backbones, key=int)
 
 
-def _new_model(registry: Registry, method: Method, module, seed: int) -> _Model:
+def _new_model(method: Method, module, seed: int) -> _Model:
+    """A model not yet published. Its backbone is written with the first task, so that a first task
+    that fails (a diverged loss, an option the network cannot take, Ctrl-C) leaves no blob behind."""
     backbone = method.create_backbone(module, task_generator(seed, _BACKBONE_SEED_KEY))
-    ref = registry.put_backbone(backbone, method.backbone_codec)
-    return _Model(None, {BACKBONE_VERSION: backbone}, {BACKBONE_VERSION: ref}, {}, {}, [], [], [], {})
+    return _Model(None, {BACKBONE_VERSION: backbone}, {}, {}, {}, [], [], [], {}, method.backbone_codec)
 
 
 def _load_model(registry: Registry, manifest: Manifest) -> _Model:
@@ -179,10 +184,41 @@ def _load_model(registry: Registry, manifest: Manifest) -> _Model:
     )
 
 
+def _check_publishable(desc: str, artifact: TaskArtifact) -> None:
+    """TrainingDiverged unless every floating tensor and number the artifact would publish is finite:
+    the last guard for loops that do not check as they go (a NaN alpha served garbage, and a NaN metric
+    made the manifest and `report --json` invalid JSON)."""
+    groups = {"part": artifact.parts, "shared part": artifact.shared, "state": artifact.state,
+              "backbone": {"weights": artifact.backbone or {}}}
+    for what, kinds in groups.items():
+        for kind, tensors in kinds.items():
+            bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if bad:
+                raise TrainingDiverged(f"{desc}: its {what} '{kind}' holds values that are not finite numbers "
+                                       f"({', '.join(bad)}): training diverged; lower the learning rate")
+    bad = [name for name, value in artifact.metrics.items() if not _finite_values(value)]
+    if bad:
+        raise TrainingDiverged(f"{desc}: its metrics {bad} are not finite numbers: training diverged; lower the "
+                               "learning rate")
+
+
+def _finite_values(value: Any) -> bool:
+    """Whether every number in a metric (a number, or lists and dicts of them) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite_values, value))
+    if isinstance(value, dict):
+        return all(map(_finite_values, value.values()))
+    return True
+
+
 def _store_artifact(registry: Registry, model: _Model, artifact: TaskArtifact) -> tuple[str, dict, dict]:
     """Write the artifact's new backbone version, shared parts, parts and state; return
     (backbone version of the task, part refs, state refs)."""
     version = model.latest
+    if BACKBONE_VERSION not in model.backbone_refs:
+        model.backbone_refs[BACKBONE_VERSION] = registry.put_backbone(model.backbones[BACKBONE_VERSION], model.codec)
     if artifact.backbone is not None:
         previous, version = version, str(int(version) + 1)
         model.backbone_refs[version] = registry.put_backbone(artifact.backbone, base=(previous, model.backbones[previous]))
@@ -250,7 +286,7 @@ def train(
     check_fits(module, settings.architecture, stream)
     if tasks > stream.max_tasks:
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
-    state = _load_model(registry, manifest) if manifest else _new_model(registry, method, module, settings.seed)
+    state = _load_model(registry, manifest) if manifest else _new_model(method, module, settings.seed)
     start = len(state.tasks)
     if start >= tasks:
         log(f"model '{model}' already has {start} task(s); nothing to train (ask for --tasks > {start} to append)")
@@ -262,6 +298,7 @@ def train(
         began = time.perf_counter()
         artifact = method.learn_task(build_architecture(settings.architecture), task, task_generator(settings.seed, index), context)
         seconds = time.perf_counter() - began
+        _check_publishable(f"task {index} ({task.name})", artifact)
         version, parts, task_state = _store_artifact(registry, state, artifact)
         state.tasks.append(PublishedTask(index, task.name, task.num_classes, version, artifact.parts, artifact.state, artifact.shares))
         row = _evaluate(state, module, method.name, stream)

@@ -9,6 +9,8 @@ dataclass config whose unknown keys are errors and whose resolved values are sav
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -111,6 +113,7 @@ _RULES = {
     "> 0": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
     ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
     "in (0, 1]": lambda v: 0 < v <= 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
@@ -170,12 +173,26 @@ def _typed(method: str, option: str, hint: Any, value: Any) -> Any:
     if any(kind not in _KINDS for kind in kinds if kind is not type(None)):
         return value  # a type this check does not know (a plugin's list, say): its config decides
     for kind in kinds:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _float_option(method, option, float(value))
         if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int to Python
             return value
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+    if str in kinds and isinstance(value, (int, float, bool)):  # `--set share=0`: JSON read the text as a number
+        return json.dumps(value)
     wanted = " or ".join(_KINDS[kind] for kind in kinds if kind is not type(None))
     raise MaskbankError(f"option '{option}' of method '{method}' must be {wanted}, got {value!r}")
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _float_option(method: str, option: str, value: float) -> float:
+    """`value`, unless training (in float32) cannot use it: `--lr inf` trained NaN scores into masks of
+    nothing learned, and `--lr 1e300` failed deep in the optimizer with a traceback."""
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise MaskbankError(f"option '{option}' of method '{method}' must be a finite number within float32's "
+                            f"range (+-{FLOAT32_MAX:.3g}: training computes in float32), got {value!r}")
+    return value
 
 
 def method_names() -> list[str]:

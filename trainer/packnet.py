@@ -88,7 +88,8 @@ class PackNetShareConfig:
         require(self, "in [0, 1)", "prune", "momentum")
         require(self, ">= 0", "epochs", "finetune_epochs")
         require(self, "> 0", "lr", "finetune_lr")
-        require(self, ">= 1", "batch_size", "score_samples")
+        require(self, ">= 1", "batch_size")
+        require(self, ">= 2", "score_samples")  # a correlation over one example is undefined
 
 
 # ---------------------------------------------------------------- the network as a chain of filter layers
