@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -184,6 +185,10 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     inputs) and "self-contained" a standalone model (`tasks/ID.onnx`). `out/export.json` lists
     the tasks with their files. Every ONNX file passes `onnx.checker`. `progress(items, total)`
     may wrap the per-task loop (a progress bar).
+
+    Every file is written into a staging folder inside `out` first, and moved into place only once
+    all are written: an export that fails (a corrupt blob, Ctrl-C) leaves an earlier export as it was,
+    and a folder with an `export.json` holds exactly the files it lists.
     """
     if layout not in LAYOUTS:
         raise UnknownName(f"Unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
@@ -192,21 +197,43 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     earlier = _earlier_export(out, manifest.model)
     graph = architecture_graph(manifest.architecture)
     created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f"{STAGING}*"):  # of an export killed while writing
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
-        tasks = _write_tasks(registry, manifest, keys, graph, out, layout, progress)
-    except BaseException:  # a corrupt blob, Ctrl-C: a first export leaves nothing, so the same command can retry
+        tasks = _write_tasks(registry, manifest, keys, graph, staging, layout, progress)
+        _commit(out, staging, {"model": manifest.model, "generation": manifest.generation, "layout": layout,
+                               "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
+                               "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, earlier)
+    except BaseException:  # a first export leaves nothing, so the same command can retry; a re-export, the earlier one
+        shutil.rmtree(staging, ignore_errors=True)
         if not earlier:
             _remove_partial(out, created)
         raise
-    index = out / INDEX
-    staged = index.with_suffix(".json.partial")
-    staged.write_text(json.dumps({"model": manifest.model, "generation": manifest.generation, "layout": layout,
-                                  "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
-                                  "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, indent=2))
-    staged.replace(index)  # atomic: the index a reader finds lists files that are all written
-    for stale in earlier - {task["file"] for task in tasks}:
+    return out / INDEX
+
+
+STAGING = ".staging-"  # prefix of the folder inside `out` an export writes its files into
+COMMITTING = INDEX + ".committing"  # the new index while files move into place (no export.json meanwhile)
+
+
+def _commit(out: Path, staging: Path, index: dict[str, Any], earlier: set[str]) -> None:
+    """Move the staged files into `out` and write the index last. While files move, `out` has no
+    export.json (no reader takes a mix of two exports for one) and the new index waits under
+    COMMITTING, by which a re-export recognises the folder if this one is killed."""
+    pending = out / COMMITTING
+    pending.write_text(json.dumps(index, indent=2))
+    (out / INDEX).unlink(missing_ok=True)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
+    for stale in earlier - {task["file"] for task in index["tasks"]}:
         (out / stale).unlink(missing_ok=True)
-    return index
+    pending.replace(out / INDEX)  # atomic: the index a reader finds lists files that are all in place
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | str], graph, out: Path, layout: str,
@@ -219,7 +246,7 @@ def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | st
         weights = onnx_weights(graph, params)
         if layout == "shared":
             file = f"tasks/{entry.id}.safetensors"
-            safetensors.numpy.save_file(weights, str(out / file))
+            (out / file).write_bytes(safetensors.numpy.save(weights))  # save_file makes it 0600: unreadable to others
         else:
             file = f"tasks/{entry.id}.onnx"
             save_checked(self_contained(graph, weights, entry.num_classes), out / file)
@@ -242,27 +269,27 @@ def _remove_partial(out: Path, created: bool) -> None:
 
 def _earlier_export(out: Path, model: str) -> set[str]:
     """The task files an earlier export of `model` into `out` listed (a re-export replaces it and
-    removes those it no longer lists). ExportError if `out` holds anything else: another model's
-    export is never overwritten, nor a folder of other files."""
-    index = out / INDEX
-    if index.is_file():
-        try:
-            earlier = json.loads(index.read_text())
-            owner, files = earlier["model"], {task["file"] for task in earlier["tasks"]}
-        except (ValueError, KeyError, TypeError) as error:
-            raise ExportError(f"{out} has an unreadable {INDEX} ({error}): export into another folder, or "
-                              "remove this one first") from None
-        if owner != model:
-            raise ExportError(f"{out} holds the ONNX export of model '{owner}': export '{model}' into another "
-                              "folder, or remove that one first")
-        return files
+    removes those it no longer lists), also one killed while moving its files into place. ExportError
+    if `out` holds anything else: another model's export is never overwritten, nor a folder of other
+    files."""
+    for index in (out / INDEX, out / COMMITTING):
+        if index.is_file():
+            try:
+                earlier = json.loads(index.read_text())
+                owner, files = earlier["model"], {task["file"] for task in earlier["tasks"]}
+            except (ValueError, KeyError, TypeError) as error:
+                raise ExportError(f"{out} has an unreadable {index.name} ({error}): export into another folder, "
+                                  "or remove this one first") from None
+            if owner != model:
+                raise ExportError(f"{out} holds the ONNX export of model '{owner}': export '{model}' into another "
+                                  "folder, or remove that one first")
+            return files
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: export into a new or empty folder")
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} is not an empty folder and holds no maskbank export (an export killed midway "
-                          f"leaves no {INDEX}): export into a new or empty folder")
+    if out.exists() and any(not path.name.startswith(STAGING) for path in out.iterdir()):
+        raise ExportError(f"{out} is not an empty folder and holds no maskbank export: export into a new or "
+                          "empty folder")
     return set()
-
 
 
 def save_checked(model: onnx.ModelProto, path: Path) -> None:

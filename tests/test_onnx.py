@@ -211,6 +211,47 @@ def test_a_re_export_replaces_its_own_files_and_never_another_models(bn_registry
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
+def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(bn_registry, tmp_path):
+    """A re-export that failed on a corrupt blob had already rewritten backbone.onnx and the tasks
+    before it, under the earlier export.json: an index that described files it no longer matched."""
+    import shutil
+
+    from registry import BlobCorrupt
+
+    copy = Registry(shutil.copytree(bn_registry.location, tmp_path / "reg"))
+    out = tmp_path / "out"
+    export_onnx(copy, "m", out, [0])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    blob = Path(copy.blobs.describe(copy.manifest("m").task(1).parts["masks"].digest))
+    blob.write_bytes(b"corrupt")
+    with pytest.raises(BlobCorrupt):
+        export_onnx(copy, "m", out, [0, 1], layout="self-contained")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert oct((out / "tasks" / "0.safetensors").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def test_an_export_killed_while_moving_its_files_is_taken_up_by_the_next(bn_registry, tmp_path):
+    """Killed between its first and last move, an export leaves no export.json (no reader takes the mix)
+    but its pending index, by which the same command recognises the folder as this model's export."""
+    from registry.onnx_export import COMMITTING, INDEX
+
+    out = tmp_path / "out"
+    export_onnx(bn_registry, "m", out)
+    (out / INDEX).rename(out / COMMITTING)  # as a kill mid-commit leaves it
+    (out / ".staging-x").mkdir()  # and a staging folder of a kill while writing
+    index = json.loads(export_onnx(bn_registry, "m", out, ["perm-1"]).read_text())
+    assert [t["file"] for t in index["tasks"]] == ["tasks/1.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "export.json", "tasks"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_path):
     models = export_triton(bn_registry, "m", tmp_path, max_batch_size=64)
     assert [m.name for m in models] == ["m.task-0", "m.task-1"]
