@@ -14,6 +14,8 @@ Task inference has no equivalent in Triton: the caller picks the task by picking
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -64,20 +66,43 @@ def triton_config(name: str, features: int, task: TaskEntry, model: str, generat
 def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequence[int | str] = (), *,
                   max_batch_size: int = 1024, progress: Progress = no_progress) -> list[Path]:
     """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
-    the model directories. Every ONNX file passes onnx.checker before it is written."""
+    the model directories. Every ONNX file passes onnx.checker before it is written.
+
+    The models are written into a staging folder beside `repo` (the same file system) and moved in
+    only once every one is written: an export that fails (a corrupt blob, Ctrl-C) adds nothing to the
+    repository, where Triton would load the tasks written before the failure as if they were all."""
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
         raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise ExportError(f"{repo} is a file, not a folder: give a Triton model repository (a folder, new or not)")
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
-    written = []
-    for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
-        name = triton_model_name(manifest.model, entry)
-        directory = Path(repo) / name
-        (directory / str(manifest.generation)).mkdir(parents=True, exist_ok=True)
-        save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes),
-                     directory / str(manifest.generation) / MODEL_FILE)
-        config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
-        (directory / CONFIG).write_text(text_format.MessageToString(config))
-        written.append(directory)
-    return written
+    repo.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
+    try:
+        names = []
+        for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
+            name = triton_model_name(manifest.model, entry)
+            version = staging / name / str(manifest.generation)
+            version.mkdir(parents=True)
+            save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes), version / MODEL_FILE)
+            config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
+            (staging / name / CONFIG).write_text(text_format.MessageToString(config))
+            names.append(name)
+        return [_move_in(staging / name, repo / name, str(manifest.generation)) for name in names]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staged: Path, directory: Path, version: str) -> Path:
+    """Move a staged model's version folder into `directory` (replacing that version if it was
+    exported before; other versions stay, and Triton serves the newest by default), then its config."""
+    directory.mkdir(exist_ok=True)
+    target = directory / version
+    if target.exists():
+        shutil.rmtree(target)
+    (staged / version).rename(target)
+    (staged / CONFIG).replace(directory / CONFIG)
+    return directory

@@ -268,6 +268,27 @@ def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_
         np.testing.assert_allclose(session.run(None, {"input": X})[0], expected[task], rtol=0, atol=TOLERANCE)
 
 
+def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_path):
+    """A corrupt blob midway left the tasks before it as complete Triton models, which Triton would
+    serve as if the export had worked; a file given as the repository was a raw OS error."""
+    import shutil
+
+    from registry import BlobCorrupt
+
+    copy = Registry(shutil.copytree(bn_registry.location, tmp_path / "reg"))
+    repo = tmp_path / "repo"
+    (repo / "other-model" / "1").mkdir(parents=True)  # a repository holds other models too: left alone
+    blob = Path(copy.blobs.describe(copy.manifest("m").task(1).parts["masks"].digest))
+    blob.write_bytes(b"corrupt")
+    with pytest.raises(BlobCorrupt):
+        export_triton(copy, "m", repo)
+    assert [p.name for p in repo.iterdir()] == ["other-model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg", "repo"]  # no staging folder left
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="afile is a file, not a folder"):
+        export_triton(copy, "m", tmp_path / "afile")
+
+
 def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
     root = str(bn_registry.location)
     assert main(["export", "onnx", "m", "--registry", root, "--out", str(tmp_path / "o"), "--task", "0"]) == 0
