@@ -468,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve" and threading.current_thread() is threading.main_thread():  # serve drains itself
         terminate = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, so that a reader gone (`| head`) is seen below, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `maskbank report m | head`: the reader took what it wanted and left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE  # as a shell tool killed by SIGPIPE, silently
     finally:
         if terminate is not None:
             signal.signal(signal.SIGTERM, terminate)
@@ -488,6 +493,8 @@ def _run(args) -> int:
     except MaskbankError as error:
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # not an error of the command's: main() ends quietly
     except OSError as error:  # a file that cannot be written or read, a port taken: the system's words suffice
         print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
         return 1

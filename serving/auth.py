@@ -17,6 +17,7 @@ import logging
 import grpc
 
 from ._proto import pb
+from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving.auth")
 
@@ -32,6 +33,7 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str | None):
         self._token = token.encode() if token else None
+        self._refusals = FloodLog(log)  # a client retrying without its token must not flood the log
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -42,8 +44,8 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
 
         async def refuse(request, context):
-            log.warning("refused %s from %s: %s", method, context.peer(), refusal,
-                        extra={"method": method, "peer": context.peer()})
+            self._refusals.record("refused %d admin call(s) {since}; the latest: %s from %s: %s", method, context.peer(),
+                                  refusal, extra={"method": method, "peer": context.peer()})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
 
         return grpc.unary_unary_rpc_method_handler(refuse)

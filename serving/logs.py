@@ -67,8 +67,9 @@ class FloodLog:
     a burst is not held back until the next one. A line per event would cost the most when the
     server has least to spare."""
 
-    def __init__(self, logger: logging.Logger):
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING):
         self._logger = logger
+        self._level = level
         self._lock = threading.Lock()
         self._count = 0  # events so far
         self._logged = (float("-inf"), 0)  # when the last line was written, and `_count` then
@@ -80,14 +81,15 @@ class FloodLog:
         """Events recorded so far."""
         return self._count
 
-    def record(self, template: str, *args) -> None:
+    def record(self, template: str, *args, extra: dict | None = None) -> None:
         """Count one event; when a line is due, log `template` (%-style) with the count of events since
-        the last line ("so far" or "since the last such line" in {since}) and `args`."""
+        the last line ("so far" or "since the last such line" in {since}) and `args` (and the
+        structured fields `extra`, of the latest event)."""
         with self._lock:
             self._count += 1
             now, (when, count) = time.monotonic(), self._logged
             if now - when < FLOOD_LOG_SECONDS:
-                self._latest = (template, args)
+                self._latest = (template, args, extra)
                 if self._timer is None:
                     self._timer = threading.Timer(when + FLOOD_LOG_SECONDS - now, self._write_held_back)
                     self._timer.daemon = True
@@ -96,7 +98,7 @@ class FloodLog:
             self._logged = (now, self._count)
             events = self._count - count
         since = "since the last such line" if count else "so far"
-        self._logger.warning(template.replace("{since}", since), events, *args)
+        self._logger.log(self._level, template.replace("{since}", since), events, *args, extra=extra)
 
     def _write_held_back(self) -> None:
         """The timer's line: the events since the last line, if any came after it."""
@@ -107,5 +109,6 @@ class FloodLog:
                 return
             self._logged = (time.monotonic(), self._count)
             events = self._count - count
-        template, args = latest
-        self._logger.warning(template.replace("{since}", "since the last such line"), events, *args)
+        template, args, extra = latest
+        self._logger.log(self._level, template.replace("{since}", "since the last such line"), events, *args,
+                         extra=extra)

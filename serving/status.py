@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 
 import grpc
 import torch
@@ -16,6 +17,7 @@ import torch
 from registry import errors as reg
 
 from .errors import InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ServerBusy
+from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving")
 
@@ -58,6 +60,17 @@ def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return f"{message[:head]} ... [{len(message) - head - tail} characters left out] ... {message[-tail:]}"
 
 
+_ANSWER_LOGS: dict[tuple[str, grpc.StatusCode], FloodLog] = {}
+_ANSWER_LOGS_LOCK = threading.Lock()
+
+
+def _answers(method: str, code: grpc.StatusCode) -> FloodLog:
+    """The INFO log of one kind of error answer: a client that repeats a bad request in a loop gets a
+    line every FLOOD_LOG_SECONDS with the count, not a line per request (each is logged at DEBUG)."""
+    with _ANSWER_LOGS_LOCK:
+        return _ANSWER_LOGS.setdefault((method, code), FloodLog(log, logging.INFO))
+
+
 def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status `error` ends a call to `method` with (INTERNAL, with a generic message, for a
     bug), logged: a MaskbankError in one line, anything else with its traceback. An abort the handler
@@ -65,11 +78,11 @@ def abort_details(method: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, reg.MaskbankError):
-        message = bounded(str(error))
-        # refusals come in floods when they come: logged in summary where they are decided (FloodLog)
-        log.log(logging.DEBUG if isinstance(error, Overloaded) else logging.INFO, "%s -> %s: %s", method,
-                status_code(error).name, message)
-        return status_code(error), message
+        message, code = bounded(str(error)), status_code(error)
+        log.debug("%s -> %s: %s", method, code.name, message)
+        if not isinstance(error, Overloaded):  # those are summarised where they are decided
+            _answers(method, code).record("%d %s -> %s answer(s) {since}; the latest: %s", method, code.name, message)
+        return code, message
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # not a bug: this request did not fit now
         where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
         log.error("%s ran out of %s", method, where, exc_info=error)
