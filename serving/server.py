@@ -278,9 +278,9 @@ class InferenceServer:
         return server
 
     def start(self) -> int:
-        """Load the registry's models, bind, start serving and following; return the bound port."""
+        """Bind, load the registry's models, start serving and following; return the bound port. The
+        ports are taken first, so that one in use is an error at once, not after every model loaded."""
         config = self.config
-        self.repository.refresh()
         address = host_port(config.host, config.port)
         try:
             if self._credentials is not None:
@@ -296,7 +296,9 @@ class InferenceServer:
                               "machine's): pick another --port, or 0 for a free one")
             if metrics_port is not None:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
-        except OSError:  # nothing served yet: release the port and the loop's thread
+            self.repository.refresh()
+        except BaseException:  # nothing served yet: release the ports and the loop's thread
+            self.metrics.stop()
             self._on_loop(self.server.stop(None))
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise

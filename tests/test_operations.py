@@ -241,13 +241,16 @@ def test_a_busy_metrics_port_is_a_clear_error(tmp_path):
 
 def test_a_port_another_server_serves_is_a_clear_error_not_a_shared_port(tmp_path):
     """gRPC's default (SO_REUSEPORT on Linux) would let a second server bind the port of a running one
-    and take a share of its connections; maskbank refuses it, as for a port any program holds."""
+    and take a share of its connections; maskbank refuses it, as for a port any program holds. It does
+    so before loading any model (it loaded the whole registry first, minutes for a large one)."""
+    train_model(tmp_path, "m", 1, TINY)
     first = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1))
     first.start()
     try:
         second = InferenceServer(ServerConfig(registry=str(tmp_path), port=first.port, metrics_port=-1))
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port} \\(the port is taken.*--port"):
             second.start()
+        assert second.repository.models() == [] and first.repository.models() == ["m"]
         wait_for(lambda: not second._loop.is_running(), 10, "the failed server's event loop to stop")
         second.repository.close()
     finally:
