@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def _add_train(commands) -> None:
         "train", help="learn tasks one after another and publish each into a registry",
         description="Learn tasks until MODEL has --tasks of them, publishing a new registry generation after "
         "each. On an existing model this appends tasks with the model's stored settings; published tasks "
-        "are never retrained or changed.",
+        "are never retrained or changed.", epilog=_method_defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--registry", required=True, help="registry directory (created if missing)")
     p.add_argument("--model", required=True, help="model name in the registry")
@@ -126,6 +127,18 @@ def _add_train(commands) -> None:
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+
+
+def _method_defaults_text() -> str:
+    """The train command's epilog: each method's option defaults (they differ by method, so the
+    option flags above cannot show one)."""
+    from trainer import method_defaults, method_names
+
+    lines = ["defaults of each method's options (the flags above, or --set KEY=VALUE for any):"]
+    for name in method_names():
+        options = " ".join(f"{key}={value}" for key, value in method_defaults(name).items())
+        lines.append(textwrap.fill(options, 100, initial_indent=f"  {name}: ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 # flag, method config key, argparse keyword arguments. Defaults live in each method's Config.
@@ -388,7 +401,23 @@ def format_report(manifest) -> str:
     for t in manifest.tasks:
         cells = [t.metrics.get(k) for k in keys]
         lines.append(f"| {t.id} ({t.name}) | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells) + " |")
+    others = [(t, {k: v for k, v in t.metrics.items() if not isinstance(v, (int, float))}) for t in manifest.tasks]
+    if any(metrics for _, metrics in others):  # lists and texts (connectivity scores, KKT sources, ...): a line a task
+        lines += ["", "other metrics:"]
+        lines += [f"- {t.id} ({t.name}): " + "; ".join(f"{k}: {_compact(v)}" for k, v in sorted(metrics.items()))
+                  for t, metrics in others if metrics]
     return "\n".join(lines)
+
+
+def _compact(value) -> str:
+    """A metric in a few characters: numbers to 4 significant digits, lists and dicts of them likewise."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_compact, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _serve(args) -> None:

@@ -374,6 +374,25 @@ def test_fwt_says_how_many_tasks_it_covers(tmp_path):
     assert whole.training["fwt_tasks"] == 2 and "over" not in format_report(whole).split("FWT")[1].split("\n")[0]
 
 
+def test_the_text_report_shows_metrics_that_are_not_numbers(tmp_path):
+    """Connectivity scores, KKT sources and ImpressLearn's alpha norms (lists, texts) appeared only in
+    --json, though the README lists them among what `report` prints."""
+    import dataclasses
+
+    from maskbank.cli import format_report
+
+    from .conftest import manifest_with
+
+    manifest = manifest_with(Registry(tmp_path))
+    entry = dataclasses.replace(manifest.tasks[0], metrics={"accuracy": 0.9, "train_seconds": 1.5, "share": "lowest",
+                                                            "scores": {"0": {"connectivity": 0.13104}}, "chosen": [0]})
+    training = {"settings": {"method": "packnet-share", "stream": "permuted-digits", "seed": 0},
+                "accuracy_matrix": [[0.9]], "average_accuracy": 0.9, "forgetting": 0.0, "bwt": 0.0, "fwt": None}
+    text = format_report(dataclasses.replace(manifest, tasks=(entry,), training=training))
+    assert "| task | train_seconds |" in text
+    assert text.endswith("other metrics:\n- 0 (t0): chosen: [0]; scores: {0: {connectivity: 0.131}}; share: lowest")
+
+
 @pytest.mark.parametrize("command, message", [
     (["--method", "impresslearn", "--basis", "random", "--basis-size", "2", "--set", "alpha_epochs=1",
       "--set", "alpha_lr=1e30"],
@@ -410,3 +429,15 @@ def test_an_artifact_with_values_that_are_not_finite_is_never_published():
     with pytest.raises(TrainingDiverged, match=r"task 0: its metrics \['alpha_l1'\] are not finite numbers"):
         _check_publishable("task 0", TaskArtifact(parts=fine, metrics={"alpha_l1": [float("nan")], "rule": "x"}))
 
+
+
+def test_train_help_shows_each_methods_defaults(capsys):
+    """--epochs, --lr, --density ... differ by method, so their flags showed no default at all."""
+    from maskbank.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "defaults of each method's options (the flags above, or --set KEY=VALUE for any):" in out
+    assert "  supsup: density=0.5 mask=topk epochs=30 lr=0.3 batch_size=64" in out
+    assert "  exssnet: density=0.1 epochs=30" in out

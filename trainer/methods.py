@@ -195,5 +195,12 @@ def _float_option(method: str, option: str, value: float) -> float:
     return value
 
 
+def method_defaults(name: str) -> dict[str, Any]:
+    """The default of every option of method `name`'s config."""
+    if name not in _METHODS:
+        raise unknown("method", name, _METHODS)
+    return dataclasses.asdict(_METHODS[name].Config())
+
+
 def method_names() -> list[str]:
     return sorted(_METHODS)
