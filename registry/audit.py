@@ -59,6 +59,7 @@ class ModelAudit:
     shared_bytes: int  # backbone versions and other shared parts
     state_bytes: int = 0  # training-only state (KKT scores, SPG importance, EWC Fisher): stored, never served
     parts: list[PartAudit] = field(default_factory=list)
+    history_bytes: int = 0  # distinct blobs of every generation: what the registry keeps for the model (gc too)
 
     @property
     def task_bytes(self) -> list[int]:
@@ -128,7 +129,16 @@ def audit(registry: Registry, model: str) -> ModelAudit:
     for task in manifest.tasks:
         for part, ref in task.parts.items():
             result.parts.append(_audit_part(registry, task.id, task.name, part, ref, result))
+    result.history_bytes = _history_bytes(registry, model)
     return result
+
+
+def _history_bytes(registry: Registry, model: str) -> int:
+    """Bytes of the distinct blobs any generation of `model` references: more than the newest one's
+    where a generation replaced a shared part (ImpressLearn's basis masks), since `registry gc` keeps
+    every generation's blobs."""
+    blobs = {ref.digest: ref.size for g in registry.generations(model) for ref in registry.manifest(model, g).blob_refs()}
+    return sum(blobs.values())
 
 
 def _audit_part(registry: Registry, task: int, name: str, part: str, ref, model: ModelAudit) -> PartAudit:
@@ -165,6 +175,8 @@ def format_audit(result: ModelAudit) -> str:
         f"training state (kept for later tasks, never served): {result.state_bytes:,} bytes",
         f"registry for this model: {result.registry_bytes:,} bytes; one dense model per task would take "
         f"{totals['dense_per_task_bytes']:,} ({totals['compression_vs_dense_per_task']:.1f}x the registry's bytes)",
+        f"with every earlier generation's blobs (what the registry keeps, `registry gc` too): "
+        f"{result.history_bytes:,} bytes",
         "(x ...: the reference's bytes divided by the stored bytes; above 1 means the registry stores less)",
     ]
     return "\n".join(rows)

@@ -168,6 +168,21 @@ def test_audit_figures(trained, capsys, tmp_path):
         assert part["vs_dense"] == pytest.approx(4 * weights / part["bytes"])
         assert part["vs_entropy"] == pytest.approx(weights * binary_entropy(mask["density"]) / 8 / part["bytes"])
     assert result["registry_bytes"] == result["shared_bytes"] + sum(result["task_bytes"]) + result["state_bytes"]
+    assert result["history_bytes"] == sum(p.stat().st_size for p in (Path(trained.location) / "blobs").rglob("*")
+                                          if p.is_file())  # SupSup replaces nothing: every blob is in use
+
+
+def test_the_audit_counts_what_earlier_generations_keep(tmp_path, capsys):
+    """ImpressLearn's heterogeneous basis is replaced as tasks come: the blobs of the earlier bases stay
+    (every generation keeps its blobs), and the audit counted only the newest generation's."""
+    from trainer import train
+
+    registry = Registry(tmp_path)
+    train(registry, "m", 2, {"method": "impresslearn", "stream": "permuted-digits", "architecture": TINY["architecture"],
+                             "method_config": {"basis_size": 2, "mask_epochs": 1, "alpha_epochs": 1}}, log=lambda _: None)
+    code, result = run_json(capsys, "registry", "audit", "m", "--registry", str(tmp_path))
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "blobs").rglob("*") if p.is_file())
+    assert code == 0 and result["history_bytes"] == on_disk > result["registry_bytes"]
 
 
 def test_impresslearn_cost_matches_the_paper_example():
