@@ -134,13 +134,18 @@ def test_a_generation_that_cannot_be_loaded_is_logged_with_what_is_served_instea
     assert "model 'm': generation 2 could not be loaded (still serving generation 1)" in caplog.text
 
 
+def _corrupt_mask(registry: Registry, task: int) -> tuple[Path, bytes]:
+    """Damage the mask blob of `task` of model m; return its file and the good bytes to restore."""
+    blob = Path(registry.blobs.describe(registry.manifest("m").task(task).parts["masks"].digest))
+    good = blob.read_bytes()
+    blob.write_bytes(b"corrupt")
+    return blob, good
+
+
 def test_a_task_that_failed_to_load_is_loaded_again_with_the_next_generation(tmp_path):
     """A task whose blob failed verification stayed out of service for the life of the process, even
     once the blob was restored and new generations were published (a new replica served it)."""
-    registry = train_model(tmp_path, "m", 1, TINY)
-    blob = Path(registry.blobs.describe(registry.manifest("m").task(0).parts["masks"].digest))
-    good = blob.read_bytes()
-    blob.write_bytes(b"corrupt")
+    blob, good = _corrupt_mask(train_model(tmp_path, "m", 1, TINY), 0)
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
     assert repository.get("m").tasks[0].error is not None
@@ -154,10 +159,7 @@ def test_an_explicit_load_brings_a_restored_task_back_into_service(tmp_path, cap
     """The DATA_LOSS message says to restore the blob, and RepositoryModelLoad is 'load or refresh
     now', yet a load of the generation served kept the task out of service until a new generation
     or a restart. A poll (nothing changed) still leaves it alone: it would re-read a bad blob each second."""
-    registry = train_model(tmp_path, "m", 2, TINY)
-    blob = Path(registry.blobs.describe(registry.manifest("m").task(1).parts["masks"].digest))
-    good = blob.read_bytes()
-    blob.write_bytes(b"corrupt")
+    blob, good = _corrupt_mask(train_model(tmp_path, "m", 2, TINY), 1)
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
     assert [t.entry.id for t in repository.get("m").out_of_service()] == [1]
