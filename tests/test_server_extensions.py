@@ -209,7 +209,8 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         train_model(tmp_path, "a", 2, TINY)
         train_model(tmp_path, "c", 1, TINY)
         wait_for(lambda: client.get_model_metadata("a").versions == ["2"], what="model a at generation 2")
-        states = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
+        index = lambda: {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}  # noqa: E731
+        states = wait_for(lambda: "c" in index() and index(), what="model c in the index (as of the last poll)")
         assert states["a"] == ("READY", "")
         for model in ("b", "c"):
             assert states[model] == ("UNLOADED", "not among the models this server was started with (--model)")
