@@ -15,6 +15,10 @@ class VersionNotLoaded(ModelNotFound):
     """The request names a model version (generation) that is not the one being served."""
 
 
+class ResponseTooLarge(MaskbankError):
+    """The answer to a request would exceed the largest message the server sends (--max-message-bytes)."""
+
+
 class Overloaded(MaskbankError):
     """The server cannot take or start the request in time: load, not a fault (logged in summary)."""
 

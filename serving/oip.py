@@ -163,7 +163,11 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     if not request.outputs:
         return [RequestedOutput(name) for name in OUTPUTS]
     if bad := [o.name for o in request.outputs if o.name not in OUTPUTS]:
-        raise InvalidRequest(f"unknown output(s) {bad}; the model's outputs are {list(OUTPUTS)}")
+        raise InvalidRequest(f"unknown output(s) {bad[:10]}; the model's outputs are {list(OUTPUTS)}")
+    names = [o.name for o in request.outputs]
+    if len(set(names)) < len(names):  # each would be a full copy: a small request could ask for gigabytes
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise InvalidRequest(f"output(s) {twice} requested more than once; name each output once")
     outputs = []
     for output in request.outputs:
         classes = _parameter_value(output.parameters["classification"]) if "classification" in output.parameters else 0

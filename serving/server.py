@@ -229,6 +229,7 @@ class InferenceServer:
             default_timeout_us=config.default_timeout_us,
             compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),
             priority_levels=config.priority_levels, default_priority_level=config.default_priority_level,
+            max_message_bytes=config.max_message_bytes,
         )
         self.health = health_aio.HealthServicer()
         self._credentials = None

@@ -19,7 +19,7 @@ from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
 from .compute_pool import ComputePool
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ResponseTooLarge
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
 from .snapshot import Snapshot
@@ -35,6 +35,7 @@ log = logging.getLogger("maskbank.serving")
 # costs more than it does. Bigger ones and task inference run on the compute pool, so that the loop
 # never blocks for long.
 INLINE_MACS = 1 << 24
+ENVELOPE_BYTES = 64 << 10  # room kept under --max-message-bytes (at most 1/16 of it) for what wraps an answer
 
 
 # The Triton protocol extensions this server implements, by Triton's names, for clients that check
@@ -54,8 +55,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
                  backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
                  default_timeout_us: int = 0, compute: ComputePool, priority_levels: int = 0,
-                 default_priority_level: int = 0):
+                 default_priority_level: int = 0, max_message_bytes: int = 64 << 20):
         self.repository = repository
+        # gRPC's send limit, less room for what wraps an answer: a larger answer is refused, not sent
+        self.max_answer_bytes = max_message_bytes - min(ENVELOPE_BYTES, max_message_bytes // 16)
+        self.max_message_bytes = max_message_bytes
         self.backend = backend or PyTorchBackend()
         self.platform = f"maskbank_{self.backend.name}"  # ModelMetadata / ModelConfig platform
         self.statistics = statistics
@@ -235,7 +239,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             expires = None if timeout is None else arrived + timeout
             result = await asyncio.wrap_future(self.compute.submit_at(
                 self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout)))
-        return self._response(request, result, outputs, selection.scores), result
+        response = self._response(request, result, outputs, selection.scores)
+        self._check_size(response)
+        return response, result
+
+    def _check_size(self, response: pb.ModelInferResponse) -> None:
+        """ResponseTooLarge (RESOURCE_EXHAUSTED, a failure of this request) unless `response` fits the
+        server's send limit with room for its envelope (a stream's or InferTask's): gRPC itself would
+        fail the call after the answer was counted a success, end a whole stream, and log a traceback.
+        The raw outputs and the task scores are the bulk of an answer: the exact size is computed only
+        when there are scores or the raw outputs come near the limit."""
+        if sum(map(len, response.raw_output_contents)) > self.max_answer_bytes // 2 or "task_scores" in response.parameters:
+            size = response.ByteSize()
+            if size > self.max_answer_bytes:
+                raise ResponseTooLarge(
+                    f"the answer would be {size:,} bytes, more than this server sends in one message "
+                    f"({self.max_answer_bytes:,}: --max-message-bytes {self.max_message_bytes:,}, less room for "
+                    "its envelope): send fewer rows per request, or ask for fewer classes (class_count)")
 
     def _default_mode(self, snapshot: Snapshot) -> str:
         """The server's default task inference for `snapshot`, or exhaustive where it cannot run

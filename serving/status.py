@@ -16,7 +16,7 @@ import torch
 
 from registry import errors as reg
 
-from .errors import InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ServerBusy
+from .errors import InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ResponseTooLarge, ServerBusy
 from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving")
@@ -36,6 +36,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ServerBusy, grpc.StatusCode.UNAVAILABLE),
     (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (reg.PublishConflict, grpc.StatusCode.ABORTED),
     (reg.MaskbankError, grpc.StatusCode.FAILED_PRECONDITION),
 )

@@ -478,3 +478,24 @@ def test_error_answers_are_logged_in_summary_not_one_line_each(caplog):
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert info == ["1 SummaryTestCall -> NOT_FOUND answer(s) so far; the latest: no model named 'x0'"]
     assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 20
+
+
+def test_an_answer_larger_than_the_server_sends_is_a_failure_of_that_request(tmp_path):
+    """gRPC refused to send it after the servicer had counted a success, ended a whole stream with it,
+    and logged a traceback each time. The servicer now refuses it as RESOURCE_EXHAUSTED, itself."""
+    from serving._proto import pb
+    from serving.errors import ResponseTooLarge
+    from serving.status import status_code
+
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1, max_message_bytes=64 << 10))
+    servicer = server.servicer
+    assert servicer.max_answer_bytes == (64 << 10) - 4096  # a sixteenth kept for the envelope, at most 64 KiB
+    fits = pb.ModelInferResponse(raw_output_contents=[b"\0" * (servicer.max_answer_bytes * 9 // 10)])
+    servicer._check_size(fits)
+    for large in (pb.ModelInferResponse(raw_output_contents=[b"\0" * servicer.max_answer_bytes]),
+                  pb.ModelInferResponse(parameters={"task_scores": pb.InferParameter(string_param="{" + " " * 70000 + "}")})):
+        with pytest.raises(ResponseTooLarge, match=r"the answer would be [\d,]+ bytes, more than this server sends in "
+                                                   r"one message \(61,440: --max-message-bytes 65,536, less room for its "
+                                                   r"envelope\): send fewer rows per request") as info:
+            servicer._check_size(large)
+        assert status_code(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED

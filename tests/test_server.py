@@ -289,6 +289,19 @@ def test_unknown_version_and_unknown_output(live):
         live.client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("probs")], parameters={"task_id": 0})
 
 
+def test_an_output_named_twice_is_refused(live):
+    """Each name got a full copy of the output: 200,000 'logits' in a 2 MB request made a 516 MB answer,
+    held every client for seconds while it was built, and then failed in gRPC, counted a success."""
+    inp = triton.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(GOOD[:1])
+    twice = [triton.InferRequestedOutput("logits"), triton.InferRequestedOutput("task_id"),
+             triton.InferRequestedOutput("logits")]
+    with pytest.raises(InferenceServerException, match=r"output\(s\) \['logits'\] requested more than once; name "
+                                                       r"each output once") as info:
+        live.client.infer(MODEL, [inp], outputs=twice, parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
 def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
     registry = train_model(tmp_path, "m", 2, TINY)
     ref = registry.manifest("m").task(1).parts["masks"]
