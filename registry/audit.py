@@ -136,7 +136,7 @@ def audit(registry: Registry, model: str) -> ModelAudit:
 def _history_bytes(registry: Registry, model: str) -> int:
     """Bytes of the distinct blobs any generation of `model` references: more than the newest one's
     where a generation replaced a shared part (ImpressLearn's basis masks), since `registry gc` keeps
-    every generation's blobs."""
+    every generation's blobs. Reads every generation's manifest, as verify and gc do."""
     blobs = {ref.digest: ref.size for g in registry.generations(model) for ref in registry.manifest(model, g).blob_refs()}
     return sum(blobs.values())
 

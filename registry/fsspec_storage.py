@@ -38,7 +38,7 @@ Creator = Callable[[AbstractFileSystem, str, bytes], bool]
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # schemes whose URL starts with a bucket/container
 _MEMORY_LOCK = threading.Lock()  # one per process: so is the memory filesystem
 _CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing write is in flight
-S3FS_TRIES = 2
+S3FS_TRIES = 2  # s3fs's own tries of a call (_s3_options)
 S3_TIMEOUTS = {"connect_timeout": ("MASKBANK_S3_CONNECT_TIMEOUT", 5.0), "read_timeout": ("MASKBANK_S3_READ_TIMEOUT", 5.0)}
 
 

@@ -108,7 +108,8 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
                for k, v in given.items() if stored[k] != v]
-    clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} (model has {stored['method_config'].get(k)!r})"  # valid for every option
+    clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
+                f"(model has {stored['method_config'].get(k)!r})"
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
     if clashes:
         raise TrainingError(
