@@ -138,6 +138,14 @@ def test_an_option_that_would_do_nothing_is_refused_in_one_line_before_any_work(
     assert not any(tmp_path.iterdir())
     assert get_method("supsup", mask="sign").config.density == 0.5
     assert get_method("supsup", mask="topk", density=0.2).config.density == 0.2
+    # without --density a sign model trains and appends: its stored settings hold the default density
+    train = ["train", "--registry", "reg", "--model", "m", "--arch", '{"arch": "mlp", "sizes": [64, 32, 10]}']
+    assert main([*train, "--method", "supsup", "--stream", "permuted-digits", "--mask", "sign", "--epochs", "1",
+                 "--tasks", "1"]) == 0
+    assert main([*train, "--tasks", "2"]) == 0
+    assert main([*train, "--tasks", "3", "--density", "0.5"]) == 2  # same as stored, yet does nothing
+    assert "option 'density' has no effect with mask='sign'" in capsys.readouterr().err
+    assert len(Registry(tmp_path / "reg").manifest("m").tasks) == 2
 
 
 def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():

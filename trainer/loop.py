@@ -33,7 +33,7 @@ from registry.errors import MaskbankError
 
 from . import metrics
 from .fit import TrainingDiverged
-from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method
+from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method, refuse_inert
 from .streams import TaskData, TaskStream, get_stream, reads_files
 
 BACKBONE_VERSION = "1"
@@ -96,6 +96,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
                 raise TrainingError(f"--{required} is required to create a new model")
         stream = get_stream(given["stream"], given.get("seed", 0), data_root)
         method = get_method(given["method"], **config_given)
+        refuse_inert(method, config_given)
         return TrainSettings(
             method=method.name,
             stream=stream.name,
@@ -106,6 +107,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
         )
     stored = manifest.training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
+    refuse_inert(get_method(stored["method"], **{**stored["method_config"], **config_given}), config_given)
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
                for k, v in given.items() if stored[k] != v]
     clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)

@@ -15,7 +15,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -151,15 +151,20 @@ def get_method(name: str, **config: Any) -> Method:
     hints = typing.get_type_hints(cls.Config)
     typed = {k: _typed(name, k, hints.get(k), v) for k, v in overrides.items()}
     try:
-        config = cls.Config(**typed)
+        return cls(cls.Config(**typed))
     except ValueError as error:  # a Config's own range checks (its __post_init__)
         raise MaskbankError(f"method '{name}': {error}") from error
-    for key in typed:  # an option given where the config's other choices make it do nothing: say so, not ignore it
-        for other, value, why in getattr(cls.Config, "INERT", {}).get(key, ()):
-            if getattr(config, other) == value:
-                raise MaskbankError(f"method '{name}': option '{key}' has no effect with {other}={value!r} ({why}); "
-                                    f"omit it")
-    return cls(config)
+
+
+def refuse_inert(method: Method, given: Iterable[str]) -> None:
+    """MaskbankError if an option a user gave (`given`: their names) does nothing under `method`'s
+    config (its Config's INERT: `--density` with `--mask sign`), rather than ignore it. Only for what
+    a user gave: a model's stored settings hold every option, its defaults included."""
+    for key in given:
+        for other, value, why in getattr(type(method.config), "INERT", {}).get(key, ()):
+            if getattr(method.config, other) == value:
+                raise MaskbankError(f"method '{method.name}': option '{key}' has no effect with {other}={value!r} "
+                                    f"({why}); omit it")
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}

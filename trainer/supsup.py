@@ -154,7 +154,7 @@ class SupSupConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    # options that do nothing under another option's value (get_method refuses them given there)
+    # options that do nothing under another option's value (trainer.refuse_inert refuses them when given)
     INERT: ClassVar[dict] = {"density": [("mask", "sign", "a sign mask keeps the weights whose score is >= 0")]}
 
     def __post_init__(self):
