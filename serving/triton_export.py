@@ -68,9 +68,11 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
     the model directories. Every ONNX file passes onnx.checker before it is written.
 
-    The models are written into a staging folder beside `repo` (the same file system) and moved in
-    only once every one is written: an export that fails (a corrupt blob, Ctrl-C) adds nothing to the
-    repository, where Triton would load the tasks written before the failure as if they were all."""
+    Each model's new version is written into a staging folder inside its model directory (a name
+    that is not a number: Triton ignores it) and renamed into place, with its config, only once every
+    model is written: an export that fails (a corrupt blob, Ctrl-C) adds no version and no config to
+    the repository, where Triton would load the tasks written before the failure as if they were all.
+    Staging beside the model keeps the rename on one file system (a repository is often a mount)."""
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
         raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
     repo = Path(repo)
@@ -79,30 +81,44 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
+    version = str(manifest.generation)
+    staged: list[tuple[Path, Path]] = []  # (model directory, its staging folder)
+    created: list[Path] = []  # model directories this export made
     try:
-        names = []
         for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
             name = triton_model_name(manifest.model, entry)
-            version = staging / name / str(manifest.generation)
-            version.mkdir(parents=True)
-            save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes), version / MODEL_FILE)
+            directory = repo / name
+            if not directory.exists():
+                directory.mkdir(parents=True)
+                created.append(directory)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory))
+            staged.append((directory, staging))
+            (staging / version).mkdir()
+            save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes), staging / version / MODEL_FILE)
             config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
-            (staging / name / CONFIG).write_text(text_format.MessageToString(config))
-            names.append(name)
-        return [_move_in(staging / name, repo / name, str(manifest.generation)) for name in names]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            (staging / CONFIG).write_text(text_format.MessageToString(config))
+        for directory, staging in staged:
+            _move_in(staging, directory, version)
+        return [directory for directory, _ in staged]
+    except BaseException:
+        for directory, staging in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:
+            if not any(directory.iterdir()):
+                directory.rmdir()
+        raise
 
 
-def _move_in(staged: Path, directory: Path, version: str) -> Path:
-    """Move a staged model's version folder into `directory` (replacing that version if it was
-    exported before; other versions stay, and Triton serves the newest by default), then its config."""
-    directory.mkdir(exist_ok=True)
+STAGING = ".staging-"  # prefix of the folder in a model directory an export writes a version into
+
+
+def _move_in(staging: Path, directory: Path, version: str) -> None:
+    """Rename a staged version into `directory` (replacing that version if it was exported before;
+    other versions stay, and Triton serves the newest by default), then its config, and drop the
+    staging folder."""
     target = directory / version
     if target.exists():
         shutil.rmtree(target)
-    (staged / version).rename(target)
-    (staged / CONFIG).replace(directory / CONFIG)
-    return directory
+    (staging / version).rename(target)
+    (staging / CONFIG).replace(directory / CONFIG)
+    staging.rmdir()

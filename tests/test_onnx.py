@@ -284,6 +284,12 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
         export_triton(copy, "m", repo)
     assert [p.name for p in repo.iterdir()] == ["other-model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg", "repo"]  # no staging folder left
+    export_triton(copy, "m", repo, [0])  # an earlier export of task 0: a failed one leaves it as it was
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    with pytest.raises(BlobCorrupt):
+        export_triton(copy, "m", repo)
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in repo.iterdir()) == ["m.task-0", "other-model"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile is a file, not a folder"):
         export_triton(copy, "m", tmp_path / "afile")
