@@ -1,5 +1,6 @@
 """`python -m maskbank` and the `maskbank` command. Ctrl-C while the command starts (importing
-PyTorch takes seconds) stops it as it does later, with status 130 and no traceback."""
+PyTorch and building the parser, which imports every method, take seconds) stops it as it does
+later, with status 130 and no traceback."""
 
 import sys
 
@@ -7,10 +8,11 @@ import sys
 def run() -> int:
     try:
         from .cli import main
-    except KeyboardInterrupt:
+
+        return main()
+    except KeyboardInterrupt:  # before the command ran (which says how it was stopped itself)
         print("\nmaskbank: interrupted", file=sys.stderr)
         return 130
-    return main()
 
 
 if __name__ == "__main__":

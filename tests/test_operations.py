@@ -455,6 +455,10 @@ raise SystemExit(run())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "\nmaskbank: interrupted\n")
+    later = script.replace('"maskbank.cli"', '"trainer.spg"')  # while the parser imports the methods
+    done = subprocess.run([sys.executable, "-c", later, "report", "m", "--registry", "nowhere"], capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "\nmaskbank: interrupted\n")
 
 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path):
