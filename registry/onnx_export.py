@@ -223,16 +223,21 @@ def _commit(out: Path, staging: Path, index: dict[str, Any], earlier: set[str]) 
     export.json (no reader takes a mix of two exports for one) and the new index waits under
     COMMITTING, by which a re-export recognises the folder if this one is killed."""
     pending = out / COMMITTING
-    pending.write_text(json.dumps(index, indent=2))
+    stale = sorted(earlier - {task["file"] for task in index["tasks"]})
+    # the earlier export's files this one drops, listed too: a re-export that takes over after a kill removes them
+    pending.write_text(json.dumps({**index, "replaces": stale}, indent=2))
     (out / INDEX).unlink(missing_ok=True)
     for path in sorted(staging.rglob("*")):
         if path.is_file():
             target = out / path.relative_to(staging)
             target.parent.mkdir(parents=True, exist_ok=True)
             path.replace(target)
-    for stale in earlier - {task["file"] for task in index["tasks"]}:
-        (out / stale).unlink(missing_ok=True)
-    pending.replace(out / INDEX)  # atomic: the index a reader finds lists files that are all in place
+    for file in stale:
+        (out / file).unlink(missing_ok=True)
+    written = out / f"{INDEX}.partial"
+    written.write_text(json.dumps(index, indent=2))
+    written.replace(out / INDEX)  # atomic, and last: a reader finds export.json once its files are in place
+    pending.unlink()
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -276,7 +281,8 @@ def _earlier_export(out: Path, model: str) -> set[str]:
         if index.is_file():
             try:
                 earlier = json.loads(index.read_text())
-                owner, files = earlier["model"], {task["file"] for task in earlier["tasks"]}
+                owner = earlier["model"]
+                files = {task["file"] for task in earlier["tasks"]} | set(earlier.get("replaces", ()))
             except (ValueError, KeyError, TypeError) as error:
                 raise ExportError(f"{out} has an unreadable {index.name} ({error}): export into another folder, "
                                   "or remove this one first") from None

@@ -236,12 +236,15 @@ def test_an_export_killed_while_moving_its_files_is_taken_up_by_the_next(bn_regi
     from registry.onnx_export import COMMITTING, INDEX
 
     out = tmp_path / "out"
-    export_onnx(bn_registry, "m", out)
-    (out / INDEX).rename(out / COMMITTING)  # as a kill mid-commit leaves it
+    export_onnx(bn_registry, "m", out, [0], layout="self-contained")
+    index = json.loads((out / INDEX).read_text())  # a re-export of task 1 alone, killed mid-commit, leaves:
+    (out / COMMITTING).write_text(json.dumps({**index, "tasks": [], "replaces": ["tasks/0.onnx"]}))
+    (out / INDEX).unlink()
     (out / ".staging-x").mkdir()  # and a staging folder of a kill while writing
     index = json.loads(export_onnx(bn_registry, "m", out, ["perm-1"]).read_text())
     assert [t["file"] for t in index["tasks"]] == ["tasks/1.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "export.json", "tasks"]
+    assert [p.name for p in (out / "tasks").iterdir()] == ["1.safetensors"]  # the file it was replacing: gone
 
 
 def _umask() -> int:
