@@ -136,7 +136,8 @@ def _method_defaults_text() -> str:
 
     lines = ["defaults of each method's options (the flags above, or --set KEY=VALUE for any):"]
     for name in method_names():
-        options = " ".join(f"{key}={value}" for key, value in method_defaults(name).items())
+        options = " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"  # as --set reads it
+                           for key, value in method_defaults(name).items())
         lines.append(textwrap.fill(options, 100, initial_indent=f"  {name}: ", subsequent_indent="      "))
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 
 FORMATS = ("text", "json")
@@ -60,6 +61,15 @@ def configure(log_format: str, level: str | int | None = None) -> None:
     logging.captureWarnings(log_format == "json")
 
 
+_FLOOD_LOGS: "weakref.WeakSet[FloodLog]" = weakref.WeakSet()
+
+
+def flush_flood_logs() -> None:
+    """Write what every FloodLog holds back (at a server's stop)."""
+    for flood in list(_FLOOD_LOGS):
+        flood.flush()
+
+
 class FloodLog:
     """For events that come in floods when they come (requests refused or dropped under overload): a
     warning at the first, then at most one line every FLOOD_LOG_SECONDS with the count since the
@@ -70,6 +80,7 @@ class FloodLog:
     def __init__(self, logger: logging.Logger, level: int = logging.WARNING):
         self._logger = logger
         self._level = level
+        _FLOOD_LOGS.add(self)
         self._lock = threading.Lock()
         self._count = 0  # events so far
         self._logged = (float("-inf"), 0)  # when the last line was written, and `_count` then
@@ -99,6 +110,14 @@ class FloodLog:
             events = self._count - count
         since = "since the last such line" if count else "so far"
         self._logger.log(self._level, template.replace("{since}", since), events, *args, extra=extra)
+
+    def flush(self) -> None:
+        """Write the events held back now (a server stopping: its daemon timer would not run)."""
+        with self._lock:
+            timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._write_held_back()
 
     def _write_held_back(self) -> None:
         """The timer's line: the events since the last line, if any came after it."""

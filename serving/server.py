@@ -30,6 +30,7 @@ from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
 from .compute_pool import ComputePool
+from .logs import flush_flood_logs
 from .maskbank_servicer import MaskbankServicer
 from .metrics import MetricsServer
 from .repository import ModelRepository
@@ -368,6 +369,7 @@ class InferenceServer:
         self.servicer.compute.shutdown()
         self.repository.close()
         self.metrics.stop()  # last: metrics stay scrapable while calls drain
+        flush_flood_logs()  # the counts of refusals and error answers held back for their next summary line
         log.info("stopped")
 
     async def _drain(self) -> None:

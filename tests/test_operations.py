@@ -503,3 +503,20 @@ def test_an_answer_larger_than_the_server_sends_is_a_failure_of_that_request(tmp
                                                    r"envelope\): send fewer rows per request") as info:
             servicer._check_size(large)
         assert status_code(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_stopping_server_writes_the_counts_its_summaries_held_back(tmp_path, caplog):
+    """The counts after a summary line waited on a daemon timer for the period's end: a server that
+    stopped within it never wrote them."""
+    from registry import ModelNotFound
+    from serving.status import abort_details
+
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1))
+    server.start()
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        for n in range(3):
+            abort_details("FlushTestCall", ModelNotFound(f"no model named 'x{n}'"))
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if "FlushTestCall" in r.getMessage()] == [
+        "1 FlushTestCall -> NOT_FOUND answer(s) so far; the latest: no model named 'x0'",
+        "2 FlushTestCall -> NOT_FOUND answer(s) since the last such line; the latest: no model named 'x2'"]
