@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import textwrap
@@ -501,12 +502,26 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(args)
         sys.stdout.flush()  # here, so that a reader gone (`| head`) is seen below, not at interpreter exit
         return code
-    except BrokenPipeError:  # `maskbank report m | head`: the reader took what it wanted and left
+    except BrokenPipeError as error:
+        if not _reader_gone():  # a pipe of something else broke: the command failed
+            print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        # `maskbank report m | head`: the reader took what it wanted and left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 128 + signal.SIGPIPE  # as a shell tool killed by SIGPIPE, silently
     finally:
         if terminate is not None:
             signal.signal(signal.SIGTERM, terminate)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is no file
+        return True
 
 
 def _run(args) -> int:

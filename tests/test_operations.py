@@ -520,3 +520,18 @@ def test_a_stopping_server_writes_the_counts_its_summaries_held_back(tmp_path, c
     assert [r.getMessage() for r in caplog.records if "FlushTestCall" in r.getMessage()] == [
         "1 FlushTestCall -> NOT_FOUND answer(s) so far; the latest: no model named 'x0'",
         "2 FlushTestCall -> NOT_FOUND answer(s) since the last such line; the latest: no model named 'x2'"]
+
+
+def test_only_a_gone_reader_of_standard_output_is_a_quiet_stop(monkeypatch):
+    """A broken pipe elsewhere (not standard output's reader leaving) is an error of the command."""
+    import os
+
+    from maskbank.cli import _reader_gone
+
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert not _reader_gone()
+        os.close(read)
+        assert _reader_gone()
+        monkeypatch.undo()
