@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError as error:
         if not _reader_gone():  # a pipe of something else broke: the command failed
-            print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
+            print(f"{_command(args)}: error: {error}", file=sys.stderr)
             return 1
         # `maskbank report m | head`: the reader took what it wanted and left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
@@ -512,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if terminate is not None:
             signal.signal(signal.SIGTERM, terminate)
+
+
+def _command(args) -> str:
+    """The command as its messages name it, with its action (`maskbank registry audit`), as argparse does."""
+    action = getattr(args, "registry_command", None) or getattr(args, "export_command", None)
+    return f"maskbank {args.command}" + (f" {action}" if action else "")
 
 
 def _reader_gone() -> bool:
@@ -536,15 +542,15 @@ def _run(args) -> int:
             return run_export_command(args)
         {"train": _train, "serve": _serve, "demo": _demo, "report": _report}[args.command](args)
     except MaskbankError as error:
-        print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
+        print(f"{_command(args)}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise  # not an error of the command's: main() ends quietly
     except OSError as error:  # a file that cannot be written or read, a port taken: the system's words suffice
-        print(f"maskbank {args.command}: error: {error}", file=sys.stderr)
+        print(f"{_command(args)}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the shell's convention, without a traceback
-        print(f"\nmaskbank {args.command}: {_stopped_by(interrupt)}", file=sys.stderr)
+        print(f"\n{_command(args)}: {_stopped_by(interrupt)}", file=sys.stderr)
         return _interrupted_status(interrupt)
     return 0
 

@@ -220,7 +220,7 @@ def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_regis
     missing = str(tmp_path / "typo")
     for action in ("ls", "verify", "gc"):
         assert main(["registry", action, "--registry", missing]) == 2
-        assert f"maskbank registry: error: no registry at {missing}: the directory does not exist" in capsys.readouterr().err
+        assert f"maskbank registry {action}: error: no registry at {missing}: the directory does not exist" in capsys.readouterr().err
     for command in (["report", "m"], ["export", "onnx", "m", "--out", str(tmp_path / "out")]):  # not "no model 'm'"
         assert main([*command, "--registry", missing]) == 2
         assert f"error: no registry at {missing}: the directory does not exist" in capsys.readouterr().err

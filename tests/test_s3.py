@@ -227,7 +227,7 @@ def test_a_registry_url_that_cannot_be_opened_or_reached_is_a_registry_error(s3_
             assert main(["registry", "ls", "--registry", s3_url]) == 2
         finally:
             S3FileSystem.clear_instance_cache()
-    assert (f"maskbank registry: error: cannot reach registry {s3_url}: NoCredentialsError: Unable to locate "
+    assert (f"maskbank registry ls: error: cannot reach registry {s3_url}: NoCredentialsError: Unable to locate "
             "credentials") in capsys.readouterr().err
 
 
@@ -267,7 +267,7 @@ def test_a_stalled_store_is_an_error_naming_the_registry_within_its_timeouts(sta
         Registry(stalled_endpoint).list_models()
     assert time.monotonic() - began < 30
     assert main(["registry", "ls", "--registry", stalled_endpoint]) == 2
-    assert f"maskbank registry: error: cannot reach registry {stalled_endpoint}: ReadTimeoutError" in capsys.readouterr().err
+    assert f"maskbank registry ls: error: cannot reach registry {stalled_endpoint}: ReadTimeoutError" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variable, value, message", [
