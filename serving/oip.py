@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -164,9 +165,9 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
         return [RequestedOutput(name) for name in OUTPUTS]
     if bad := [o.name for o in request.outputs if o.name not in OUTPUTS]:
         raise InvalidRequest(f"unknown output(s) {bad[:10]}; the model's outputs are {list(OUTPUTS)}")
-    names = [o.name for o in request.outputs]
-    if len(set(names)) < len(names):  # each would be a full copy: a small request could ask for gigabytes
-        twice = sorted({name for name in names if names.count(name) > 1})
+    named = Counter(o.name for o in request.outputs)
+    if len(named) < len(request.outputs):  # each name would get a full copy: a small request could ask for gigabytes
+        twice = sorted(name for name, count in named.items() if count > 1)
         raise InvalidRequest(f"output(s) {twice} requested more than once; name each output once")
     outputs = []
     for output in request.outputs:
