@@ -503,11 +503,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, so that a reader gone (`| head`) is seen below, not at interpreter exit
         return code
     except BrokenPipeError as error:
-        if not _reader_gone():  # a pipe of something else broke: the command failed
+        gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]
+        if not gone:  # a pipe of something else broke: the command failed
             print(f"{_command(args)}: error: {error}", file=sys.stderr)
             return 1
-        # `maskbank report m | head`: the reader took what it wanted and left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        # `maskbank report m | head`: the reader took what it wanted and left (of stdout, or of stderr)
+        for stream in gone:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # nothing more to flush at exit
         return 128 + signal.SIGPIPE  # as a shell tool killed by SIGPIPE, silently
     finally:
         if terminate is not None:
@@ -520,13 +522,14 @@ def _command(args) -> str:
     return f"maskbank {args.command}" + (f" {action}" if action else "")
 
 
-def _reader_gone() -> bool:
-    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe or socket whose reader has closed it (poll reports an error, or for a
+    socket a hang-up, on it)."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is no file
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or the stream is no file
         return True
 
 

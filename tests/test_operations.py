@@ -522,7 +522,7 @@ def test_a_stopping_server_writes_the_counts_its_summaries_held_back(tmp_path, c
         "2 FlushTestCall -> NOT_FOUND answer(s) since the last such line; the latest: no model named 'x2'"]
 
 
-def test_only_a_gone_reader_of_standard_output_is_a_quiet_stop(monkeypatch):
+def test_only_a_gone_reader_of_standard_output_is_a_quiet_stop():
     """A broken pipe elsewhere (not standard output's reader leaving) is an error of the command."""
     import os
 
@@ -530,8 +530,22 @@ def test_only_a_gone_reader_of_standard_output_is_a_quiet_stop(monkeypatch):
 
     read, write = os.pipe()
     with os.fdopen(write, "w") as out:
-        monkeypatch.setattr(sys, "stdout", out)
-        assert not _reader_gone()
+        assert not _reader_gone(out)
         os.close(read)
-        assert _reader_gone()
-        monkeypatch.undo()
+        assert _reader_gone(out)
+    import socket
+
+    mine, theirs = socket.socketpair()  # stdout a socket (a systemd journal stream, ssh): a hang-up once its peer closes
+    with mine, mine.makefile("w") as out:
+        assert not _reader_gone(out)
+        theirs.close()
+        assert _reader_gone(out)
+
+
+def test_a_reader_of_standard_error_that_leaves_early_is_no_error_either(tmp_path):
+    """`maskbank ... 2>&1 >/dev/null | true`: the error line itself met the broken pipe, and the command
+    ended with an uncaught exception and status 1, whatever it had done."""
+    child = subprocess.Popen([sys.executable, "-m", "maskbank", "report", "m", "--registry", str(tmp_path / "nowhere")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child.stderr.close()
+    assert child.wait(60) == 141

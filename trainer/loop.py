@@ -107,7 +107,6 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
         )
     stored = manifest.training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
-    refuse_inert(get_method(stored["method"], **{**stored["method_config"], **config_given}), config_given)
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
                for k, v in given.items() if stored[k] != v]
     clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
@@ -119,6 +118,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             f"ones so published tasks stay reproducible: {'; '.join(clashes)}. Omit these options, "
             "or train a new model with --model."
         )
+    refuse_inert(get_method(stored["method"], **stored["method_config"]), config_given)  # the model's, as given
     return TrainSettings(**{**stored, "data_root": data_root or stored.get("data_root")})
 
 
