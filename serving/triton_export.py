@@ -14,8 +14,12 @@ Task inference has no equivalent in Triton: the caller picks the task by picking
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -68,11 +72,12 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
     the model directories. Every ONNX file passes onnx.checker before it is written.
 
-    Each model's new version is written into a staging folder inside its model directory (a name
-    that is not a number: Triton ignores it) and renamed into place, with its config, only once every
-    model is written: an export that fails (a corrupt blob, Ctrl-C) adds no version and no config to
-    the repository, where Triton would load the tasks written before the failure as if they were all.
-    Staging beside the model keeps the rename on one file system (a repository is often a mount)."""
+    Nothing Triton would load appears before every model is written: a model already in `repo` gets
+    its new version staged inside its own directory (under a name that is not a number, which Triton
+    ignores), a new model is staged whole outside `repo`; all are then moved in at once, with Ctrl-C
+    and SIGTERM held off meanwhile. So an export that fails (a corrupt blob, Ctrl-C) adds nothing, where
+    Triton would have loaded the tasks written before the failure as if they were the model. Two
+    exports into one repository at the same time are not supported."""
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
         raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
     repo = Path(repo)
@@ -82,43 +87,72 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
     version = str(manifest.generation)
-    staged: list[tuple[Path, Path]] = []  # (model directory, its staging folder)
-    created: list[Path] = []  # model directories this export made
+    repo.mkdir(parents=True, exist_ok=True)
+    outside = _staging_outside(repo)
+    staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
     try:
         for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
             name = triton_model_name(manifest.model, entry)
             directory = repo / name
-            if not directory.exists():
-                directory.mkdir(parents=True)
-                created.append(directory)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory))
+            for leftover in directory.glob(f"{STAGING}*"):  # of an export killed midway
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory)) if directory.is_dir() else outside / name
             staged.append((directory, staging))
-            (staging / version).mkdir()
+            (staging / version).mkdir(parents=True)
             save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes), staging / version / MODEL_FILE)
             config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
             (staging / CONFIG).write_text(text_format.MessageToString(config))
-        for directory, staging in staged:
-            _move_in(staging, directory, version)
+        with _signals_held():
+            for directory, staging in staged:
+                _move_in(staging, directory, version)
         return [directory for directory, _ in staged]
-    except BaseException:
+    finally:
         for directory, staging in staged:
-            shutil.rmtree(staging, ignore_errors=True)
-        for directory in created:
-            if not any(directory.iterdir()):
-                directory.rmdir()
-        raise
+            if staging.parent == directory:
+                shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 STAGING = ".staging-"  # prefix of the folder in a model directory an export writes a version into
 
 
+def _staging_outside(repo: Path) -> Path:
+    """A new folder for staging new models outside `repo` (Triton loads every folder in it): beside it
+    when that is the same file system (moving in is then a rename), else in the system's temporary
+    folder (moving in then copies: a repository that is a mount point, a Docker volume)."""
+    parent = repo.resolve().parent
+    try:
+        if os.stat(parent).st_dev == os.stat(repo).st_dev:
+            return Path(tempfile.mkdtemp(prefix=f".{repo.resolve().name}{STAGING}", dir=parent))
+    except OSError:  # the parent cannot be read or written to: stage elsewhere
+        pass
+    return Path(tempfile.mkdtemp(prefix="maskbank-triton-staging-"))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (the moves into the repository), where the main
+    thread can block them: a model moved in without the others would be served as the whole model."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _move_in(staging: Path, directory: Path, version: str) -> None:
-    """Rename a staged version into `directory` (replacing that version if it was exported before;
-    other versions stay, and Triton serves the newest by default), then its config, and drop the
-    staging folder."""
+    """Move a staged model into the repository: a new model's folder whole (a rename, or a copy from
+    another file system), else its new version (replacing that version if it was exported before; other
+    versions stay, and Triton serves the newest by default), then its config."""
+    if not directory.exists():
+        shutil.move(staging, directory)
+        return
     target = directory / version
     if target.exists():
         shutil.rmtree(target)
     (staging / version).rename(target)
     (staging / CONFIG).replace(directory / CONFIG)
-    staging.rmdir()

@@ -293,6 +293,9 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
         export_triton(copy, "m", repo)
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in repo.iterdir()) == ["m.task-0", "other-model"]
+    (repo / "m.task-0" / ".staging-killed" / "2").mkdir(parents=True)  # as an export killed midway leaves it
+    export_triton(copy, "m", repo, [0])
+    assert sorted(p.name for p in (repo / "m.task-0").iterdir()) == ["2", "config.pbtxt"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile is a file, not a folder"):
         export_triton(copy, "m", tmp_path / "afile")
