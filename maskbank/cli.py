@@ -109,7 +109,8 @@ def _add_train(commands) -> None:
         "train", help="learn tasks one after another and publish each into a registry",
         description="Learn tasks until MODEL has --tasks of them, publishing a new registry generation after "
         "each. On an existing model this appends tasks with the model's stored settings; published tasks "
-        "are never retrained or changed.", epilog=_method_defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "are never retrained or changed.",
+        epilog=_method_defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--registry", required=True, help="registry directory (created if missing)")
     p.add_argument("--model", required=True, help="model name in the registry")
