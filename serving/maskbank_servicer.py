@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
@@ -11,7 +12,7 @@ from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .snapshot import LoadedTask, Snapshot
 
-WATCH_POLL_SECONDS = 1.0  # the longest a watch waits on its thread at a time
+WATCH_POLL_SECONDS = 1.0  # a watch also looks this often, whatever woke it
 
 
 def task_info(snapshot: Snapshot, task: LoadedTask) -> mb.TaskInfo:
@@ -30,6 +31,13 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
     def __init__(self, repository: ModelRepository, inference: InferenceServicer):
         self.repository = repository
         self.inference = inference
+        self._watchers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # one per open WatchModel
+        repository.add_listener(self._wake_watchers)
+
+    def _wake_watchers(self) -> None:
+        """The repository changed (any thread): every watch looks whether its model did."""
+        for loop, event in list(self._watchers):
+            loop.call_soon_threadsafe(event.set)
 
     def ListTasks(self, request, context):
         snapshot = self.repository.get(request.model)
@@ -52,17 +60,22 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
                                     backend=result.backend)
 
     async def WatchModel(self, request, context):
-        """The model's generation now, then each new one as it is served; NOT_FOUND once the model is
-        no longer served (unloaded, or gone from the registry). The wait for the next runs on a thread,
-        WATCH_POLL_SECONDS at a time; a client that goes away cancels the call there."""
+        """The model's snapshot now, then each one the server swaps in (a new generation, also a lower
+        one when the registry went back, or the same one loaded again); NOT_FOUND once the model is
+        unloaded. Woken by the repository on every change, on the event loop: no thread per watch (a
+        thread each, from asyncio's small default pool, delayed every watch beyond a handful)."""
         snapshot = self.repository.get(request.model)
-        while True:
-            yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation, tasks=len(snapshot.tasks),
-                                     task_names=[t.name for t in snapshot.manifest.tasks])
-            after = snapshot.generation
-            snapshot = None
-            while snapshot is None:
-                snapshot = await asyncio.to_thread(self.repository.wait_for_generation, request.model, after,
-                                                   WATCH_POLL_SECONDS)
-                if snapshot is None:  # unloaded or gone since: the watch ends NOT_FOUND, as a new one would
-                    self.repository.get(request.model)
+        watch = (asyncio.get_running_loop(), asyncio.Event())
+        self._watchers.add(watch)
+        try:
+            while True:
+                yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation,
+                                         tasks=len(snapshot.tasks), task_names=[t.name for t in snapshot.manifest.tasks])
+                while (current := self.repository.get(request.model)) is snapshot:  # NOT_FOUND ends the watch
+                    watch[1].clear()
+                    if self.repository.get(request.model) is snapshot:  # no change between the look and the clear
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(watch[1].wait(), WATCH_POLL_SECONDS)
+                snapshot = current
+        finally:
+            self._watchers.discard(watch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import torch
 
@@ -50,7 +51,7 @@ class ModelRepository:
         self._loading: set[str] = set()  # models a load() is bringing in now, not served yet
         self._only = None if only is None else set(only)  # the models this server follows, if not all
         self._refresh_lock = threading.Lock()
-        self._changed = threading.Condition()  # notified whenever a snapshot is swapped in
+        self._listeners: list[Callable[[], None]] = []  # called after every swap and unload (add_listener)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gone: list[str] = []  # served models the registry last listed without (warned about once)
@@ -108,7 +109,17 @@ class ModelRepository:
             self._load_errors.pop(model, None)
             if unloaded is not None:
                 unloaded.retire()
+        self._changed()
         log.info("unloaded model '%s'", model)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (in the thread that made the change; it must be quick) after every snapshot
+        swapped in and every unload: watchers look at what changed, rather than poll."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._listeners):
+            callback()
 
     def index(self) -> list[tuple[str, int, str, str]]:
         """(model, generation, state, reason) for every model of the registry or the server. From the
@@ -164,9 +175,8 @@ class ModelRepository:
                         log.error("model '%s': generation %s could not be loaded (%s): %s", model, latest, kept, error)
                     self._load_errors[model] = str(error)
                     continue
-                with self._changed:
-                    self._snapshots[model] = snapshot
-                    self._changed.notify_all()
+                self._snapshots[model] = snapshot
+                self._changed()
                 if current is not None:
                     current.retire()
                 self._load_errors.pop(model, None)
@@ -195,17 +205,6 @@ class ModelRepository:
     def _follows(self, model: str) -> bool:
         """Whether this server serves `model` when the registry has it (--model, or loaded since)."""
         return self._only is None or model in self._only
-
-    def wait_for_generation(self, model: str, after: int, timeout: float) -> Snapshot | None:
-        """The snapshot of `model` once its generation exceeds `after`; None if `timeout` passes first."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._generation(model) > after, timeout)
-        snapshot = self._snapshots.get(model)
-        return snapshot if snapshot is not None and snapshot.generation > after else None
-
-    def _generation(self, model: str) -> int:
-        snapshot = self._snapshots.get(model)
-        return snapshot.generation if snapshot is not None else 0
 
     def follow(self, interval: float) -> None:
         """Refresh every `interval` seconds in a daemon thread until `close()`."""

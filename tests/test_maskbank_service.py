@@ -100,3 +100,34 @@ def test_a_watch_ends_not_found_when_its_model_is_unloaded(tmp_path):
         with pytest.raises(grpc.RpcError) as info:
             next(stream)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'m'" in info.value.details()
+
+
+def test_every_watch_hears_of_a_change_however_many_are_open(tmp_path):
+    """Each watch waited on a thread of asyncio's default pool (6 on 2 cores): with 20 open, an unload
+    reached some seconds late, and an unload followed by a load reached some never. A generation
+    that went back (the registry restored from an older copy) was never reported either."""
+    import tritonclient.grpc as triton
+
+    train_model(tmp_path, "m", 2, TINY)
+    admin = {"authorization": "Bearer secret"}
+    with ServerProcess(tmp_path, "--admin-token", "secret", "--poll-interval", "0.2") as server, \
+            grpc.insecure_channel(server.url) as channel:
+        stub, client = mb_grpc.MaskbankStub(channel), triton.InferenceServerClient(server.url)
+        streams = [stub.WatchModel(mb.WatchModelRequest(model="m"), timeout=20) for _ in range(20)]
+        assert {next(stream).generation for stream in streams} == {2}
+        client.unload_model("m", headers=admin)
+        client.load_model("m", headers=admin)  # at once: a watch must not miss the unload in between
+        heard = []
+        for stream in streams:
+            try:
+                heard.append(next(stream).generation)  # the model as loaded again
+            except grpc.RpcError as error:
+                heard.append(error.code())
+        assert set(heard) <= {2, grpc.StatusCode.NOT_FOUND} and len(heard) == 20
+        watch = stub.WatchModel(mb.WatchModelRequest(model="m"), timeout=20)
+        assert next(watch).generation == 2
+        (tmp_path / "models" / "m" / "generations" / "0000000002.json").unlink()  # the registry goes back
+        back = next(watch)
+        assert (back.generation, back.tasks) == (1, 1)
+        watch.cancel()
+        client.close()
