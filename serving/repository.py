@@ -152,6 +152,8 @@ class ModelRepository:
             listed = self.registry.list_models() if models is None else models
             if models is None:
                 self._note_gone(listed)
+                for model in set(self._load_errors) - set(listed) - set(self._snapshots):  # gone: not "unavailable"
+                    del self._load_errors[model]
             published = dict.fromkeys(listed, True)  # models not followed count as published: index lists them
             for model in listed:
                 if model in self._unloaded or not self._follows(model):
@@ -197,7 +199,7 @@ class ModelRepository:
             log.warning("registry %s no longer lists model(s) %s (not reachable there, or deleted): still serving "
                         "the generation loaded of each until it is back or unloaded", self.registry.location,
                         ", ".join(map(repr, gone)))
-        back = sorted(set(self._gone) - set(gone))
+        back = sorted(set(self._gone) & set(listed))  # listed again (not: unloaded meanwhile)
         if back:
             log.info("registry %s lists model(s) %s again", self.registry.location, ", ".join(map(repr, back)))
         self._gone = gone

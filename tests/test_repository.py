@@ -5,12 +5,14 @@ not one per poll."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from registry import ModelNotFound, Registry
+from serving.errors import ModelUnavailable
 from serving.repository import ModelRepository
 
 from .conftest import TINY, train_model, wait_for
@@ -38,6 +40,34 @@ def test_models_that_vanish_from_the_registry_keep_serving_and_are_logged_once(t
         "generation loaded of each until it is back or unloaded",
         f"registry {location} lists model(s) 'm' again",
     ]
+
+
+def test_a_vanished_model_unloaded_is_not_said_to_be_back(tmp_path, caplog):
+    """Unloading a model the registry no longer lists logged that the registry lists it again."""
+    train_model(tmp_path, "m", 1, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    (tmp_path / "models" / "m").rename(tmp_path / "m-moved")
+    repository.refresh()
+    repository.unload("m")
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        repository.refresh()
+    assert not [m for m in messages(caplog) if "again" in m]
+
+
+def test_a_model_that_failed_to_load_and_is_gone_is_not_found(tmp_path):
+    """Its load error outlived it: requests were told it could not be loaded (UNAVAILABLE), not that
+    there is no such model."""
+    train_model(tmp_path, "m", 1, TINY)
+    (tmp_path / "models" / "m" / "generations" / "0000000001.json").write_text("{")
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    with pytest.raises(ModelUnavailable):
+        repository.get("m")
+    shutil.rmtree(tmp_path / "models" / "m")
+    repository.refresh()
+    with pytest.raises(ModelNotFound, match="no model named 'm' is served"):
+        repository.get("m")
 
 
 def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(tmp_path, caplog):
