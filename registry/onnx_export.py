@@ -214,7 +214,7 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     return out / INDEX
 
 
-STAGING = ".staging-"  # prefix of the folder inside `out` an export writes its files into
+STAGING = ".staging-"  # prefix of the folders exports write into before moving files in (ONNX and Triton)
 COMMITTING = INDEX + ".committing"  # the new index while files move into place (no export.json meanwhile)
 
 

@@ -71,11 +71,13 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
             while True:
                 yield mb.ModelGeneration(model=snapshot.model, generation=snapshot.generation,
                                          tasks=len(snapshot.tasks), task_names=[t.name for t in snapshot.manifest.tasks])
-                while (current := self.repository.get(request.model)) is snapshot:  # NOT_FOUND ends the watch
-                    watch[1].clear()
-                    if self.repository.get(request.model) is snapshot:  # no change between the look and the clear
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(watch[1].wait(), WATCH_POLL_SECONDS)
+                while True:
+                    watch[1].clear()  # before the look: a change after it sets the event again
+                    current = self.repository.get(request.model)  # NOT_FOUND ends the watch
+                    if current is not snapshot:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(watch[1].wait(), WATCH_POLL_SECONDS)
                 snapshot = current
         finally:
             self._watchers.discard(watch)

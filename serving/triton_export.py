@@ -32,6 +32,7 @@ from registry.progress import Progress, no_progress
 from registry.onnx_export import (
     INPUT,
     OUTPUT,
+    STAGING,
     architecture_graph,
     onnx_weights,
     save_checked,
@@ -111,9 +112,6 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
             if staging.parent == directory:
                 shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(outside, ignore_errors=True)
-
-
-STAGING = ".staging-"  # prefix of the folder in a model directory an export writes a version into
 
 
 def _staging_outside(repo: Path) -> Path:
