@@ -16,8 +16,8 @@ the median ratio with its min-max and the median seconds of each.
 
 Superposition (task inference by gradient, serving/superposition.py): the memory and latency of
 `oneshot`, `oneshot-input` and `binary` on the same snapshot, A = the [T, E] float matrix of the
-masks kept in a cache big enough for it, B = a cache that admits nothing (the default --cache-bytes
-cannot hold the matrix here), so the product is computed from the packed masks block by block;
+masks kept in a cache big enough for it, B = a cache that admits nothing (as a --cache-bytes below the
+matrix's 1.2 GB, like 256MiB, does), so the product is computed from the packed masks block by block;
 a batch of GN_BATCH random inputs, A B A B ... for REPEATS rounds after a warm-up.
 
 Reload while gradient modes are in use (a hot add): the snapshot of the last task's generation

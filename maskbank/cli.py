@@ -47,6 +47,23 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
+def cache_size(text: str) -> int | str:
+    """--cache-bytes: a size in bytes (as byte_size), or a share of memory like 25% (kept as text: the
+    server resolves it against the memory of the device it serves on)."""
+    if text.strip().endswith("%"):
+        from serving.memory import cache_share
+
+        try:
+            cache_share(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("--cache-bytes ")) from None
+        return text.strip()
+    try:
+        return byte_size(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}, nor a share of memory (like 25%)") from None
+
+
 def _architecture(text: str) -> dict:
     try:
         spec = json.loads(text)
@@ -197,9 +214,11 @@ def _add_serve(commands) -> None:
                    help="the ranking task-inference modes (oneshot, oneshot-input, binary, alpha) check their K "
                    "best-ranked tasks exactly by entropy: K more forwards for reliability (per request: parameter "
                    f"'task_shortlist'; default {d.task_shortlist}: the ranking alone)")
-    p.add_argument("--cache-bytes", type=byte_size, default=d.cache_bytes, metavar="SIZE",
-                   help="bound of the per-task effective-weight LRU cache, in bytes or with a unit like 512MiB "
-                   f"(default {d.cache_bytes >> 20}MiB); least recently used tasks are evicted and rebuilt on demand. "
+    p.add_argument("--cache-bytes", type=cache_size, default=d.cache_bytes, metavar="SIZE",
+                   help="bound of the per-task effective-weight LRU cache: bytes, with a unit like 512MiB, or a share "
+                   f"of memory like 50%% (default {d.cache_bytes.replace('%', '%%')}: of the container's memory limit, else "
+                   "the machine's memory; with --device cuda, of the GPU's memory). The cache holds only the tasks "
+                   "requests use; once full, least recently used tasks are evicted and rebuilt on demand. "
                    "It also holds the float mask matrix of the gradient task-inference modes when it fits (4 bytes "
                    "per weight and task); without it they compute from the bitpacked masks, 2-3x slower")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,

@@ -32,6 +32,7 @@ from .backends import BACKENDS, create_backend
 from .compute_pool import ComputePool
 from .logs import flush_flood_logs
 from .maskbank_servicer import MaskbankServicer
+from .memory import DEFAULT_CACHE_SHARE, cache_bytes, cache_share
 from .metrics import MetricsServer
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -59,7 +60,8 @@ class ServerConfig:
     poll_interval: float = 1.0  # seconds between registry checks for new generations
     task_inference: str = "exhaustive"  # default GN mode when a request names no task
     task_shortlist: int = 1  # default `task_shortlist` of the gradient GN modes (candidates checked by entropy)
-    cache_bytes: int = 256 << 20  # bound of the effective-weight LRU cache
+    # bound of the effective-weight LRU cache: bytes, or a share of the memory the weights live in (serving/memory.py)
+    cache_bytes: int | str = DEFAULT_CACHE_SHARE
     workers: int = 8  # threads for the RPCs that are not coroutines (gRPC's migration thread pool)
     torch_threads: int | None = None  # intra-op threads for inference, torch's and ONNX Runtime's (default: theirs)
     backend: str = "pytorch"  # what runs forwards: pytorch or onnxruntime (gradient-based GN always runs on pytorch)
@@ -111,7 +113,8 @@ class ServerConfig:
                              f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}; a bare number is bytes: "
                              "give a unit, like 16MiB")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
-                                   ("--max-batch-size", self.max_batch_size, 1), ("--cache-bytes", self.cache_bytes, 0),
+                                   ("--max-batch-size", self.max_batch_size, 1),
+                                   ("--cache-bytes", self.cache_bytes if isinstance(self.cache_bytes, int) else 0, 0),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--max-queue-size", self.max_queue_size, 0),
                                    ("--default-timeout-us", self.default_timeout_us, 0),
@@ -119,6 +122,8 @@ class ServerConfig:
                                    ("--priority-levels", self.priority_levels, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if isinstance(self.cache_bytes, str):
+            cache_share(self.cache_bytes)
         if not 0 <= self.default_priority_level <= self.priority_levels:
             raise ValueError(f"--default-priority-level must be from 1 to --priority-levels ({self.priority_levels}), "
                              f"got {self.default_priority_level}" if self.priority_levels else
@@ -217,7 +222,8 @@ class InferenceServer:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.repository = ModelRepository(Registry(config.registry), config.cache_bytes,
+        self.cache_bytes, self._cache_bound = cache_bytes(config.cache_bytes, check_device(config.device))
+        self.repository = ModelRepository(Registry(config.registry), self.cache_bytes,
                                           gradients=needs_gradients(config.task_inference), device=config.device,
                                           only=config.models)
         self.statistics = Statistics()
@@ -334,11 +340,12 @@ class InferenceServer:
                   "default_timeout_us": config.default_timeout_us,
                   "lifo_after_ms": 1000 * config.lifo_after if config.lifo_after else 0,
                   "priority_levels": config.priority_levels,
-                  "cache_bytes": config.cache_bytes, "max_message_bytes": config.max_message_bytes,
+                  "cache_bytes": self.cache_bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age,
                   "max_concurrent_streams": config.max_concurrent_streams, "task_inference": config.task_inference,
                   "task_shortlist": config.task_shortlist}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)
+        log.info("weight cache: up to %s", self._cache_bound)
 
     def _log_security(self) -> None:
         config = self.config

@@ -27,6 +27,7 @@ from serving import InferenceServer, ServerConfig
 from serving._proto import pb, pb_grpc
 from serving.auth import ADMIN_METHODS, AdminAuthInterceptor
 from serving.logs import JsonFormatter
+from serving.memory import host_memory
 
 from .conftest import TINY, held_server, scrape, train_model, wait_for
 
@@ -141,6 +142,8 @@ def test_metrics_count_inferences_failures_cache_and_generation(ops):
     assert after[("maskbank_cache_hits_total", ())] >= 1 and after[("maskbank_cache_evictions_total", ())] == 0
     assert after[("maskbank_cache_rejections_total", ())] == 0
     assert after[("maskbank_cache_entries", ())] == 2 and after[("maskbank_cache_bytes", ())] > 0
+    assert after[("maskbank_cache_capacity_bytes", ())] == host_memory().bytes // 4  # the default: 25% of memory
+    assert any("weight cache: up to" in line and "(25% of" in line for line in process.output)
     assert after[("maskbank_model_generation", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks", (("model", "a"),))] == 2
     assert after[("maskbank_model_tasks_out_of_service", (("model", "a"),))] == 0
@@ -350,7 +353,15 @@ def test_serve_takes_sizes_with_units_and_explains_a_bad_one(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["serve", "--registry", "r", "--cache-bytes", "lots"])
     assert stopped.value.code == 2
-    assert "argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB" in capsys.readouterr().err
+    assert ("argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M), nor a "
+            "share of memory (like 25%)") in capsys.readouterr().err
+    for share in ("0%", "250%", "many%"):
+        with pytest.raises(SystemExit):
+            main(["serve", "--registry", "r", "--cache-bytes", share])
+        assert (f"argument --cache-bytes: '{share}' is neither a size in bytes (like 512MiB) nor a share of memory "
+                "above 0%, up to 100% (like 25%)") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'0.5 GiB' is neither a size in bytes"):
+        ServerConfig(registry="r", cache_bytes="0.5 GiB")  # a library caller's text is a share or nothing
 
 
 def test_metrics_port_defaults_to_tritons_or_a_free_one():

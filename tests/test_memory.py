@@ -1,0 +1,62 @@
+"""The weight cache's default bound: a share of the memory the process may use (serving/memory.py),
+read from cgroup files laid out as Linux lays them out, under a temporary root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.memory import cache_bytes, cache_share, host_memory
+
+GIB = 1 << 30
+
+
+def lay_out(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_a_cgroup_v2_limit_below_the_machine_bounds_memory(tmp_path):
+    root = lay_out(tmp_path, {"proc/self/cgroup": "0::/kubepods/pod1/c1\n",
+                              "sys/fs/cgroup/memory.max": "max\n",
+                              "sys/fs/cgroup/kubepods/pod1/c1/memory.max": f"{2 * GIB}\n"})
+    assert host_memory(root, physical=16 * GIB) == (2 * GIB, "the container's memory limit (cgroup)")
+
+
+def test_a_container_sees_its_own_cgroup_at_the_mount_root(tmp_path):
+    # Without a cgroup namespace, /proc/self/cgroup names the host's path, which the container's mount lacks.
+    root = lay_out(tmp_path, {"proc/self/cgroup": "12:freezer:/\n4:memory:/docker/abc\n0::/\n",
+                              "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{3 * GIB}\n"})
+    assert host_memory(root, physical=16 * GIB).bytes == 3 * GIB
+
+
+def test_the_lowest_limit_wins_and_unlimited_ones_are_ignored(tmp_path):
+    root = lay_out(tmp_path, {"proc/self/cgroup": "4:cpu,memory:/a\n0::/b\n",
+                              "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "none"
+                              "sys/fs/cgroup/memory/a/memory.limit_in_bytes": f"{5 * GIB}\n",
+                              "sys/fs/cgroup/b/memory.max": f"{4 * GIB}\n"})
+    assert host_memory(root, physical=16 * GIB).bytes == 4 * GIB
+
+
+def test_without_a_limit_it_is_the_machines_memory(tmp_path):
+    assert host_memory(tmp_path, physical=8 * GIB) == (8 * GIB, "the machine's memory")  # no /proc/self/cgroup
+    root = lay_out(tmp_path, {"proc/self/cgroup": "0::/x\n", "sys/fs/cgroup/x/memory.max": "max\n"})
+    assert host_memory(root, physical=8 * GIB) == (8 * GIB, "the machine's memory")
+    assert 0 < host_memory().bytes  # this machine's, whatever it is
+
+
+def test_a_share_is_resolved_on_the_device_and_bytes_are_kept():
+    memory = host_memory()
+    assert cache_bytes(256 << 20, torch.device("cpu")) == (256 << 20, "256.0 MiB")
+    size, how = cache_bytes("25%", torch.device("cpu"))
+    assert size == memory.bytes // 4 and "(25% of " in how and how.endswith(f", {memory.source})")
+    assert cache_bytes("100%", torch.device("cpu"))[0] == memory.bytes
+    assert [cache_share(s) for s in ("25%", " 12.5 % ", "100%")] == [0.25, 0.125, 1.0]
+    for text in ("0%", "101%", "%", "x%", "25"):
+        with pytest.raises(ValueError, match=f"--cache-bytes '{text}' is neither a size in bytes"):
+            cache_share(text)
