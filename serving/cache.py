@@ -104,6 +104,15 @@ class LRUCache:
                 self._bytes -= entry[1]
             return entry is not None
 
+    def evict_where(self, predicate: Callable[[Hashable], bool]) -> tuple[int, int]:
+        """Drop every entry whose key satisfies `predicate` (not counted as evictions: nothing pushed
+        them out); return how many entries and bytes that freed."""
+        with self._lock:
+            doomed = [key for key in self._entries if predicate(key)]
+            freed = sum(self._entries.pop(key)[1] for key in doomed)
+            self._bytes -= freed
+            return len(doomed), freed
+
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(self._hits, self._misses, self._evictions, len(self._entries), self._bytes,

@@ -30,6 +30,7 @@ class ModelRepository:
     Args:
         registry: where the models come from.
         cache_bytes: bound of the cache shared by every snapshot (effective weights, mask matrices).
+            Every key put there starts with its model's name, so that unloading a model frees its entries.
         gradients: prepare every loaded model for the gradient task-inference modes (its mask stack)
             before serving it, as a server whose default mode is one of them wants; without it a
             model is prepared from its second generation on, once a request used them.
@@ -109,8 +110,11 @@ class ModelRepository:
             self._load_errors.pop(model, None)
             if unloaded is not None:
                 unloaded.retire()
+            # every cache key starts with its model's name; what requests still running on the snapshot
+            # put back is a last entry or two, left to the LRU
+            entries, freed = self.cache.evict_where(lambda key: key[0] == model)
         self._changed()
-        log.info("unloaded model '%s'", model)
+        log.info("unloaded model '%s' (%d cached entries, %.1f MB, freed)", model, entries, freed / 1e6)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call `callback` (in the thread that made the change; it must be quick) after every snapshot

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from registry import ModelNotFound, Registry
 from serving.errors import ModelUnavailable
@@ -231,3 +232,27 @@ def test_the_index_answers_from_the_last_poll_without_reading_the_registry(tmp_p
     root.rename(tmp_path / "elsewhere")
     assert repository.index() == [
         ("m", 1, "READY", ""), ("n", 0, "UNLOADED", "not among the models this server was started with (--model)")]
+
+
+def test_unloading_a_model_frees_its_cached_weights_and_keeps_the_others(tmp_path, caplog):
+    """With a cache bounded by a share of memory, an unloaded model's weights would otherwise stay
+    until other tasks pushed them out."""
+    for model in ("m", "n"):
+        train_model(tmp_path, model, 2, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    x = torch.zeros(3, 64)
+    for model in ("m", "n"):
+        snapshot = repository.get(model)
+        for task in snapshot.tasks.values():
+            snapshot.logits(task, x)
+    before = repository.cache.stats()
+    assert before.entries == 4
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        repository.unload("m")
+    after = repository.cache.stats()
+    assert after.entries == 2 and after.bytes == before.bytes // 2 and after.evictions == 0
+    assert f"unloaded model 'm' (2 cached entries, {before.bytes / 2e6:.1f} MB, freed)" in messages(caplog)
+    snapshot = repository.get("n")
+    snapshot.logits(snapshot.tasks[0], x)
+    assert repository.cache.stats().hits == before.hits + 1  # n's entries were kept
