@@ -196,7 +196,7 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     out = Path(out)
     earlier = _earlier_export(out, manifest.model)
     graph = architecture_graph(manifest.architecture)
-    created = not out.exists()
+    created = first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(f"{STAGING}*"):  # of an export killed while writing
         shutil.rmtree(leftover, ignore_errors=True)
@@ -260,10 +260,20 @@ def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | st
     return tasks
 
 
-def _remove_partial(out: Path, created: bool) -> None:
-    """Undo a first export into `out` that failed: the folder was new or empty (`_earlier_export`)."""
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder that making `path` (with its parents) creates: `path` or the first of its
+    ancestors that does not exist, which undoing that removes; None when `path` exists."""
+    top = None
+    while not path.exists():
+        top, path = path, path.parent
+    return top
+
+
+def _remove_partial(out: Path, created: Path | None) -> None:
+    """Undo a first export into `out` that failed: the folder was new (`created`: the outermost
+    folder the export made) or empty (`_earlier_export`)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
         return
     for path in out.iterdir():
         if path.is_dir():

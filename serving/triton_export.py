@@ -34,6 +34,7 @@ from registry.onnx_export import (
     OUTPUT,
     STAGING,
     architecture_graph,
+    first_missing,
     onnx_weights,
     save_checked,
     self_contained,
@@ -88,6 +89,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
     version = str(manifest.generation)
+    created = first_missing(repo)
     repo.mkdir(parents=True, exist_ok=True)
     outside = _staging_outside(repo)
     staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
@@ -107,6 +109,10 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
             for directory, staging in staged:
                 _move_in(staging, directory, version)
         return [directory for directory, _ in staged]
+    except BaseException:
+        if created is not None and not any(repo.iterdir()):  # a new repository that stayed empty: as before
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         for directory, staging in staged:
             if staging.parent == directory:

@@ -178,10 +178,11 @@ def test_a_failed_first_export_leaves_nothing_so_the_same_command_can_retry(bn_r
     good = blob.read_bytes()
     blob.write_bytes(b"corrupt")
     (tmp_path / "empty").mkdir()
-    for out, left in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+    for out, left in ((tmp_path / "new", False), (tmp_path / "empty", True), (tmp_path / "a" / "b" / "c", False)):
         with pytest.raises(BlobCorrupt):
             export_onnx(copy, "m", out)
         assert out.exists() == left and (not left or not any(out.iterdir()))
+    assert not (tmp_path / "a").exists()  # nor the folders made to hold a nested new one
     blob.write_bytes(good)
     assert [t["id"] for t in json.loads(export_onnx(copy, "m", tmp_path / "new").read_text())["tasks"]] == [0, 1]
     (tmp_path / "file").write_text("x")
@@ -287,6 +288,9 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
         export_triton(copy, "m", repo)
     assert [p.name for p in repo.iterdir()] == ["other-model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg", "repo"]  # no staging folder left
+    with pytest.raises(BlobCorrupt):
+        export_triton(copy, "m", tmp_path / "new" / "repo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg", "repo"]  # nor the new repository's folders
     export_triton(copy, "m", repo, [0])  # an earlier export of task 0: a failed one leaves it as it was
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     with pytest.raises(BlobCorrupt):
