@@ -5,8 +5,8 @@ live in: on the CPU, the container's limit (cgroup v2 `memory.max` or v1 `memory
 where it is below the machine's memory, else the machine's memory; on a GPU, the GPU's memory.
 Why a share, as the JVM sizes its default heap: the cache holds only what requests use, so a bound
 sized to the machine costs nothing on few tasks, and on many it is what keeps them built (random
-tasks of 1,000 at 0.86x the requests/s of one task with every task cached, against 0.76x with the
-former fixed 256 MiB; python -m bench.serving --only task_mix).
+tasks of 1,000 at 0.84-0.86x the requests/s of one task with every task cached, against 0.76-0.77x
+with the former fixed 256 MiB; python -m bench.serving --only task_mix).
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def _limit_files(root: Path) -> list[Path]:
         return []
     files = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)  # hierarchy:controllers:path
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # cgroup v2
             base, name = root / "sys/fs/cgroup", "memory.max"
         elif "memory" in controllers.split(","):

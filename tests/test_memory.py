@@ -36,7 +36,7 @@ def test_a_container_sees_its_own_cgroup_at_the_mount_root(tmp_path):
 
 
 def test_the_lowest_limit_wins_and_unlimited_ones_are_ignored(tmp_path):
-    root = lay_out(tmp_path, {"proc/self/cgroup": "4:cpu,memory:/a\n0::/b\n",
+    root = lay_out(tmp_path, {"proc/self/cgroup": "4:cpu,memory:/a\n\nnot a cgroup line\n0::/b\n",
                               "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "none"
                               "sys/fs/cgroup/memory/a/memory.limit_in_bytes": f"{5 * GIB}\n",
                               "sys/fs/cgroup/b/memory.max": f"{4 * GIB}\n"})
