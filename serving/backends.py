@@ -14,7 +14,6 @@ import torch
 
 from registry.errors import unknown
 
-from .cache import LRUCache
 from .snapshot import LoadedTask, Snapshot
 
 PYTORCH = "pytorch"
@@ -42,13 +41,13 @@ class PyTorchBackend:
         return snapshot.logits_of(tasks, x)  # head-only tasks share one pass up to the output layer
 
 
-def create_backend(name: str, cache: LRUCache, threads: int | None = None) -> Backend:
-    """The backend `name`; ONNX Runtime keeps its per-task sessions in `cache` and runs `threads`
-    intra-op threads (None: its default, one per physical core)."""
+def create_backend(name: str, threads: int | None = None) -> Backend:
+    """The backend `name`; ONNX Runtime keeps its per-task sessions in each snapshot's cache and runs
+    `threads` intra-op threads (None: its default, one per physical core)."""
     if name == PYTORCH:
         return PyTorchBackend()
     if name == ONNXRUNTIME:
         from .onnx_backend import OnnxRuntimeBackend  # imported here: a PyTorch server never loads ONNX Runtime
 
-        return OnnxRuntimeBackend(cache, threads)
+        return OnnxRuntimeBackend(threads)
     raise unknown("backend", name, BACKENDS)

@@ -12,6 +12,7 @@ displace still gets in at once.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -41,6 +42,7 @@ class LRUCache:
         self._bytes = self._hits = self._misses = self._evictions = self._rejections = 0
         self._frequency: dict[Hashable, int] = {}  # lookups per key, halved every `_window()` lookups
         self._lookups = 0
+        self._closed: weakref.WeakSet = weakref.WeakSet()  # views whose puts are refused (CacheView.close)
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> Any | None:
@@ -53,8 +55,11 @@ class LRUCache:
             self._entries.move_to_end(key)
             return self._entries[key][0]
 
-    def put(self, key: Hashable, value: Any, size: int) -> None:
+    def put(self, key: Hashable, value: Any, size: int, owner: "CacheView | None" = None) -> None:
+        """Store `value` under `key` (replacing any), unless `owner` is closed."""
         with self._lock:
+            if owner is not None and owner in self._closed:
+                return
             if key in self._entries:
                 self._bytes -= self._entries.pop(key)[1]
             if size > self.capacity_bytes:
@@ -70,11 +75,13 @@ class LRUCache:
         with self._lock:
             return key in self._entries
 
-    def admits(self, key: Hashable, size: int) -> bool:
+    def admits(self, key: Hashable, size: int, owner: "CacheView | None" = None) -> bool:
         """Whether a missed `key` of `size` bytes should be stored: yes while it fits without evicting;
         otherwise only if it was looked up more often (recently) than every entry it would evict.
-        A refusal counts in `stats().rejections`."""
+        A refusal counts in `stats().rejections`; a closed `owner`'s is no policy's and is not counted."""
         with self._lock:
+            if owner is not None and owner in self._closed:
+                return False
             if size <= self.capacity_bytes - self._bytes:
                 return True
             if size <= self.capacity_bytes:
@@ -88,14 +95,23 @@ class LRUCache:
             self._rejections += 1
             return False
 
-    def get_or_create(self, key: Hashable, create: Callable[[], tuple[Any, int]]) -> Any:
+    def get_or_create(self, key: Hashable, create: Callable[[], tuple[Any, int]],
+                      owner: "CacheView | None" = None) -> Any:
         """The cached value, or `create()`'s (value, size), stored if `admits` it, and returned."""
         value = self.get(key)
         if value is None:
             value, size = create()
-            if self.admits(key, size):
-                self.put(key, value, size)
+            if self.admits(key, size, owner):
+                self.put(key, value, size, owner)
         return value
+
+    def view(self) -> "CacheView":
+        """A view of this cache for one owner of entries (a snapshot), which can be closed."""
+        return CacheView(self)
+
+    def _close(self, view: "CacheView") -> None:
+        with self._lock:  # under the lock: a put that checked before this has stored, one after is refused
+            self._closed.add(view)
 
     def evict(self, key: Hashable) -> bool:
         with self._lock:
@@ -129,3 +145,43 @@ class LRUCache:
 
     def _window(self) -> int:
         return 8 * len(self._entries) + 64
+
+
+class CacheView:
+    """The cache as one owner of entries uses it (a snapshot, its mask stack, the ONNX sessions built
+    for it): the same entries, and its puts go to the cache until `close()`, after which they are
+    refused. Why: a snapshot that is unloaded has its entries evicted, and requests still running on
+    it would otherwise build and put them back, where nothing evicts them again."""
+
+    def __init__(self, cache: LRUCache):
+        self.cache = cache
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.cache.capacity_bytes
+
+    def get(self, key: Hashable) -> Any | None:
+        return self.cache.get(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.cache
+
+    def put(self, key: Hashable, value: Any, size: int) -> None:
+        self.cache.put(key, value, size, self)
+
+    def admits(self, key: Hashable, size: int) -> bool:
+        return self.cache.admits(key, size, self)
+
+    def get_or_create(self, key: Hashable, create: Callable[[], tuple[Any, int]]) -> Any:
+        return self.cache.get_or_create(key, create, self)
+
+    def evict(self, key: Hashable) -> bool:
+        return self.cache.evict(key)
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def close(self) -> None:
+        """Refuse this view's puts from now on (reads go on): what still runs on its owner builds
+        what it misses without keeping it."""
+        self.cache._close(self)

@@ -30,7 +30,6 @@ import torch
 
 from registry.onnx_export import INPUT, OUTPUT, architecture_graph, onnx_weights, self_contained
 
-from .cache import LRUCache
 from .snapshot import LoadedTask, Snapshot
 
 log = logging.getLogger("maskbank.serving")
@@ -62,10 +61,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, cache: LRUCache, threads: int | None = None):
+    def __init__(self, threads: int | None = None):
         ort.set_default_logger_severity(_ERRORS)
         self.providers = choose_providers()
-        self._cache = cache
         self._threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
         self._graphs: dict[str, onnx.ModelProto] = {}  # per architecture (its spec as JSON)
         self._lock = threading.Lock()
@@ -88,7 +86,8 @@ class OnnxRuntimeBackend:
             model = self_contained(graph, weights, task.entry.num_classes)
             return self._create(model.SerializeToString()), sum(a.nbytes for a in weights.values())
 
-        return self._cache.get_or_create((snapshot.model, snapshot.backbone_version(task), task.key, self.name), build)
+        key = (snapshot.model, snapshot.backbone_version(task), task.key, self.name)
+        return snapshot.cache.get_or_create(key, build)  # kept while the snapshot is served
 
     def _graph(self, architecture: dict) -> onnx.ModelProto:
         """The architecture's graph, exported on first use."""

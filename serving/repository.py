@@ -109,10 +109,10 @@ class ModelRepository:
             unloaded = self._snapshots.pop(model, None)
             self._load_errors.pop(model, None)
             if unloaded is not None:
+                unloaded.stop_caching()  # first: requests still running on it must not put back what is evicted
+            entries, freed = self.cache.evict_where(lambda key: key[0] == model)  # keys start with the model's name
+            if unloaded is not None:
                 unloaded.retire()
-            # every cache key starts with its model's name; what requests still running on the snapshot
-            # put back is a last entry or two, left to the LRU
-            entries, freed = self.cache.evict_where(lambda key: key[0] == model)
         self._changed()
         log.info("unloaded model '%s' (%d cached entries, %.1f MB, freed)", model, entries, freed / 1e6)
 

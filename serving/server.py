@@ -231,7 +231,7 @@ class InferenceServer:
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
             default_shortlist=config.task_shortlist,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
-            backend=create_backend(config.backend, self.repository.cache, config.torch_threads),
+            backend=create_backend(config.backend, config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
             compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),

@@ -33,7 +33,7 @@ from registry import (
 )
 
 from .bound import BoundModule
-from .cache import LRUCache
+from .cache import CacheView, LRUCache
 from .entropy import autograd_gradients, chain_forward, chain_gradients, linear_chain
 from .superposition import MaskStack
 
@@ -83,7 +83,7 @@ class Snapshot:
         self.shared = shared
         self.tasks = tasks
         self._healthy = [t for t in tasks.values() if t.error is None]  # tasks are frozen: decided once
-        self._cache = cache
+        self._cache = cache.view()  # closed when the snapshot retires (stop_caching)
         self._mask_stack: MaskStack | None | object = _UNBUILT  # None: nothing to superpose
         self._alpha_stack: tuple[list[int], dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
@@ -184,9 +184,20 @@ class Snapshot:
             snapshot._mask_stack = snapshot._build_mask_stack(earlier)
         return snapshot
 
+    @property
+    def cache(self) -> CacheView:
+        """The shared cache as this snapshot puts into it (refused once it stopped caching)."""
+        return self._cache
+
+    def stop_caching(self) -> None:
+        """Put nothing more into the shared cache: requests still running on this snapshot build what
+        they miss without keeping it, so entries evicted for it stay evicted."""
+        self._cache.close()
+
     def retire(self) -> None:
-        """This snapshot is no longer served (replaced or unloaded): drop what it keeps in the shared
-        cache for gradient modes. Requests still running on it keep working."""
+        """This snapshot is no longer served (replaced or unloaded): it stops caching, and drops what
+        it keeps in the shared cache for gradient modes. Requests still running on it keep working."""
+        self.stop_caching()
         if isinstance(self._mask_stack, MaskStack):
             self._mask_stack.retire()
 

@@ -29,7 +29,7 @@ import torch
 
 from registry import PackedMasks
 
-from .cache import LRUCache
+from .cache import CacheView, LRUCache
 
 log = logging.getLogger("maskbank.serving")
 Tensors = dict[str, torch.Tensor]
@@ -73,7 +73,7 @@ class MaskStack:
     backbone: dict[str, torch.Tensor]
     superposed: dict[str, torch.Tensor]
     sums: torch.Tensor
-    cache: LRUCache
+    cache: LRUCache | CacheView
     key: Hashable
     model: str = ""  # the model's name, for messages
     _buffers: threading.local = field(default_factory=threading.local, repr=False, compare=False)
@@ -83,7 +83,7 @@ class MaskStack:
 
     @classmethod
     def build(cls, ids: list[int], classes: list[int], masks: list[Mapping[str, torch.Tensor]], backbone: Tensors,
-              cache: LRUCache, key: Hashable, previous: "MaskStack | None" = None, model: str = "") -> "MaskStack":
+              cache: LRUCache | CacheView, key: Hashable, previous: "MaskStack | None" = None, model: str = "") -> "MaskStack":
         """Stack `masks` (one dict per task, a mask per masked backbone tensor; bool or PackedMasks) over
         `backbone`; its float matrix is cached in `cache` under `key` (unique to these masks).
 

@@ -80,3 +80,17 @@ def test_lookup_counts_age_so_a_new_favourite_gets_in():
         cache.get(f"other {i}")
     cache.get("new")
     assert cache.admits("new", 4)
+
+
+def test_a_closed_view_reads_but_puts_nothing_and_other_views_are_untouched():
+    cache = LRUCache(100)
+    old, new = cache.view(), cache.view()
+    old.put("a", "A", 10)
+    old.close()
+    old.put("b", "B", 10)
+    assert old.get("a") == "A" and "b" not in cache
+    assert not old.admits("c", 10) and cache.stats().rejections == 0  # not the admission policy's refusal
+    assert old.get_or_create("c", lambda: ("C", 10)) == "C" and "c" not in cache  # built, returned, not kept
+    new.put("b", "B", 10)
+    assert new.get_or_create("c", lambda: ("C", 10)) == "C" and all(k in cache for k in "abc")
+    assert cache.evict_where(lambda key: key in ("a", "b")) == (2, 20) and cache.stats().bytes == 10

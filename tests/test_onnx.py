@@ -71,7 +71,7 @@ def assert_onnxruntime_matches_pytorch(registry: Registry) -> None:
     """Every task: the serving backend's ONNX Runtime logits, and the exported graph with the weights
     fed as inputs, against the PyTorch forward, within TOLERANCE."""
     snapshot = snapshot_of(registry)
-    backend = OnnxRuntimeBackend(LRUCache(64 << 20), threads=1)
+    backend = OnnxRuntimeBackend(threads=1)
     graph = architecture_graph(snapshot.manifest.architecture)
     shared = ort.InferenceSession(weights_as_inputs(graph).SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.from_numpy(X)

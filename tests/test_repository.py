@@ -256,3 +256,30 @@ def test_unloading_a_model_frees_its_cached_weights_and_keeps_the_others(tmp_pat
     snapshot = repository.get("n")
     snapshot.logits(snapshot.tasks[0], x)
     assert repository.cache.stats().hits == before.hits + 1  # n's entries were kept
+
+
+def test_requests_still_running_on_an_unloaded_model_put_nothing_back(tmp_path, caplog):
+    """They ran after the eviction, missed, rebuilt every task's weights (and the gradient modes' mask
+    matrix, which an unloaded snapshot built lazily without being retired) and kept them, where
+    nothing would evict them again: an unloaded model held all it had cached."""
+    from serving.onnx_backend import OnnxRuntimeBackend
+    from serving.task_inference import infer_task
+
+    train_model(tmp_path, "m", 2, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    stale = repository.get("m")  # what requests queued before the unload hold
+    x = torch.zeros(3, 64)
+    stale.logits(stale.tasks[0], x)
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        repository.unload("m")
+    assert "unloaded model 'm' (1 cached entries" in " ".join(messages(caplog))
+    for task in stale.tasks.values():
+        stale.logits(task, x)
+        OnnxRuntimeBackend(threads=1).logits(stale, task, x)
+    assert infer_task("oneshot", stale, x).mode == "oneshot"  # its mask stack built now, after the unload
+    assert repository.cache.stats().entries == 0
+    repository.load("m")
+    served = repository.get("m")
+    expected = served.logits(served.tasks[1], x)
+    assert repository.cache.stats().entries == 1 and torch.equal(stale.logits(stale.tasks[1], x), expected)
