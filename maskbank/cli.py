@@ -40,11 +40,14 @@ _BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2
 def byte_size(text: str) -> int:
     """A size in bytes: a plain integer or a number with a unit (512MiB, 1.5GiB, 64M; K/M/G are powers of 1000,
     KiB/MiB/GiB of 1024), for flags like --cache-bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if unit not in _BYTE_UNITS:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M)")
-    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+    size = float(match.group(1)) * _BYTE_UNITS[unit]
+    if size >= 2**63:
+        raise argparse.ArgumentTypeError(f"'{text}' is too large a size in bytes")
+    return int(size)
 
 
 def cache_size(text: str) -> int | str:
@@ -217,7 +220,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--cache-bytes", type=cache_size, default=d.cache_bytes, metavar="SIZE",
                    help="bound of the per-task effective-weight LRU cache: bytes, with a unit like 512MiB, or a share "
                    f"of memory like 50%% (default {d.cache_bytes.replace('%', '%%')}: of the container's memory limit, else "
-                   "the machine's memory; with --device cuda, of the GPU's memory). The cache holds only the tasks "
+                   "the machine's memory; with --device cuda, of the lower of that and the GPU's memory; 0: no "
+                   "cache). The cache holds only the tasks "
                    "requests use; once full, least recently used tasks are evicted and rebuilt on demand. "
                    "It also holds the float mask matrix of the gradient task-inference modes when it fits (4 bytes "
                    "per weight and task); without it they compute from the bitpacked masks, 2-3x slower")

@@ -19,6 +19,7 @@ from registry import MaskbankError, ModelNotFound, Registry
 
 from .cache import LRUCache
 from .errors import ModelUnavailable, VersionNotLoaded
+from .memory import DEFAULT_CACHE_SHARE, resolve_cache_bytes
 from .snapshot import Snapshot
 
 log = logging.getLogger("maskbank.serving")
@@ -29,8 +30,9 @@ class ModelRepository:
 
     Args:
         registry: where the models come from.
-        cache_bytes: bound of the cache shared by every snapshot (effective weights, mask matrices).
-            Every key put there starts with its model's name, so that unloading a model frees its entries.
+        cache_bytes: bound of the cache shared by every snapshot (effective weights, mask matrices):
+            bytes, or a share of memory like "25%" (serving/memory.py). Every key put there starts
+            with its model's name, so that unloading a model frees its entries.
         gradients: prepare every loaded model for the gradient task-inference modes (its mask stack)
             before serving it, as a server whose default mode is one of them wants; without it a
             model is prepared from its second generation on, once a request used them.
@@ -40,12 +42,12 @@ class ModelRepository:
             included); the others are listed as unloaded, and an explicit `load` adds one.
     """
 
-    def __init__(self, registry: Registry, cache_bytes: int = 256 << 20, gradients: bool = False,
+    def __init__(self, registry: Registry, cache_bytes: int | str = DEFAULT_CACHE_SHARE, gradients: bool = False,
                  device: torch.device | str = "cpu", only: list[str] | None = None):
         self.registry = registry
-        self.cache = LRUCache(cache_bytes)
-        self.gradients = gradients
         self.device = torch.device(device)
+        self.cache = LRUCache(resolve_cache_bytes(cache_bytes, self.device).bytes)
+        self.gradients = gradients
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again

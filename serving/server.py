@@ -32,7 +32,7 @@ from .backends import BACKENDS, create_backend
 from .compute_pool import ComputePool
 from .logs import flush_flood_logs
 from .maskbank_servicer import MaskbankServicer
-from .memory import DEFAULT_CACHE_SHARE, cache_bytes, cache_share
+from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_bytes
 from .metrics import MetricsServer
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -122,8 +122,9 @@ class ServerConfig:
                                    ("--priority-levels", self.priority_levels, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+        check_cache_setting(self.cache_bytes)
         if isinstance(self.cache_bytes, str):
-            cache_share(self.cache_bytes)
+            resolve_cache_bytes(self.cache_bytes, check_device(self.device))  # a share too small for anything fails here
         if not 0 <= self.default_priority_level <= self.priority_levels:
             raise ValueError(f"--default-priority-level must be from 1 to --priority-levels ({self.priority_levels}), "
                              f"got {self.default_priority_level}" if self.priority_levels else
@@ -222,8 +223,8 @@ class InferenceServer:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.cache_bytes, self._cache_bound = cache_bytes(config.cache_bytes, check_device(config.device))
-        self.repository = ModelRepository(Registry(config.registry), self.cache_bytes,
+        self.cache_bound = resolve_cache_bytes(config.cache_bytes, check_device(config.device))
+        self.repository = ModelRepository(Registry(config.registry), self.cache_bound.bytes,
                                           gradients=needs_gradients(config.task_inference), device=config.device,
                                           only=config.models)
         self.statistics = Statistics()
@@ -340,12 +341,15 @@ class InferenceServer:
                   "default_timeout_us": config.default_timeout_us,
                   "lifo_after_ms": 1000 * config.lifo_after if config.lifo_after else 0,
                   "priority_levels": config.priority_levels,
-                  "cache_bytes": self.cache_bytes, "max_message_bytes": config.max_message_bytes,
+                  "cache_bytes": self.cache_bound.bytes, "max_message_bytes": config.max_message_bytes,
                   "max_connection_age": config.max_connection_age,
                   "max_concurrent_streams": config.max_concurrent_streams, "task_inference": config.task_inference,
                   "task_shortlist": config.task_shortlist}
         log.info("limits: %s", ", ".join(f"{key} {value}" for key, value in limits.items()), extra=limits)
-        log.info("weight cache: up to %s", self._cache_bound)
+        bound = self.cache_bound
+        log.info("weight cache: up to %s", bound.describe(), extra={
+            "cache_bytes": bound.bytes, "cache_share": bound.share,
+            "memory_bytes": bound.memory and bound.memory.bytes, "memory_source": bound.memory and bound.memory.source})
 
     def _log_security(self) -> None:
         config = self.config

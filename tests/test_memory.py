@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.memory import cache_bytes, cache_share, host_memory
+from serving.memory import cache_share, host_memory, resolve_cache_bytes
 
 GIB = 1 << 30
 
@@ -52,11 +52,31 @@ def test_without_a_limit_it_is_the_machines_memory(tmp_path):
 
 def test_a_share_is_resolved_on_the_device_and_bytes_are_kept():
     memory = host_memory()
-    assert cache_bytes(256 << 20, torch.device("cpu")) == (256 << 20, "256.0 MiB")
-    size, how = cache_bytes("25%", torch.device("cpu"))
-    assert size == memory.bytes // 4 and "(25% of " in how and how.endswith(f", {memory.source})")
-    assert cache_bytes("100%", torch.device("cpu"))[0] == memory.bytes
+    assert resolve_cache_bytes(256 << 20, torch.device("cpu")).describe() == "256.0 MiB"
+    bound = resolve_cache_bytes("25%", torch.device("cpu"))
+    assert bound.bytes == memory.bytes // 4 and bound.memory == memory
+    assert "(25% of " in bound.describe() and bound.describe().endswith(f", {memory.source})")
+    assert resolve_cache_bytes("100%", torch.device("cpu")).bytes == memory.bytes
     assert [cache_share(s) for s in ("25%", " 12.5 % ", "100%")] == [0.25, 0.125, 1.0]
-    for text in ("0%", "101%", "%", "x%", "25"):
-        with pytest.raises(ValueError, match=f"--cache-bytes '{text}' is neither a size in bytes"):
+    for text in ("0%", "101%", "%", "x%", "25", "٢٥%"):
+        with pytest.raises(ValueError, match=f"--cache-bytes '{text}' is not a share of memory above 0%"):
             cache_share(text)
+    with pytest.raises(ValueError, match=r"--cache-bytes 0.000001% comes to \d+ bytes of .*: too few"):
+        resolve_cache_bytes("0.000001%", torch.device("cpu"))
+
+
+def test_limits_of_ancestor_cgroups_and_joint_v1_mounts_count(tmp_path):
+    """A systemd slice's MemoryMax bounds the services under it; a v1 memory controller mounted with
+    another is found under their joint name; binary junk in a file is no limit, not a crash."""
+    v2 = lay_out(tmp_path / "v2", {"proc/self/cgroup": "0::/slice/service\n",
+                                   "sys/fs/cgroup/slice/memory.max": f"{2 * GIB}\n",
+                                   "sys/fs/cgroup/slice/service/memory.max": "max\n"})
+    assert host_memory(v2, physical=16 * GIB).bytes == 2 * GIB
+    joint = lay_out(tmp_path / "v1", {"proc/self/cgroup": "3:cpuset,memory:/job\n",
+                                      "sys/fs/cgroup/cpuset,memory/job/memory.limit_in_bytes": f"{GIB}\n"})
+    assert host_memory(joint, physical=16 * GIB).bytes == GIB
+    junk = lay_out(tmp_path / "junk", {"sys/fs/cgroup/x/memory.max": "max"})
+    (junk / "proc/self").mkdir(parents=True)
+    (junk / "proc/self/cgroup").write_bytes(b"0::/x\n\xff\xfe:\x00\n")
+    (junk / "sys/fs/cgroup/memory.max").write_bytes(b"\xff\xfe12")
+    assert host_memory(junk, physical=16 * GIB) == (16 * GIB, "the machine's memory")

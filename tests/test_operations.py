@@ -355,13 +355,20 @@ def test_serve_takes_sizes_with_units_and_explains_a_bad_one(capsys):
     assert stopped.value.code == 2
     assert ("argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M), nor a "
             "share of memory (like 25%)") in capsys.readouterr().err
-    for share in ("0%", "250%", "many%"):
+    for share in ("0%", "250%", "many%", "٢٥%"):  # the last: Arabic-Indic digits, which float() takes
         with pytest.raises(SystemExit):
             main(["serve", "--registry", "r", "--cache-bytes", share])
-        assert (f"argument --cache-bytes: '{share}' is neither a size in bytes (like 512MiB) nor a share of memory "
-                "above 0%, up to 100% (like 25%)") in capsys.readouterr().err
-    with pytest.raises(ValueError, match="'0.5 GiB' is neither a size in bytes"):
-        ServerConfig(registry="r", cache_bytes="0.5 GiB")  # a library caller's text is a share or nothing
+        assert (f"argument --cache-bytes: '{share}' is not a share of memory above 0%, up to 100% (like 25%)"
+                in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main(["serve", "--registry", "r", "--cache-bytes", "9" * 400])
+    assert f"argument --cache-bytes: '{'9' * 400}' is too large a size in bytes" in capsys.readouterr().err
+    for setting, message in (("0.5 GiB", "a text value is a share of memory like '25%'; give a size as a number"),
+                             (1.5e9, "must be a number of bytes or a share of memory like '25%', got 1500000000.0"),
+                             (True, "got True"), (25, "25 is 25 bytes, too few to hold any task's weights")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ServerConfig(registry="r", cache_bytes=setting)  # a library caller's value, or a unit left off
+    assert ServerConfig(registry="r", cache_bytes=0).cache_bytes == 0  # no cache at all
 
 
 def test_metrics_port_defaults_to_tritons_or_a_free_one():
