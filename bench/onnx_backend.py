@@ -93,7 +93,7 @@ def decision(registry: Registry, batch: int) -> dict:
     weights = onnx_weights(graph, snapshot.parameters(task))
     shared = ort.InferenceSession(weights_as_inputs(graph).SerializeToString(), session_options())
     model = self_contained(graph, weights, task.entry.num_classes).SerializeToString()
-    backend = OnnxRuntimeBackend(THREADS)
+    backend = OnnxRuntimeBackend(threads=THREADS)
     x = torch.rand(batch, graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value,
                    generator=torch.Generator().manual_seed(0))
     feeds = {"input": x.numpy(), **weights}

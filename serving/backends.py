@@ -41,7 +41,7 @@ class PyTorchBackend:
         return snapshot.logits_of(tasks, x)  # head-only tasks share one pass up to the output layer
 
 
-def create_backend(name: str, threads: int | None = None) -> Backend:
+def create_backend(name: str, *, threads: int | None = None) -> Backend:
     """The backend `name`; ONNX Runtime keeps its per-task sessions in each snapshot's cache and runs
     `threads` intra-op threads (None: its default, one per physical core)."""
     if name == PYTORCH:
@@ -49,5 +49,5 @@ def create_backend(name: str, threads: int | None = None) -> Backend:
     if name == ONNXRUNTIME:
         from .onnx_backend import OnnxRuntimeBackend  # imported here: a PyTorch server never loads ONNX Runtime
 
-        return OnnxRuntimeBackend(threads)
+        return OnnxRuntimeBackend(threads=threads)
     raise unknown("backend", name, BACKENDS)

@@ -58,8 +58,7 @@ def cache_share(text: str) -> float:
 
 def check_cache_setting(setting: object) -> None:
     """ValueError unless `setting` is a --cache-bytes a server can use: 0 (no cache), at least
-    MIN_CACHE_BYTES bytes, or a share of memory like "25%". Negative bytes are left to the caller's
-    range check."""
+    MIN_CACHE_BYTES bytes, or a share of memory like "25%"."""
     if isinstance(setting, str):
         if "%" not in setting:
             raise ValueError(f"--cache-bytes '{setting}': a text value is a share of memory like '25%'; give a size "
@@ -67,6 +66,8 @@ def check_cache_setting(setting: object) -> None:
         cache_share(setting)
     elif isinstance(setting, bool) or not isinstance(setting, int):
         raise ValueError(f"--cache-bytes must be a number of bytes or a share of memory like '25%', got {setting!r}")
+    elif setting < 0:
+        raise ValueError(f"--cache-bytes must be at least 0, got {setting}")
     elif 0 < setting < MIN_CACHE_BYTES:
         raise ValueError(f"--cache-bytes {setting} is {setting} bytes, too few to hold any task's weights: give a "
                          "unit (256MiB), a share of memory (25%), or 0 for no cache")

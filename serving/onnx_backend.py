@@ -61,7 +61,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, *, threads: int | None = None):
         ort.set_default_logger_severity(_ERRORS)
         self.providers = choose_providers()
         self._threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core

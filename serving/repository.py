@@ -19,7 +19,7 @@ from registry import MaskbankError, ModelNotFound, Registry
 
 from .cache import LRUCache
 from .errors import ModelUnavailable, VersionNotLoaded
-from .memory import DEFAULT_CACHE_SHARE, resolve_cache_bytes
+from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_bytes
 from .snapshot import Snapshot
 
 log = logging.getLogger("maskbank.serving")
@@ -46,6 +46,7 @@ class ModelRepository:
                  device: torch.device | str = "cpu", only: list[str] | None = None):
         self.registry = registry
         self.device = torch.device(device)
+        check_cache_setting(cache_bytes)
         self.cache = LRUCache(resolve_cache_bytes(cache_bytes, self.device).bytes)
         self.gradients = gradients
         self._snapshots: dict[str, Snapshot] = {}

@@ -114,7 +114,6 @@ class ServerConfig:
                              "give a unit, like 16MiB")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
                                    ("--max-batch-size", self.max_batch_size, 1),
-                                   ("--cache-bytes", self.cache_bytes if isinstance(self.cache_bytes, int) else 0, 0),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--max-queue-size", self.max_queue_size, 0),
                                    ("--default-timeout-us", self.default_timeout_us, 0),
@@ -232,7 +231,7 @@ class InferenceServer:
             self.repository, self.statistics, version=package_version(), default_mode=config.task_inference,
             default_shortlist=config.task_shortlist,
             max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
-            backend=create_backend(config.backend, config.torch_threads),
+            backend=create_backend(config.backend, threads=config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
             compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),

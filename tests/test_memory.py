@@ -80,3 +80,16 @@ def test_limits_of_ancestor_cgroups_and_joint_v1_mounts_count(tmp_path):
     (junk / "proc/self/cgroup").write_bytes(b"0::/x\n\xff\xfe:\x00\n")
     (junk / "sys/fs/cgroup/memory.max").write_bytes(b"\xff\xfe12")
     assert host_memory(junk, physical=16 * GIB) == (16 * GIB, "the machine's memory")
+
+
+def test_the_library_repository_checks_its_cache_setting_as_the_server_does(tmp_path):
+    from registry import Registry
+    from serving import ModelRepository
+
+    registry = Registry(tmp_path)
+    for setting, message in ((True, "got True"), (2e8, "got 200000000.0"), ("256MiB", "give a size as a number of bytes"),
+                             (100, "100 is 100 bytes, too few"), (-1, "must be at least 0")):
+        with pytest.raises(ValueError, match=message):
+            ModelRepository(registry, cache_bytes=setting)
+    assert ModelRepository(registry, cache_bytes=0).cache.capacity_bytes == 0
+    assert ModelRepository(registry).cache.capacity_bytes == host_memory().bytes // 4
