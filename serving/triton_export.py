@@ -110,7 +110,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                 _move_in(staging, directory, version)
         return [directory for directory, _ in staged]
     except BaseException:
-        if created is not None and not any(repo.iterdir()):  # a new repository that stayed empty: as before
+        if created is not None and not any(repo.iterdir()):  # a repository this export made and left empty goes
             shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
