@@ -188,6 +188,7 @@ class ModelRepository:
                 self._changed()
                 if current is not None:
                     current.retire()
+                    self._evict_unused(snapshot)
                 self._load_errors.pop(model, None)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
@@ -196,6 +197,14 @@ class ModelRepository:
         for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
             snapshot.warm()
         return swapped
+
+    def _evict_unused(self, snapshot: Snapshot) -> None:
+        """Drop the cache entries of `snapshot`'s model that it will never look up (Snapshot.uses), so
+        a model whose backbone changes with each task does not fill the cache with dead weights."""
+        entries, freed = self.cache.evict_where(lambda key: key[0] == snapshot.model and not snapshot.uses(key))
+        if entries:
+            log.info("model '%s': %d cached entries that generation %d no longer uses (%.1f MB) freed",
+                     snapshot.model, entries, snapshot.generation, freed / 1e6)
 
     def _note_gone(self, listed: list[str]) -> None:
         """Log once when served models vanish from the registry's listing (a volume unmounted, a

@@ -189,6 +189,22 @@ class Snapshot:
         """The shared cache as this snapshot puts into it (refused once it stopped caching)."""
         return self._cache
 
+    def uses(self, key: tuple) -> bool:
+        """Whether this snapshot may look `key`, a key of its model, up in the shared cache: after a swap,
+        what is not (the weights of a backbone version replaced, as every ExSSNeT or SPG task makes; an
+        earlier basis; an earlier mask stack) is evicted rather than left to age out."""
+        if key[1] == "mask-stack":
+            return isinstance(self._mask_stack, MaskStack) and key == self._mask_stack.key
+        if key[1] == "basis":
+            basis = self.manifest.shared.get("basis_masks")
+            return basis is not None and key[2] == basis.digest and key[4] in self.backbones
+        return (key[1], key[2]) in self._weight_keys  # (model, version, task key[, backend name])
+
+    @cached_property
+    def _weight_keys(self) -> frozenset[tuple]:
+        """(backbone version, task key) of every task in service: what its cached weights are keyed by."""
+        return frozenset((self.backbone_version(t), t.key) for t in self._healthy)
+
     def stop_caching(self) -> None:
         """Put nothing more into the shared cache: requests still running on this snapshot build what
         they miss without keeping it, so entries evicted for it stay evicted."""

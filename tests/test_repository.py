@@ -283,3 +283,29 @@ def test_requests_still_running_on_an_unloaded_model_put_nothing_back(tmp_path, 
     served = repository.get("m")
     expected = served.logits(served.tasks[1], x)
     assert repository.cache.stats().entries == 1 and torch.equal(stale.logits(stale.tasks[1], x), expected)
+
+
+@pytest.mark.parametrize("method, kept", [("supsup", 2), ("exssnet", 2), ("spg", 0)])
+def test_a_new_generation_frees_the_cached_weights_it_no_longer_uses(tmp_path, caplog, method, kept):
+    """SPG serves every task on the newest backbone version, so each task published made the weights
+    cached for the version before dead; they stayed until other tasks pushed them out, which with a
+    cache of a quarter of memory can be never. SupSup's and ExSSNeT's stay: each task keeps its own
+    backbone version."""
+    settings = {**TINY, "method": method, "method_config": {"epochs": 1}}
+    train_model(tmp_path, "m", 2, settings)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    x = torch.zeros(3, 64)
+    for snapshot in [repository.get("m")]:
+        for task in snapshot.tasks.values():
+            snapshot.logits(task, x)
+    assert repository.cache.stats().entries == 2
+    train_model(tmp_path, "m", 3, settings)  # appends task 2
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        repository.refresh()
+    assert repository.get("m").generation == 3 and repository.cache.stats().entries == kept
+    assert any("no longer uses" in m for m in messages(caplog)) == (kept == 0)
+    snapshot = repository.get("m")
+    hits = repository.cache.stats().hits
+    snapshot.logits(snapshot.tasks[0], x)
+    assert repository.cache.stats().hits == hits + (kept > 0)
