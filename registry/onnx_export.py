@@ -21,8 +21,11 @@ functions, and so does the ONNX Runtime backend (serving/onnx_backend.py).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -194,23 +197,25 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
         raise UnknownName(f"Unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
     manifest = registry.manifest(model)
     out = Path(out)
-    earlier = _earlier_export(out, manifest.model)
+    _earlier_export(out, manifest.model)  # refuses a folder this export must not write into, before making any
     graph = architecture_graph(manifest.architecture)
     created = first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f"{STAGING}*"):  # of an export killed while writing
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
-    try:
-        tasks = _write_tasks(registry, manifest, keys, graph, staging, layout, progress)
-        _commit(out, staging, {"model": manifest.model, "generation": manifest.generation, "layout": layout,
-                               "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
-                               "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, earlier)
-    except BaseException:  # a first export leaves nothing, so the same command can retry; a re-export, the earlier one
-        shutil.rmtree(staging, ignore_errors=True)
-        if not earlier:
-            _remove_partial(out, created)
-        raise
+    with export_lock(out):
+        earlier = _earlier_export(out, manifest.model)  # read under the lock: what the last export left
+        for leftover in out.glob(f"{STAGING}*"):  # of an export killed while writing
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+        try:
+            tasks = _write_tasks(registry, manifest, keys, graph, staging, layout, progress)
+            _commit(out, staging, {"model": manifest.model, "generation": manifest.generation, "layout": layout,
+                                   "architecture": manifest.architecture, "input": INPUT, "output": OUTPUT,
+                                   "backbone": "backbone.onnx", "weights": weight_names(graph), "tasks": tasks}, earlier)
+        except BaseException:  # a first export leaves nothing, so the same command can retry; a re-export, the earlier one
+            shutil.rmtree(staging, ignore_errors=True)
+            if not earlier:
+                _remove_partial(out, created)
+            raise
     return out / INDEX
 
 
@@ -258,6 +263,27 @@ def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | st
         tasks.append({"id": entry.id, "name": entry.name, "method": entry.method, "num_classes": entry.num_classes,
                       "file": file})
     return tasks
+
+
+@contextlib.contextmanager
+def export_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while an export writes into it (flock on the folder itself,
+    so nothing is written for it), released when the export ends or its process dies. A second export
+    into the same folder fails at once, saying so: it would have swept away the first one's staged
+    files and mixed its own with them. Where the file system has no locks (some network mounts), the
+    export goes on unlocked."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another export into {folder} is running: wait for it to end, or export into "
+                              "another folder") from None
+        except OSError:  # no locks here
+            pass
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def first_missing(path: Path) -> Path | None:

@@ -34,6 +34,7 @@ from registry.onnx_export import (
     OUTPUT,
     STAGING,
     architecture_graph,
+    export_lock,
     first_missing,
     onnx_weights,
     save_checked,
@@ -78,8 +79,8 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     its new version staged inside its own directory (under a name that is not a number, which Triton
     ignores), a new model is staged whole outside `repo`; all are then moved in at once, with Ctrl-C
     and SIGTERM held off meanwhile. So an export that fails (a corrupt blob, Ctrl-C) adds nothing, where
-    Triton would have loaded the tasks written before the failure as if they were the model. Two
-    exports into one repository at the same time are not supported."""
+    Triton would have loaded the tasks written before the failure as if they were the model. A second
+    export into the repository while one runs fails at once (export_lock)."""
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
         raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
     repo = Path(repo)
@@ -88,36 +89,38 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
-    version = str(manifest.generation)
     created = first_missing(repo)
     repo.mkdir(parents=True, exist_ok=True)
-    outside = _staging_outside(repo)
-    staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
-    try:
-        for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
-            name = triton_model_name(manifest.model, entry)
-            directory = repo / name
-            for leftover in directory.glob(f"{STAGING}*"):  # of an export killed midway
-                shutil.rmtree(leftover, ignore_errors=True)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory)) if directory.is_dir() else outside / name
-            staged.append((directory, staging))
-            (staging / version).mkdir(parents=True)
-            save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes), staging / version / MODEL_FILE)
-            config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
-            (staging / CONFIG).write_text(text_format.MessageToString(config))
-        with _signals_held():
+    version = str(manifest.generation)
+    with export_lock(repo):
+        outside = _staging_outside(repo)
+        staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
+        try:
+            for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
+                name = triton_model_name(manifest.model, entry)
+                directory = repo / name
+                for leftover in directory.glob(f"{STAGING}*"):  # of an export killed midway
+                    shutil.rmtree(leftover, ignore_errors=True)
+                staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory)) if directory.is_dir() else outside / name
+                staged.append((directory, staging))
+                (staging / version).mkdir(parents=True)
+                save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes),
+                             staging / version / MODEL_FILE)
+                config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
+                (staging / CONFIG).write_text(text_format.MessageToString(config))
+            with _signals_held():
+                for directory, staging in staged:
+                    _move_in(staging, directory, version)
+            return [directory for directory, _ in staged]
+        except BaseException:
+            if created is not None and not any(repo.iterdir()):  # a repository this export made and left empty goes
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        finally:
             for directory, staging in staged:
-                _move_in(staging, directory, version)
-        return [directory for directory, _ in staged]
-    except BaseException:
-        if created is not None and not any(repo.iterdir()):  # a repository this export made and left empty goes
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    finally:
-        for directory, staging in staged:
-            if staging.parent == directory:
-                shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(outside, ignore_errors=True)
+                if staging.parent == directory:
+                    shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(outside, ignore_errors=True)
 
 
 def _staging_outside(repo: Path) -> Path:

@@ -416,3 +416,23 @@ def test_maskbank_infer_task_names_the_backend(servers):
     with grpc.insecure_channel(server.url) as channel:
         answer = mb_grpc.MaskbankStub(channel).InferTask(request)
     assert (answer.task_id, answer.backend) == (1, "onnxruntime")
+
+
+def test_a_second_export_into_a_folder_while_one_runs_fails_at_once_and_touches_nothing(bn_registry, tmp_path):
+    """Two exports into one folder swept away each other's staged files and mixed their own."""
+    from registry.onnx_export import export_lock
+
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    export_onnx(bn_registry, "m", out, [0])
+    repo.mkdir()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with export_lock(out), export_lock(repo):  # as an export running in another process holds them
+        (out / ".staging-running").mkdir()  # that export's files, being written
+        with pytest.raises(ExportError, match=f"another export into {out} is running: wait for it to end"):
+            export_onnx(bn_registry, "m", out)
+        with pytest.raises(ExportError, match=f"another export into {repo} is running"):
+            export_triton(bn_registry, "m", repo)
+        assert (out / ".staging-running").is_dir() and not any(repo.iterdir())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [t["id"] for t in json.loads(export_onnx(bn_registry, "m", out).read_text())["tasks"]] == [0, 1]
+    assert len(export_triton(bn_registry, "m", repo)) == 2
