@@ -409,6 +409,14 @@ def _fwt_coverage(training: dict, tasks: int) -> str:
     return f" (over {covered} of the {tasks - 1} tasks after the first: the others were trained without --fwt)"
 
 
+def _no_fwt(manifest) -> str:
+    """Why a report has no FWT: no task was trained with --fwt, or only the first was, which FWT cannot
+    use (it compares a task learned after others with the same task learned alone)."""
+    if any("alone_accuracy" in t.metrics for t in manifest.tasks):
+        return "(only the first task was trained with --fwt; FWT needs a later one)"
+    return "(train with --fwt)"
+
+
 def format_report(manifest) -> str:
     """The accuracy matrix, the summary metrics and the per-task metrics of a manifest."""
     from trainer.metrics import format_matrix
@@ -419,7 +427,7 @@ def format_report(manifest) -> str:
              f"{training['settings']['stream']} (seed {training['settings']['seed']})", "",
              format_matrix(training["accuracy_matrix"], names), "",
              f"average accuracy {training['average_accuracy']:.3f}  forgetting {training['forgetting']:.3f}  "
-             f"BWT {training['bwt']:.3f}  FWT " + ("(train with --fwt)" if fwt is None else f"{fwt:.3f}")
+             f"BWT {training['bwt']:.3f}  FWT " + (_no_fwt(manifest) if fwt is None else f"{fwt:.3f}")
              + _fwt_coverage(training, len(manifest.tasks)), ""]
     keys = sorted({k for t in manifest.tasks for k, v in t.metrics.items() if isinstance(v, (int, float)) and k != "accuracy"})
     lines.append("| task | " + " | ".join(keys) + " |")

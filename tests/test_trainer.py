@@ -380,6 +380,10 @@ def test_fwt_says_how_many_tasks_it_covers(tmp_path):
     assert "(over 1 of the 2 tasks after the first: the others were trained without --fwt)" in format_report(partial)
     whole = train(Registry(tmp_path / "whole"), "m", 3, settings, log=lambda _: None, fwt=True)
     assert whole.training["fwt_tasks"] == 2 and "over" not in format_report(whole).split("FWT")[1].split("\n")[0]
+    first = train(Registry(tmp_path / "first"), "m", 1, settings, log=lambda _: None, fwt=True)
+    first = train(Registry(tmp_path / "first"), "m", 2, {}, log=lambda _: None)  # it told them to do what they did
+    assert "FWT (only the first task was trained with --fwt; FWT needs a later one)" in format_report(first)
+    assert "FWT (train with --fwt)" in format_report(registry.manifest("m", 1))
 
 
 def test_the_text_report_shows_metrics_that_are_not_numbers(tmp_path):
