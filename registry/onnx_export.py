@@ -197,6 +197,7 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
         raise UnknownName(f"Unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
     manifest = registry.manifest(model)
     out = Path(out)
+    check_outside_registry(registry, out)
     _earlier_export(out, manifest.model)  # refuses a folder this export must not write into, before making any
     graph = architecture_graph(manifest.architecture)
     created = first_missing(out)
@@ -265,6 +266,16 @@ def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | st
     return tasks
 
 
+def check_outside_registry(registry: Registry, out: Path) -> None:
+    """ExportError if `out` is a local registry's own folder or inside it: its files are the registry's
+    to manage, and Triton would take its folders (blobs/, models/) for models."""
+    if "://" in registry.location:
+        return
+    root, target = Path(registry.location).resolve(), out.resolve()
+    if target == root or root in target.parents:
+        raise ExportError(f"{out} is inside registry {registry.location}: export into a folder outside it")
+
+
 @contextlib.contextmanager
 def export_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while an export writes into it (flock on the folder itself,
@@ -272,7 +283,14 @@ def export_lock(folder: Path) -> Iterator[None]:
     into the same folder fails at once, saying so: it would have swept away the first one's staged
     files and mixed its own with them. Where the file system has no locks (some network mounts), the
     export goes on unlocked."""
-    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:  # made a moment ago, and removed by a failed export into it since
+        raise ExportError(f"{folder} was removed as this export started (another export into it failed): run "
+                          "this one again") from None
+    except OSError:  # a folder this user may write to but not read: nothing to lock it by
+        yield
+        return
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -34,6 +34,7 @@ from registry.onnx_export import (
     OUTPUT,
     STAGING,
     architecture_graph,
+    check_outside_registry,
     export_lock,
     first_missing,
     onnx_weights,
@@ -84,6 +85,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
         raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
     repo = Path(repo)
+    check_outside_registry(registry, repo)
     if repo.exists() and not repo.is_dir():
         raise ExportError(f"{repo} is a file, not a folder: give a Triton model repository (a folder, new or not)")
     manifest = registry.manifest(model)

@@ -303,6 +303,12 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile is a file, not a folder"):
         export_triton(copy, "m", tmp_path / "afile")
+    for inside in (Path(copy.location), Path(copy.location) / "exports"):  # Triton would load blobs/ and models/
+        with pytest.raises(ExportError, match="is inside registry .*: export into a folder outside it"):
+            export_triton(copy, "m", inside)
+        with pytest.raises(ExportError, match="is inside registry"):
+            export_onnx(copy, "m", inside)
+    assert not (Path(copy.location) / "exports").exists()
 
 
 def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
