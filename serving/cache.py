@@ -181,6 +181,10 @@ class CacheView:
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
+    def view(self) -> "CacheView":
+        """Another view of the same cache (a view passed where a cache is taken)."""
+        return self.cache.view()
+
     def close(self) -> None:
         """Refuse this view's puts from now on (reads go on): what still runs on its owner builds
         what it misses without keeping it."""

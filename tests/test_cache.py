@@ -94,3 +94,6 @@ def test_a_closed_view_reads_but_puts_nothing_and_other_views_are_untouched():
     new.put("b", "B", 10)
     assert new.get_or_create("c", lambda: ("C", 10)) == "C" and all(k in cache for k in "abc")
     assert cache.evict_where(lambda key: key in ("a", "b")) == (2, 20) and cache.stats().bytes == 10
+    other = old.view()  # a view of a closed view is a fresh view of the cache, open
+    other.put("d", "D", 10)
+    assert "d" in cache
