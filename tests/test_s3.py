@@ -327,3 +327,91 @@ def test_two_servers_follow_one_s3_registry(s3_url):
         assert np.array_equal(logits(clients[0], 0), before[0])  # appending did not change task 0
         for client in clients:
             client.close()
+
+
+class _StallingProxy:
+    """An HTTP proxy on loopback in front of the moto server that, while `stalling` is set, holds GET
+    requests for blobs unanswered until the client gives up: a store whose blob reads hang while its
+    listings and manifests answer (what a proxy, a throttled prefix or a failing disk behind S3 does)."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stalling = threading.Event()
+        self.released = threading.Event()
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                if self.command == "GET" and "/blobs/" in self.path and proxy.stalling.is_set():
+                    proxy.released.wait(30)  # the client's read timeout ends it first
+                    self.close_connection = True
+                    return
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = connection.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_blob_read_that_hangs_during_a_hot_add_fails_that_load_and_the_next_poll_serves_it(
+        s3_endpoint, s3_url, monkeypatch, caplog):
+    """The new task's blob read stalls: the load fails as a whole (the previous generation serves on, no
+    task is taken out of service), and once the store answers the next poll serves the new generation."""
+    from serving.repository import ModelRepository
+
+    proxy = _StallingProxy(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("MASKBANK_S3_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    S3FileSystem.clear_instance_cache()
+    try:
+        train_model(s3_url, "m", 1, TINY)
+        repository = ModelRepository(Registry(s3_url))
+        repository.refresh()
+        train_model(s3_url, "m", 2, TINY)  # published; the server has not polled yet
+        proxy.stalling.set()
+        with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+            began = time.monotonic()
+            assert repository.refresh() == []
+        assert time.monotonic() - began < 20
+        served = repository.get("m")
+        assert served.generation == 1 and not served.out_of_service()
+        failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(failed) == 1 and "generation 2 could not be loaded (still serving generation 1)" in failed[0]
+        assert f"cannot reach registry {s3_url}: ReadTimeoutError" in failed[0]
+        proxy.stalling.clear()
+        assert [s.generation for s in repository.refresh()] == [2]
+        served = repository.get("m")
+        assert served.logits(served.tasks[1], get_stream("permuted-digits").task(1).x_test[:4]).shape == (4, 10)
+        assert not served.out_of_service()
+    finally:
+        proxy.close()
+        S3FileSystem.clear_instance_cache()
