@@ -21,6 +21,7 @@ admit it, the product is computed from the packed masks a few rows at a time, in
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, Mapping, NamedTuple, Sequence
@@ -175,9 +176,9 @@ class MaskStack:
                 self._too_big.set()  # once per stack: an operator can act on it, a log line per request is noise
                 log.warning("model '%s': the gradient task-inference modes' float mask matrix (%d tasks, %.1f MB) "
                             "exceeds --cache-bytes (%.1f MB), so they compute from the bitpacked masks (2-3x "
-                            "slower at 1,000 tasks); raise --cache-bytes above %.0f MB to keep it",
+                            "slower at 1,000 tasks); raise --cache-bytes above %d MB to keep it",
                             self.model, len(self.ids), size / 1e6, self.cache.capacity_bytes / 1e6,
-                            (size + self.cache.stats().bytes) / 1e6)
+                            math.ceil((size + self.cache.stats().bytes) / 1e6))  # rounded up: "above 0 MB" said nothing
             if not self.cache.admits(self.key, size):
                 return None
             matrix = torch.empty(len(self.ids), self.width)
