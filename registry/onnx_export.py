@@ -44,6 +44,7 @@ from .errors import ExportError, InvalidArtifact, UnknownName
 from .manifest import Manifest, TaskEntry
 from .materialize import effective_parameters, served_backbone
 from .progress import Progress, no_progress
+from .storage import LocalStorage
 
 OPSET = 17
 INPUT = "input"
@@ -269,9 +270,9 @@ def _write_tasks(registry: Registry, manifest: Manifest, keys: Sequence[int | st
 def check_outside_registry(registry: Registry, out: Path) -> None:
     """ExportError if `out` is a local registry's own folder or inside it: its files are the registry's
     to manage, and Triton would take its folders (blobs/, models/) for models."""
-    if "://" in registry.location:
+    if not isinstance(registry.storage, LocalStorage):  # open_storage decides what is a local registry
         return
-    root, target = Path(registry.location).resolve(), out.resolve()
+    root, target = registry.storage.root.resolve(), out.resolve()
     if target == root or root in target.parents:
         raise ExportError(f"{out} is inside registry {registry.location}: export into a folder outside it")
 

@@ -191,8 +191,8 @@ class Snapshot:
 
     def uses(self, key: tuple) -> bool:
         """Whether this snapshot may look `key`, a key of its model, up in the shared cache: after a swap,
-        what is not (the weights of a backbone version replaced, as every ExSSNeT or SPG task makes; an
-        earlier basis; an earlier mask stack) is evicted rather than left to age out."""
+        what is not (the weights of a backbone version replaced, as every SPG, finetune or EWC task makes;
+        an earlier basis; an earlier mask stack) is evicted rather than left to age out."""
         if key[1] == "mask-stack":
             return isinstance(self._mask_stack, MaskStack) and key == self._mask_stack.key
         if key[1] == "basis":

@@ -309,6 +309,8 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
         with pytest.raises(ExportError, match="is inside registry"):
             export_onnx(copy, "m", inside)
     assert not (Path(copy.location) / "exports").exists()
+    with pytest.raises(ExportError, match="is inside registry"):  # a file:// URL is the same local folder
+        export_triton(Registry(f"file://{copy.location}"), "m", Path(copy.location) / "exports")
 
 
 def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
