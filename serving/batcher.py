@@ -31,13 +31,14 @@ from typing import Callable, Hashable
 
 import torch
 
-from .statistics import Statistics
+from .statistics import Statistics, Timing
 
 
 @dataclass
 class _Pending:
     x: torch.Tensor
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    timing: Timing = field(default_factory=Timing)  # set by its execution: its queue wait and the execution's time
     done: threading.Event | None = None  # only a request that waits gets one
     joined: asyncio.Future | None = None  # LoopBatcher: set when a request that joined a batch has its rows
     lead: bool = False  # set when this request is handed the lead of the next batch
@@ -97,15 +98,16 @@ class DynamicBatcher:
         self._expected = Expected()
 
     def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
-            arrived_ns: int | None = None) -> torch.Tensor:
+            arrived_ns: int | None = None, timing: Timing | None = None) -> torch.Tensor:
         """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`; its
         queue time counts from `arrived_ns` (time.perf_counter_ns(); default now), so that a wait
-        before this call (for the compute pool) is queue time too.
+        before this call (for the compute pool) is queue time too. `timing`, where given, receives
+        the request's queue and compute time, for its statistics once it is answered.
 
         A request that finds fewer than `instances` batches of its key running, none of them
         gathering company, leads one at once (no Event, no hand-off: the uncontended path costs two
         lock round trips); the others queue and wait."""
-        item = _Pending(x) if arrived_ns is None else _Pending(x, arrived_ns)
+        item = _Pending(x, time.perf_counter_ns() if arrived_ns is None else arrived_ns, timing or Timing())
         with self._cond:
             state = self._keys.setdefault(key, _Key())
             leads = state.running < self.instances and not state.gathering
@@ -179,12 +181,12 @@ class LoopBatcher:
         self._queues: dict[Hashable, tuple[list[_Pending], asyncio.Event, int]] = {}  # key -> (queued, full, rows)
         self._expected = Expected()
 
-    async def run(self, model: str, key: Hashable, x: torch.Tensor,
-                  compute: Callable[[torch.Tensor], torch.Tensor], max_rows: int | None = None) -> torch.Tensor:
+    async def run(self, model: str, key: Hashable, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+                  max_rows: int | None = None, timing: Timing | None = None) -> torch.Tensor:
         """`compute(x)` for this request, possibly batched with concurrent ones of the same `key`, in
         batches of at most `max_rows` rows (default and upper bound: max_batch_size). A request of
-        more rows than that runs alone."""
-        item = _Pending(x)
+        more rows than that runs alone. `timing`, where given, receives its queue and compute time."""
+        item = _Pending(x, timing=timing or Timing())
         if key in self._queues:
             queue, full, rows = self._queues[key]
             item.joined = asyncio.get_running_loop().create_future()
@@ -242,8 +244,9 @@ def take(batch: list[_Pending], queue: list[_Pending], max_rows: int) -> list[_P
 
 
 def execute(statistics: Statistics, model: str, batch: list[_Pending], compute) -> None:
-    """Run `batch` as one forward, hand each request its rows (or every request the error), and
-    record the execution (rows, requests, their queueing and compute time) in `statistics`."""
+    """Run `batch` as one forward, hand each request its rows (or every request the error) and its
+    timing (its wait, and the execution's duration: each request of a batch waited for all of it, as
+    Triton counts), and record the execution (rows, duration) in `statistics`."""
     started = time.perf_counter_ns()
     try:
         if len(batch) == 1:
@@ -256,6 +259,6 @@ def execute(statistics: Statistics, model: str, batch: list[_Pending], compute) 
         for pending in batch:
             pending.error = error
     finished = time.perf_counter_ns()
-    queue_ns = sum(started - p.enqueued_ns for p in batch)
-    rows = sum(p.x.shape[0] for p in batch)
-    statistics.execution(model, rows, len(batch), queue_ns, (finished - started) * len(batch))
+    for pending in batch:
+        pending.timing.queue_ns, pending.timing.compute_ns = started - pending.enqueued_ns, finished - started
+    statistics.execution(model, sum(p.x.shape[0] for p in batch), finished - started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
 from .errors import InvalidRequest
 from .snapshot import LoadedTask, Snapshot
+from .statistics import Timing
 from .task_inference import infer_task, needs_gradients
 
 PYTORCH = PyTorchBackend()
@@ -31,6 +32,7 @@ class InferenceResult:
     mode: str  # 'given', or the task-inference mode that chose the task
     backend: str  # the backend that computed the logits: 'pytorch' or 'onnxruntime'
     scores: dict[int, float] | None = None
+    timing: Timing = field(default_factory=Timing)  # its queue wait and compute time, for its statistics
 
 
 def check_input(snapshot: Snapshot, x: np.ndarray) -> torch.Tensor:
@@ -72,22 +74,25 @@ def infer(
     statistics count queue time from `arrived_ns` (time.perf_counter_ns() when the request arrived;
     default: this call), so that a wait for the compute pool is queue time, as in Triton.
     Forwards run on `backend`, except task inference by gradients, which always runs on PyTorch."""
-    model = snapshot.model
+    model, timing = snapshot.model, Timing()
     inputs = check_input(snapshot, x)
     if task is not None:
         chosen, run = given_task(snapshot, task, backend)
-        logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run, arrived_ns)
-        return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name)
+        logits = run(inputs) if batcher is None else batcher.run(model, (id(snapshot), chosen.key), inputs, run, arrived_ns,
+                                                                 timing)
+        return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given",
+                               backend.name, timing=timing)
     if needs_gradients(mode):
         backend = PYTORCH
     started = time.perf_counter_ns()
     choice = infer_task(mode, snapshot, inputs, shortlist, lambda tasks, batch: backend.logits_of(snapshot, tasks, batch))
     logits = choice.logits if choice.logits is not None else backend.logits(snapshot, choice.task, inputs)
+    timing.queue_ns = 0 if arrived_ns is None else max(0, started - arrived_ns)
+    timing.compute_ns = time.perf_counter_ns() - started
     if batcher is not None:
-        queued = 0 if arrived_ns is None else max(0, started - arrived_ns)
-        batcher.statistics.execution(model, len(inputs), 1, queued, time.perf_counter_ns() - started)
+        batcher.statistics.execution(model, len(inputs), timing.compute_ns)
     return InferenceResult(snapshot, choice.task, check_output(snapshot, choice.task, inputs, logits.cpu().numpy()),
-                           choice.mode, backend.name, choice.scores)
+                           choice.mode, backend.name, choice.scores, timing)
 
 
 async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batcher: LoopBatcher, max_rows: int,
@@ -95,10 +100,11 @@ async def infer_on_loop(snapshot: Snapshot, x: np.ndarray, task: int | str, batc
     """`infer` of a task-given request on the calling event loop, batched by `batcher` into forwards
     of at most `max_rows` rows: for requests small enough that handing them to a thread would cost
     more than computing them."""
-    inputs = check_input(snapshot, x)
+    inputs, timing = check_input(snapshot, x), Timing()
     chosen, run = given_task(snapshot, task, backend)
-    logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run, max_rows)
-    return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name)
+    logits = await batcher.run(snapshot.model, (id(snapshot), chosen.key), inputs, run, max_rows, timing)
+    return InferenceResult(snapshot, chosen, check_output(snapshot, chosen, inputs, logits.numpy()), "given", backend.name,
+                           timing=timing)
 
 
 def given_task(snapshot: Snapshot, task: int | str, backend: Backend):

@@ -23,7 +23,7 @@ from .errors import InvalidRequest, ResponseTooLarge
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
 from .snapshot import Snapshot
-from .statistics import Statistics
+from .statistics import ModelStats, Statistics
 from .status import abort_details
 from .task_inference import default_or_exhaustive
 from .timeouts import QueueTimeouts
@@ -156,18 +156,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.repository.get(request.name, request.version)  # NOT_FOUND for an unknown model
         counters = self.statistics.snapshot()
         response = pb.ModelStatisticsResponse()
+        duration = lambda d: pb.StatisticDuration(count=d.count, ns=d.ns)  # noqa: E731
         for model in models:
-            s = counters.get(model)
-            if s is None:
-                response.model_stats.add(name=model, version=str(self.repository.get(model).generation))
-                continue
-            duration = lambda d: pb.StatisticDuration(count=d.count, ns=d.ns)  # noqa: E731
+            s = counters.get(model) or ModelStats()
+            # Every duration is set, zero or not, as Triton sends them: JSON readers (as_json=True) find
+            # each key; compute_input/output (copies in and out) are part of compute_infer here.
+            zero = pb.StatisticDuration()
             response.model_stats.add(
                 name=model, version=str(self.repository.get(model).generation), last_inference=s.last_inference_ms,
                 inference_count=s.inference_count, execution_count=s.execution_count,
-                inference_stats=pb.InferStatistics(success=duration(s.success), fail=duration(s.fail),
-                                                   queue=duration(s.queue), compute_infer=duration(s.compute)),
-                batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                inference_stats=pb.InferStatistics(
+                    success=duration(s.success), fail=duration(s.fail), queue=duration(s.queue), compute_input=zero,
+                    compute_infer=duration(s.compute), compute_output=zero, cache_hit=zero, cache_miss=zero),
+                batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_input=zero, compute_infer=duration(d),
+                                                     compute_output=zero)
                              for size, d in sorted(s.batches.items())],
             )
         return response
@@ -214,7 +216,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception:
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False)
             raise
-        self.statistics.request(request.model_name, len(result.logits), time.perf_counter_ns() - began, ok=True)
+        self.statistics.request(request.model_name, len(result.logits), time.perf_counter_ns() - began, ok=True,
+                                timing=result.timing)
         return response, result
 
     async def _infer(self, request, snapshot) -> tuple[pb.ModelInferResponse, InferenceResult]:

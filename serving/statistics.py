@@ -19,6 +19,17 @@ class Duration:
 
 
 @dataclass
+class Timing:
+    """One request's wait in a queue and the duration of the execution that computed it (Triton's
+    queue and compute_infer). The request keeps them until it is answered: as in Triton, they count
+    in its model's statistics only if it succeeds (a request that fails after its execution, say
+    on non-finite outputs, counts as a failure alone)."""
+
+    queue_ns: int = 0
+    compute_ns: int = 0
+
+
+@dataclass
 class ModelStats:
     """Counters of one model. `inference_count` counts rows; `execution_count` counts model runs
     (a batched run of several requests counts once); `cancelled` counts the failed requests whose
@@ -48,26 +59,29 @@ class Statistics:
         with self._lock:
             self.unserved_failures += 1
 
-    def request(self, model: str, rows: int, total_ns: int, ok: bool, cancelled: bool = False) -> None:
+    def request(self, model: str, rows: int, total_ns: int, ok: bool, cancelled: bool = False,
+                timing: Timing | None = None) -> None:
         """One request finished (successfully or not; `cancelled`: failed because its caller went away)
-        after `total_ns` nanoseconds."""
+        after `total_ns` nanoseconds; `timing`, that of a successful one, counts in queue and compute."""
         with self._lock:
             stats = self._models[model]
             if ok:
                 stats.success.add(total_ns)
                 stats.inference_count += rows
                 stats.last_inference_ms = time.time_ns() // 1_000_000
+                if timing is not None:
+                    stats.queue.add(timing.queue_ns)
+                    stats.compute.add(timing.compute_ns)
             else:
                 stats.fail.add(total_ns)
                 stats.cancelled += cancelled
 
-    def execution(self, model: str, batch_rows: int, requests: int, queue_ns: int, compute_ns: int) -> None:
-        """One model run over `requests` requests with `batch_rows` rows in all."""
+    def execution(self, model: str, batch_rows: int, compute_ns: int) -> None:
+        """One model run of `batch_rows` rows in all (one request's or several merged), whether its
+        requests then succeed or not, as Triton counts executions and batch statistics."""
         with self._lock:
             stats = self._models[model]
             stats.execution_count += 1
-            stats.queue.add(queue_ns, requests)
-            stats.compute.add(compute_ns, requests)
             stats.batches[batch_rows].add(compute_ns)
 
     def snapshot(self) -> dict[str, ModelStats]:

@@ -10,21 +10,23 @@ import pytest
 import torch
 
 from serving.batcher import DynamicBatcher, Expected, LoopBatcher
-from serving.statistics import Statistics
+from serving.statistics import Statistics, Timing
 
 from .conftest import AtOnce
 
 
-def run_concurrently(batcher: DynamicBatcher, inputs: list[torch.Tensor], compute, key="k") -> list:
+def run_concurrently(batcher: DynamicBatcher, inputs: list[torch.Tensor], compute, key="k",
+                     timings: list[Timing] | None = None) -> list:
     """Each input through `batcher.run` on its own thread, all released at once by a barrier (a busy
-    machine may start threads milliseconds apart, longer than a test's queue delay)."""
+    machine may start threads milliseconds apart, longer than a test's queue delay); `timings`, where
+    given, receive each request's queue and compute time."""
     results = [None] * len(inputs)
     start = threading.Barrier(len(inputs))
 
     def call(i):
         start.wait(10)
         try:
-            results[i] = batcher.run("m", key, inputs[i], compute)
+            results[i] = batcher.run("m", key, inputs[i], compute, timing=timings[i] if timings else None)
         except Exception as error:  # noqa: BLE001 - the test inspects it
             results[i] = error
 
@@ -47,12 +49,16 @@ def test_concurrent_requests_are_merged_and_split_back():
     statistics = Statistics()
     batcher = DynamicBatcher(statistics, max_batch_size=64, max_queue_delay_us=50_000)
     inputs = [torch.full((i + 1, 3), float(i)) for i in range(8)]
-    results = run_concurrently(batcher, inputs, compute)
+    timings = [Timing() for _ in inputs]
+    results = run_concurrently(batcher, inputs, compute, timings=timings)
     for x, y in zip(inputs, results):
         assert torch.equal(y, x * 2)  # each request gets exactly its own rows back
     assert sum(calls) == sum(len(x) for x in inputs) and len(calls) < len(inputs)
     stats = statistics.snapshot()["m"]
-    assert stats.execution_count == len(calls) and stats.queue.count == len(inputs)
+    assert stats.execution_count == len(calls) and sum(d.count for d in stats.batches.values()) == len(calls)
+    # each request's timing: the whole execution it was part of (10 ms of sleep at least), and a wait
+    assert all(t.compute_ns >= 10_000_000 for t in timings) and max(t.queue_ns for t in timings) > 0
+    assert stats.queue.count == stats.compute.count == 0  # counted when the requests succeed, by their caller
 
 
 def test_batches_never_exceed_the_maximum():
@@ -163,7 +169,7 @@ def test_the_loop_batcher_merges_requests_that_arrive_within_the_delay():
     assert all(torch.equal(y, x * 2) for x, y in zip(inputs, results))  # each its own rows back
     assert calls == [sum(len(x) for x in inputs)]  # one execution for all of them
     stats = statistics.snapshot()["m"]
-    assert stats.execution_count == 1 and stats.queue.count == len(inputs)
+    assert stats.execution_count == 1 and stats.batches[sum(len(x) for x in inputs)].count == 1
 
 
 def test_the_loop_batcher_splits_at_the_maximum_and_runs_at_once_without_a_delay():

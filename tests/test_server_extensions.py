@@ -138,6 +138,25 @@ def test_statistics_count_successes_and_failures(server):
     assert sorted(s.name for s in every) == ["a", "b"]
 
 
+def test_statistics_time_successful_requests_only_and_send_every_field(server):
+    """As Triton: queue and compute time count the requests that succeed (perf_analyzer divides them by
+    the success count), while a failed request's execution still counts as an execution; every
+    duration is present, zero or not, so that JSON readers find each key."""
+    _, client, _ = server
+    before = client.get_inference_statistics("b").model_stats[0]
+    client.infer("b", request(), parameters={"task_id": 0})
+    with pytest.raises(InferenceServerException, match="non-finite outputs"):  # fails after its execution
+        client.infer("b", request(np.full((2, 64), 3e38, np.float32)), parameters={"task_id": 0})
+    after = client.get_inference_statistics("b").model_stats[0]
+    for name in ("success", "queue", "compute_infer"):
+        assert getattr(after.inference_stats, name).count == getattr(before.inference_stats, name).count + 1, name
+    assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
+    assert after.execution_count == before.execution_count + 2
+    stats = client.get_inference_statistics("b", as_json=True)["model_stats"][0]["inference_stats"]
+    assert set(stats) == {"success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                          "cache_hit", "cache_miss"}
+
+
 def test_queue_time_includes_the_wait_for_the_compute_pool(server):
     """Task inference runs on the compute pool: the time from arrival to its start is queue time, as
     in Triton (it was recorded as 0, however long requests waited for a thread)."""
