@@ -35,6 +35,7 @@ log = logging.getLogger("maskbank.serving")
 # costs more than it does. Bigger ones and task inference run on the compute pool, so that the loop
 # never blocks for long.
 INLINE_MACS = 1 << 24
+STREAM_IN_FLIGHT = 64  # the most requests of one ModelStreamInfer call computed, or answered but unsent, at once
 ENVELOPE_BYTES = 64 << 10  # room kept under --max-message-bytes (at most 1/16 of it) for what wraps an answer
 
 
@@ -51,6 +52,8 @@ def inline_rows(snapshot) -> int:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    stream_window = STREAM_IN_FLIGHT  # requests of one stream held at once (less with --max-queue-size)
+
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
                  backend: Backend | None = None, instances: int = 1, admission: Admission | None = None,
@@ -72,6 +75,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.batcher = DynamicBatcher(statistics, max_batch_size, max_queue_delay_us, instances)
         self.loop_batcher = LoopBatcher(statistics, max_batch_size, max_queue_delay_us)
         self.admission = admission or Admission()  # the bound per model on requests held at once (none by default)
+        # a stream reads no further ahead than the bound, which would refuse its own requests beyond it
+        self.stream_window = min(STREAM_IN_FLIGHT, self.admission.limit or STREAM_IN_FLIGHT)
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
         self.compute = compute  # runs the forwards handed off the event loop, a queue per priority level
@@ -114,16 +119,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return (await self.answer(request))[0]
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """One response per request, in order; a failed request is answered with its error message
-        and the stream stays open (as Triton does)."""
-        async for request in request_iterator:
-            try:
-                yield pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
-            except Exception as error:  # noqa: BLE001  a bug too is this request's answer (INTERNAL, logged)
-                code, message = abort_details("/inference.GRPCInferenceService/ModelStreamInfer", error)
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+        """One response per request, in the order of the requests; a failed request is answered with its
+        error message and the stream stays open. As Triton does for a model that answers each request
+        once, every request starts as soon as it is read, so the requests of one stream run (and batch)
+        together and a slow one (task inference) does not hold back the reading of those behind it;
+        their answers are sent in order. At most `stream_window` requests of a stream are held at once:
+        beyond them the stream is not read (gRPC's flow control then holds the client back)."""
+        answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.stream_window)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await slots.acquire()
+                answers.put_nowait(asyncio.ensure_future(self._stream_answer(request)))
+
+        reader = asyncio.ensure_future(read())
+        reader.add_done_callback(lambda _: answers.put_nowait(None))  # no more answers to come
+        try:
+            while (answer := await answers.get()) is not None:
+                response = await answer
+                slots.release()
+                yield response
+            reader.result()  # the reading failed (the client's stream broke): end the call with that error
+        finally:  # the client went away or the call ended: nothing still running has anyone to answer
+            reader.cancel()
+            while not answers.empty():
+                if (answer := answers.get_nowait()) is not None:
+                    answer.cancel()
+
+    async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
+        """A stream's answer to `request`: its response, or its error (a bug too: INTERNAL, logged) with its id."""
+        try:
+            return pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
+        except Exception as error:  # noqa: BLE001  a bug too is this request's answer (INTERNAL, logged)
+            code, message = abort_details("/inference.GRPCInferenceService/ModelStreamInfer", error)
+            return pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {message}",
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
 
     def ModelConfig(self, request, context):
         snapshot = self.repository.get(request.name, request.version)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -180,6 +181,22 @@ def test_a_stream_gets_the_refusal_as_its_answer_and_stays_open(busy_server):
     (_, refusal), (served, error) = answers
     assert "UNAVAILABLE: the server is busy" in str(refusal)
     assert error is None and served.as_numpy("logits").shape == (4, 10)
+
+
+def test_a_stream_never_reads_ahead_past_the_bound_so_it_does_not_refuse_itself(busy_server):
+    """A stream's requests run together, but no more of them than --max-queue-size: one client that
+    pipelines its requests on a stream waits (flow control) rather than be refused by its own."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{busy_server.port}")
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(10):
+            client.async_stream_infer("m", inputs(), request_id=str(i))  # task inference: on the compute pool, at once
+        received = [answers.get(timeout=30) for _ in range(10)]
+    finally:
+        client.stop_stream()
+    assert [error for _, error in received] == [None] * 10
+    assert [result.get_response().id for result, _ in received] == [str(i) for i in range(10)]
 
 
 def test_maskbank_infer_task_is_bounded_too(busy_server):

@@ -101,6 +101,44 @@ def test_a_bug_answering_one_stream_request_fails_that_request_only():
                                  "the server log has details")
 
 
+def test_a_stream_computes_its_requests_together_and_answers_in_order():
+    """A stream's requests run at once (as in Triton, they batch together, and one slow request does
+    not hold back those behind it), and the answers come in request order: here the first request
+    can only finish once the second has started, which a stream answering one request at a time
+    never does."""
+    import asyncio
+
+    from serving.servicer import InferenceServicer
+
+    class Dependent(InferenceServicer):
+        def __init__(self):  # only ModelStreamInfer's loop is under test here
+            self.second_started = asyncio.Event()
+            self.finished: list[str] = []
+
+        async def answer(self, request):
+            if request.id == "first":
+                await self.second_started.wait()
+            else:
+                self.second_started.set()
+            self.finished.append(request.id)
+            return pb.ModelInferResponse(id=request.id), None
+
+    async def answers():
+        servicer = Dependent()
+
+        async def requests():
+            for name in ("first", "second", "third"):
+                yield pb.ModelInferRequest(model_name="a", id=name)
+
+        async def collect():
+            return [a.infer_response.id async for a in servicer.ModelStreamInfer(requests(), None)]
+
+        return await asyncio.wait_for(collect(), 10), servicer.finished
+
+    sent, finished = asyncio.run(answers())
+    assert sent == ["first", "second", "third"] and finished[0] == "second"
+
+
 def test_a_huge_model_name_gets_not_found_and_is_not_kept(server):
     """A client's string is quoted in part (a status message travels in a header, which clients cap at
     16 KiB) and a model the server does not serve gets no statistics (they would grow without bound)."""
