@@ -51,7 +51,8 @@ class ModelRepository:
         self.gradients = gradients
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
-        self._unloaded: set[str] = set()  # models an operator unloaded: not followed until loaded again
+        self._unloaded: dict[str, int] = {}  # models an operator unloaded (the generation they served, 0 if none):
+        # not followed until loaded again
         self._loading: set[str] = set()  # models a load() is bringing in now, not served yet
         self._only = None if only is None else set(only)  # the models this server follows, if not all
         self._refresh_lock = threading.Lock()
@@ -95,7 +96,7 @@ class ModelRepository:
                                 f"(models: {', '.join(self.registry.published_models()) or 'none'})")
         self._loading.add(model)
         try:
-            self._unloaded.discard(model)
+            self._unloaded.pop(model, None)
             if self._only is not None:
                 self._only.add(model)
             self.refresh([model])
@@ -108,8 +109,8 @@ class ModelRepository:
         with self._refresh_lock:  # a refresh in flight must not bring it back
             if model not in self._snapshots and model not in self._load_errors:
                 raise ModelNotFound(f"model '{model}' is not loaded (loaded: {', '.join(self.models()) or 'none'})")
-            self._unloaded.add(model)
             unloaded = self._snapshots.pop(model, None)
+            self._unloaded[model] = unloaded.generation if unloaded is not None else 0
             self._load_errors.pop(model, None)
             if unloaded is not None:
                 unloaded.stop_caching()  # first: requests still running on it must not put back what is evicted
@@ -138,10 +139,10 @@ class ModelRepository:
             snapshot = self._snapshots.get(model)
             if snapshot is not None:
                 rows.append((model, snapshot.generation, "READY", ""))
-            elif model in self._unloaded:
-                rows.append((model, 0, "UNLOADED", "unloaded by request"))
+            elif model in self._unloaded:  # Triton's state and reason for a model unloaded, with the version it served
+                rows.append((model, self._unloaded[model], "UNAVAILABLE", "unloaded"))
             elif not self._follows(model):
-                rows.append((model, 0, "UNLOADED", "not among the models this server was started with (--model)"))
+                rows.append((model, 0, "UNAVAILABLE", "not among the models this server was started with (--model)"))
             elif model in self._load_errors or published.get(model):
                 rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
             # else: no generation under that name (a first publish under way, or a stray entry): not a model yet

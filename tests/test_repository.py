@@ -231,7 +231,7 @@ def test_the_index_answers_from_the_last_poll_without_reading_the_registry(tmp_p
     repository.refresh()
     root.rename(tmp_path / "elsewhere")
     assert repository.index() == [
-        ("m", 1, "READY", ""), ("n", 0, "UNLOADED", "not among the models this server was started with (--model)")]
+        ("m", 1, "READY", ""), ("n", 0, "UNAVAILABLE", "not among the models this server was started with (--model)")]
 
 
 def test_unloading_a_model_frees_its_cached_weights_and_keeps_the_others(tmp_path, caplog):

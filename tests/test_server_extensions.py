@@ -218,7 +218,8 @@ def test_repository_index_load_and_unload(server):
     assert index == {"a": ("2", "READY"), "b": ("1", "READY")}
     client.unload_model("b", headers=ADMIN)
     assert not client.is_model_ready("b")
-    assert {m.name: m.state for m in client.get_model_repository_index().models}["b"] == "UNLOADED"
+    unloaded = {m.name: (m.version, m.state, m.reason) for m in client.get_model_repository_index().models}["b"]
+    assert unloaded == ("1", "UNAVAILABLE", "unloaded")  # Triton's words for a model unloaded, with its version
     with pytest.raises(InferenceServerException, match="unloaded") as info:
         client.infer("b", request(), parameters={"task_id": 0})
     assert info.value.status() == "StatusCode.NOT_FOUND"
@@ -270,7 +271,7 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         states = wait_for(lambda: "c" in index() and index(), what="model c in the index (as of the last poll)")
         assert states["a"] == ("READY", "")
         for model in ("b", "c"):
-            assert states[model] == ("UNLOADED", "not among the models this server was started with (--model)")
+            assert states[model] == ("UNAVAILABLE", "not among the models this server was started with (--model)")
             with pytest.raises(InferenceServerException) as info:
                 client.infer(model, request(), parameters={"task_id": 0})
             assert info.value.status() == "StatusCode.NOT_FOUND"
