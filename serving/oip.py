@@ -26,6 +26,9 @@ OUTPUTS = ("logits", "task_id")
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
 RESERVED_PREFIXES = ("triton_", "sequence_")
 PARAMETERS = ("task_id", "task", "task_inference", "task_shortlist", "task_scores")
+SHARED_MEMORY = "shared_memory_region"  # the tensor parameter of Triton's shared-memory extensions
+NO_SHARED_MEMORY = ("this server has no shared-memory extension (ServerMetadata lists the extensions it has); send "
+                    "the tensors in the request and read them from the answer")
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -54,6 +57,9 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
     if names != [INPUT_NAME]:
         raise InvalidRequest(f"model '{request.model_name}' takes exactly one input named '{INPUT_NAME}'; the request has {names}")
     tensor = request.inputs[0]
+    if SHARED_MEMORY in tensor.parameters:
+        raise InvalidRequest(f"input '{INPUT_NAME}' is in shared-memory region "
+                             f"'{_parameter(tensor.parameters, SHARED_MEMORY)}': {NO_SHARED_MEMORY}")
     if tensor.datatype != expected_datatype:
         raise InvalidRequest(f"input '{INPUT_NAME}' has datatype {tensor.datatype or '(empty)'}; the model takes {expected_datatype}")
     shape = tuple(tensor.shape)
@@ -83,9 +89,17 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def _parameter_value(parameter: pb.InferParameter):
-    kind = parameter.WhichOneof("parameter_choice")
-    return None if kind is None else getattr(parameter, kind)
+def _parameter(parameters, key: str, default=None):
+    """The value of parameter `key` in `parameters` (a map of InferParameter), `default` when absent.
+    InvalidRequest when it is present without a value (none of its fields set): the client meant
+    to say something that was lost, and the default would answer another question."""
+    if key not in parameters:
+        return default
+    kind = parameters[key].WhichOneof("parameter_choice")
+    if kind is None:
+        raise InvalidRequest(f"parameter '{key}' has no value (none of bool_param, int64_param, uint64_param, "
+                             "double_param or string_param is set); give it one or leave it out")
+    return getattr(parameters[key], kind)
 
 
 def decode_timeout(request: pb.ModelInferRequest, default_us: int = 0) -> float | None:
@@ -105,10 +119,8 @@ def decode_priority(request: pb.ModelInferRequest) -> int:
 def _non_negative_integer(request: pb.ModelInferRequest, key: str, default: int, meaning: str) -> int:
     """The integer parameter `key` (`default` when absent); InvalidRequest, saying `meaning`, unless it is
     a non-negative integer."""
-    if key not in request.parameters:
-        return default
-    value = _parameter_value(request.parameters[key])
-    if isinstance(value, (bool, float, str)) or value is None or value < 0:
+    value = _parameter(request.parameters, key, default)
+    if isinstance(value, (bool, float, str)) or value < 0:
         raise InvalidRequest(f"parameter '{key}' must be a non-negative integer {meaning}, got {value!r}")
     return value
 
@@ -120,9 +132,7 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
                      and not k.startswith(RESERVED_PREFIXES)]
     if unknown_names:
         raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown_names)} (maskbank reads: {', '.join(PARAMETERS)})")
-    task_id = _parameter_value(params["task_id"]) if "task_id" in params else None
-    name = _parameter_value(params["task"]) if "task" in params else None
-    mode = _parameter_value(params["task_inference"]) if "task_inference" in params else None
+    task_id, name, mode = (_parameter(params, key) for key in ("task_id", "task", "task_inference"))
     if task_id is not None and (isinstance(task_id, (bool, float, str)) or task_id < 0):
         raise InvalidRequest(f"parameter 'task_id' must be a non-negative integer, got {task_id!r}; use 'task' for a task name")
     if name is not None and not isinstance(name, str):
@@ -132,10 +142,10 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     if mode == "":  # not "the default": a client that meant a mode and sent none should hear of it
         raise InvalidRequest(f"parameter 'task_inference' is empty: name a mode ({', '.join(mode_names())}) or leave "
                              "the parameter out for the server's default")
-    shortlist = _parameter_value(params["task_shortlist"]) if "task_shortlist" in params else None
+    shortlist = _parameter(params, "task_shortlist")
     if shortlist is not None and (isinstance(shortlist, (bool, float, str)) or not 1 <= shortlist <= MAX_SHORTLIST):
         raise InvalidRequest(f"parameter 'task_shortlist' must be an integer from 1 to {MAX_SHORTLIST}, got {shortlist!r}")
-    scores = _parameter_value(params["task_scores"]) if "task_scores" in params else False
+    scores = _parameter(params, "task_scores", False)
     if not isinstance(scores, bool):
         raise InvalidRequest(f"parameter 'task_scores' must be a boolean (true: a task-inference answer carries every "
                              f"candidate's score), got {scores!r}")
@@ -169,9 +179,11 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     if len(named) < len(request.outputs):  # each name would get a full copy: a small request could ask for gigabytes
         twice = sorted(name for name, count in named.items() if count > 1)
         raise InvalidRequest(f"output(s) {twice} requested more than once; name each output once")
+    if shared := [o.name for o in request.outputs if SHARED_MEMORY in o.parameters]:
+        raise InvalidRequest(f"output(s) {shared[:10]} asked into a shared-memory region: {NO_SHARED_MEMORY}")
     outputs = []
     for output in request.outputs:
-        classes = _parameter_value(output.parameters["classification"]) if "classification" in output.parameters else 0
+        classes = _parameter(output.parameters, "classification", 0)
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
             raise InvalidRequest(f"output '{output.name}': parameter 'classification' (class_count) must be a "
                                  f"non-negative integer, got {classes!r}")

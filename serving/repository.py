@@ -18,7 +18,7 @@ import torch
 from registry import MaskbankError, ModelNotFound, Registry
 
 from .cache import LRUCache
-from .errors import ModelUnavailable, VersionNotLoaded
+from .errors import InvalidRequest, ModelUnavailable, VersionNotLoaded
 from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_bytes
 from .snapshot import Snapshot
 
@@ -83,6 +83,11 @@ class ModelRepository:
             only = "" if self._only is None else "; this server serves only the models it was started with (--model)"
             raise ModelNotFound(f"no model named '{model}' is served (models: {known}{only})")
         if version and version != str(snapshot.generation):
+            if not (version.isascii() and version.isdigit()):
+                raise InvalidRequest(f"model version '{version}' is not a number: a model's versions are its generation "
+                                     f"numbers (the served one is '{snapshot.generation}'); omit the version to use it")
+            if int(version) == snapshot.generation:  # written another way ("07"), as Triton reads versions
+                return snapshot
             raise VersionNotLoaded(
                 f"model '{model}' version '{version}' is not served; the served version is "
                 f"'{snapshot.generation}' (the newest generation); omit the version to use it"

@@ -279,12 +279,48 @@ def test_raw_bytes_that_do_not_fit_the_shape(live):
     assert "needs 256 bytes; the request has 12" in info.value.details()
 
 
+def raw_request(**parameters) -> pb.ModelInferRequest:
+    """A request for task 0 of four good rows, built with the raw protobuf (tritonclient cannot send an
+    empty parameter or a shared-memory input without registering a region)."""
+    request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[GOOD.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(GOOD.shape))
+    request.parameters["task_id"].int64_param = 0
+    for key, value in parameters.items():
+        request.parameters[key].string_param = value
+    return request
+
+
+@pytest.mark.parametrize("case", ["empty parameter", "input in shared memory", "output into shared memory"])
+def test_what_the_server_cannot_read_is_refused_not_ignored(live, case):
+    """A parameter sent without a value ran with the default (task inference for an empty task_id), and a
+    shared-memory input was read as an input of no values ("needs 256 values; the request has 0")."""
+    request = raw_request()
+    if case == "empty parameter":
+        request.parameters["task_id"].Clear()
+        expected = "parameter 'task_id' has no value"
+    elif case == "input in shared memory":
+        del request.raw_input_contents[:]
+        request.inputs[0].parameters["shared_memory_region"].string_param = "input_region"
+        expected = "input 'input' is in shared-memory region 'input_region': this server has no shared-memory extension"
+    else:
+        request.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "output_region"
+        expected = "output(s) ['logits'] asked into a shared-memory region: this server has no shared-memory extension"
+    with grpc.insecure_channel(live.server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in info.value.details()
+
+
 def test_unknown_version_and_unknown_output(live):
     inp = triton.InferInput("input", [1, 64], "FP32")
     inp.set_data_from_numpy(GOOD[:1])
     with pytest.raises(InferenceServerException, match="version '2' is not served") as info:
         live.client.infer(MODEL, [inp], model_version="2", parameters={"task_id": 0})
     assert info.value.status() == "StatusCode.NOT_FOUND"
+    served = live.client.get_model_metadata(MODEL).versions[0]
+    assert live.client.infer(MODEL, [inp], model_version=f"0{served}", parameters={"task_id": 0})  # as Triton reads it
+    with pytest.raises(InferenceServerException, match="model version 'latest' is not a number") as info:
+        live.client.infer(MODEL, [inp], model_version="latest", parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException, match=r"unknown output\(s\) \['probs'\]"):
         live.client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("probs")], parameters={"task_id": 0})
 
