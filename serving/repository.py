@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from registry import MaskbankError, ModelNotFound, Registry
+from registry import MaskbankError, ModelNotFound, Registry, RegistryUnreachable
 
 from .cache import LRUCache
 from .errors import InvalidRequest, ModelUnavailable, VersionNotLoaded
@@ -23,6 +23,9 @@ from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_byte
 from .snapshot import Snapshot
 
 log = logging.getLogger("maskbank.serving")
+
+
+FALLBACK_GENERATIONS = 16  # how many generations before an unloadable newest one a starting server tries
 
 
 class ModelRepository:
@@ -75,7 +78,7 @@ class ModelRepository:
             if model in self._unloaded:
                 raise ModelNotFound(f"model '{model}' is unloaded; load it again (RepositoryModelLoad) to serve it")
             if model in self._load_errors:
-                raise ModelUnavailable(f"model '{model}' could not be loaded: {self._load_errors[model]}")
+                raise ModelUnavailable(f"model '{model}' is not served: {self._load_errors[model]}")
             if self._only is not None and model in self._only:
                 raise ModelNotFound(f"model '{model}' is not served yet: this server serves it (--model) once a loadable "
                                     f"generation of it is in registry {self.registry.location}")
@@ -107,6 +110,10 @@ class ModelRepository:
             self.refresh([model])
         finally:
             self._loading.discard(model)
+        if model in self._load_errors:  # as Triton's, a load that failed is an error, whatever still serves
+            served = self._snapshots.get(model)
+            kept = f"; generation {served.generation} is still served" if served is not None else ""
+            raise ModelUnavailable(f"model '{model}': {self._load_errors[model]}{kept}")
         return self.get(model)
 
     def unload(self, model: str) -> None:
@@ -142,8 +149,8 @@ class ModelRepository:
         rows = []
         for model in sorted(set(published) | set(self._snapshots)):
             snapshot = self._snapshots.get(model)
-            if snapshot is not None:
-                rows.append((model, snapshot.generation, "READY", ""))
+            if snapshot is not None:  # ready, and why a newer generation is not served where one failed
+                rows.append((model, snapshot.generation, "READY", self._load_errors.get(model, "")))
             elif model in self._unloaded:  # Triton's state and reason for a model unloaded, with the version it served
                 rows.append((model, self._unloaded[model], "UNAVAILABLE", "unloaded"))
             elif not self._follows(model):
@@ -181,21 +188,19 @@ class ModelRepository:
                         log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
                                     "model was deleted and published again, or the registry restored from an older "
                                     "copy); serving generation %d", model, latest, current.generation, latest)
-                    snapshot = Snapshot.load(self.registry, self.registry.manifest(model, latest), current, self.cache,
-                                             self.gradients, self.device)
+                    snapshot, failure = self._load_newest(model, latest, current)
                 except MaskbankError as error:
-                    if self._load_errors.get(model) != str(error):
-                        kept = (f"still serving generation {current.generation}" if current is not None
-                                else "not served until a loadable generation is published")
-                        log.error("model '%s': generation %s could not be loaded (%s): %s", model, latest, kept, error)
-                    self._load_errors[model] = str(error)
+                    self._failed(model, latest, error, current)
                     continue
                 self._snapshots[model] = snapshot
                 self._changed()
                 if current is not None:
                     current.retire()
                     self._evict_unused(snapshot)
-                self._load_errors.pop(model, None)
+                if failure is None:
+                    self._load_errors.pop(model, None)
+                else:
+                    self._failed(model, latest, failure, snapshot, fallback=True)
                 swapped.append(snapshot)
                 log.info("serving model '%s' generation %d (%d tasks)", model, snapshot.generation, len(snapshot.tasks))
             if models is None:
@@ -203,6 +208,44 @@ class ModelRepository:
         for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
             snapshot.warm()
         return swapped
+
+    def _load_newest(self, model: str, latest: int, current: Snapshot | None) -> tuple[Snapshot, MaskbankError | None]:
+        """Generation `latest` of `model`, and None. Where it does not load and nothing of the model is
+        served yet (a server started after a bad publish), the newest of the FALLBACK_GENERATIONS before
+        it that loads, and why `latest` did not: a server already running keeps serving its generation
+        meanwhile, so a replica started later serves the same rather than nothing. Raises `latest`'s
+        error when none loads, and at once when the registry cannot be reached."""
+        try:
+            return self._load(model, latest, current), None
+        except RegistryUnreachable:
+            raise
+        except MaskbankError as error:
+            if current is not None:
+                raise
+            for older in range(latest - 1, max(0, latest - 1 - FALLBACK_GENERATIONS), -1):
+                try:
+                    return self._load(model, older, None), error
+                except RegistryUnreachable:
+                    raise error from None
+                except MaskbankError:
+                    continue
+            raise
+
+    def _load(self, model: str, generation: int, current: Snapshot | None) -> Snapshot:
+        return Snapshot.load(self.registry, self.registry.manifest(model, generation), current, self.cache,
+                             self.gradients, self.device)
+
+    def _failed(self, model: str, generation: int | None, error: MaskbankError, served: Snapshot | None,
+                fallback: bool = False) -> None:
+        """Generation `generation` of `model` did not load: keep why (RepositoryIndex, RepositoryModelLoad
+        and requests say it) and log it once per distinct error."""
+        reason = f"generation {generation} could not be loaded: {error}"
+        if self._load_errors.get(model) != reason:
+            kept = ("not served until a loadable generation is published" if served is None
+                    else f"serving generation {served.generation}, the newest that loads" if fallback
+                    else f"still serving generation {served.generation}")
+            log.error("model '%s': generation %s could not be loaded (%s): %s", model, generation, kept, error)
+        self._load_errors[model] = reason
 
     def _evict_unused(self, snapshot: Snapshot) -> None:
         """Drop the cache entries of `snapshot`'s model that it will never look up (Snapshot.uses), so

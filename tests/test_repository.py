@@ -165,6 +165,30 @@ def test_a_generation_that_cannot_be_loaded_is_logged_with_what_is_served_instea
     assert "model 'm': generation 2 could not be loaded (still serving generation 1)" in caplog.text
 
 
+def test_a_server_started_after_a_bad_publish_serves_the_newest_generation_that_loads(tmp_path, caplog):
+    """A running server keeps serving generation 2 when generation 3 cannot be loaded; one started
+    then served nothing (every replica restarted after a bad publish took the model down). It serves 2
+    too, says why 3 is not served (index, an explicit load: an error, as in Triton), and serves 3
+    once it loads."""
+    train_model(tmp_path, "m", 3, TINY)
+    newest = tmp_path / "models" / "m" / "generations" / "0000000003.json"
+    text = newest.read_text()
+    newest.write_text(text[:50])
+    repository = ModelRepository(Registry(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        repository.refresh()
+    assert repository.get("m").generation == 2
+    assert "model 'm': generation 3 could not be loaded (serving generation 2, the newest that loads)" in caplog.text
+    (model, generation, state, reason), = repository.index()
+    assert (model, generation, state) == ("m", 2, "READY") and reason.startswith("generation 3 could not be loaded: ")
+    with pytest.raises(ModelUnavailable, match="model 'm': generation 3 could not be loaded: .*; generation 2 is still "
+                                               "served"):
+        repository.load("m")
+    assert repository.get("m").generation == 2
+    newest.write_text(text)
+    assert repository.load("m").generation == 3 and repository.index()[0] == ("m", 3, "READY", "")
+
+
 def _corrupt_mask(registry: Registry, task: int) -> tuple[Path, bytes]:
     """Damage the mask blob of `task` of model m; return its file and the good bytes to restore."""
     blob = Path(registry.blobs.describe(registry.manifest("m").task(task).parts["masks"].digest))
