@@ -18,6 +18,7 @@ from pathlib import Path
 
 from registry import MaskbankError
 
+from .interrupts import interrupted_status, raise_terminated, stopped_by
 from .parent import stop_with_parent
 
 EXAMPLES = """examples:
@@ -377,9 +378,9 @@ def _train(args) -> None:
         published = registry.find_manifest(args.model)
         done = len(published.tasks) if published else 0
         state = f"generation {published.generation}" if published else "nothing published"
-        print(f"\nmaskbank train: {_stopped_by(interrupt)}; model '{args.model}' has {done} of {args.tasks} task(s) in "
+        print(f"\nmaskbank train: {stopped_by(interrupt)}; model '{args.model}' has {done} of {args.tasks} task(s) in "
               f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
-        raise SystemExit(_interrupted_status(interrupt)) from None
+        raise SystemExit(interrupted_status(interrupt)) from None
     print(format_report(manifest))
 
 
@@ -490,15 +491,6 @@ def _demo(args) -> None:
     run_demo(args.registry, args.model, args.tasks, args.batch_size)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's, `timeout`'s, `docker stop`'s): unwinds like Ctrl-C, so every command stops
-    as cleanly (a demo's server child stopped, a training run's message said), with status 143."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 PLUGINS_VARIABLE = "MASKBANK_PLUGINS"
 
 
@@ -528,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("maskbank").setLevel(args.log_level)
     terminate = None
-    if args.command != "serve" and threading.current_thread() is threading.main_thread():  # serve drains itself
-        terminate = signal.signal(signal.SIGTERM, _raise_terminated)
+    if threading.current_thread() is threading.main_thread():  # serve, once listening, drains on its own handlers
+        terminate = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = _run(args)
         sys.stdout.flush()  # here, so that a reader gone (`| head`) is seen below, not at interpreter exit
@@ -585,15 +577,8 @@ def _run(args) -> int:
         print(f"{_command(args)}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the shell's convention, without a traceback
-        print(f"\n{_command(args)}: {_stopped_by(interrupt)}", file=sys.stderr)
-        return _interrupted_status(interrupt)
+        print(f"\n{_command(args)}: {stopped_by(interrupt)}", file=sys.stderr)
+        return interrupted_status(interrupt)
     return 0
 
 
-def _stopped_by(interrupt: KeyboardInterrupt) -> str:
-    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
-
-
-def _interrupted_status(interrupt: KeyboardInterrupt) -> int:
-    """The shell's status for a process stopped by that signal: 128 + its number."""
-    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)

@@ -477,6 +477,9 @@ raise SystemExit(run())
     done = subprocess.run([sys.executable, "-c", later, "report", "m", "--registry", "nowhere"], capture_output=True,
                           text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "\nmaskbank: interrupted\n")
+    terminated = script.replace("raise KeyboardInterrupt", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    done = subprocess.run([sys.executable, "-c", terminated], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (143, "\nmaskbank: terminated (SIGTERM)\n")  # it died unannounced (-15)
 
 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path):
