@@ -114,6 +114,20 @@ class ComputePool(Executor):
                 if thread is not threading.current_thread():
                     thread.join()
 
+    def refuse_waiting(self, error: BaseException) -> int:
+        """Fail the work still waiting for a thread with `error` (the server's grace period is over: its
+        callers get that answer rather than a cancelled call); work running goes on. Returns how many."""
+        with self._cond:
+            waiting = [work for level in self._levels for work in level]
+            for level in self._levels:
+                level.clear()
+        refused = 0
+        for work in waiting:
+            if work.future.set_running_or_notify_cancel():  # not cancelled by its caller meanwhile
+                work.future.set_exception(error)
+                refused += 1
+        return refused
+
     def _next(self) -> _Work | None:
         """The work to run next (the lock held), or None when nothing live is queued."""
         now = time.monotonic()

@@ -29,3 +29,8 @@ class ServerBusy(Overloaded):
 
 class RequestTimeout(Overloaded):
     """The request waited for the compute pool longer than its `timeout` parameter allows."""
+
+
+class ShuttingDown(MaskbankError):
+    """The server is stopping: a call it can no longer answer in its grace period, or a stream or watch
+    it ends (UNAVAILABLE: the client retries, or reconnects to another replica)."""

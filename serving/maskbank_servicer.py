@@ -7,12 +7,13 @@ import contextlib
 
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ShuttingDown
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .snapshot import LoadedTask, Snapshot
 
 WATCH_POLL_SECONDS = 1.0  # a watch also looks this often, whatever woke it
+WATCH_CLOSED = "the server is shutting down: watch the model on another replica"
 
 
 def task_info(snapshot: Snapshot, task: LoadedTask) -> mb.TaskInfo:
@@ -39,6 +40,11 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
         for loop, event in list(self._watchers):
             loop.call_soon_threadsafe(event.set)
 
+    def close_watches(self) -> None:
+        """The server is stopping: every watch ends with UNAVAILABLE, at once (on the event loop)."""
+        self.inference.closing = True
+        self._wake_watchers()
+
     def ListTasks(self, request, context):
         snapshot = self.repository.get(request.model)
         return mb.ListTasksResponse(model=snapshot.model, generation=snapshot.generation,
@@ -61,8 +67,9 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
 
     async def WatchModel(self, request, context):
         """The model's snapshot now, then each one the server swaps in (a new generation, also a lower
-        one when the registry went back, or the same one loaded again); NOT_FOUND once the model is
-        unloaded. Woken by the repository on every change, on the event loop: no thread per watch (a
+        one when the registry went back, or the same one loaded again; swaps in quick succession may be
+        reported as one, the newest); NOT_FOUND once the model is unloaded, UNAVAILABLE once the server
+        stops. Woken by the repository on every change, on the event loop: no thread per watch (a
         thread each, from asyncio's small default pool, delayed every watch beyond a handful)."""
         snapshot = self.repository.get(request.model)
         watch = (asyncio.get_running_loop(), asyncio.Event())
@@ -73,6 +80,8 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
                                          tasks=len(snapshot.tasks), task_names=[t.name for t in snapshot.manifest.tasks])
                 while True:
                     watch[1].clear()  # before the look: a change after it sets the event again
+                    if self.inference.closing:
+                        raise ShuttingDown(WATCH_CLOSED)
                     current = self.repository.get(request.model)  # NOT_FOUND ends the watch
                     if current is not snapshot:
                         break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -30,6 +31,7 @@ from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
 from .compute_pool import ComputePool
+from .errors import ShuttingDown
 from .logs import flush_flood_logs
 from .maskbank_servicer import MaskbankServicer
 from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_bytes
@@ -132,8 +134,8 @@ class ServerConfig:
             raise ValueError(f"--threads must be 0 or more (0: torch's and ONNX Runtime's own choice), got {self.torch_threads}")
         if not self.poll_interval > 0:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
-        if self.grace_seconds < 0:
-            raise ValueError(f"--grace-seconds must be 0 or more, got {self.grace_seconds}")
+        if not 0 <= self.grace_seconds <= 3600:  # `not`: NaN too; infinity would hold a stop by an idle client forever
+            raise ValueError(f"--grace-seconds must be from 0 to 3600, got {self.grace_seconds}")
         if not 0 <= self.drain_seconds <= 3600:
             raise ValueError(f"--drain-seconds must be from 0 to 3600, got {self.drain_seconds}")
         if not 0 <= self.max_concurrent_streams <= INT32_MAX:
@@ -215,6 +217,9 @@ def package_version() -> str:
         return "unknown"
 
 
+ANSWER_SECONDS = 0.5  # after the grace period, how long gRPC gets to send the answers of the calls refused
+
+
 class InferenceServer:
     """Owns the gRPC server, the model repository and the follower thread."""
 
@@ -277,7 +282,8 @@ class InferenceServer:
             interceptors=[AdminAuthInterceptor(config.bearer_token), ErrorInterceptor()], options=limits,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
-        mb_grpc.add_MaskbankServicer_to_server(MaskbankServicer(self.repository, self.servicer), server)
+        self.maskbank = MaskbankServicer(self.repository, self.servicer)
+        mb_grpc.add_MaskbankServicer_to_server(self.maskbank, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for module in (health_pb2, reflection_pb2):  # reflection answers from maskbank's pool
             _add_to_pool(module.DESCRIPTOR)
@@ -388,7 +394,38 @@ class InferenceServer:
         if self.config.drain_seconds:  # still serving, but unready: balancers and probes move away first
             log.info("draining: health NOT_SERVING, still serving calls for %g s (--drain-seconds)", self.config.drain_seconds)
             await asyncio.sleep(self.config.drain_seconds)
-        await self.server.stop(self.config.grace_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(self.config.grace_seconds + ANSWER_SECONDS))
+        self._close_streams()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopping), self.config.grace_seconds)
+        if not stopping.done():
+            self._refuse_waiting("its grace period (--grace-seconds) ended")
+        await stopping
+
+    def stop_now(self) -> None:
+        """End a graceful stop now (a second SIGINT or SIGTERM): the calls waiting for the compute pool are
+        answered UNAVAILABLE, the others cancelled. From any thread, a signal handler's included."""
+        log.warning("stopping now (signalled again): calls still waiting are answered UNAVAILABLE, running ones cancelled")
+
+        def now() -> None:
+            self._close_streams()
+            self._refuse_waiting("it was stopped at once")
+            asyncio.ensure_future(self.server.stop(ANSWER_SECONDS))
+
+        self._loop.call_soon_threadsafe(now)
+
+    def _close_streams(self) -> None:
+        """Streams stop reading and end with UNAVAILABLE once they answered what they hold, watches at once:
+        neither holds the stop for the whole grace period, nor takes requests it may not finish."""
+        self.servicer.close_streams()
+        self.maskbank.close_watches()
+
+    def _refuse_waiting(self, why: str) -> None:
+        refused = self.servicer.compute.refuse_waiting(ShuttingDown(
+            f"the server is shutting down and {why} before this request was computed; retry (another replica)"))
+        if refused:
+            log.warning("stopping: %d request(s) still waiting for the compute pool answered UNAVAILABLE (%s)",
+                        refused, why)
 
     def wait(self) -> None:
         """Block until the server has stopped."""
@@ -438,4 +475,6 @@ def serve_forever(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping: stop now
+        signal.signal(sig, lambda *_: server.stop_now())
     server.stop()

@@ -19,7 +19,7 @@ from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
 from .compute_pool import ComputePool
-from .errors import InvalidRequest, ResponseTooLarge
+from .errors import InvalidRequest, ResponseTooLarge, ShuttingDown
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
 from .snapshot import Snapshot
@@ -36,6 +36,8 @@ log = logging.getLogger("maskbank.serving")
 # never blocks for long.
 INLINE_MACS = 1 << 24
 STREAM_IN_FLIGHT = 64  # the most requests of one ModelStreamInfer call computed, or answered but unsent, at once
+STREAM_CLOSED = ("the server is shutting down: the requests this stream sent before are answered; send the rest on a "
+                 "new stream (another replica)")
 ENVELOPE_BYTES = 64 << 10  # room kept under --max-message-bytes (at most 1/16 of it) for what wraps an answer
 
 
@@ -53,6 +55,7 @@ def inline_rows(snapshot) -> int:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     stream_window = STREAM_IN_FLIGHT  # requests of one stream held at once (less with --max-queue-size)
+    closing = False  # the server is stopping: streams end once they answered what they hold, watches at once
 
     def __init__(self, repository: ModelRepository, statistics: Statistics, *, version: str, default_mode: str,
                  max_batch_size: int, max_queue_delay_us: int, default_shortlist: int = 1,
@@ -83,6 +86,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.priority_levels = priority_levels  # Triton's: `priority` 1 (the highest) to N, the pool's levels
         self.default_priority_level = default_priority_level or priority_levels  # for 0 or beyond N (0: the lowest)
         self.ready = False  # set once the first load is done; cleared when shutting down
+        self._stream_readers: set[asyncio.Task] = set()  # the open streams' reading tasks (close_streams)
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -125,6 +129,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         together and a slow one (task inference) does not hold back the reading of those behind it;
         their answers are sent in order. At most `stream_window` requests of a stream are held at once:
         beyond them the stream is not read (gRPC's flow control then holds the client back)."""
+        if self.closing:
+            raise ShuttingDown(STREAM_CLOSED)
         answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.stream_window)
 
@@ -134,18 +140,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 answers.put_nowait(asyncio.ensure_future(self._stream_answer(request)))
 
         reader = asyncio.ensure_future(read())
+        self._stream_readers.add(reader)
+        reader.add_done_callback(self._stream_readers.discard)
         reader.add_done_callback(lambda _: answers.put_nowait(None))  # no more answers to come
         try:
             while (answer := await answers.get()) is not None:
                 response = await answer
                 slots.release()
                 yield response
+            if reader.cancelled():  # by close_streams: the server is stopping
+                raise ShuttingDown(STREAM_CLOSED)
             reader.result()  # the reading failed (the client's stream broke): end the call with that error
         finally:  # the client went away or the call ended: nothing still running has anyone to answer
             reader.cancel()
             while not answers.empty():
                 if (answer := answers.get_nowait()) is not None:
                     answer.cancel()
+
+    def close_streams(self) -> None:
+        """The server is stopping: each open stream stops reading, answers the requests it holds and
+        ends with UNAVAILABLE (an idle one at once). On the event loop."""
+        self.closing = True
+        for reader in list(self._stream_readers):
+            reader.cancel()
 
     async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
         """A stream's answer to `request`: its response, or its error (a bug too: INTERNAL, logged) with its id."""

@@ -16,7 +16,8 @@ import torch
 
 from registry import errors as reg
 
-from .errors import InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ResponseTooLarge, ServerBusy
+from .errors import (InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ResponseTooLarge, ServerBusy,
+                     ShuttingDown)
 from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving")
@@ -35,6 +36,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (reg.RegistryUnreachable, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ServerBusy, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (reg.PublishConflict, grpc.StatusCode.ABORTED),

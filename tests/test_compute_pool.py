@@ -30,6 +30,21 @@ def blocked_pool(lifo_after: float | None, levels: int = 1) -> tuple[ComputePool
     return pool, release
 
 
+def test_refuse_waiting_fails_the_queued_work_only():
+    """At the end of a server's grace period: work still queued gets the error (its callers an answer),
+    work cancelled by its caller stays cancelled, the running work finishes, and nothing refused runs."""
+    pool, release = blocked_pool(None)
+    ran: list[int] = []
+    waiting = [pool.submit(ran.append, i) for i in range(3)]
+    waiting[1].cancel()
+    assert pool.refuse_waiting(RuntimeError("stopping")) == 2
+    assert [type(f.exception(5)) for f in (waiting[0], waiting[2])] == [RuntimeError, RuntimeError]
+    assert waiting[1].cancelled() and pool.queued == 0
+    release.set()
+    pool.shutdown()
+    assert ran == []
+
+
 def run_order(pool: ComputePool, release: threading.Event, count: int, wait_before_release: float) -> list[int]:
     order: list[int] = []
     futures = [pool.submit(order.append, i) for i in range(count)]

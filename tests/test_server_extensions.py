@@ -80,7 +80,7 @@ def test_a_bug_answering_one_stream_request_fails_that_request_only():
 
     class Failing(InferenceServicer):
         def __init__(self):  # only ModelStreamInfer's loop is under test here
-            pass
+            self._stream_readers = set()
 
         async def answer(self, request):
             if request.id == "bad":
@@ -112,6 +112,7 @@ def test_a_stream_computes_its_requests_together_and_answers_in_order():
 
     class Dependent(InferenceServicer):
         def __init__(self):  # only ModelStreamInfer's loop is under test here
+            self._stream_readers = set()
             self.second_started = asyncio.Event()
             self.finished: list[str] = []
 

@@ -1,0 +1,137 @@
+"""A graceful stop under load and with open streams: every call gets an answer a client can act on
+(UNAVAILABLE: retry on another replica), idle streams and watches do not hold the stop for the whole
+grace period, and a second signal ends it at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from serving import InferenceServer, ServerConfig
+from serving._proto import maskbank_pb2 as mb
+from serving._proto import maskbank_pb2_grpc as mb_grpc
+from serving._proto import pb, pb_grpc
+
+from .conftest import TINY, train_model
+
+pytestmark = pytest.mark.slow
+X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+
+
+def infer_request(**parameters) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m", raw_input_contents=[X.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
+    for key, value in parameters.items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    train_model(root, "m", 2, TINY)
+    return root
+
+
+def started(registry, grace: float) -> InferenceServer:
+    server = InferenceServer(ServerConfig(registry=str(registry), port=0, metrics_port=-1, grace_seconds=grace))
+    server.start()
+    return server
+
+
+def stop_in_background(server: InferenceServer) -> threading.Thread:
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    return stopping
+
+
+def test_open_streams_and_watches_end_with_unavailable_rather_than_hold_the_stop(registry):
+    """An idle ModelStreamInfer and a WatchModel held every stop for the whole grace period, then were
+    cut off with gRPC's own message; a second signal did nothing meanwhile."""
+    server = started(registry, grace=30)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        requests_sent = threading.Event()
+
+        def requests():
+            yield infer_request(task_id=0)
+            requests_sent.wait(60)  # then idle: the client keeps the stream open
+
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+        assert next(stream).error_message == ""  # the first request is answered
+        watch = mb_grpc.MaskbankStub(channel).WatchModel(mb.WatchModelRequest(model="m"))
+        assert next(watch).generation == 2
+        began = time.monotonic()
+        stopping = stop_in_background(server)
+        for call in (stream, watch):
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the server is shutting down" in ended.value.details()
+        stopping.join(30)
+        assert not stopping.is_alive() and time.monotonic() - began < 10  # not the 30 s grace period
+        requests_sent.set()
+    finally:
+        channel.close()
+
+
+def test_requests_still_waiting_when_the_grace_period_ends_get_unavailable_not_cancelled(registry):
+    """They were cancelled by gRPC (CANCELLED, which clients and balancers do not retry)."""
+    server = started(registry, grace=0.5)
+    pool, release = server.servicer.compute, threading.Event()
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool.workers)]  # the compute pool is busy
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        waiting = [stub.ModelInfer.future(infer_request(), timeout=60) for _ in range(3)]  # task inference: the pool
+        deadline = time.monotonic() + 30
+        while pool.queued < len(waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopping = stop_in_background(server)
+        for call in waiting:
+            assert call.exception(30).code() == grpc.StatusCode.UNAVAILABLE
+            assert "its grace period (--grace-seconds) ended before this request was computed" in call.details()
+        release.set()
+        stopping.join(30)
+        assert not stopping.is_alive() and all(blocker.result(30) for blocker in blockers)
+    finally:
+        release.set()
+        channel.close()
+
+
+def test_stop_now_ends_a_graceful_stop_at_once(registry):
+    """A second SIGINT or SIGTERM while stopping (serve_forever) calls stop_now: the waiting calls are
+    answered UNAVAILABLE at once, not after the grace period."""
+    server = started(registry, grace=60)
+    pool, release = server.servicer.compute, threading.Event()
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool.workers)]
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        waiting = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(infer_request(), timeout=60)
+        deadline = time.monotonic() + 30
+        while pool.queued < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopping = stop_in_background(server)
+        time.sleep(0.5)
+        assert stopping.is_alive()  # graceful: waiting for the request
+        began = time.monotonic()
+        server.stop_now()
+        assert waiting.exception(30).code() == grpc.StatusCode.UNAVAILABLE
+        assert "it was stopped at once" in waiting.details()
+        release.set()
+        stopping.join(30)
+        assert not stopping.is_alive() and time.monotonic() - began < 10
+        assert all(blocker.result(30) for blocker in blockers)
+    finally:
+        release.set()
+        channel.close()
+
+
+@pytest.mark.parametrize("grace", [float("inf"), float("nan"), -1.0, 3601.0])
+def test_the_grace_period_is_a_finite_number_of_seconds(grace):
+    with pytest.raises(ValueError, match="--grace-seconds must be from 0 to 3600"):
+        ServerConfig(registry="r", grace_seconds=grace)
