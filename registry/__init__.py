@@ -7,6 +7,7 @@ from .catalog import Registry
 from .errors import (
     BlobCorrupt,
     BlobNotFound,
+    BlobUnreadable,
     InvalidArtifact,
     InvalidName,
     MaskbankError,
@@ -27,6 +28,7 @@ __all__ = [
     "BackboneVersion",
     "BlobCorrupt",
     "BlobNotFound",
+    "BlobUnreadable",
     "BlobRef",
     "InvalidArtifact",
     "InvalidName",

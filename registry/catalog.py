@@ -77,6 +77,9 @@ class Registry:
             data = self.storage.read(key) if generation else None
         except FileNotFoundError:
             data = None
+        except OSError as error:  # the system's own: this manifest (RegistryUnreachable, the registry, is no OSError)
+            raise ManifestError(f"manifest {self.storage.describe(key)} cannot be read ({error.strerror or error}): fix "
+                                "its permissions, or restore it from a backup") from None
         if data is None:
             known = ", ".join(self.published_models()) or "none"
             what = f"model '{model}'" if generation == 0 else f"generation {generation} of model '{model}'"

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .catalog import Registry
-from .errors import MaskbankError, RegistryError
+from .errors import BlobNotFound, BlobUnreadable, MaskbankError, RegistryError
 from .manifest import BlobRef
 from .progress import Progress, no_progress
 
@@ -75,7 +75,8 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
         try:
             registry.load(ref)
         except (MaskbankError, OSError) as error:  # an unreadable blob is one problem, not the end of the check
-            kind = "unreadable" if isinstance(error, OSError) else "missing" if "missing" in str(error) else "corrupt"
+            kind = ("unreadable" if isinstance(error, (OSError, BlobUnreadable)) else
+                    "missing" if isinstance(error, BlobNotFound) else "corrupt")
             report.problems.append(Problem(kind, registry.blobs.describe(digest),
                                            f"{_reason(error)} (used by {_users(registry, digest)})"))
     stored = registry.blobs.inventory()

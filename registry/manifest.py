@@ -150,10 +150,12 @@ class Manifest:
             doc = json.loads(data)
             body = doc["manifest"]
             checksum = doc["sha256"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(f"manifest {source} is unreadable ({exc}); it may be truncated") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested beyond reason
+            raise ManifestError(f"manifest {source} is unreadable ({type(exc).__name__}: {exc}); it may be truncated") from None
         if hashlib.sha256(_canonical(body)).hexdigest() != checksum:
             raise ManifestError(f"manifest {source} fails its checksum: it was edited or damaged after publishing")
+        if not isinstance(body, dict):
+            raise ManifestError(f"manifest {source} is malformed: its body is a JSON {type(body).__name__}, not an object")
         version = body.get("format_version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -162,8 +164,8 @@ class Manifest:
             )
         try:
             return _manifest_from_dict(body)
-        except (KeyError, TypeError, ValueError, RegistryError) as exc:
-            raise ManifestError(f"manifest {source} is malformed: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RegistryError) as exc:  # AttributeError: a list for a dict
+            raise ManifestError(f"manifest {source} is malformed: {type(exc).__name__}: {exc}") from None
 
 
 def _canonical(value: Any) -> bytes:

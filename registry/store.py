@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .errors import BlobCorrupt, BlobNotFound
+from .errors import BlobCorrupt, BlobNotFound, BlobUnreadable
 from .storage import Storage
 
 DIGEST_PREFIX = "sha256:"
@@ -52,6 +52,9 @@ class BlobStore:
             data = self.storage.read(self.key(digest))
         except FileNotFoundError:
             raise BlobNotFound(f"blob {digest} is missing (expected at {self.describe(digest)})") from None
+        except OSError as error:  # the system's own (RegistryUnreachable is no OSError): this blob, not the registry
+            raise BlobUnreadable(f"blob {digest} at {self.describe(digest)} cannot be read ({error.strerror or error}): "
+                                 "fix its permissions, or restore it from a backup") from None
         actual = digest_of(data)
         if actual != digest:
             raise BlobCorrupt(

@@ -189,7 +189,7 @@ class ModelRepository:
                                     "model was deleted and published again, or the registry restored from an older "
                                     "copy); serving generation %d", model, latest, current.generation, latest)
                     snapshot, failure = self._load_newest(model, latest, current)
-                except MaskbankError as error:
+                except Exception as error:  # noqa: BLE001  one model's failure, a bug's too, must not hold back the others
                     self._failed(model, latest, error, current)
                     continue
                 self._snapshots[model] = snapshot
@@ -235,16 +235,19 @@ class ModelRepository:
         return Snapshot.load(self.registry, self.registry.manifest(model, generation), current, self.cache,
                              self.gradients, self.device)
 
-    def _failed(self, model: str, generation: int | None, error: MaskbankError, served: Snapshot | None,
+    def _failed(self, model: str, generation: int | None, error: Exception, served: Snapshot | None,
                 fallback: bool = False) -> None:
         """Generation `generation` of `model` did not load: keep why (RepositoryIndex, RepositoryModelLoad
-        and requests say it) and log it once per distinct error."""
-        reason = f"generation {generation} could not be loaded: {error}"
+        and requests say it) and log it once per distinct error, with its traceback unless it is
+        maskbank's own (whose message says it all)."""
+        words = str(error) if isinstance(error, MaskbankError) else f"{type(error).__name__}: {error}"
+        reason = f"generation {generation} could not be loaded: {words}"
         if self._load_errors.get(model) != reason:
             kept = ("not served until a loadable generation is published" if served is None
                     else f"serving generation {served.generation}, the newest that loads" if fallback
                     else f"still serving generation {served.generation}")
-            log.error("model '%s': generation %s could not be loaded (%s): %s", model, generation, kept, error)
+            log.error("model '%s': generation %s could not be loaded (%s): %s", model, generation, kept, words,
+                      exc_info=not isinstance(error, MaskbankError))
         self._load_errors[model] = reason
 
     def _evict_unused(self, snapshot: Snapshot) -> None:

@@ -174,7 +174,7 @@ class Snapshot:
         tasks = {}
         for entry in manifest.tasks:
             candidate = LoadedTask(entry, None)
-            tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, entry)
+            tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, manifest.model, entry)
             failed_before = previous is not None and entry.id in previous.tasks and previous.tasks[entry.id].error
             if failed_before and tasks[entry.id].error is None:
                 log.info("model '%s': task %s (%s) is back in service", manifest.model, entry.id, entry.name)
@@ -431,7 +431,7 @@ def _cached_bytes(params: Tensors, backbone: Tensors) -> int:
     return _nbytes({name: p for name, p in params.items() if id(p) not in resident})
 
 
-def _load_task(registry: Registry, entry: TaskEntry) -> LoadedTask:
+def _load_task(registry: Registry, model: str, entry: TaskEntry) -> LoadedTask:
     """The task loaded, or out of service with its blob's error. A registry that does not answer says
     nothing about the blob: that fails the whole load (the previous generation keeps serving, the
     next poll retries) rather than take a sound task out of service."""
@@ -440,5 +440,5 @@ def _load_task(registry: Registry, entry: TaskEntry) -> LoadedTask:
     except RegistryUnreachable:
         raise
     except MaskbankError as error:
-        log.error("task %s (%s) is out of service: %s", entry.id, entry.name, error)
+        log.error("model '%s': task %s (%s) is out of service: %s", model, entry.id, entry.name, error)
         return LoadedTask(entry, None, error)

@@ -31,6 +31,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (reg.TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (reg.BlobCorrupt, grpc.StatusCode.DATA_LOSS),
     (reg.BlobNotFound, grpc.StatusCode.DATA_LOSS),
+    (reg.BlobUnreadable, grpc.StatusCode.DATA_LOSS),
     (reg.ManifestError, grpc.StatusCode.DATA_LOSS),
     (reg.InvalidArtifact, grpc.StatusCode.DATA_LOSS),
     (reg.RegistryUnreachable, grpc.StatusCode.UNAVAILABLE),

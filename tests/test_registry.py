@@ -1,5 +1,6 @@
 """The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,11 +80,21 @@ def test_published_tasks_can_only_be_appended(tmp_path):
         manifest.next(tasks=manifest.tasks[:1])
 
 
+def _signed(body) -> str:
+    """A manifest file around `body` with the checksum it deserves (damage a checksum cannot catch)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"manifest": body, "sha256": hashlib.sha256(canonical).hexdigest()})
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda text: text[: len(text) // 2], "unreadable"),
         (lambda text: text.replace('"num_classes": 2', '"num_classes": 3', 1), "fails its checksum"),
+        # with a valid checksum: a traceback (AttributeError, RecursionError) in every command before
+        (lambda text: _signed([1, 2]), "is malformed: its body is a JSON list, not an object"),
+        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": []}), "is malformed: AttributeError"),
+        (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
     ],
 )
 def test_damaged_manifests_are_refused(tmp_path, damage, message):

@@ -71,23 +71,29 @@ def test_a_model_that_failed_to_load_and_is_gone_is_not_found(tmp_path):
         repository.get("m")
 
 
-def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(tmp_path, caplog):
-    """The newest manifest is unreadable (here: a directory where its file should be): every poll
-    fails the same way, which is logged once, with its traceback; serving goes on; once the file is
-    readable the next poll says so and loads it."""
+def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(tmp_path, caplog, monkeypatch):
+    """The registry's listing fails (a volume unmounted; here its listing raises as the system would):
+    every poll fails the same way, which is logged once, with its traceback; serving goes on; once the
+    registry can be read the next poll says so and loads what is new."""
     registry = train_model(tmp_path, "m", 1, TINY)
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
-    blocked = tmp_path / "models" / "m" / "generations" / "0000000002.json"
+    unmounted, listing = True, repository.registry.storage.list_dir
+
+    def list_dir(prefix: str) -> list[str]:
+        if unmounted and prefix == "models":
+            raise OSError(107, "Transport endpoint is not connected")
+        return listing(prefix)
+
+    monkeypatch.setattr(repository.registry.storage, "list_dir", list_dir)
     with caplog.at_level(logging.INFO, logger="maskbank.serving"):
-        blocked.mkdir()
         repository.follow(0.02)
         try:
             wait_for(lambda: any("failed" in m for m in messages(caplog)), what="the failed poll to be logged")
             time.sleep(0.3)  # about 15 more polls, failing the same way
             failures = [r for r in caplog.records if "failed" in r.getMessage()]
             assert repository.get("m").generation == 1
-            blocked.rmdir()
+            unmounted = False
             train_model(tmp_path, "m", 2, TINY)
             wait_for(lambda: repository.get("m").generation == 2, what="generation 2 to be served")
         finally:
@@ -95,9 +101,37 @@ def test_a_poll_that_fails_is_logged_once_until_the_registry_can_be_read_again(t
     assert len(failures) == 1 and failures[0].levelno == logging.ERROR and failures[0].exc_info
     assert failures[0].getMessage().startswith(
         f"refreshing models from {registry.location} failed, still serving the generations loaded; retrying every "
-        "poll: IsADirectoryError:")
+        "poll: OSError:")
     assert f"registry {registry.location} can be read again" in messages(caplog)
     assert sum("failed" in m for m in messages(caplog)) == 1
+
+
+def test_a_file_the_system_cannot_read_fails_its_model_only(tmp_path, caplog):
+    """A manifest or blob the system refuses to read (a folder in its place here; no permission, a link
+    loop) escaped as an OSError: no server started, and a running one stopped taking every model's
+    new generations. Now it is that generation's or that task's problem, named, and the rest serves."""
+    train_model(tmp_path, "m", 1, TINY)
+    train_model(tmp_path, "n", 1, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    (tmp_path / "models" / "m" / "generations" / "0000000002.json").mkdir()  # m's next manifest: unreadable
+    train_model(tmp_path, "n", 2, TINY)
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        repository.refresh()
+        repository.refresh()
+    assert (repository.get("m").generation, repository.get("n").generation) == (1, 2)
+    failed = [m for m in messages(caplog) if "could not be loaded" in m]
+    assert len(failed) == 1 and "model 'm': generation 2 could not be loaded (still serving generation 1): manifest " \
+        in failed[0] and "0000000002.json cannot be read (Is a directory)" in failed[0]
+    blob = Path(Registry(tmp_path).blobs.describe(Registry(tmp_path).manifest("n").task(1).parts["masks"].digest))
+    blob.unlink()
+    blob.mkdir()  # one of n's task blobs: unreadable
+    fresh = ModelRepository(Registry(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        fresh.refresh()
+    assert [t.entry.id for t in fresh.get("n").out_of_service()] == [1] and fresh.get("m").generation == 1
+    assert "model 'n': task 1 (perm-1) is out of service: blob sha256:" in messages(caplog)[-1]
+    assert "cannot be read (Is a directory): fix its permissions, or restore it from a backup" in messages(caplog)[-1]
 
 
 def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys):
