@@ -184,6 +184,11 @@ class FsspecStorage:
         """When the object was last written, as a POSIX timestamp."""
         return _timestamp(self.fs.modified(self._fresh(key)))
 
+    @_reaching
+    def size(self, key: str) -> int:
+        """The object's size in bytes, from its metadata (a HEAD on object storage)."""
+        return int(self.fs.size(self._fresh(key)))
+
     def _path(self, key: str) -> str:
         key = key.strip("/")
         return f"{self.root}/{key}" if self.root else key

@@ -138,18 +138,19 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
     candidates = sorted(set(stored.digests) - referenced)
     for digest in progress(candidates, len(candidates)):
         key = registry.blobs.key(digest)
+        size = registry.storage.size(key)  # first: the age is the last thing looked at before the delete
         if time.time() - registry.storage.modified(key) < grace_seconds:
             report.kept_recent.append(digest)
             continue
-        size = len(registry.storage.read(key))
         if not dry_run:
             registry.blobs.delete(digest)
         report.deleted.append(digest)
         report.bytes_freed += size
     for key in stored.leftovers + _manifest_leftovers(registry):  # a live writer's temporary is seconds old: spared
+        size = registry.storage.size(key)
         if time.time() - registry.storage.modified(key) >= grace_seconds:
-            report.bytes_freed += len(registry.storage.read(key))
             if not dry_run:
                 registry.storage.delete(key)
             report.leftovers_deleted.append(key)
+            report.bytes_freed += size
     return report

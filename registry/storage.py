@@ -41,6 +41,9 @@ class Storage(Protocol):
 
     def modified(self, key: str) -> float: ...
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes, from its metadata (nothing read)."""
+
     def location_problem(self, must_exist: bool) -> str | None:
         """Why no registry can be at this location (an S3 bucket that does not exist), or, with
         `must_exist`, why none is there yet (nothing stored); None if all is well."""
@@ -112,6 +115,9 @@ class LocalStorage:
 
     def modified(self, key: str) -> float:
         return (self.root / key).stat().st_mtime
+
+    def size(self, key: str) -> int:
+        return (self.root / key).stat().st_size
 
     def location_problem(self, must_exist: bool) -> str | None:
         if must_exist and not self.root.is_dir():

@@ -156,6 +156,21 @@ def test_gc_deletes_only_old_unreferenced_blobs(trained, capsys):
     assert main(["registry", "verify", *where]) == 0  # every referenced blob survived
 
 
+def test_gc_reads_no_blob_between_its_age_check_and_its_delete(trained, monkeypatch):
+    """gc read each candidate whole (for its size) after checking its age: on a large blob or a slow
+    object store, a publish could adopt the blob meanwhile (writing it again makes it young) and gc
+    deleted it anyway. The size now comes from metadata and the age is looked at last."""
+    from registry.maintenance import collect_garbage
+
+    orphan = trained.put("tensors/v1", {"w": torch.ones(3)})
+    read = trained.storage.read
+    blobs_read = []
+    monkeypatch.setattr(trained.storage, "read", lambda key: blobs_read.append(key) or read(key))
+    report = collect_garbage(trained, 0)
+    assert report.deleted == [orphan.digest] and report.bytes_freed == orphan.size
+    assert not [key for key in blobs_read if key.startswith("blobs/")]
+
+
 def test_audit_figures(trained, capsys, tmp_path):
     plot = tmp_path / "plots" / "audit.png"  # its folder is created
     code, result = run_json(capsys, "registry", "audit", "m", "--registry", trained.location, "--plot", str(plot))
