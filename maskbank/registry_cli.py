@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from registry import Registry, RegistryError
+from registry import MaskbankError, Registry, RegistryError
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 
@@ -59,23 +59,33 @@ def _plain(value):
 
 
 def _ls(registry: Registry, args) -> int:
+    """The models with their newest generation; one whose newest manifest cannot be read is listed with
+    why (it hid every other model: the command ended at its error), and the status is then 1."""
     rows, empty = [], []
     for model in registry.list_models():
-        manifest = registry.find_manifest(model)
+        try:
+            manifest = registry.find_manifest(model)
+        except MaskbankError as error:
+            rows.append({"model": model, "error": str(error)})
+            continue
         if manifest is None:  # a first publish under way, or a stray entry: not a model (yet), not an error
             empty.append(model)
             continue
         rows.append({"model": model, "generation": manifest.generation, "tasks": len(manifest.tasks),
                      "methods": sorted({t.method for t in manifest.tasks}),
                      "bytes": sum(r.size for r in manifest.blob_refs())})
-    text = "\n".join(["| model | generation | tasks | methods | bytes |", "|---|---|---|---|---|"] + [
-        f"| {r['model']} | {r['generation']} | {r['tasks']} | {', '.join(r['methods'])} | {r['bytes']:,} |" for r in rows
-    ]) if rows else f"registry {registry.location} has no models"
+    listed = [r for r in rows if "error" not in r]
+    lines = ["| model | generation | tasks | methods | bytes |", "|---|---|---|---|---|"] + [
+        f"| {r['model']} | {r['generation']} | {r['tasks']} | {', '.join(r['methods'])} | {r['bytes']:,} |" for r in listed
+    ] if listed else [f"registry {registry.location} has no models"] if not rows else []
+    lines += [f"PROBLEM model '{r['model']}': {r['error']} (`maskbank registry verify` checks everything)"
+              for r in rows if "error" in r]
     if empty:
-        text += (f"\n(no generation in {', '.join(map(repr, empty))} under models/: a first publish under way, or "
-                 "not a model)")
+        lines.append(f"(no generation in {', '.join(map(repr, empty))} under models/: a first publish under way, or "
+                     "not a model)")
+    text = "\n".join(lines)
     _emit(args, rows, text)
-    return 0
+    return 1 if len(listed) < len(rows) else 0
 
 
 def _show(registry: Registry, args) -> int:

@@ -40,7 +40,14 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
     if given, else raise (a caller about to delete blobs must not guess)."""
     refs: dict[str, BlobRef] = {}
     for model in registry.list_models():
-        generations = registry.generations(model)
+        try:
+            generations = registry.generations(model)
+        except OSError as error:  # the system will not list its folder: its references are unknown
+            where = registry.storage.describe(registry.generations_prefix(model))
+            if report is None:
+                raise RegistryError(f"the generations of '{model}' ({where}) cannot be listed ({error.strerror or error})")
+            report.problems.append(Problem("unreadable", where, f"cannot be listed ({error.strerror or error})"))
+            continue
         if missing := sorted(set(range(1, generations[-1] + 1)) - set(generations)) if generations else []:
             error = RegistryError(f"generation(s) {', '.join(map(str, missing))} of '{model}' are missing: publishing adds "
                                   "generations one at a time, so they were deleted or not copied; restore them")
@@ -80,6 +87,8 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
             report.problems.append(Problem(kind, registry.blobs.describe(digest),
                                            f"{_reason(error)} (used by {_users(registry, digest)})"))
     stored = registry.blobs.inventory()
+    report.problems += [Problem("unreadable", registry.storage.describe(folder), f"cannot be listed ({why}): its "
+                                "blobs are not checked for orphans") for folder, why in stored.unlisted.items()]
     report.orphans, report.strays = sorted(set(stored.digests) - set(refs)), stored.strays
     report.leftovers = stored.leftovers + _manifest_leftovers(registry)
     return report
@@ -135,6 +144,10 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
         raise RegistryError(f"gc refused: {error}; fix or remove that manifest first (`maskbank registry verify`)") from None
     report = GcReport()
     stored = registry.blobs.inventory()
+    if stored.unlisted:
+        folder, why = next(iter(stored.unlisted.items()))
+        raise RegistryError(f"gc refused: {registry.storage.describe(folder)} cannot be listed ({why}); fix its "
+                            "permissions first (`maskbank registry verify` lists every such folder)")
     candidates = sorted(set(stored.digests) - referenced)
     for digest in progress(candidates, len(candidates)):
         key = registry.blobs.key(digest)

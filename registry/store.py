@@ -24,6 +24,7 @@ class BlobInventory:
     digests: list[str] = field(default_factory=list)
     strays: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    unlisted: dict[str, str] = field(default_factory=dict)  # folder -> why the system would not list it
 
 
 class BlobStore:
@@ -74,18 +75,29 @@ class BlobStore:
         """What the blob folder holds, from one listing of each shard: the blobs, the keys that name no
         blob (a README, .DS_Store, a sync tool's files, at any of its levels: maintenance reports them
         and never reads or deletes them), and the temporary files of killed writes (local directories)."""
-        shards = self.storage.list_dir(BLOB_PREFIX)
         found = BlobInventory()
-        found.strays += [f"blobs/{name}" for name in self.storage.list_dir("blobs") if f"blobs/{name}" != BLOB_PREFIX]
+        found.strays += [f"blobs/{name}" for name in self._listing("blobs", found) if f"blobs/{name}" != BLOB_PREFIX]
+        shards = self._listing(BLOB_PREFIX, found)
         found.strays += [f"{BLOB_PREFIX}/{shard}" for shard in shards if not _is_shard_name(shard)]
         for shard in filter(_is_shard_name, shards):
-            for name in self.storage.list_dir(f"{BLOB_PREFIX}/{shard}"):
+            folder = f"{BLOB_PREFIX}/{shard}"
+            for name in self._listing(folder, found):
                 if _is_blob_name(shard, name):
                     found.digests.append(DIGEST_PREFIX + name)
                 else:
-                    found.strays.append(f"{BLOB_PREFIX}/{shard}/{name}")
-            found.leftovers += self.storage.leftovers(f"{BLOB_PREFIX}/{shard}")
+                    found.strays.append(f"{folder}/{name}")
+            if folder not in found.unlisted:
+                found.leftovers += self.storage.leftovers(folder)
         return found
+
+    def _listing(self, folder: str, found: BlobInventory) -> list[str]:
+        """`folder`'s names, or none, with why in `found.unlisted`, where the system will not list it (no
+        permission): one folder is one problem for maintenance, not the end of its check."""
+        try:
+            return self.storage.list_dir(folder)
+        except OSError as error:  # the system's own (RegistryUnreachable, the registry's, is no OSError)
+            found.unlisted[folder] = error.strerror or str(error)
+            return []
 
     def delete(self, digest: str) -> None:
         self.storage.delete(self.key(digest))

@@ -171,6 +171,46 @@ def test_gc_reads_no_blob_between_its_age_check_and_its_delete(trained, monkeypa
     assert not [key for key in blobs_read if key.startswith("blobs/")]
 
 
+def test_one_model_that_cannot_be_read_does_not_hide_the_others_from_ls(trained, capsys):
+    """`registry ls` ended at the first unreadable manifest, listing nothing else."""
+    train_model(trained.location, "n", 1, TINY)
+    newest = Path(trained.location) / "models" / "m" / "generations" / "0000000002.json"
+    newest.write_text(newest.read_text()[:100])
+    code, out = run(capsys, "registry", "ls", "--registry", trained.location)
+    assert code == 1 and "| n | 1 | 1 | supsup |" in out
+    assert "PROBLEM model 'm': manifest " in out and "0000000002.json is unreadable" in out
+    code, rows = run_json(capsys, "registry", "ls", "--registry", trained.location)
+    assert code == 1 and [row["model"] for row in rows] == ["m", "n"] and "unreadable" in rows[0]["error"]
+
+
+def test_a_folder_the_system_will_not_list_is_one_problem_for_verify_and_stops_gc(trained, monkeypatch):
+    """A blob shard or a model's generations that cannot be listed (no permission: here the listing
+    raises as the system would) ended verify with the system's error, hiding the rest of the check;
+    gc, which must know every reference and every blob, refuses and names the folder."""
+    from registry.maintenance import collect_garbage, verify
+
+    shard = "blobs/sha256/" + trained.manifest("m").task(0).parts["masks"].digest.removeprefix("sha256:")[:2]
+    listing = trained.storage.list_dir
+    refused = {shard}
+
+    def list_dir(prefix: str) -> list[str]:
+        if prefix in refused:
+            raise PermissionError(13, "Permission denied")
+        return listing(prefix)
+
+    monkeypatch.setattr(trained.storage, "list_dir", list_dir)
+    report = verify(trained)
+    assert [(p.kind, p.where) for p in report.problems] == [("unreadable", trained.storage.describe(shard))]
+    assert report.blobs_checked == len(set(r.digest for m in (1, 2) for r in trained.manifest("m", m).blob_refs()))
+    with pytest.raises(RegistryError, match=f"gc refused: {re.escape(trained.storage.describe(shard))} cannot be "
+                                            r"listed \(Permission denied\); fix its permissions first"):
+        collect_garbage(trained, 0)
+    refused.add(trained.generations_prefix("m"))
+    assert [p.kind for p in verify(trained).problems] == ["unreadable", "unreadable"]
+    with pytest.raises(RegistryError, match="the generations of 'm' .* cannot be listed .Permission denied."):
+        collect_garbage(trained, 0)
+
+
 def test_audit_figures(trained, capsys, tmp_path):
     plot = tmp_path / "plots" / "audit.png"  # its folder is created
     code, result = run_json(capsys, "registry", "audit", "m", "--registry", trained.location, "--plot", str(plot))
