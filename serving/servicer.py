@@ -184,6 +184,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[classes.pop() if len(classes) == 1 else -1]),
                     # one id per row: Triton writes a [N] output of a batching model as dims [1] reshaped to []
                     mc.ModelOutput(name="task_id", data_type=mc.TYPE_INT64, dims=[1], reshape=mc.ModelTensorReshape())],
+            # one generation is served, the newest; --instances batches of a task run at once, where the forwards run
+            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+            instance_group=[self._instance_group(snapshot.model)],
             dynamic_batching=mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=self.max_queue_delay_us,
                 priority_levels=self.priority_levels, default_priority_level=self.default_priority_level,
@@ -194,10 +197,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         methods = sorted({t.method for t in snapshot.manifest.tasks})
         default = default_or_exhaustive(snapshot, self.default_mode)
         for key, value in (("methods", ",".join(methods)), ("tasks", str(len(snapshot.manifest.tasks))),
-                           ("generation", str(snapshot.generation)), ("default_task_inference", default),
-                           ("instances", str(self.batcher.instances))):
+                           ("generation", str(snapshot.generation)), ("default_task_inference", default)):
             config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
+
+    def _instance_group(self, model: str):
+        """Triton's instance group of a model: --instances of it on the device the forwards run on."""
+        device, mc = self.repository.device, model_config
+        if device.type == "cuda":
+            return mc.ModelInstanceGroup(name=model, kind=mc.ModelInstanceGroup.KIND_GPU, count=self.batcher.instances,
+                                         gpus=[device.index or 0])
+        return mc.ModelInstanceGroup(name=model, kind=mc.ModelInstanceGroup.KIND_CPU, count=self.batcher.instances)
 
     def ModelStatistics(self, request, context):
         models = [request.name] if request.name else self.repository.models()

@@ -161,6 +161,10 @@ def test_model_config(server):
     task_id = config.output[1]  # [N] at batch N, as responses have it (ModelMetadata: [-1]), in Triton's words
     assert list(task_id.dims) == [1] and task_id.HasField("reshape") and list(task_id.reshape.shape) == []
     assert config.parameters["tasks"].string_value == "2" and config.parameters["methods"].string_value == "supsup"
+    assert config.version_policy.latest.num_versions == 1  # fields Triton always fills in
+    group = config.instance_group[0]
+    assert (len(config.instance_group), group.name, group.kind, group.count) == (1, "a", group.KIND_CPU, 2)
+    assert client.get_model_config("a", as_json=True)["config"]["instance_group"][0]["kind"] == "KIND_CPU"
 
 
 def test_statistics_count_successes_and_failures(server):
