@@ -89,9 +89,11 @@ class FsspecStorage:
     """The `Storage` protocol (registry/storage.py) over `fsspec.core.url_to_fs(url)`."""
 
     def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.scheme = self.url.split("://", 1)[0]
+        self.scheme, _, path = url.partition("://")
+        self.url = f"{self.scheme}://{path.rstrip('/')}"  # "s3://" stays itself (stripping made it "s3:")
         s3 = self.scheme in ("s3", "s3a")
+        if s3 and not path.strip("/"):
+            raise RegistryError(f"registry {url} names no bucket: give s3://BUCKET or s3://BUCKET/PREFIX")
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **(_s3_options() if s3 else {}))
         except (ValueError, ImportError) as error:  # an unknown scheme, or its package not installed

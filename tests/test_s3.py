@@ -135,6 +135,14 @@ def round_trip_and_conflict(url: str) -> Registry:
 # ---------------------------------------------------------------- S3
 
 
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///", "s3a://"])
+def test_a_url_without_a_bucket_says_so(url):
+    """`s3://` read "cannot publish to s3:: publishing to s3::// is not supported" (the slash stripped
+    off the scheme), and without an endpoint hung first."""
+    with pytest.raises(RegistryError, match=f"registry {re.escape(url)} names no bucket: give s3://BUCKET"):
+        Registry(url)
+
 def test_s3_blob_round_trip_and_corruption_names_the_url(s3_url):
     registry = Registry(s3_url)
     ref = registry.put("tensors/v1", {"x": torch.arange(5.0)})
