@@ -26,7 +26,7 @@ from registry.names import check_name
 from ._proto import POOL, pb, pb_grpc
 from ._proto import maskbank_pb2 as mb
 from ._proto import maskbank_pb2_grpc as mb_grpc
-from .address import host_port
+from .address import host_port, listen_problem
 from .admission import Admission
 from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
@@ -296,18 +296,18 @@ class InferenceServer:
         ports are taken first, so that one in use is an error at once, not after every model loaded."""
         config = self.config
         address = host_port(config.host, config.port)
+        problem = listen_problem(config.host, config.port)
         try:
-            if self._credentials is not None:
+            if problem is None and self._credentials is not None:
                 self.port = self.server.add_secure_port(address, self._credentials)
-            else:
+            elif problem is None:
                 self.port = self.server.add_insecure_port(address)
-        except RuntimeError:  # grpcio's "Failed to bind": the port taken, or the address not this machine's
-            self.port = 0
+        except RuntimeError:  # grpcio's "Failed to bind": taken since the look, say
+            problem = "the port is taken, or the address is not one of this machine's: pick another --port, or 0"
         metrics_port = config.metrics_listen_port()
         try:
-            if self.port == 0:
-                raise OSError(f"cannot listen on {address} (the port is taken, or the address is not one of this "
-                              "machine's): pick another --port, or 0 for a free one")
+            if problem is not None:
+                raise OSError(f"cannot listen on {address} ({problem})")
             if metrics_port is not None:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
             self.repository.refresh()

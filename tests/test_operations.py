@@ -251,13 +251,26 @@ def test_a_port_another_server_serves_is_a_clear_error_not_a_shared_port(tmp_pat
     first.start()
     try:
         second = InferenceServer(ServerConfig(registry=str(tmp_path), port=first.port, metrics_port=-1))
-        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port} \\(the port is taken.*--port"):
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port} \\(the port is taken: pick another --port"):
             second.start()
         assert second.repository.models() == [] and first.repository.models() == ["m"]
         wait_for(lambda: not second._loop.is_running(), 10, "the failed server's event loop to stop")
         second.repository.close()
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize("host, problem", [
+    ("bogus.invalid", "--host bogus.invalid does not resolve: "),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine: give one of its addresses, or 0.0.0.0 for all"),
+])
+def test_a_host_the_server_cannot_listen_on_is_named_with_why(tmp_path, host, problem, capfd):
+    """Both read "the port is taken, or the address is not one of this machine's", after a core log
+    line of gRPC's own; a name that does not resolve is no port problem. (192.0.2.1: TEST-NET-1.)"""
+    server = InferenceServer(ServerConfig(registry=str(tmp_path), host=host, port=8001, metrics_port=-1))
+    with pytest.raises(OSError, match=re.escape(f"cannot listen on {host}:8001 ({problem}")):
+        server.start()
+    assert "add_port" not in capfd.readouterr().err  # gRPC never tried
 
 
 def test_connections_are_closed_after_max_connection_age_and_clients_carry_on(tmp_path):
