@@ -60,7 +60,7 @@ class BlobStore:
         if actual != digest:
             raise BlobCorrupt(
                 f"blob {digest} at {self.describe(digest)} is corrupt: its bytes hash to {actual}; "
-                "restore it from a backup or republish the task that wrote it"
+                "restore it from a backup (`maskbank registry verify` names what uses it)"
             )
         return data
 
