@@ -60,8 +60,15 @@ class Registry:
         return [m for m in self.list_models() if self.latest_generation(m)]
 
     def generations(self, model: str) -> list[int]:
-        """All published generations of `model`, oldest first ([] if none)."""
-        names = self.storage.list_dir(self.generations_prefix(model))
+        """All published generations of `model`, oldest first ([] if none). ManifestError where the system
+        will not list them (no permission, a link that leads nowhere): nobody can tell what they are."""
+        prefix = self.generations_prefix(model)
+        try:
+            names = self.storage.list_dir(prefix)
+        except OSError as error:  # the system's own (RegistryUnreachable, the registry's, is no OSError)
+            raise ManifestError(f"the generations of model '{model}' ({self.storage.describe(prefix)}) cannot be "
+                                f"listed ({error.strerror or error}): check that folder (permissions, a link, a "
+                                "mount)") from None
         return sorted(int(m.group(1)) for name in names if (m := _GENERATION_FILE.fullmatch(name)))
 
     def latest_generation(self, model: str) -> int:
@@ -78,8 +85,8 @@ class Registry:
         except FileNotFoundError:
             data = None
         except OSError as error:  # the system's own: this manifest (RegistryUnreachable, the registry, is no OSError)
-            raise ManifestError(f"manifest {self.storage.describe(key)} cannot be read ({error.strerror or error}): fix "
-                                "its permissions, or restore it from a backup") from None
+            raise ManifestError(f"manifest {self.storage.describe(key)} cannot be read ({error.strerror or error}): check "
+                                "its permissions and the disk, or restore it from a backup") from None
         if data is None:
             known = ", ".join(self.published_models()) or "none"
             what = f"model '{model}'" if generation == 0 else f"generation {generation} of model '{model}'"

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .catalog import Registry
-from .errors import BlobNotFound, BlobUnreadable, MaskbankError, RegistryError
+from .errors import BlobNotFound, BlobUnreadable, ManifestError, MaskbankError, RegistryError, RegistryUnreachable
 from .manifest import BlobRef
 from .progress import Progress, no_progress
 
@@ -42,11 +42,10 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
     for model in registry.list_models():
         try:
             generations = registry.generations(model)
-        except OSError as error:  # the system will not list its folder: its references are unknown
-            where = registry.storage.describe(registry.generations_prefix(model))
+        except ManifestError as error:  # the system will not list its folder: its references are unknown
             if report is None:
-                raise RegistryError(f"the generations of '{model}' ({where}) cannot be listed ({error.strerror or error})")
-            report.problems.append(Problem("unreadable", where, f"cannot be listed ({error.strerror or error})"))
+                raise
+            report.problems.append(Problem("unreadable", f"{model} generations", str(error)))
             continue
         if missing := sorted(set(range(1, generations[-1] + 1)) - set(generations)) if generations else []:
             error = RegistryError(f"generation(s) {', '.join(map(str, missing))} of '{model}' are missing: publishing adds "
@@ -57,6 +56,8 @@ def referenced_blobs(registry: Registry, report: VerifyReport | None = None) -> 
         for generation in generations:
             try:
                 manifest = registry.manifest(model, generation)
+            except RegistryUnreachable:  # the registry, not this manifest
+                raise
             except (MaskbankError, OSError) as error:
                 if report is None and isinstance(error, MaskbankError):
                     raise
@@ -81,6 +82,8 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
         report.blobs_checked += 1
         try:
             registry.load(ref)
+        except RegistryUnreachable:  # the registry, not this blob: every next read would wait as long
+            raise
         except (MaskbankError, OSError) as error:  # an unreadable blob is one problem, not the end of the check
             kind = ("unreadable" if isinstance(error, (OSError, BlobUnreadable)) else
                     "missing" if isinstance(error, BlobNotFound) else "corrupt")
@@ -140,8 +143,11 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
                             "the blobs of a publish in progress; 0 deletes every unreferenced blob now)")
     try:
         referenced = set(referenced_blobs(registry))
+    except RegistryUnreachable:
+        raise
     except MaskbankError as error:
-        raise RegistryError(f"gc refused: {error}; fix or remove that manifest first (`maskbank registry verify`)") from None
+        raise RegistryError(f"gc refused: {error}; every generation must be read first (`maskbank registry verify` "
+                            "lists what is wrong)") from None
     report = GcReport()
     stored = registry.blobs.inventory()
     if stored.unlisted:

@@ -110,8 +110,19 @@ class LocalStorage:
         (self.root / key).unlink(missing_ok=True)
 
     def list_dir(self, prefix: str) -> list[str]:
+        """The names in folder `prefix`; none where there is no folder (or a file: a stray entry). A link
+        that leads nowhere (a loop, an unmounted volume) or a folder the system will not list raises:
+        read as empty, gc took every blob of the model behind it for garbage."""
         folder = self.root / prefix
-        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-")) if folder.is_dir() else []
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            if os.path.lexists(folder):  # a dangling link: something was meant to be there
+                raise
+            return []
+        except NotADirectoryError:
+            return []
+        return sorted(name for name in names if not name.startswith(".tmp-"))
 
     def modified(self, key: str) -> float:
         return (self.root / key).stat().st_mtime
@@ -125,8 +136,12 @@ class LocalStorage:
         return None
 
     def leftovers(self, prefix: str) -> list[str]:
-        folder = self.root / prefix
-        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if p.name.startswith(".tmp-")) if folder.is_dir() else []
+        """The temporaries in folder `prefix`; none where it cannot be listed (list_dir says why)."""
+        try:
+            names = os.listdir(self.root / prefix)
+        except OSError:
+            return []
+        return sorted(f"{prefix}/{name}" for name in names if name.startswith(".tmp-"))
 
     @staticmethod
     def _flushed_temporary(path: Path, data: bytes) -> Path:

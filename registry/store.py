@@ -55,7 +55,7 @@ class BlobStore:
             raise BlobNotFound(f"blob {digest} is missing (expected at {self.describe(digest)})") from None
         except OSError as error:  # the system's own (RegistryUnreachable is no OSError): this blob, not the registry
             raise BlobUnreadable(f"blob {digest} at {self.describe(digest)} cannot be read ({error.strerror or error}): "
-                                 "fix its permissions, or restore it from a backup") from None
+                                 "check its permissions and the disk, or restore it from a backup") from None
         actual = digest_of(data)
         if actual != digest:
             raise BlobCorrupt(

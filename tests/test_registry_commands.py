@@ -207,8 +207,28 @@ def test_a_folder_the_system_will_not_list_is_one_problem_for_verify_and_stops_g
         collect_garbage(trained, 0)
     refused.add(trained.generations_prefix("m"))
     assert [p.kind for p in verify(trained).problems] == ["unreadable", "unreadable"]
-    with pytest.raises(RegistryError, match="the generations of 'm' .* cannot be listed .Permission denied."):
+    with pytest.raises(RegistryError, match="gc refused: the generations of model 'm' .* cannot be listed .Permission denied."):
         collect_garbage(trained, 0)
+
+
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_generations_behind_a_broken_link_are_a_problem_not_an_empty_model(trained, capsys, tmp_path, link):
+    """A model's generations folder that is a link leading nowhere (a loop; an unmounted volume) was
+    listed as empty: verify said OK and gc deleted every blob of the model."""
+    train_model(trained.location, "n", 1, TINY)
+    generations = Path(trained.location) / "models" / "m" / "generations"
+    kept = generations.rename(tmp_path / "kept")
+    generations.symlink_to(generations if link == "loop" else tmp_path / "unmounted")
+    where = ["--registry", trained.location]
+    code, out = run(capsys, "registry", "verify", *where)
+    assert code == 1 and "PROBLEM (unreadable) m generations: the generations of model 'm' (" in out
+    assert main(["registry", "gc", "--grace-seconds", "0", *where]) == 2
+    assert "gc refused: the generations of model 'm'" in capsys.readouterr().err
+    code, out = run(capsys, "registry", "ls", *where)
+    assert code == 1 and "| n | 1 | 1 | supsup |" in out and "PROBLEM model 'm': the generations of model 'm'" in out
+    generations.unlink()
+    kept.rename(generations)
+    assert main(["registry", "verify", *where]) == 0  # nothing was deleted
 
 
 def test_audit_figures(trained, capsys, tmp_path):
