@@ -54,6 +54,7 @@ class ModelRepository:
         self.gradients = gradients
         self._snapshots: dict[str, Snapshot] = {}
         self._load_errors: dict[str, str] = {}
+        self._fallen_back: dict[str, int] = {}  # model -> the newest generation an older one was looked for instead of
         self._unloaded: dict[str, int] = {}  # models an operator unloaded (the generation they served, 0 if none):
         # not followed until loaded again
         self._loading: set[str] = set()  # models a load() is bringing in now, not served yet
@@ -110,9 +111,9 @@ class ModelRepository:
             self.refresh([model])
         finally:
             self._loading.discard(model)
-        if model in self._load_errors:  # as Triton's, a load that failed is an error, whatever still serves
+        if model in self._load_errors:  # as Triton's, a load that failed is an error, whatever serves
             served = self._snapshots.get(model)
-            kept = f"; generation {served.generation} is still served" if served is not None else ""
+            kept = f"; generation {served.generation} is served" if served is not None else ""
             raise ModelUnavailable(f"model '{model}': {self._load_errors[model]}{kept}")
         return self.get(model)
 
@@ -183,6 +184,7 @@ class ModelRepository:
                     latest = published[model] = self.registry.latest_generation(model)
                     if latest == 0 or (current and current.generation == latest
                                        and not (models is not None and current.out_of_service())):
+                        self._load_errors.pop(model, None)  # nothing newer failed: an earlier failure is over
                         continue  # unchanged; an explicit load (models given) retries the tasks out of service
                     if current and latest < current.generation:
                         log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
@@ -209,25 +211,27 @@ class ModelRepository:
             snapshot.warm()
         return swapped
 
-    def _load_newest(self, model: str, latest: int, current: Snapshot | None) -> tuple[Snapshot, MaskbankError | None]:
+    def _load_newest(self, model: str, latest: int, current: Snapshot | None) -> tuple[Snapshot, Exception | None]:
         """Generation `latest` of `model`, and None. Where it does not load and nothing of the model is
         served yet (a server started after a bad publish), the newest of the FALLBACK_GENERATIONS before
         it that loads, and why `latest` did not: a server already running keeps serving its generation
         meanwhile, so a replica started later serves the same rather than nothing. Raises `latest`'s
-        error when none loads, and at once when the registry cannot be reached."""
+        error when none loads (tried once per newest generation: a poll after that reads one manifest,
+        not 17), and at once when the registry cannot be reached."""
         try:
             return self._load(model, latest, current), None
         except RegistryUnreachable:
             raise
-        except MaskbankError as error:
-            if current is not None:
-                raise
+        except Exception as error:  # noqa: BLE001  a crafted manifest may fail in any way
+            if current is not None or self._fallen_back.get(model) == latest:
+                raise  # tried for this newest generation already: once, not on every poll
+            self._fallen_back[model] = latest
             for older in range(latest - 1, max(0, latest - 1 - FALLBACK_GENERATIONS), -1):
                 try:
                     return self._load(model, older, None), error
                 except RegistryUnreachable:
                     raise error from None
-                except MaskbankError:
+                except Exception:  # noqa: BLE001  as above
                     continue
             raise
 
@@ -241,13 +245,13 @@ class ModelRepository:
         and requests say it) and log it once per distinct error, with its traceback unless it is
         maskbank's own (whose message says it all)."""
         words = str(error) if isinstance(error, MaskbankError) else f"{type(error).__name__}: {error}"
-        reason = f"generation {generation} could not be loaded: {words}"
+        head = f"generation {generation} could not be loaded" if generation is not None else "its generations could not be listed"
+        reason = f"{head}: {words}"
         if self._load_errors.get(model) != reason:
             kept = ("not served until a loadable generation is published" if served is None
                     else f"serving generation {served.generation}, the newest that loads" if fallback
                     else f"still serving generation {served.generation}")
-            log.error("model '%s': generation %s could not be loaded (%s): %s", model, generation, kept, words,
-                      exc_info=not isinstance(error, MaskbankError))
+            log.error("model '%s': %s (%s): %s", model, head, kept, words, exc_info=not isinstance(error, MaskbankError))
         self._load_errors[model] = reason
 
     def _evict_unused(self, snapshot: Snapshot) -> None:

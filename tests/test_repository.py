@@ -15,6 +15,7 @@ import torch
 from registry import ModelNotFound, Registry
 from serving.errors import ModelUnavailable
 from serving.repository import ModelRepository
+from serving.snapshot import Snapshot
 
 from .conftest import TINY, train_model, wait_for
 
@@ -131,7 +132,7 @@ def test_a_file_the_system_cannot_read_fails_its_model_only(tmp_path, caplog):
         fresh.refresh()
     assert [t.entry.id for t in fresh.get("n").out_of_service()] == [1] and fresh.get("m").generation == 1
     assert "model 'n': task 1 (perm-1) is out of service: blob sha256:" in messages(caplog)[-1]
-    assert "cannot be read (Is a directory): fix its permissions, or restore it from a backup" in messages(caplog)[-1]
+    assert "cannot be read (Is a directory): check its permissions and the disk, or restore it" in messages(caplog)[-1]
 
 
 def test_an_entry_without_a_generation_is_not_listed_as_a_model(tmp_path, capsys):
@@ -215,12 +216,62 @@ def test_a_server_started_after_a_bad_publish_serves_the_newest_generation_that_
     assert "model 'm': generation 3 could not be loaded (serving generation 2, the newest that loads)" in caplog.text
     (model, generation, state, reason), = repository.index()
     assert (model, generation, state) == ("m", 2, "READY") and reason.startswith("generation 3 could not be loaded: ")
-    with pytest.raises(ModelUnavailable, match="model 'm': generation 3 could not be loaded: .*; generation 2 is still "
+    with pytest.raises(ModelUnavailable, match="model .m.: generation 3 could not be loaded: .*; generation 2 is "
                                                "served"):
         repository.load("m")
     assert repository.get("m").generation == 2
     newest.write_text(text)
     assert repository.load("m").generation == 3 and repository.index()[0] == ("m", 3, "READY", "")
+
+
+def test_a_load_error_ends_when_the_registry_is_right_again(tmp_path):
+    """A failure was only forgotten when a new generation was swapped in: a bad newest generation
+    removed again (a backup restored), or one listing that failed for a moment, made every
+    RepositoryModelLoad fail and the index say so for good."""
+    train_model(tmp_path, "m", 2, TINY)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    bad = tmp_path / "models" / "m" / "generations" / "0000000003.json"
+    bad.write_text("{")
+    repository.refresh()
+    assert repository.index()[0][3].startswith("generation 3 could not be loaded")
+    bad.unlink()
+    repository.refresh()
+    assert repository.index() == [("m", 2, "READY", "")] and repository.load("m").generation == 2
+
+
+def test_a_starting_server_looks_for_an_older_generation_once_per_newest(tmp_path, monkeypatch):
+    """The fallback read up to 17 manifests on every poll while no generation of the model loaded."""
+    train_model(tmp_path, "m", 3, TINY)
+    for generation in (1, 2, 3):
+        (tmp_path / "models" / "m" / "generations" / f"{generation:010d}.json").write_text("{")
+    registry = Registry(tmp_path)
+    manifest, read = registry.manifest, []
+    monkeypatch.setattr(registry, "manifest", lambda model, generation=None: read.append(generation) or
+                        manifest(model, generation))
+    repository = ModelRepository(registry)
+    repository.refresh()
+    repository.refresh()
+    assert read == [3, 2, 1, 3]  # the second poll tries the newest only
+    assert repository.index()[0][2] == "UNAVAILABLE"
+
+
+def test_the_fallback_covers_failures_that_are_not_maskbanks_own(tmp_path, monkeypatch):
+    """A manifest crafted with a valid checksum can fail to load with a TypeError: a server started then
+    served nothing while the running ones served the generation before."""
+    train_model(tmp_path, "m", 3, TINY)
+    load = Snapshot.load
+
+    def crafted(registry, manifest, *args):
+        if manifest.generation == 3:
+            raise TypeError("crafted")
+        return load(registry, manifest, *args)
+
+    monkeypatch.setattr(Snapshot, "load", staticmethod(crafted))
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    assert repository.get("m").generation == 2
+    assert repository.index() == [("m", 2, "READY", "generation 3 could not be loaded: TypeError: crafted")]
 
 
 def _corrupt_mask(registry: Registry, task: int) -> tuple[Path, bytes]:
