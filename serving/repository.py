@@ -104,6 +104,7 @@ class ModelRepository:
             raise ModelNotFound(f"registry {self.registry.location} has no model '{model}' to load "
                                 f"(models: {', '.join(self.registry.published_models()) or 'none'})")
         self._loading.add(model)
+        self._fallen_back.pop(model, None)  # asked for: an older generation may be looked for again
         try:
             self._unloaded.pop(model, None)
             if self._only is not None:

@@ -253,6 +253,7 @@ class InferenceServer:
         self.metrics_port: int | None = None  # None: no metrics endpoint
         self._stopped = threading.Event()
         self._terminated = threading.Event()
+        self._now = asyncio.Event()  # set by stop_now (on the loop): a graceful stop ends at once, its drain included
         # grpc.aio serves from an event loop; it runs on a thread of its own so that start, stop and
         # wait keep their blocking API for callers on ordinary threads.
         self._loop = asyncio.new_event_loop()
@@ -393,7 +394,8 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         if self.config.drain_seconds:  # still serving, but unready: balancers and probes move away first
             log.info("draining: health NOT_SERVING, still serving calls for %g s (--drain-seconds)", self.config.drain_seconds)
-            await asyncio.sleep(self.config.drain_seconds)
+            with contextlib.suppress(TimeoutError):  # stop_now ends it early
+                await asyncio.wait_for(self._now.wait(), self.config.drain_seconds)
         stopping = asyncio.ensure_future(self.server.stop(self.config.grace_seconds + ANSWER_SECONDS))
         self._close_streams()
         with contextlib.suppress(TimeoutError):
@@ -408,6 +410,7 @@ class InferenceServer:
         log.warning("stopping now (signalled again): calls still waiting are answered UNAVAILABLE, running ones cancelled")
 
         def now() -> None:
+            self._now.set()
             self._close_streams()
             self._refuse_waiting("it was stopped at once")
             asyncio.ensure_future(self.server.stop(ANSWER_SECONDS))
@@ -465,16 +468,20 @@ def serve_forever(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully. Prints the address once listening."""
     server = InferenceServer(config)
     port = server.start()
+    done = threading.Event()
+
+    def signalled(*_) -> None:  # one handler throughout: a second signal right after the first is not lost
+        if done.is_set():
+            server.stop_now()  # a second signal while stopping: stop now
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the address is printed: a caller may signal once it reads it
+        signal.signal(sig, signalled)
     details = [f"pid {os.getpid()}", describe_device(server.repository.device)] + (["TLS"] if config.tls else [])
     details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
     # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
     print(f"maskbank serving {config.registry} on {host_port(config.host, port)} ({'; '.join(details)})", flush=True)
     log.info("listening on %s", host_port(config.host, port),
              extra={"port": port, "metrics_port": server.metrics_port, "tls": config.tls})
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping: stop now
-        signal.signal(sig, lambda *_: server.stop_now())
     server.stop()

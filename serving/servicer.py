@@ -36,8 +36,8 @@ log = logging.getLogger("maskbank.serving")
 # never blocks for long.
 INLINE_MACS = 1 << 24
 STREAM_IN_FLIGHT = 64  # the most requests of one ModelStreamInfer call computed, or answered but unsent, at once
-STREAM_CLOSED = ("the server is shutting down: the requests this stream sent before are answered; send the rest on a "
-                 "new stream (another replica)")
+STREAM_CLOSED = ("the server is shutting down: the requests it read from this stream are answered, in order; send "
+                 "the rest, from the first one unanswered, on a new stream (another replica)")
 ENVELOPE_BYTES = 64 << 10  # room kept under --max-message-bytes (at most 1/16 of it) for what wraps an answer
 
 

@@ -37,8 +37,9 @@ def registry(tmp_path_factory):
     return root
 
 
-def started(registry, grace: float) -> InferenceServer:
-    server = InferenceServer(ServerConfig(registry=str(registry), port=0, metrics_port=-1, grace_seconds=grace))
+def started(registry, grace: float, drain: float = 0.0) -> InferenceServer:
+    server = InferenceServer(ServerConfig(registry=str(registry), port=0, metrics_port=-1, grace_seconds=grace,
+                                          drain_seconds=drain))
     server.start()
     return server
 
@@ -129,6 +130,41 @@ def test_stop_now_ends_a_graceful_stop_at_once(registry):
     finally:
         release.set()
         channel.close()
+
+
+def test_stop_now_ends_the_drain_too(registry):
+    """A second signal during --drain-seconds refused what waited but the process lived on until the
+    drain ended (up to an hour)."""
+    server = started(registry, grace=60, drain=60)
+    stopping = stop_in_background(server)
+    time.sleep(0.5)
+    began = time.monotonic()
+    server.stop_now()
+    stopping.join(30)
+    assert not stopping.is_alive() and time.monotonic() - began < 10
+
+
+def test_a_second_signal_right_after_the_first_stops_at_once(registry, tmp_path):
+    """serve_forever swapped its handlers only once the first signal was seen: a second one sent
+    right after it was taken for the first again. A real server, signalled twice 1 ms apart, with
+    --drain-seconds 60: it ends in seconds."""
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "maskbank", "serve", "--registry", str(registry), "--port", "0",
+                               "--metrics-port", "-1", "--drain-seconds", "60"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "maskbank serving" in server.stdout.readline()
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+        server.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        assert server.wait(30) == 0 and time.monotonic() - began < 10
+        assert "stopping now (signalled again)" in server.stderr.read()
+    finally:
+        server.kill()
 
 
 @pytest.mark.parametrize("grace", [float("inf"), float("nan"), -1.0, 3601.0])
