@@ -220,6 +220,10 @@ def test_a_server_started_after_a_bad_publish_serves_the_newest_generation_that_
                                                "served"):
         repository.load("m")
     assert repository.get("m").generation == 2
+    repository.unload("m")
+    with pytest.raises(ModelUnavailable, match="generation 3 could not be loaded: .*; generation 2 is served"):
+        repository.load("m")  # asked for: the older generation is looked for again, and served
+    assert repository.get("m").generation == 2
     newest.write_text(text)
     assert repository.load("m").generation == 3 and repository.index()[0] == ("m", 3, "READY", "")
 
