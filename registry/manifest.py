@@ -179,17 +179,50 @@ def _plain(value: Any) -> Any:
 
 
 def _manifest_from_dict(body: dict) -> Manifest:
-    refs = lambda d: {k: BlobRef(**v) for k, v in d.items()}  # noqa: E731
-    tasks = tuple(TaskEntry(**{**t, "parts": refs(t["parts"]), "state": refs(t.get("state", {}))}) for t in body["tasks"])
-    backbones = {k: BackboneVersion(BlobRef(**v["blob"]), v.get("base")) for k, v in body["backbones"].items()}
+    """The manifest of a checksummed JSON body, its fields' types checked (TypeError naming the first
+    wrong one): a checksum says nothing about a writer that put a string where a count goes, and such a
+    value failed later, as a traceback, in whatever command read it."""
+    tasks = tuple(_task(t) for t in _of(body["tasks"], list, "tasks"))
+    backbones = {_of(k, str, "backbone version"): BackboneVersion(_blob(_of(v, dict, f"backbone {k}")["blob"]),
+                                                                  _of(v.get("base"), (str, type(None)), f"backbone {k} base"))
+                 for k, v in _of(body["backbones"], dict, "backbones").items()}
     return Manifest(
-        model=body["model"],
-        generation=int(body["generation"]),
-        architecture=body["architecture"],
-        input_shape=tuple(body["input_shape"]),
+        model=_of(body["model"], str, "model"),
+        generation=_of(body["generation"], int, "generation"),
+        architecture=_of(body["architecture"], dict, "architecture"),
+        input_shape=tuple(_of(d, int, "input_shape") for d in _of(body["input_shape"], list, "input_shape")),
         backbones=backbones,
         tasks=tasks,
-        training=body.get("training", {}),
-        shared=refs(body.get("shared", {})),
+        training=_of(body.get("training", {}), dict, "training"),
+        shared=_blobs(body.get("shared", {}), "shared"),
         format_version=body["format_version"],
     )
+
+
+def _task(t: Any) -> TaskEntry:
+    t = _of(t, dict, "a task")
+    where = f"task {t.get('id')!r}"
+    return TaskEntry(
+        id=_of(t["id"], int, f"{where} id"), name=_of(t["name"], str, f"{where} name"),
+        method=_of(t["method"], str, f"{where} method"), backbone=_of(t["backbone"], str, f"{where} backbone"),
+        num_classes=_of(t["num_classes"], int, f"{where} num_classes"), parts=_blobs(t["parts"], f"{where} parts"),
+        metrics=_of(t.get("metrics", {}), dict, f"{where} metrics"),
+        shares=tuple(_of(s, int, f"{where} shares") for s in _of(t.get("shares", []), list, f"{where} shares")),
+        state=_blobs(t.get("state", {}), f"{where} state"))
+
+
+def _blobs(value: Any, where: str) -> dict[str, BlobRef]:
+    return {_of(name, str, where): _blob(ref, f"{where} {name}") for name, ref in _of(value, dict, where).items()}
+
+
+def _blob(value: Any, where: str = "a blob reference") -> BlobRef:
+    value = _of(value, dict, where)
+    return BlobRef(digest=_of(value["digest"], str, f"{where} digest"), codec=_of(value["codec"], str, f"{where} codec"),
+                   size=_of(value["size"], int, f"{where} size"))
+
+
+def _of(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    """`value`, if it is a `kind` (a bool is no int here), else TypeError naming `where`."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise TypeError(f"{where} is {json.dumps(value)[:80]}, of the wrong type")
+    return value

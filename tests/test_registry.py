@@ -80,6 +80,10 @@ def test_published_tasks_can_only_be_appended(tmp_path):
         manifest.next(tasks=manifest.tasks[:1])
 
 
+def _with_task_field(body: dict, key: str, value) -> dict:
+    return {**body, "tasks": [{**body["tasks"][0], key: value}, *body["tasks"][1:]]}
+
+
 def _signed(body) -> str:
     """A manifest file around `body` with the checksum it deserves (damage a checksum cannot catch)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -93,7 +97,11 @@ def _signed(body) -> str:
         (lambda text: text.replace('"num_classes": 2', '"num_classes": 3', 1), "fails its checksum"),
         # with a valid checksum: a traceback (AttributeError, RecursionError) in every command before
         (lambda text: _signed([1, 2]), "is malformed: its body is a JSON list, not an object"),
-        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": []}), "is malformed: AttributeError"),
+        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": []}),
+         "is malformed: TypeError: backbones is \\[\\], of the wrong type"),
+        (lambda text: _signed({**json.loads(text)["manifest"], "input_shape": "64"}), "input_shape is \"64\""),
+        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "num_classes", "ten")),
+         "task 0 num_classes is \"ten\", of the wrong type"),
         (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
     ],
 )
