@@ -216,11 +216,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         counters = self.statistics.snapshot()
         response = pb.ModelStatisticsResponse()
         duration = lambda d: pb.StatisticDuration(count=d.count, ns=d.ns)  # noqa: E731
+        # Every duration is set, zero or not, as Triton sends them: JSON readers (as_json=True) find each
+        # key; compute_input/output (copies in and out) are part of compute_infer here.
+        zero = pb.StatisticDuration()
         for model in models:
             s = counters.get(model) or ModelStats()
-            # Every duration is set, zero or not, as Triton sends them: JSON readers (as_json=True) find
-            # each key; compute_input/output (copies in and out) are part of compute_infer here.
-            zero = pb.StatisticDuration()
             response.model_stats.add(
                 name=model, version=str(self.repository.get(model).generation), last_inference=s.last_inference_ms,
                 inference_count=s.inference_count, execution_count=s.execution_count,
