@@ -10,6 +10,7 @@ import os
 import signal
 import ssl
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -218,6 +219,7 @@ def package_version() -> str:
 
 
 ANSWER_SECONDS = 0.5  # after the grace period, how long gRPC gets to send the answers of the calls refused
+SIGNAL_POLL_SECONDS = 0.1  # how often serve_forever looks whether a signal came
 
 
 class InferenceServer:
@@ -468,20 +470,24 @@ def serve_forever(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully. Prints the address once listening."""
     server = InferenceServer(config)
     port = server.start()
-    done = threading.Event()
-
-    def signalled(*_) -> None:  # one handler throughout: a second signal right after the first is not lost
-        if done.is_set():
-            server.stop_now()  # a second signal while stopping: stop now
-        done.set()
-
+    # The handler only appends: it takes no lock, since a second signal may interrupt it (a handler
+    # that set a threading.Event deadlocked on its lock when a SIGINT came in the middle of a SIGTERM's).
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the address is printed: a caller may signal once it reads it
-        signal.signal(sig, signalled)
+        signal.signal(sig, lambda signum, frame: signals.append(signum))
     details = [f"pid {os.getpid()}", describe_device(server.repository.device)] + (["TLS"] if config.tls else [])
     details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
     # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
     print(f"maskbank serving {config.registry} on {host_port(config.host, port)} ({'; '.join(details)})", flush=True)
     log.info("listening on %s", host_port(config.host, port),
              extra={"port": port, "metrics_port": server.metrics_port, "tls": config.tls})
-    done.wait()
-    server.stop()
+    while not signals:
+        time.sleep(SIGNAL_POLL_SECONDS)
+    stopping = threading.Thread(target=server.stop, name="maskbank-stop")
+    stopping.start()
+    while stopping.is_alive():
+        if len(signals) > 1:  # a second signal while stopping: stop now
+            server.stop_now()
+            break
+        stopping.join(SIGNAL_POLL_SECONDS)
+    stopping.join()
