@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -14,6 +15,7 @@ from .errors import ManifestError, RegistryError, TaskNotFound
 from .names import check_name
 
 FORMAT_VERSION = 1
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def _manifest_from_dict(body: dict) -> Manifest:
     wrong one): a checksum says nothing about a writer that put a string where a count goes, and such a
     value failed later, as a traceback, in whatever command read it."""
     tasks = tuple(_task(t) for t in _of(body["tasks"], list, "tasks"))
-    backbones = {_of(k, str, "backbone version"): BackboneVersion(_blob(_of(v, dict, f"backbone {k}")["blob"]),
+    backbones = {_version(k): BackboneVersion(_blob(_of(v, dict, f"backbone {k}")["blob"]),
                                                                   _of(v.get("base"), (str, type(None)), f"backbone {k} base"))
                  for k, v in _of(body["backbones"], dict, "backbones").items()}
     return Manifest(
@@ -199,13 +201,21 @@ def _manifest_from_dict(body: dict) -> Manifest:
     )
 
 
+def _version(key: Any) -> str:
+    """A backbone version: its number as text (versions are ordered as numbers)."""
+    if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+        raise ValueError(f"backbone version {str(key)[:80]!r} is not a number")
+    return key
+
+
 def _task(t: Any) -> TaskEntry:
     t = _of(t, dict, "a task")
     where = f"task {t.get('id')!r}"
     return TaskEntry(
         id=_of(t["id"], int, f"{where} id"), name=_of(t["name"], str, f"{where} name"),
         method=_of(t["method"], str, f"{where} method"), backbone=_of(t["backbone"], str, f"{where} backbone"),
-        num_classes=_of(t["num_classes"], int, f"{where} num_classes"), parts=_blobs(t["parts"], f"{where} parts"),
+        num_classes=_positive(_of(t["num_classes"], int, f"{where} num_classes"), f"{where} num_classes"),
+        parts=_blobs(t["parts"], f"{where} parts"),
         metrics=_of(t.get("metrics", {}), dict, f"{where} metrics"),
         shares=tuple(_of(s, int, f"{where} shares") for s in _of(t.get("shares", []), list, f"{where} shares")),
         state=_blobs(t.get("state", {}), f"{where} state"))
@@ -217,8 +227,16 @@ def _blobs(value: Any, where: str) -> dict[str, BlobRef]:
 
 def _blob(value: Any, where: str = "a blob reference") -> BlobRef:
     value = _of(value, dict, where)
-    return BlobRef(digest=_of(value["digest"], str, f"{where} digest"), codec=_of(value["codec"], str, f"{where} codec"),
-                   size=_of(value["size"], int, f"{where} size"))
+    digest = _of(value["digest"], str, f"{where} digest")
+    if not _DIGEST.fullmatch(digest):  # read as a path later: one bad reference stopped verify for every model
+        raise ValueError(f"{where} digest {digest[:80]!r} is not 'sha256:' and 64 hex digits")
+    return BlobRef(digest=digest, codec=_of(value["codec"], str, f"{where} codec"), size=_of(value["size"], int, f"{where} size"))
+
+
+def _positive(value: int, where: str) -> int:
+    if value < 1:
+        raise ValueError(f"{where} is {value}, not a positive count")
+    return value
 
 
 def _of(value: Any, kind: type | tuple[type, ...], where: str) -> Any:

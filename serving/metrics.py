@@ -204,7 +204,8 @@ class MetricsServer:
     def start(self, host: str, port: int) -> int:
         """Listen on `host`:`port` (0: a free port); return the bound port."""
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            # an IPv6 literal may come bracketed (--host '[::1]', as gRPC takes it); the HTTP server wants it bare
+            self._httpd, self._thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         except OSError as error:
             raise OSError(f"cannot serve metrics on {host_port(host, port)} ({error.strerror or error}): pick another "
                           "--metrics-port, 0 for a free one, or -1 to turn metrics off") from error

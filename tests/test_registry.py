@@ -102,6 +102,13 @@ def _signed(body) -> str:
         (lambda text: _signed({**json.loads(text)["manifest"], "input_shape": "64"}), "input_shape is \"64\""),
         (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "num_classes", "ten")),
          "task 0 num_classes is \"ten\", of the wrong type"),
+        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "num_classes", 0)),
+         "task 0 num_classes is 0, not a positive count"),
+        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "parts", {
+            "masks": {"digest": "../../../../etc/passwd", "codec": "raw", "size": 1}})),
+         "digest '../../../../etc/passwd' is not 'sha256:' and 64 hex digits"),
+        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": {
+            "x": next(iter(json.loads(text)["manifest"]["backbones"].values()))}}), "backbone version 'x' is not a number"),
         (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
     ],
 )
