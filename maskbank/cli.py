@@ -391,6 +391,10 @@ def _report(args) -> None:
     registry = Registry(args.registry)
     registry.check_location()  # a mistyped path is no registry, not one without this model
     manifest = registry.manifest(args.model)
+    if not {"settings", "accuracy_matrix"} <= set(manifest.training):  # KeyError traceback before
+        raise MaskbankError(f"model '{args.model}' has no training record (it was published by a program of its own, "
+                            "not `maskbank train`): there is no accuracy matrix to report; `maskbank registry show "
+                            f"{args.model}` lists its tasks")
     if args.plot:
         plot_matrix(manifest.training["accuracy_matrix"], [t.name for t in manifest.tasks], args.plot,
                     f"{manifest.model}: {manifest.training['settings']['method']} on {manifest.training['settings']['stream']}")

@@ -13,7 +13,7 @@ from maskbank.cli import main
 from registry import Registry, RegistryError
 from registry.audit import binary_entropy, impresslearn_cost
 
-from .conftest import TINY, train_model
+from .conftest import TINY, manifest_with, train_model
 
 
 @pytest.fixture
@@ -229,6 +229,18 @@ def test_generations_behind_a_broken_link_are_a_problem_not_an_empty_model(train
     generations.unlink()
     kept.rename(generations)
     assert main(["registry", "verify", *where]) == 0  # nothing was deleted
+
+
+def test_a_model_published_without_maskbank_train_gets_a_message_not_a_traceback(tmp_path, capsys):
+    """A program of its own may publish through the registry's API with no training record
+    (bench/snapshot_memory.py does): `report` and appending with `train` ended in a KeyError."""
+    registry = Registry(tmp_path)
+    registry.commit(manifest_with(registry, tasks=2))
+    assert main(["report", "m", "--registry", str(tmp_path)]) == 2
+    assert "model 'm' has no training record (it was published by a program of its own" in capsys.readouterr().err
+    assert main(["train", "--tasks", "3", "--registry", str(tmp_path), "--model", "m"]) == 2
+    assert "model 'm' has no training settings" in capsys.readouterr().err
+    assert main(["registry", "show", "m", "--registry", str(tmp_path)]) == 0
 
 
 def test_audit_figures(trained, capsys, tmp_path):

@@ -105,6 +105,9 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             method_config=asdict(method.config),
             data_root=data_root if reads_files(stream.name) else None,  # a path the model never used is not kept
         )
+    if "settings" not in manifest.training:  # KeyError traceback before
+        raise TrainingError(f"model '{manifest.model}' has no training settings (it was published by a program of its "
+                            "own, not `maskbank train`), so tasks cannot be appended to it: train a new model")
     stored = manifest.training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
