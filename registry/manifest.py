@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -13,9 +12,9 @@ from typing import Any, Mapping
 
 from .errors import ManifestError, RegistryError, TaskNotFound
 from .names import check_name
+from .store import is_digest
 
 FORMAT_VERSION = 1
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,7 @@ def _blobs(value: Any, where: str) -> dict[str, BlobRef]:
 def _blob(value: Any, where: str = "a blob reference") -> BlobRef:
     value = _of(value, dict, where)
     digest = _of(value["digest"], str, f"{where} digest")
-    if not _DIGEST.fullmatch(digest):  # read as a path later: one bad reference stopped verify for every model
+    if not is_digest(digest):  # read as a path later: one bad reference stopped verify for every model
         raise ValueError(f"{where} digest {digest[:80]!r} is not 'sha256:' and 64 hex digits")
     return BlobRef(digest=digest, codec=_of(value["codec"], str, f"{where} codec"), size=_of(value["size"], int, f"{where} size"))
 

@@ -86,8 +86,7 @@ class BlobStore:
                     found.digests.append(DIGEST_PREFIX + name)
                 else:
                     found.strays.append(f"{folder}/{name}")
-            if folder not in found.unlisted:
-                found.leftovers += self.storage.leftovers(folder)
+            found.leftovers += self.storage.leftovers(folder)  # none where the folder cannot be listed
         return found
 
     def _listing(self, folder: str, found: BlobInventory) -> list[str]:
@@ -104,12 +103,15 @@ class BlobStore:
 
     @staticmethod
     def _hex(digest: str) -> str:
-        hexdigest = digest.removeprefix(DIGEST_PREFIX)
-        if not digest.startswith(DIGEST_PREFIX) or len(hexdigest) != 64 or not all(
-            c in "0123456789abcdef" for c in hexdigest
-        ):
+        if not is_digest(digest):
             raise BlobCorrupt(f"malformed blob reference {digest!r}: expected 'sha256:' and 64 hex digits")
-        return hexdigest
+        return digest.removeprefix(DIGEST_PREFIX)
+
+
+def is_digest(digest: str) -> bool:
+    """Whether `digest` is a blob's content address: 'sha256:' and 64 lowercase hex digits."""
+    hexdigest = digest.removeprefix(DIGEST_PREFIX)
+    return digest.startswith(DIGEST_PREFIX) and len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest)
 
 
 def _is_shard_name(name: str) -> bool:
@@ -119,4 +121,4 @@ def _is_shard_name(name: str) -> bool:
 
 def _is_blob_name(shard: str, name: str) -> bool:
     """Whether `shard/name` under the blob folder is where a blob lives: 64 hex digits, the first two its shard."""
-    return len(name) == 64 and name[:2] == shard and all(c in "0123456789abcdef" for c in name)
+    return name[:2] == shard and is_digest(DIGEST_PREFIX + name)
