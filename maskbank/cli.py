@@ -387,11 +387,12 @@ def _train(args) -> None:
 def _report(args) -> None:
     from registry import Registry
     from trainer.metrics import plot_matrix
+    from trainer.record import training_record
 
     registry = Registry(args.registry)
     registry.check_location()  # a mistyped path is no registry, not one without this model
     manifest = registry.manifest(args.model)
-    if not {"settings", "accuracy_matrix"} <= set(manifest.training):  # KeyError traceback before
+    if training_record(manifest) is None:  # KeyError traceback before
         raise MaskbankError(f"model '{args.model}' has no training record (it was published by a program of its own, "
                             "not `maskbank train`): there is no accuracy matrix to report; `maskbank registry show "
                             f"{args.model}` lists its tasks")
@@ -423,7 +424,8 @@ def _no_fwt(manifest) -> str:
 
 
 def format_report(manifest) -> str:
-    """The accuracy matrix, the summary metrics and the per-task metrics of a manifest."""
+    """The accuracy matrix, the summary metrics and the per-task metrics of a manifest whose training
+    record `trainer.record.training_record` has read."""
     from trainer.metrics import format_matrix
 
     training, names = manifest.training, [t.name for t in manifest.tasks]

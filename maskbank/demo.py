@@ -9,6 +9,7 @@ import numpy as np
 from registry import MaskbankError, Registry
 from trainer import get_stream, train
 from trainer.metrics import format_matrix
+from trainer.record import training_record
 
 from .process import ServerProcess
 
@@ -37,7 +38,7 @@ def _check_demo_model(registry: Registry, model: str) -> None:
     """MaskbankError unless `model` is new or a demo model, which the demo reuses and appends to: train's
     own refusal of other settings tells the user to omit options the demo does not have."""
     manifest = registry.find_manifest(model)
-    settings = manifest.training.get("settings", {}) if manifest is not None else DEMO_SETTINGS
+    settings = DEMO_SETTINGS if manifest is None else (training_record(manifest) or {"settings": {}})["settings"]
     if any(settings.get(key) != value for key, value in DEMO_SETTINGS.items()):
         raise MaskbankError(f"model '{model}' in {registry.location} is not a demo model ({settings.get('method')} on "
                             f"{settings.get('stream')}; the demo trains supsup on permuted-digits): pick another "

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from registry import MaskbankError, Registry, RegistryError
+from registry import ManifestError, MaskbankError, Registry, RegistryError
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 
@@ -100,7 +100,6 @@ def _show(registry: Registry, args) -> int:
                          + [f"metrics: {json.dumps(dict(task.metrics))}"])
         _emit(args, task, text)
         return 0
-    training = manifest.training
     lines = [f"model '{manifest.model}' generation {manifest.generation} (format {manifest.format_version})",
              f"architecture {json.dumps(dict(manifest.architecture))}, input shape {list(manifest.input_shape)}",
              "backbone versions: " + ", ".join(f"{v} ({b.blob.codec}, {b.blob.size:,} bytes"
@@ -109,12 +108,31 @@ def _show(registry: Registry, args) -> int:
     for t in manifest.tasks:
         accuracy = t.metrics.get("accuracy")
         lines.append(f"| {t.id} | {t.name} | {t.method} | {t.num_classes} | {sum(r.size for r in t.parts.values()):,} | "
-                     f"{'-' if accuracy is None else f'{accuracy:.3f}'} |")
-    if "average_accuracy" in training:
-        lines.append(f"\naverage accuracy {training['average_accuracy']:.3f}, forgetting {training['forgetting']:.3f}, "
-                     f"BWT {training['bwt']:.3f}; settings {json.dumps(training.get('settings', {}))}")
+                     f"{_accuracy(accuracy)} |")
+    lines += _training_summary(manifest)
     _emit(args, manifest, "\n".join(lines))
     return 0
+
+
+def _accuracy(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, (int, float)) else json.dumps(value)[:40]
+
+
+def _training_summary(manifest) -> list[str]:
+    """The summary of the training record, if the model has one: a malformed record is said, not a
+    traceback, since show is where a person looks at a model that other commands refuse."""
+    from trainer.record import training_record
+
+    try:
+        training = training_record(manifest)
+    except ManifestError as error:
+        return [f"\n{error}"]
+    if training is None:
+        return []
+    return [f"\naverage accuracy {training['average_accuracy']:.3f}, forgetting {training['forgetting']:.3f}, "
+            f"BWT {training['bwt']:.3f}; settings {json.dumps(training['settings'])}"]
 
 
 def _verify(registry: Registry, args) -> int:

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import ManifestError, RegistryError, TaskNotFound
+from .materialize import missing_parts
 from .names import check_name
 from .store import is_digest
 
@@ -83,6 +84,8 @@ class Manifest:
                     f"model '{self.model}': task {task.id} ({task.name}) needs backbone version {task.backbone!r}, "
                     f"which the manifest does not have (versions: {', '.join(self.backbones) or 'none'})"
                 )
+            if (lacks := missing_parts(task.method, task.parts, self.shared)) is not None:
+                raise ManifestError(f"model '{self.model}': task {task.id} ({task.name}): {lacks}")
         ids = [t.id for t in self.tasks]
         names = [t.name for t in self.tasks]
         if len(set(ids)) != len(ids) or len(set(names)) != len(names):
@@ -166,7 +169,8 @@ class Manifest:
         try:
             return _manifest_from_dict(body)
         except (KeyError, TypeError, ValueError, AttributeError, RegistryError) as exc:  # AttributeError: a list for a dict
-            raise ManifestError(f"manifest {source} is malformed: {type(exc).__name__}: {exc}") from None
+            why = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+            raise ManifestError(f"manifest {source} is malformed: {why}") from None
 
 
 def _canonical(value: Any) -> bytes:

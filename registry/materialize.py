@@ -37,6 +37,7 @@ class Materialization:
         weights per request without allocating them.
     on_any_device: build runs on the device of the backbone it is given (and of `out`), whatever
         device the task's parts are on, so a GPU server builds a task's weights on the GPU.
+    parts: the parts every task of the method has; shared: the model's shared parts it needs.
     """
 
     build: Materializer
@@ -44,21 +45,25 @@ class Materialization:
     head_only: bool = False
     into_buffers: bool = False
     on_any_device: bool = False
+    parts: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
 
 
 _MATERIALIZERS: dict[str, Materialization] = {}
 
 
-def register_materializer(*methods: str, backbone: Literal["own", "latest"] = "own", head_only: bool = False,
+def register_materializer(*methods: str, parts: tuple[str, ...], shared: tuple[str, ...] = (),
+                          backbone: Literal["own", "latest"] = "own", head_only: bool = False,
                           into_buffers: bool = False, on_any_device: bool = False):
-    """Decorator: how tasks of `methods` turn (backbone, task parts, the model's shared parts)
-    into the effective parameters (and buffers) of a forward pass; see `Materialization`."""
+    """Decorator: how tasks of `methods`, which have `parts` (and whose model has `shared`), turn
+    (backbone, task parts, the model's shared parts) into the effective parameters (and buffers)
+    of a forward pass; see `Materialization`."""
     if backbone not in ("own", "latest"):
         raise ValueError(f"backbone must be 'own' or 'latest', got {backbone!r}")
 
     def decorate(fn: Materializer) -> Materializer:
         for method in methods:
-            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only, into_buffers, on_any_device)
+            _MATERIALIZERS[method] = Materialization(fn, backbone, head_only, into_buffers, on_any_device, parts, shared)
         return fn
 
     return decorate
@@ -69,6 +74,17 @@ def materialization(method: str) -> Materialization:
     if method not in _MATERIALIZERS:
         raise unknown("method", method, _MATERIALIZERS)
     return _MATERIALIZERS[method]
+
+
+def missing_parts(method: str, parts: Iterable[str], shared: Iterable[str]) -> str | None:
+    """What a task of `method` with `parts`, in a model with `shared` parts, lacks, in words (None:
+    nothing, or a method this maskbank does not know, whose needs it cannot judge)."""
+    needs = _MATERIALIZERS.get(method)
+    if needs is None:
+        return None
+    lacks = [f"part '{p}'" for p in needs.parts if p not in parts] + [
+        f"the model's shared part '{p}'" for p in needs.shared if p not in shared]
+    return f"method {method} needs {' and '.join(lacks)}; the task has parts {sorted(parts)}" if lacks else None
 
 
 def served_backbone(method: str, own: str, versions: Iterable[str]) -> str:
@@ -89,6 +105,8 @@ def effective_parameters(
         caller reuses them. Other methods ignore `out`.
     """
     found = materialization(method)
+    if (lacks := missing_parts(method, parts, shared or {})) is not None:
+        raise InvalidArtifact(lacks)
     if out is not None and found.into_buffers:
         return found.build(backbone, parts, shared or {}, out=out)
     return found.build(backbone, parts, shared or {})
@@ -118,7 +136,7 @@ def check_head(method: str, head: Tensors, backbone: Tensors) -> None:
                                   f"the backbone {list(backbone[name].shape)}")
 
 
-@register_materializer("supsup", into_buffers=True, on_any_device=True)
+@register_materializer("supsup", parts=("masks",), into_buffers=True, on_any_device=True)
 def _supsup(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors],
             out: Tensors | None = None) -> dict[str, torch.Tensor]:
     masks = PackedMasks.pack(parts["masks"])

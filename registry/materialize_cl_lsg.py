@@ -40,8 +40,6 @@ def kernel_masked(weight: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 def check_cl_lsg(parts: Mapping[str, Tensors], backbone: Tensors) -> None:
     """Raise InvalidArtifact unless the head replaces some backbone weights (same shapes) and every
     other backbone weight has bool [out, in] kernels (expected vs actual)."""
-    if "growth_masks" not in parts or "head" not in parts:
-        raise InvalidArtifact(f"a {METHOD} task needs parts 'growth_masks' and 'head', got {sorted(parts)}")
     masks, head = parts["growth_masks"], parts["head"]
     for name, tensor in head.items():
         if name not in backbone or tensor.shape != backbone[name].shape:
@@ -57,7 +55,7 @@ def check_cl_lsg(parts: Mapping[str, Tensors], backbone: Tensors) -> None:
             raise InvalidArtifact(f"{METHOD} growth mask '{key}' must be bool {list(weight.shape[:2])}, got {got}")
 
 
-@register_materializer(METHOD)
+@register_materializer(METHOD, parts=("growth_masks", "head"))
 def _cl_lsg(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
     check_cl_lsg(parts, backbone)
     masks, head = parts["growth_masks"], parts["head"]

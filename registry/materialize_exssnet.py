@@ -9,4 +9,4 @@ from __future__ import annotations
 
 from .materialize import _supsup, register_materializer
 
-register_materializer("exssnet", into_buffers=True, on_any_device=True)(_supsup)
+register_materializer("exssnet", parts=("masks",), into_buffers=True, on_any_device=True)(_supsup)

@@ -19,7 +19,7 @@ from .materialize import Tensors, check_head, register_materializer
 HEAD_METHODS = ("spg", "finetune", "ewc")
 
 
-@register_materializer(*HEAD_METHODS, backbone="latest", head_only=True)
+@register_materializer(*HEAD_METHODS, parts=("head",), backbone="latest", head_only=True)
 def _head_over_backbone(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
     if set(parts) != {"head"}:
         raise InvalidArtifact(f"a head-based task has exactly one part, 'head'; got {sorted(parts)}")

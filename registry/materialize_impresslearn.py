@@ -58,13 +58,9 @@ def check_alpha(alpha: Tensors, basis: PackedMasks, backbone: Tensors) -> None:
             )
 
 
-@register_materializer("impresslearn")
+@register_materializer("impresslearn", parts=("alpha",), shared=("basis_masks",))
 def _impresslearn(backbone: Tensors, parts: Mapping[str, Tensors],
                   shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
-    if "alpha" not in parts:
-        raise InvalidArtifact(f"an ImpressLearn task needs an 'alpha' part, got {sorted(parts)}")
-    if "basis_masks" not in shared:
-        raise InvalidArtifact(f"an ImpressLearn model needs the shared part 'basis_masks', got {sorted(shared)}")
     alpha, basis = parts["alpha"], PackedMasks.pack(shared["basis_masks"])
     check_alpha(alpha, basis, backbone)
     # [:n]: the first n masks, those that existed when the task was learned (module docstring).

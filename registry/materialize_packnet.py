@@ -70,10 +70,8 @@ def filter_masked(weight: torch.Tensor, out: torch.Tensor, inputs: torch.Tensor)
     return weight * out.to(weight.dtype).view(-1, 1, *extra) * inputs.to(weight.dtype).view(1, -1, *extra)
 
 
-@register_materializer(METHOD)
+@register_materializer(METHOD, parts=("filter_mask", "head"))
 def _packnet_share(backbone: Tensors, parts: Mapping[str, Tensors], shared: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
-    if "filter_mask" not in parts or "head" not in parts:
-        raise InvalidArtifact(f"a {METHOD} task needs parts 'filter_mask' and 'head', got {sorted(parts)}")
     masks, head = parts["filter_mask"], parts["head"]
     check_filter_mask(masks, head, backbone)
     return {name: filter_masked(head.get(name, weight), masks[out_key(name)], masks[in_key(name)])

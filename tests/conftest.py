@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -98,6 +100,12 @@ def manifest_with(registry: Registry, tasks: int = 1, generation: int = 1) -> Ma
     )
     return Manifest(model="m", generation=generation, architecture={"arch": "mlp", "sizes": [2, 2]}, input_shape=(2,),
                     backbones={"1": backbone}, tasks=entries)
+
+
+def signed_manifest(body) -> str:
+    """A manifest file around `body` with the checksum it deserves (damage a checksum cannot catch)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"manifest": body, "sha256": hashlib.sha256(canonical).hexdigest()})
 
 
 def task_logits(registry: Registry, task: int, x: torch.Tensor, model: str = "m", backbone: str | None = None) -> torch.Tensor:

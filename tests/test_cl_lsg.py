@@ -248,7 +248,7 @@ def test_errors_name_the_problem(tmp_path):
     head = {"fc1.weight": torch.ones(2, 4)}
     with pytest.raises(InvalidArtifact, match=r"growth mask 'fc0.kernels' must be bool \[4, 3\], got nothing"):
         effective_parameters("cl-lsg", backbone, {"growth_masks": {}, "head": head})
-    with pytest.raises(InvalidArtifact, match="needs parts 'growth_masks' and 'head'"):
+    with pytest.raises(InvalidArtifact, match=r"^method cl-lsg needs part 'growth_masks'; the task has parts \['head'\]$"):
         effective_parameters("cl-lsg", backbone, {"head": head})
     kernels = torch.tensor([[True, False, True]] * 4)
     params = effective_parameters("cl-lsg", backbone, {"growth_masks": {"fc0.kernels": kernels}, "head": head})

@@ -56,7 +56,7 @@ class LastLayer(Method):
         return TaskArtifact(parts={"head": {head_name: head.detach().clone()}}, metrics={"final_loss": loss.item()})
 
 
-@register_materializer("test-lastlayer")
+@register_materializer("test-lastlayer", parts=("head",))
 def _last_layer(backbone, parts, shared):
     return {**backbone, **parts["head"]}
 

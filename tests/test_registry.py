@@ -1,6 +1,5 @@
 """The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from registry import (
 )
 from registry.errors import InvalidArtifact, UnknownName
 
-from .conftest import manifest_with
+from .conftest import manifest_with, signed_manifest
 
 
 def test_blob_round_trip_and_content_address(tmp_path):
@@ -84,31 +83,30 @@ def _with_task_field(body: dict, key: str, value) -> dict:
     return {**body, "tasks": [{**body["tasks"][0], key: value}, *body["tasks"][1:]]}
 
 
-def _signed(body) -> str:
-    """A manifest file around `body` with the checksum it deserves (damage a checksum cannot catch)."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return json.dumps({"manifest": body, "sha256": hashlib.sha256(canonical).hexdigest()})
-
-
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda text: text[: len(text) // 2], "unreadable"),
         (lambda text: text.replace('"num_classes": 2', '"num_classes": 3', 1), "fails its checksum"),
         # with a valid checksum: a traceback (AttributeError, RecursionError) in every command before
-        (lambda text: _signed([1, 2]), "is malformed: its body is a JSON list, not an object"),
-        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": []}),
+        (lambda text: signed_manifest([1, 2]), "is malformed: its body is a JSON list, not an object"),
+        (lambda text: signed_manifest({**json.loads(text)["manifest"], "backbones": []}),
          "is malformed: TypeError: backbones is \\[\\], of the wrong type"),
-        (lambda text: _signed({**json.loads(text)["manifest"], "input_shape": "64"}), "input_shape is \"64\""),
-        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "num_classes", "ten")),
+        (lambda text: signed_manifest({**json.loads(text)["manifest"], "input_shape": "64"}), "input_shape is \"64\""),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "num_classes", "ten")),
          "task 0 num_classes is \"ten\", of the wrong type"),
-        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "num_classes", 0)),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "num_classes", 0)),
          "task 0 num_classes is 0, not a positive count"),
-        (lambda text: _signed(_with_task_field(json.loads(text)["manifest"], "parts", {
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "parts", {
             "masks": {"digest": "../../../../etc/passwd", "codec": "raw", "size": 1}})),
          "digest '../../../../etc/passwd' is not 'sha256:' and 64 hex digits"),
-        (lambda text: _signed({**json.loads(text)["manifest"], "backbones": {
+        (lambda text: signed_manifest({**json.loads(text)["manifest"], "backbones": {
             "x": next(iter(json.loads(text)["manifest"]["backbones"].values()))}}), "backbone version 'x' is not a number"),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "parts", {})),
+         r"malformed: model 'm': task 0 \(t0\): method supsup needs part 'masks'; the task has parts \[\]$"),
+        (lambda text: signed_manifest({**json.loads(text)["manifest"], "tasks": [
+            {**json.loads(text)["manifest"]["tasks"][0], "method": "impresslearn", "parts": {}}]}),
+         "method impresslearn needs part 'alpha' and the model's shared part 'basis_masks'; the task has parts"),
         (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
     ],
 )

@@ -13,7 +13,7 @@ from maskbank.cli import main
 from registry import Registry, RegistryError
 from registry.audit import binary_entropy, impresslearn_cost
 
-from .conftest import TINY, manifest_with, train_model
+from .conftest import TINY, manifest_with, signed_manifest, train_model
 
 
 @pytest.fixture
@@ -241,6 +241,28 @@ def test_a_model_published_without_maskbank_train_gets_a_message_not_a_traceback
     assert main(["train", "--tasks", "3", "--registry", str(tmp_path), "--model", "m"]) == 2
     assert "model 'm' has no training settings" in capsys.readouterr().err
     assert main(["registry", "show", "m", "--registry", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("accuracy_matrix", [[0.5], [0.5, 0.5, 0.7]], r"accuracy_matrix \[\[0.5\], \[0.5, 0.5, 0.7\]\] is not 2 row\(s\) of "
+                                                   r"accuracies, row i holding tasks 0..i \(2 task\(s\) published\)"),
+    ("bwt", "none", 'bwt is "none", not a number'),
+    ("settings", [], r"settings \[\] need a method and a stream \(text\), a seed"),
+])
+def test_a_malformed_training_record_is_said_not_a_traceback(trained, capsys, field, value, message):
+    """A checksum cannot tell a writer's bug: a training record with a string for a number, a ragged
+    matrix or settings that are no object ended in tracebacks in report, show, train and demo."""
+    path = Path(trained.location) / "models" / "m" / "generations" / "0000000002.json"
+    body = json.loads(path.read_text())["manifest"]
+    path.write_text(signed_manifest({**body, "training": {**body["training"], field: value}}))
+    where = ["--registry", trained.location]
+    for command in (["report", "m"], ["train", "--tasks", "3", "--model", "m"], ["demo", "--model", "m"]):
+        assert main([*command, *where]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"error: model 'm' generation 2 has a malformed training record: {message}", err), err
+    code, out = run(capsys, "registry", "show", "m", *where)  # show still shows the tasks, and says what is wrong
+    assert code == 0 and "| 1 | perm-1 | supsup |" in out and "has a malformed training record" in out
+    assert trained.generations("m") == [1, 2]
 
 
 def test_audit_figures(trained, capsys, tmp_path):

@@ -34,6 +34,7 @@ from registry.errors import MaskbankError
 from . import metrics
 from .fit import TrainingDiverged
 from .methods import Method, PublishedTask, TaskArtifact, TrainingContext, get_method, refuse_inert
+from .record import training_record
 from .streams import TaskData, TaskStream, get_stream, reads_files
 
 BACKBONE_VERSION = "1"
@@ -105,13 +106,14 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
             method_config=asdict(method.config),
             data_root=data_root if reads_files(stream.name) else None,  # a path the model never used is not kept
         )
-    if "settings" not in manifest.training:  # KeyError traceback before
+    training = training_record(manifest)
+    if training is None:  # KeyError traceback before
         raise TrainingError(f"model '{manifest.model}' has no training settings (it was published by a program of its "
                             "own, not `maskbank train`), so tasks cannot be appended to it: train a new model")
-    stored = manifest.training["settings"]
+    stored = training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
-    clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored[k]!r})"
-               for k, v in given.items() if stored[k] != v]
+    clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored.get(k)!r})"
+               for k, v in given.items() if stored.get(k) != v]
     clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
                 f"(model has {stored['method_config'].get(k)!r})"
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
