@@ -163,8 +163,9 @@ def _gc(registry: Registry, args) -> int:
     text = (f"{verb} {len(report.deleted)} unreferenced blob(s) and {len(report.leftovers_deleted)} temporary file(s) "
             f"of interrupted writes, {report.bytes_freed:,} bytes; kept {len(report.kept_recent)} blob(s) younger than "
             f"{args.grace_seconds:g} s")
+    text += "".join(f"\nPROBLEM left alone: {what}" for what in report.left_alone)
     _emit(args, {**dataclasses.asdict(report), "dry_run": args.dry_run}, text)
-    return 0
+    return 1 if report.left_alone else 0
 
 
 def _audit(registry: Registry, args) -> int:

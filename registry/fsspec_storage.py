@@ -92,7 +92,7 @@ class FsspecStorage:
         self.scheme, _, path = url.partition("://")
         self.url = f"{self.scheme}://{path.rstrip('/')}"  # "s3://" stays itself (stripping made it "s3:")
         s3 = self.scheme in ("s3", "s3a")
-        if s3 and not path.strip("/"):
+        if s3 and (not path.strip("/") or path.startswith("/")):  # s3:///r: s3fs read it as bucket 'r'
             raise RegistryError(f"registry {url} names no bucket: give s3://BUCKET or s3://BUCKET/PREFIX")
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **(_s3_options() if s3 else {}))

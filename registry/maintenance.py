@@ -99,7 +99,7 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
 
 def _reason(error: Exception) -> str:
     """An error in words: an OSError says what the system said about which file."""
-    return f"cannot be read: {error}" if isinstance(error, OSError) else str(error)
+    return f"cannot be read: {str(error) or type(error).__name__}" if isinstance(error, OSError) else str(error)
 
 
 def _manifest_leftovers(registry: Registry) -> list[str]:
@@ -127,6 +127,7 @@ class GcReport:
     bytes_freed: int = 0
     kept_recent: list[str] = field(default_factory=list)  # unreferenced but younger than the grace period
     leftovers_deleted: list[str] = field(default_factory=list)  # temporary files of killed writes
+    left_alone: list[str] = field(default_factory=list)  # what could not be inspected or deleted, and why
 
 
 def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False,
@@ -157,12 +158,16 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
     candidates = sorted(set(stored.digests) - referenced)
     for digest in progress(candidates, len(candidates)):
         key = registry.blobs.key(digest)
-        size = registry.storage.size(key)  # first: the age is the last thing looked at before the delete
-        if time.time() - registry.storage.modified(key) < grace_seconds:
-            report.kept_recent.append(digest)
+        try:
+            size = registry.storage.size(key)  # first: the age is the last thing looked at before the delete
+            if time.time() - registry.storage.modified(key) < grace_seconds:
+                report.kept_recent.append(digest)
+                continue
+            if not dry_run:
+                registry.blobs.delete(digest)
+        except OSError as error:  # a folder, or a file the system will not let us read, in a blob's place
+            report.left_alone.append(f"{registry.storage.describe(key)} {_reason(error)}")
             continue
-        if not dry_run:
-            registry.blobs.delete(digest)
         report.deleted.append(digest)
         report.bytes_freed += size
     for key in stored.leftovers + _manifest_leftovers(registry):  # a live writer's temporary is seconds old: spared

@@ -92,6 +92,16 @@ def test_files_that_are_no_blob_are_reported_and_left_alone(trained, capsys):
     assert code == 0 and report["deleted"] == [] and all(stray.exists() for stray in strays)
 
 
+def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_goes_on(trained, capsys):
+    """One candidate gc cannot delete (a folder where a blob would be) stopped gc before the others."""
+    orphan = trained.put("tensors/v1", {"x": torch.arange(3.0)})
+    folder = Path(trained.blobs.describe("sha256:" + "00" * 32))
+    (folder / "inside").mkdir(parents=True)
+    code, out = run(capsys, "registry", "gc", "--grace-seconds", "0", "--registry", trained.location)
+    assert code == 1 and "deleted 1 unreferenced blob(s)" in out and not trained.storage.exists(trained.blobs.key(orphan.digest))
+    assert f"PROBLEM left alone: {folder} cannot be read: [Errno 21] Is a directory" in out and folder.is_dir()
+
+
 def test_verify_reports_every_unreadable_or_missing_file_and_gaps(trained, capsys):
     """An unreadable blob or manifest (here a directory where the file should be) ended verify with one
     OSError line, hiding the rest; a generation deleted from the middle of the history passed."""

@@ -136,7 +136,7 @@ def round_trip_and_conflict(url: str) -> Registry:
 
 
 
-@pytest.mark.parametrize("url", ["s3://", "s3:///", "s3a://"])
+@pytest.mark.parametrize("url", ["s3://", "s3:///", "s3a://", "s3:///bucket/prefix"])
 def test_a_url_without_a_bucket_says_so(url):
     """`s3://` read "cannot publish to s3:: publishing to s3::// is not supported" (the slash stripped
     off the scheme), and without an endpoint hung first."""
@@ -158,6 +158,21 @@ def test_s3_blob_round_trip_and_corruption_names_the_url(s3_url):
     with pytest.raises(BlobCorrupt) as info:
         registry.load(ref)
     assert ref.digest in str(info.value) and url in str(info.value)
+
+
+def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_says_so(s3_url, capsys):
+    """A 'folder' (objects under a blob's key) made s3fs raise a bare IsADirectoryError: gc stopped
+    with an empty message, before the other candidates."""
+    registry = Registry(s3_url)
+    registry.commit(manifest_with(registry))
+    orphan = registry.put("tensors/v1", {"x": torch.arange(3.0)})
+    folder = f"{registry.blobs.describe('sha256:' + 'ab' * 32)}/part"
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=s3_key(folder), Body=b"x")
+    assert main(["registry", "gc", "--grace-seconds", "0", "--registry", s3_url]) == 1
+    out = capsys.readouterr().out
+    assert "deleted 1 unreferenced blob(s)" in out
+    assert f"PROBLEM left alone: {folder.removesuffix('/part')} cannot be read: IsADirectoryError" in out
+    assert not registry.storage.exists(registry.blobs.key(orphan.digest))
 
 
 def test_s3_manifest_commit_generations_and_conflict(s3_url):
