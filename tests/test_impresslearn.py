@@ -73,7 +73,7 @@ def test_materialiser_refuses_an_alpha_longer_than_the_basis():
     with pytest.raises(InvalidArtifact, match=r"alpha 'fc0.weight' has 4 coefficients but the model's basis has only 3 "
                                               r"mask\(s\): a task can only combine basis masks that were published before it"):
         effective_parameters("impresslearn", BACKBONE, {"alpha": alpha}, {"basis_masks": BASIS})
-    with pytest.raises(InvalidArtifact, match="needs the shared part 'basis_masks'"):
+    with pytest.raises(InvalidArtifact, match="needs the model's shared part 'basis_masks'; the task has parts \\['alpha'\\]"):
         effective_parameters("impresslearn", BACKBONE, {"alpha": alpha}, {})
     alpha = {n: torch.full((2,), 0.5) for n in BACKBONE}
     with pytest.raises(InvalidArtifact, match=r"basis masks 'fc1.weight' have shape \[3, 6, 3\], expected \[B, 3, 6\]"):
