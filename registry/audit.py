@@ -60,6 +60,7 @@ class ModelAudit:
     state_bytes: int = 0  # training-only state (KKT scores, SPG importance, EWC Fisher): stored, never served
     parts: list[PartAudit] = field(default_factory=list)
     history_bytes: int = 0  # distinct blobs of every generation: what the registry keeps for the model (gc too)
+    growth: list[tuple[int, int]] = field(default_factory=list)  # per generation: (its tasks, history bytes up to it)
 
     @property
     def task_bytes(self) -> list[int]:
@@ -129,16 +130,23 @@ def audit(registry: Registry, model: str) -> ModelAudit:
     for task in manifest.tasks:
         for part, ref in task.parts.items():
             result.parts.append(_audit_part(registry, task.id, task.name, part, ref, result))
-    result.history_bytes = _history_bytes(registry, model)
+    result.growth = _growth(registry, model)
+    result.history_bytes = result.growth[-1][1]
     return result
 
 
-def _history_bytes(registry: Registry, model: str) -> int:
-    """Bytes of the distinct blobs any generation of `model` references: more than the newest one's
-    where a generation replaced a shared part (ImpressLearn's basis masks), since `registry gc` keeps
-    every generation's blobs. Reads every generation's manifest, as verify and gc do."""
-    blobs = {ref.digest: ref.size for g in registry.generations(model) for ref in registry.manifest(model, g).blob_refs()}
-    return sum(blobs.values())
+def _growth(registry: Registry, model: str) -> list[tuple[int, int]]:
+    """Per generation of `model`: its task count, and the bytes of the distinct blobs it and every
+    earlier generation reference (what the registry holds for the model then; `registry gc` keeps
+    every generation's blobs). More than the newest generation's own blobs where a generation
+    replaced a backbone version or a shared part. Reads every generation's manifest, as verify and gc do."""
+    blobs: dict[str, int] = {}
+    growth = []
+    for generation in registry.generations(model):
+        manifest = registry.manifest(model, generation)
+        blobs.update((ref.digest, ref.size) for ref in manifest.blob_refs())
+        growth.append((len(manifest.tasks), sum(blobs.values())))
+    return growth
 
 
 def _audit_part(registry: Registry, task: int, name: str, part: str, ref, model: ModelAudit) -> PartAudit:
@@ -183,7 +191,7 @@ def format_audit(result: ModelAudit) -> str:
 
 
 def plot_audit(result: ModelAudit, path: str) -> None:
-    """Bytes per task, and the cumulative registry size against one dense model per task."""
+    """Bytes per task, and the registry's size after each generation against one dense model per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,12 +200,11 @@ def plot_audit(result: ModelAudit, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     per_task = result.task_bytes
-    tasks = list(range(1, len(per_task) + 1))
-    cumulative = [result.shared_bytes + sum(per_task[:n]) for n in tasks]
+    tasks, stored = zip(*result.growth)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.bar(sorted({p.task for p in result.parts}), per_task)
     left.set(title="bytes per task (own parts)", xlabel="task id", ylabel="bytes")
-    right.plot(tasks, cumulative, marker="o", label="maskbank registry (shared + tasks)")
+    right.plot(tasks, stored, marker="o", label="maskbank registry (every blob of the generations so far)")
     right.plot(tasks, [result.dense_model_bytes * n for n in tasks], marker="s", label="one dense 32-bit model per task")
     right.set(title=f"cumulative size of '{result.model}'", xlabel="tasks", ylabel="bytes", yscale="log")
     right.legend()

@@ -293,15 +293,19 @@ def test_audit_figures(trained, capsys, tmp_path):
 
 def test_the_audit_counts_what_earlier_generations_keep(tmp_path, capsys):
     """ImpressLearn's heterogeneous basis is replaced as tasks come: the blobs of the earlier bases stay
-    (every generation keeps its blobs), and the audit counted only the newest generation's."""
+    (every generation keeps its blobs), and the audit counted only the newest generation's; its plot
+    drew the newest generation's shared bytes from the first task on."""
     from trainer import train
 
     registry = Registry(tmp_path)
-    train(registry, "m", 2, {"method": "impresslearn", "stream": "permuted-digits", "architecture": TINY["architecture"],
-                             "method_config": {"basis_size": 2, "mask_epochs": 1, "alpha_epochs": 1}}, log=lambda _: None)
-    code, result = run_json(capsys, "registry", "audit", "m", "--registry", str(tmp_path))
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "blobs").rglob("*") if p.is_file())
-    assert code == 0 and result["history_bytes"] == on_disk > result["registry_bytes"]
+    on_disk = []
+    for tasks in (1, 2):
+        train(registry, "m", tasks, {"method": "impresslearn", "stream": "permuted-digits", "architecture": TINY["architecture"],
+                                     "method_config": {"basis_size": 2, "mask_epochs": 1, "alpha_epochs": 1}}, log=lambda _: None)
+        on_disk.append(sum(p.stat().st_size for p in (tmp_path / "blobs").rglob("*") if p.is_file()))
+    code, result = run_json(capsys, "registry", "audit", "m", "--registry", str(tmp_path), "--plot", str(tmp_path / "a.png"))
+    assert code == 0 and result["history_bytes"] == on_disk[-1] > result["registry_bytes"]
+    assert result["growth"] == [[1, on_disk[0]], [2, on_disk[1]]]  # what --plot draws: it charged the newest basis at task 1
 
 
 def test_impresslearn_cost_matches_the_paper_example():
