@@ -95,6 +95,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     repo.mkdir(parents=True, exist_ok=True)
     version = str(manifest.generation)
     with export_lock(repo):
+        _check_places(repo, [triton_model_name(manifest.model, e) for e in selected_tasks(manifest, keys)], version)
         outside = _staging_outside(repo)
         staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
         try:
@@ -123,6 +124,21 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                 if staging.parent == directory:
                     shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(outside, ignore_errors=True)
+
+
+def _check_places(repo: Path, names: Sequence[str], version: str) -> None:
+    """ExportError if something other than a folder stands where a model or its new version goes (or a
+    folder where its config goes): found before anything is written, since moving in would fail
+    midway, after the models before it were moved in."""
+    for name in names:
+        directory = repo / name
+        wrong = ([directory] if directory.exists() and not directory.is_dir() else
+                 [p for p in (directory / version,) if p.exists() and not p.is_dir()]
+                 + [p for p in (directory / CONFIG,) if p.is_dir()])
+        if wrong:
+            kind = "a folder" if wrong[0].is_dir() else "a file"
+            raise ExportError(f"{wrong[0]} is {kind}, where this export writes Triton model '{name}' "
+                              f"(version {version}): move it away; nothing was written")
 
 
 def _staging_outside(repo: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -303,6 +304,15 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile is a file, not a folder"):
         export_triton(copy, "m", tmp_path / "afile")
+    blob.unlink()  # every task readable: a file where the last task's model goes stopped the moves midway
+    for where in (repo / "m.task-1", repo / "m.task-0" / "2"):  # a new model's place, a new version's
+        shutil.rmtree(where, ignore_errors=True)
+        where.write_text("not a model")
+        before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        with pytest.raises(ExportError, match=f"{re.escape(str(where))} is a file, where this export writes Triton model"):
+            export_triton(copy, "m", repo)
+        assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+        where.unlink()
     for inside in (Path(copy.location), Path(copy.location) / "exports"):  # Triton would load blobs/ and models/
         with pytest.raises(ExportError, match="is inside registry .*: export into a folder outside it"):
             export_triton(copy, "m", inside)
