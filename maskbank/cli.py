@@ -88,13 +88,21 @@ def _option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
+def given_path(text: str) -> str:
+    """An argparse type for a file, folder or URL: not empty, which (an unset shell variable) meant the
+    current folder: `--out ""` exported into it, `--plot ""` wrote '.png.png'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?): name a file or folder")
+    return text
+
+
 def plot_file(text: str) -> str:
     """An argparse type for --plot: the file to write, with '.png' added to a name without an extension
     (as matplotlib would add it, so the name printed is the file written); an extension matplotlib
     cannot write is refused before any work."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    path = Path(text)
+    path = Path(given_path(text))
     if not path.suffix:
         return f"{text}.png"
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -133,7 +141,7 @@ def _add_train(commands) -> None:
         "are never retrained or changed.",
         epilog=_method_defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--registry", required=True, help="registry directory (created if missing)")
+    p.add_argument("--registry", required=True, type=given_path, help="registry directory (created if missing)")
     p.add_argument("--model", required=True, help="model name in the registry")
     p.add_argument("--tasks", type=positive_int, required=True, help="total number of tasks the model should have")
     p.add_argument("--method", choices=method_names(), help="continual-learning method (required for a new model)")
@@ -186,7 +194,7 @@ def _add_report(commands) -> None:
                             description="Show what training recorded for MODEL: the accuracy matrix, average accuracy, "
                             "forgetting, BWT, FWT (when trained with --fwt), and per-task metrics and training time.")
     p.add_argument("model")
-    p.add_argument("--registry", required=True, help="registry directory or URL")
+    p.add_argument("--registry", required=True, type=given_path, help="registry directory or URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", type=plot_file,
                    help="draw the accuracy matrix as a heatmap (png, or the format of the file's extension: svg, pdf, ...)")
@@ -205,7 +213,7 @@ def _add_serve(commands) -> None:
         "New generations published to the registry are picked up without a restart. Stop with Ctrl-C or SIGTERM "
         "(graceful: health goes NOT_SERVING, running calls finish).",
     )
-    p.add_argument("--registry", required=True,
+    p.add_argument("--registry", required=True, type=given_path,
                    help="registry directory, or an fsspec URL (s3://bucket/prefix, memory://...) shared by replicas")
     p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
@@ -327,7 +335,7 @@ def _add_demo(commands) -> None:
         description="The main job: SupSup on 5 permuted-digits tasks, published to a registry, served on loopback, "
         "queried with the stock tritonclient with and without a task id; prints both accuracy tables.",
     )
-    p.add_argument("--registry", default="demo-registry", help="registry directory (default ./demo-registry)")
+    p.add_argument("--registry", default="demo-registry", type=given_path, help="registry directory (default ./demo-registry)")
     p.add_argument("--model", default="digits", help="model name (default digits)")
     p.add_argument("--tasks", type=positive_int, default=5, help="number of permuted-digits tasks (default 5)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the queries (default 16)")

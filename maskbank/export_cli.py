@@ -7,7 +7,7 @@ import sys
 from registry import Registry
 from registry.onnx_export import LAYOUTS, export_onnx
 
-from .cli import positive_int, progress_bar
+from .cli import given_path, positive_int, progress_bar
 
 ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
 FP32 [N, classes], every weight a graph input named after the network's parameter, batch dimension dynamic) and,
@@ -28,16 +28,16 @@ def add_export_commands(commands) -> None:
     sub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     onnx = sub.add_parser("onnx", help="the backbone graph once, plus each task's weights or a model per task",
                           description=ONNX_HELP)
-    onnx.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    onnx.add_argument("--out", required=True, type=given_path, metavar="DIR", help="output folder (created if missing)")
     onnx.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
                       help="per task: its weights for the shared graph (default), or a standalone ONNX model")
     triton = sub.add_parser("triton", help="a Triton model repository, one ONNX model per task", description=TRITON_HELP)
-    triton.add_argument("--out", required=True, metavar="REPO", help="model repository folder (created if missing)")
+    triton.add_argument("--out", required=True, type=given_path, metavar="REPO", help="model repository folder (created if missing)")
     triton.add_argument("--max-batch-size", type=positive_int, default=1024,
                         help="Triton's max_batch_size, rows per batch of its dynamic batcher (default 1024)")
     for parser in (onnx, triton):
         parser.add_argument("model", help="model name in the registry")
-        parser.add_argument("--registry", required=True, help="registry directory or URL")
+        parser.add_argument("--registry", required=True, type=given_path, help="registry directory or URL")
         parser.add_argument("--task", dest="tasks", action="append", type=_task_key, default=[], metavar="ID",
                             help="a task id or name to export (repeatable; default: every task)")
 

@@ -10,14 +10,14 @@ from registry import ManifestError, MaskbankError, Registry, RegistryError
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 
-from .cli import plot_file, progress_bar
+from .cli import given_path, plot_file, progress_bar
 
 
 def add_registry_commands(commands) -> None:
     p = commands.add_parser("registry", help="inspect, verify, clean and audit a registry",
                             description="Inspect and maintain a registry (a directory or an fsspec URL such as s3://bucket/prefix).")
     sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
-    common = dict(help="registry directory or URL")
+    common = dict(type=given_path, help="registry directory or URL")
 
     ls = sub.add_parser("ls", help="list models with their newest generation, tasks and bytes")
     show = sub.add_parser("show", help="describe a model's newest generation, or one task")

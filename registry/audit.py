@@ -12,7 +12,6 @@ from __future__ import annotations
 import lzma
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import zstandard
 
 from .catalog import Registry
+from .folders import make_parent
 from .packed import PackedMasks
 
 
@@ -211,6 +211,6 @@ def plot_audit(result: ModelAudit, path: str) -> None:
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

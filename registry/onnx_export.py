@@ -27,7 +27,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from onnx import helper, numpy_helper
 from .architectures import build_architecture, input_features
 from .catalog import Registry
 from .errors import ExportError, InvalidArtifact, UnknownName
+from .folders import make_folder, staging_folder
 from .manifest import Manifest, TaskEntry
 from .materialize import effective_parameters, served_backbone
 from .progress import Progress, no_progress
@@ -201,13 +201,12 @@ def export_onnx(registry: Registry, model: str, out: str | Path, keys: Sequence[
     check_outside_registry(registry, out)
     _earlier_export(out, manifest.model)  # refuses a folder this export must not write into, before making any
     graph = architecture_graph(manifest.architecture)
-    created = first_missing(out)
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_folder(out, f"output folder {out}")
     with export_lock(out):
         earlier = _earlier_export(out, manifest.model)  # read under the lock: what the last export left
         for leftover in out.glob(f"{STAGING}*"):  # of an export killed while writing
             shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+        staging = staging_folder(out, STAGING)
         try:
             tasks = _write_tasks(registry, manifest, keys, graph, staging, layout, progress)
             _commit(out, staging, {"model": manifest.model, "generation": manifest.generation, "layout": layout,
@@ -303,15 +302,6 @@ def export_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
-
-
-def first_missing(path: Path) -> Path | None:
-    """The outermost folder that making `path` (with its parents) creates: `path` or the first of its
-    ancestors that does not exist, which undoing that removes; None when `path` exists."""
-    top = None
-    while not path.exists():
-        top, path = path, path.parent
-    return top
 
 
 def _remove_partial(out: Path, created: Path | None) -> None:

@@ -133,6 +133,8 @@ class LocalStorage:
     def location_problem(self, must_exist: bool) -> str | None:
         if must_exist and not self.root.is_dir():
             return "the directory does not exist (the first publish, `maskbank train --registry ...`, creates it)"
+        if must_exist and not any((self.root / folder).is_dir() for folder in ("models", "blobs")) and any(self.root.iterdir()):
+            return "the directory holds other things and no models/ or blobs/ folder (is it the right path?)"
         return None
 
     def leftovers(self, prefix: str) -> list[str]:

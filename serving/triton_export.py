@@ -28,6 +28,7 @@ from google.protobuf import text_format
 from registry import Registry, TaskEntry
 from registry.architectures import input_features
 from registry.errors import ExportError
+from registry.folders import make_folder, staging_folder
 from registry.progress import Progress, no_progress
 from registry.onnx_export import (
     INPUT,
@@ -36,7 +37,6 @@ from registry.onnx_export import (
     architecture_graph,
     check_outside_registry,
     export_lock,
-    first_missing,
     onnx_weights,
     save_checked,
     self_contained,
@@ -91,8 +91,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
-    created = first_missing(repo)
-    repo.mkdir(parents=True, exist_ok=True)
+    created = make_folder(repo, f"model repository {repo}")
     version = str(manifest.generation)
     with export_lock(repo):
         _check_places(repo, [triton_model_name(manifest.model, e) for e in selected_tasks(manifest, keys)], version)
@@ -104,7 +103,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                 directory = repo / name
                 for leftover in directory.glob(f"{STAGING}*"):  # of an export killed midway
                     shutil.rmtree(leftover, ignore_errors=True)
-                staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory)) if directory.is_dir() else outside / name
+                staging = staging_folder(directory, STAGING) if directory.is_dir() else outside / name
                 staged.append((directory, staging))
                 (staging / version).mkdir(parents=True)
                 save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes),

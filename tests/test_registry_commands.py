@@ -319,8 +319,13 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
     (tmp_path / "a-file").write_text("")
     for command in (["report", "m"], ["registry", "audit", "m"]):
         code = main([*command, "--registry", trained.location, "--plot", str(tmp_path / "a-file" / "out.png")])
-        assert code == 1
-        assert f"maskbank {' '.join(command[:-1])}: error: " in capsys.readouterr().err
+        assert code == 2  # it was [Errno 17] File exists: '.../a-file' (status 1)
+        assert (f"maskbank {' '.join(command[:-1])}: error: cannot make a folder for {tmp_path / 'a-file' / 'out.png'}: "
+                f"{tmp_path / 'a-file'} is a file, not a folder") in capsys.readouterr().err
+    for command in (["registry", "audit", "m", "--plot"], ["export", "onnx", "m", "--out"], ["export", "triton", "m", "--out"]):
+        with pytest.raises(SystemExit) as refused:  # an unset variable read as the current folder
+            main([*command, "", "--registry", trained.location])
+        assert refused.value.code == 2 and "an empty path (an unset variable?)" in capsys.readouterr().err
 
 
 def test_a_plot_is_written_where_the_command_says(trained, capsys, tmp_path):
@@ -350,6 +355,10 @@ def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_regis
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()  # an existing, empty registry is one: nothing wrong in it
     assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty" / "notes.txt").write_text("a folder of other things verified OK too")
+    assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 2
+    assert "no registry at {}: the directory holds other things and no models/ or blobs/ folder".format(
+        tmp_path / "empty") in capsys.readouterr().err
 
 
 def test_verify_and_gc_report_progress_over_their_blobs(trained):

@@ -5,8 +5,9 @@ Rows are the tasks learned so far; entry j of row i exists for j <= i (later tas
 
 from __future__ import annotations
 
-from pathlib import Path
 from statistics import mean
+
+from registry.folders import make_parent
 
 
 def average_accuracy(matrix: list[list[float]]) -> float:
@@ -83,6 +84,6 @@ def plot_matrix(matrix: list[list[float]], names: list[str], path: str, title: s
     ax.set(xlabel="accuracy on task", ylabel="after learning task", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

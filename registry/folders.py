@@ -1,0 +1,49 @@
+"""Folders that commands write into (exports, plots): made with their parents, or refused in words.
+
+`mkdir(parents=True, exist_ok=True)` below a file says "[Errno 17] File exists: 'f/afile'", which
+reads as if the folder were there; these say which part of the path is a file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder that making `path` (with its parents) creates: `path` or the first of its
+    ancestors that does not exist, which undoing that removes; None when `path` exists."""
+    top = None
+    while not path.exists():
+        top, path = path, path.parent
+    return top
+
+
+def make_folder(path: Path, what: str) -> Path | None:
+    """Make the folder `path` (`what` names it in messages: "output folder out/") with its parents;
+    return `first_missing(path)`. ExportError if a part of the path is a file or the system refuses."""
+    created = first_missing(path)
+    existing = path if created is None else created.parent
+    if not existing.is_dir():
+        raise ExportError(f"cannot make {what}: {existing} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot make {what}: {error.strerror or error}") from None
+    return created
+
+
+def make_parent(file: str | Path) -> None:
+    """Make the folder `file` goes in, as `make_folder` does."""
+    make_folder(Path(file).parent, f"a folder for {file}")
+
+
+def staging_folder(folder: Path, prefix: str) -> Path:
+    """A new hidden folder inside `folder` to write into before moving files in place (tempfile.mkdtemp);
+    ExportError naming `folder`, not the staging folder, if the system refuses."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    except OSError as error:
+        raise ExportError(f"cannot write into {folder}: {error.strerror or error}") from None
