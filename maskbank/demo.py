@@ -45,9 +45,11 @@ def _check_demo_model(registry: Registry, model: str) -> None:
                             "--model or --registry")
 
 
-def run_demo(registry_dir: str, model: str, tasks: int, batch_size: int) -> None:
+def run_demo(registry_dir: str, model: str, tasks: int, batch_size: int, threads: int = 1) -> None:
+    import torch
     import tritonclient.grpc as triton
 
+    torch.set_num_threads(threads)
     began = time.perf_counter()
     registry = Registry(registry_dir)
     _check_demo_model(registry, model)
@@ -58,7 +60,7 @@ def run_demo(registry_dir: str, model: str, tasks: int, batch_size: int) -> None
     print(format_matrix(manifest.training["accuracy_matrix"], names))
 
     print(f"\n== 2. serving {registry_dir} on loopback")
-    with ServerProcess(registry_dir) as server:
+    with ServerProcess(registry_dir, "--threads", str(threads)) as server:
         client = triton.InferenceServerClient(server.url)
         deadline = time.monotonic() + 60
         while not (client.is_server_ready() and client.is_model_ready(model)):

@@ -131,7 +131,8 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     unknown_names = [k for k in params if k not in PARAMETERS and k not in RESERVED_PARAMETERS
                      and not k.startswith(RESERVED_PREFIXES)]
     if unknown_names:
-        raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown_names)} (maskbank reads: {', '.join(PARAMETERS)})")
+        raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown_names)} (maskbank reads: "
+                             f"{', '.join(PARAMETERS)}; and Triton's timeout and priority)")
     task_id, name, mode = (_parameter(params, key) for key in ("task_id", "task", "task_inference"))
     if task_id is not None and (isinstance(task_id, (bool, float, str)) or task_id < 0):
         raise InvalidRequest(f"parameter 'task_id' must be a non-negative integer, got {task_id!r}; use 'task' for a task name")

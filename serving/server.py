@@ -112,9 +112,9 @@ class ServerConfig:
             raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
                              "(or neither, for plaintext)")
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            hint = "; a bare number is bytes: give a unit, like 16MiB" if self.max_message_bytes < MIN_MESSAGE_BYTES else ""
             raise ValueError(f"--max-message-bytes must be from {MIN_MESSAGE_BYTES} (4KiB) to {MAX_MESSAGE_BYTES} "
-                             f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}; a bare number is bytes: "
-                             "give a unit, like 16MiB")
+                             f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}{hint}")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
                                    ("--max-batch-size", self.max_batch_size, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
