@@ -19,6 +19,7 @@ import torch
 import zstandard
 
 from .catalog import Registry
+from .errors import ManifestError
 from .folders import make_parent
 from .packed import PackedMasks
 
@@ -61,6 +62,7 @@ class ModelAudit:
     parts: list[PartAudit] = field(default_factory=list)
     history_bytes: int = 0  # distinct blobs of every generation: what the registry keeps for the model (gc too)
     growth: list[tuple[int, int]] = field(default_factory=list)  # per generation: (its tasks, history bytes up to it)
+    unreadable: list[int] = field(default_factory=list)  # earlier generations left out of growth and history
 
     @property
     def task_bytes(self) -> list[int]:
@@ -130,23 +132,26 @@ def audit(registry: Registry, model: str) -> ModelAudit:
     for task in manifest.tasks:
         for part, ref in task.parts.items():
             result.parts.append(_audit_part(registry, task.id, task.name, part, ref, result))
-    result.growth = _growth(registry, model)
+    _add_growth(registry, model, manifest.generation, result)
     result.history_bytes = result.growth[-1][1]
     return result
 
 
-def _growth(registry: Registry, model: str) -> list[tuple[int, int]]:
-    """Per generation of `model`: its task count, and the bytes of the distinct blobs it and every
-    earlier generation reference (what the registry holds for the model then; `registry gc` keeps
-    every generation's blobs). More than the newest generation's own blobs where a generation
-    replaced a backbone version or a shared part. Reads every generation's manifest, as verify and gc do."""
+def _add_growth(registry: Registry, model: str, newest: int, result: ModelAudit) -> None:
+    """Per generation of `model` up to `newest`: its task count, and the bytes of the distinct blobs it
+    and every earlier generation reference (what the registry holds for the model then; `registry gc`
+    keeps every generation's blobs). More than the newest generation's own blobs where a generation
+    replaced a backbone version or a shared part. An earlier generation that cannot be read is left
+    out and listed (verify says why), rather than stop the audit of the newest."""
     blobs: dict[str, int] = {}
-    growth = []
-    for generation in registry.generations(model):
-        manifest = registry.manifest(model, generation)
+    for generation in [g for g in registry.generations(model) if g <= newest]:
+        try:
+            manifest = registry.manifest(model, generation)
+        except ManifestError:
+            result.unreadable.append(generation)
+            continue
         blobs.update((ref.digest, ref.size) for ref in manifest.blob_refs())
-        growth.append((len(manifest.tasks), sum(blobs.values())))
-    return growth
+        result.growth.append((len(manifest.tasks), sum(blobs.values())))
 
 
 def _audit_part(registry: Registry, task: int, name: str, part: str, ref, model: ModelAudit) -> PartAudit:
@@ -184,7 +189,8 @@ def format_audit(result: ModelAudit) -> str:
         f"registry for this model: {result.registry_bytes:,} bytes; one dense model per task would take "
         f"{totals['dense_per_task_bytes']:,} ({totals['compression_vs_dense_per_task']:.1f}x the registry's bytes)",
         f"with every earlier generation's blobs (what the registry keeps, `registry gc` too): "
-        f"{result.history_bytes:,} bytes",
+        f"{result.history_bytes:,} bytes" + (f", without generation(s) {', '.join(map(str, result.unreadable))}, which "
+                                             "cannot be read (`maskbank registry verify` says why)" if result.unreadable else ""),
         "(x ...: the reference's bytes divided by the stored bytes; above 1 means the registry stores less)",
     ]
     return "\n".join(rows)

@@ -306,6 +306,10 @@ def test_the_audit_counts_what_earlier_generations_keep(tmp_path, capsys):
     code, result = run_json(capsys, "registry", "audit", "m", "--registry", str(tmp_path), "--plot", str(tmp_path / "a.png"))
     assert code == 0 and result["history_bytes"] == on_disk[-1] > result["registry_bytes"]
     assert result["growth"] == [[1, on_disk[0]], [2, on_disk[1]]]  # what --plot draws: it charged the newest basis at task 1
+    first = tmp_path / "models" / "m" / "generations" / "0000000001.json"
+    first.write_text(first.read_text()[:100])  # a damaged earlier generation stopped the audit of the newest
+    code, out = run(capsys, "registry", "audit", "m", "--registry", str(tmp_path))
+    assert code == 0 and "without generation(s) 1, which cannot be read (`maskbank registry verify` says why)" in out
 
 
 def test_impresslearn_cost_matches_the_paper_example():
