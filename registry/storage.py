@@ -149,11 +149,22 @@ class LocalStorage:
     def _flushed_temporary(path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes it 0600: a server running as another user could not read it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         return Path(tmp)
+
+
+def _process_umask() -> int:
+    """The process's umask (os.umask only sets it: set and put back, once, at import)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()  # what open() gives a new file: readable as the umask allows
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,6 +1,8 @@
 """The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,17 @@ def test_manifest_file_is_readable_json(tmp_path):
     registry.commit(manifest_with(registry))
     doc = json.loads((tmp_path / "models" / "m" / "generations" / "0000000001.json").read_text())
     assert doc["manifest"]["format_version"] == 1 and len(doc["sha256"]) == 64
+
+
+def test_blobs_and_manifests_are_readable_as_the_umask_allows(tmp_path):
+    """They were 0600 (mkstemp's mode): a server or verifier running as another user could not read
+    a registry the trainer wrote."""
+    registry = Registry(tmp_path)
+    registry.commit(manifest_with(registry))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
 
 
 def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_the_mask_alone():
