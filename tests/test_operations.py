@@ -496,6 +496,29 @@ raise SystemExit(run())
     assert (done.returncode, done.stderr) == (143, "\nmaskbank: terminated (SIGTERM)\n")  # it died unannounced (-15)
 
 
+@pytest.mark.parametrize("signum, at", [("SIGTERM", "atexit"), ("SIGINT", "atexit"), ("SIGTERM", "thread")])
+def test_a_signal_after_the_command_ended_keeps_its_status(tmp_path, signum, at):
+    """A signal during the interpreter's teardown, after a training had published everything and
+    printed its report, turned status 0 into 143 with no word, or an 'Exception ignored' traceback.
+    Here it lands in an atexit callback, or while the interpreter waits for a thread at exit."""
+    script = f"""
+import atexit, os, signal, threading, time
+from maskbank.__main__ import run
+
+def late():
+    os.kill(os.getpid(), signal.{signum})
+    time.sleep(0.5)
+
+atexit.register(late) if "{at}" == "atexit" else None
+code = run()
+threading.Thread(target=late).start() if "{at}" == "thread" else None
+raise SystemExit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", script, "registry", "ls", "--registry", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
 def test_a_reader_that_leaves_early_is_no_error(tmp_path):
     """`maskbank report m | head -3` printed 'error: [Errno 32] Broken pipe' and exited 1."""
     train_model(tmp_path, "m", 1, TINY)
