@@ -380,7 +380,7 @@ def _train(args) -> None:
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}
     registry = Registry(args.registry)
-    registry.check_location(must_exist=False)  # an S3 bucket that does not exist: before any training
+    registry.check_location(must_exist=False, writable=True)  # a missing bucket, a read-only folder: before training
     try:
         manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
     except PublishConflict as error:  # the API's "reload and retry", said for the command line

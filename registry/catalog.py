@@ -44,10 +44,11 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
 
-    def check_location(self, must_exist: bool = True) -> None:
+    def check_location(self, must_exist: bool = True, writable: bool = False) -> None:
         """RegistryError when no registry can be at this location (an S3 bucket that does not exist)
-        or, with `must_exist`, none is there: a mistyped path must not read as an empty registry."""
-        if problem := self.storage.location_problem(must_exist):
+        or, with `must_exist`, none is there: a mistyped path must not read as an empty registry; with
+        `writable`, when a local directory cannot be written (before the work that would publish)."""
+        if problem := self.storage.location_problem(must_exist, writable):
             raise RegistryError(f"no registry at {self.location}: {problem}")
 
     def list_models(self) -> list[str]:

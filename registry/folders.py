@@ -21,13 +21,19 @@ def first_missing(path: Path) -> Path | None:
     return top
 
 
+def file_in_the_way(path: Path) -> str | None:
+    """'X is a file, not a folder' where `path` or the nearest of its ancestors that exists is a file."""
+    created = first_missing(path)
+    existing = path if created is None else created.parent
+    return None if existing.is_dir() else f"{existing} is a file, not a folder"
+
+
 def make_folder(path: Path, what: str) -> Path | None:
     """Make the folder `path` (`what` names it in messages: "output folder out/") with its parents;
     return `first_missing(path)`. ExportError if a part of the path is a file or the system refuses."""
     created = first_missing(path)
-    existing = path if created is None else created.parent
-    if not existing.is_dir():
-        raise ExportError(f"cannot make {what}: {existing} is a file, not a folder")
+    if (problem := file_in_the_way(path)) is not None:
+        raise ExportError(f"cannot make {what}: {problem}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -15,11 +15,13 @@ other fsspec URL (s3://, memory://, ...) goes through registry/fsspec_storage.py
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
 from .errors import RegistryError
+from .folders import file_in_the_way, first_missing
 
 
 class Storage(Protocol):
@@ -44,9 +46,10 @@ class Storage(Protocol):
     def size(self, key: str) -> int:
         """The object's size in bytes, from its metadata (nothing read)."""
 
-    def location_problem(self, must_exist: bool) -> str | None:
+    def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
         """Why no registry can be at this location (an S3 bucket that does not exist), or, with
-        `must_exist`, why none is there yet (nothing stored); None if all is well."""
+        `must_exist`, why none is there yet (nothing stored), or with `writable`, why nothing can be
+        written there (where that can be told without writing a registry's object); None if all is well."""
 
     def leftovers(self, prefix: str) -> list[str]:
         """Keys of the temporary objects a killed writer left directly below `prefix` (invisible to
@@ -130,11 +133,30 @@ class LocalStorage:
     def size(self, key: str) -> int:
         return (self.root / key).stat().st_size
 
-    def location_problem(self, must_exist: bool) -> str | None:
+    def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
+        if writable and (problem := self._write_problem()) is not None:
+            return problem
         if must_exist and not self.root.is_dir():
             return "the directory does not exist (the first publish, `maskbank train --registry ...`, creates it)"
         if must_exist and not any((self.root / folder).is_dir() for folder in ("models", "blobs")) and any(self.root.iterdir()):
             return "the directory holds other things and no models/ or blobs/ folder (is it the right path?)"
+        return None
+
+    def _write_problem(self) -> str | None:
+        """Why no file can be written in the directory (a file in the path, no permission, a read-only
+        system), found by writing a temporary one; what this makes to try goes again."""
+        if (problem := file_in_the_way(self.root)) is not None:
+            return problem
+        created = first_missing(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as error:
+            return f"nothing can be written there ({error.strerror or error})"
+        finally:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
         return None
 
     def leftovers(self, prefix: str) -> list[str]:

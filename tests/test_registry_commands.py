@@ -365,6 +365,16 @@ def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_regis
         tmp_path / "empty") in capsys.readouterr().err
 
 
+def test_a_registry_train_cannot_write_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """It was found after the first task had trained, as '[Errno 20] Not a directory', status 1."""
+    (tmp_path / "afile").write_text("")
+    command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--model", "m"]
+    monkeypatch.setattr("trainer.train", lambda *a, **k: pytest.fail("trained before checking the registry"))
+    assert main([*command, "--registry", str(tmp_path / "afile" / "reg")]) == 2
+    assert f"error: no registry at {tmp_path / 'afile' / 'reg'}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_verify_and_gc_report_progress_over_their_blobs(trained):
     from registry.maintenance import collect_garbage, verify
 
