@@ -376,6 +376,10 @@ def _train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key, _ in METHOD_OPTIONS}
+    flags = {key: flag for flag, key, _ in METHOD_OPTIONS}
+    for key, value in args.options:  # the later one won, silently
+        if config.get(key) is not None and config[key] != value:
+            raise MaskbankError(f"{flags[key]} {config[key]} and --set {key}={value} disagree: give one")
     config.update(dict(args.options))
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}

@@ -146,6 +146,16 @@ def test_an_option_that_would_do_nothing_is_refused_in_one_line_before_any_work(
     assert main([*train, "--tasks", "3", "--density", "0.5"]) == 2  # same as stored, yet does nothing
     assert "option 'density' has no effect with mask='sign'" in capsys.readouterr().err
     assert len(Registry(tmp_path / "reg").manifest("m").tasks) == 2
+    for method, given, message in [  # accepted and ignored before
+        ("exssnet", ["--set", "kkt_k=3"], "option 'kkt_k' has no effect with kkt=False (KKT is off: pass --kkt)"),
+        ("impresslearn", ["--basis", "random", "--set", "mask_epochs=9"],
+         "option 'mask_epochs' has no effect with basis='random' (random basis masks are drawn, not trained)")]:
+        assert main(["train", "--method", method, "--stream", "permuted-digits", "--tasks", "1", "--registry", "new",
+                     "--model", "m", *given]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--registry", "new",
+                 "--model", "m", "--epochs", "1", "--set", "epochs=3"]) == 2  # the --set won, silently
+    assert "--epochs 1 and --set epochs=3 disagree: give one" in capsys.readouterr().err
 
 
 def test_method_options_take_an_integer_for_a_number_and_none_for_the_default():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from sklearn.neighbors import KNeighborsClassifier
@@ -63,6 +64,8 @@ class ExSSNeTConfig:
     kkt_fraction: float = 0.2  # share of the task's training batches KKT looks at
     kkt_k: int = 10  # neighbours of the kNN (capped at the fit size); the paper's ablation: 1..50 all work
     kkt_margin: float = 0.1  # KKT transfers only above chance + max(margin, 2 standard errors of chance)
+    INERT: ClassVar[dict] = {name: [("kkt", False, "KKT is off: pass --kkt")]
+                             for name in ("kkt_fraction", "kkt_k", "kkt_margin")}
 
     def __post_init__(self):
         require(self, "in (0, 1]", "density", "kkt_fraction")

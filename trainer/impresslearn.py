@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,8 @@ class ImpressLearnConfig:
     alpha_optimizer: str = "adam"  # adam | rmsprop
     penalty: float = 0.0  # lambda of lambda * sum_i (sum_t |alpha_{t,i}| - 1)^2
     batch_size: int = 64
+    INERT: ClassVar[dict] = {name: [("basis", "random", "random basis masks are drawn, not trained")]
+                             for name in ("mask_epochs", "mask_lr")}
 
     def __post_init__(self):
         if self.basis not in BASES:
