@@ -131,6 +131,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """An argparse type for --threads: 1 to MAX_THREADS (100,000 made OpenMP run out of memory, and
+    larger ones overflowed torch's C integer, each with a traceback)."""
+    from serving.server import MAX_THREADS
+
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
 def _add_train(commands) -> None:
     from trainer import method_names, stream_names
 
@@ -158,7 +169,7 @@ def _add_train(commands) -> None:
                          "values are read as JSON when they parse, else as text, and checked against the option's type)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="torch intra-op threads (default: torch's choice)")
 
 
 def _method_defaults_text() -> str:
@@ -340,7 +351,7 @@ def _add_demo(commands) -> None:
     p.add_argument("--model", default="digits", help="model name (default digits)")
     p.add_argument("--tasks", type=positive_int, default=5, help="number of permuted-digits tasks (default 5)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the queries (default 16)")
-    p.add_argument("--threads", type=positive_int, default=1,
+    p.add_argument("--threads", type=thread_count, default=1,
                    help="torch intra-op threads for training and for the server (default 1: the demo's network is "
                    "small, and on a shared machine more threads only wait for each other: 54-71 s per task against "
                    "6-7 s with 1 on a busy 2-core machine)")

@@ -52,6 +52,7 @@ MAX_MESSAGE_BYTES = INT32_MAX
 # Below this a server refuses most of what it is asked (a row of 1,024 float features is 4 KiB; a model's
 # metadata, config and task list take hundreds of bytes): a limit so low is a missing unit ("64" for 64MiB).
 MIN_MESSAGE_BYTES = 4 << 10
+MAX_THREADS = 1024  # --threads: 100,000 made OpenMP run out of memory; beyond, torch's C integer overflowed
 LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
 
 
@@ -131,8 +132,9 @@ class ServerConfig:
             raise ValueError(f"--default-priority-level must be from 1 to --priority-levels ({self.priority_levels}), "
                              f"got {self.default_priority_level}" if self.priority_levels else
                              "--default-priority-level needs --priority-levels: without levels every request has one")
-        if self.torch_threads is not None and self.torch_threads < 0:
-            raise ValueError(f"--threads must be 0 or more (0: torch's and ONNX Runtime's own choice), got {self.torch_threads}")
+        if self.torch_threads is not None and not 0 <= self.torch_threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be from 0 (torch's and ONNX Runtime's own choice) to {MAX_THREADS}, "
+                             f"got {self.torch_threads}")
         if not self.poll_interval > 0:
             raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
         if not 0 <= self.grace_seconds <= 3600:  # `not`: NaN too; infinity would hold a stop by an idle client forever

@@ -339,6 +339,8 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
             ServerConfig(registry="r", max_message_bytes=limit)
     with pytest.raises(ValueError, match="--grace-seconds"):
         ServerConfig(registry="r", grace_seconds=-1)
+    with pytest.raises(ValueError, match=r"--threads must be from 0 \(torch's and ONNX Runtime's own choice\) to 1024, got 5000"):
+        ServerConfig(registry="r", torch_threads=5000)
     with pytest.raises(ValueError, match=r"--admin-token \(or MASKBANK_ADMIN_TOKEN\) contains whitespace"):
         ServerConfig(registry="r", admin_token="two words")
     assert ServerConfig(registry="r", admin_token=" t0ken\n").bearer_token == "t0ken"
@@ -357,7 +359,7 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
             ServerConfig(registry="r", **{field: value})
     with pytest.raises(ValueError, match="--poll-interval must be a positive"):
         ServerConfig(registry="r", poll_interval=0)
-    with pytest.raises(ValueError, match=r"--threads must be 0 or more \(0: torch's and ONNX Runtime's own choice\), got -1"):
+    with pytest.raises(ValueError, match=r"--threads must be from 0 \(torch's and ONNX Runtime's own choice\) to 1024, got -1"):
         ServerConfig(registry="r", torch_threads=-1)  # torch.set_num_threads raised a RuntimeError traceback
 
 

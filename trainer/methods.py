@@ -180,6 +180,9 @@ def _typed(method: str, option: str, hint: Any, value: Any) -> Any:
     for kind in kinds:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return _float_option(method, option, float(value))
+        if kind is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_OPTION_MAX:
+            raise MaskbankError(f"option '{option}' of method '{method}' must be at most {INT_OPTION_MAX:,} in size, got "
+                                f"{value}: counts that large overflowed deep in training (a traceback)")
         if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int to Python
             return value
     if str in kinds and isinstance(value, (int, float, bool)):  # `--set share=0`: JSON read the text as a number
@@ -189,6 +192,7 @@ def _typed(method: str, option: str, hint: Any, value: Any) -> Any:
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+INT_OPTION_MAX = 2**31 - 1  # what every count a method takes fits in (tqdm's and torch's C integers)
 
 
 def _float_option(method: str, option: str, value: float) -> float:
