@@ -247,7 +247,7 @@ class ExSSNeT(Method):
         reference = {name: w.detach().clone() for name, w in weights.items()}
         fit(module, task, list(weights.values()), epochs=cfg.weight_epochs, lr=cfg.weight_lr,
              momentum=cfg.weight_momentum, weight_decay=0.0, batch_size=cfg.batch_size, generator=generator,
-             desc=f"task {task.index} ({task.name}) weights",
+             desc=f"task {task.index} ({task.name}) weights", remedy="lower the weight phase's --set weight_lr",
              before_step=lambda: zero_outside(weights, free),
              after_step=lambda: check_exclusive(weights, reference, free))
         return {name: w.detach().clone() for name, w in weights.items()}

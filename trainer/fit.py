@@ -17,15 +17,20 @@ from registry.errors import MaskbankError
 from .streams import TaskData
 
 
+DIVERGED_REMEDY = "lower the learning rate (--lr) or the method's penalty or scale"
+
+
 class TrainingDiverged(MaskbankError):
     """The loss stopped being a finite number: the settings are unstable for this task."""
 
 
 def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
         batch_size: int, generator: torch.Generator, desc: str, weight_decay: float = 0.0,
-        before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None) -> float | None:
+        before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None,
+        remedy: str = DIVERGED_REMEDY) -> float | None:
     """Train `params` of `module` on `task` (cross-entropy on the task's classes); return the last
-    epoch's mean loss, or None when `epochs` is 0."""
+    epoch's mean loss, or None when `epochs` is 0. `remedy`: what a divergence's message advises (the
+    option of this phase's learning rate)."""
     if epochs == 0:
         return None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -44,16 +49,16 @@ def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs
             before_step()
             optimizer.step()
             after_step()
-            check_finite(desc, loss)
+            check_finite(desc, loss, remedy=remedy)
             total += loss.item() * len(batch)
-        check_finite(desc, None, params)
+        check_finite(desc, None, params, remedy)
         schedule.step()
         bar.set_postfix(loss=f"{total / n:.3f}")
     return total / n
 
 
 def check_finite(desc: str, loss: torch.Tensor | None, params: list[torch.Tensor] = (),
-                 remedy: str = "lower the learning rate (--lr) or the method's penalty or scale") -> None:
+                 remedy: str = DIVERGED_REMEDY) -> None:
     """TrainingDiverged unless the loss and the trained tensors are finite. Both are needed: an
     edge-popup mask is the top-k of its scores, so NaN scores (a learning rate too large) still
     give a mask and a finite loss, and a mask of nothing learned."""

@@ -328,7 +328,7 @@ class PackNetShare(Method):
                     desc=f"task {task.index} ({task.name}) train", **common)
         out = self._prune(layers, weights, masks, free, shared)
         tuned = fit(module, task, list(weights.values()), epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                     desc=f"task {task.index} ({task.name}) fine-tune", **common)
+                     desc=f"task {task.index} ({task.name}) fine-tune", remedy="lower --set finetune_lr", **common)
 
         with torch.no_grad():
             filter_mask = {}
