@@ -428,7 +428,7 @@ def test_the_text_report_shows_metrics_that_are_not_numbers(tmp_path):
      "task 0 (perm-0) alpha: the training loss became nan (diverged); lower --set alpha_lr (or --set penalty)"),
     (["--method", "supsup", "--epochs", "1", "--lr", "1e30"],
      "task 0 (perm-0): the trained values are no longer finite numbers (diverged); lower the learning rate (--lr)"),
-    (["--method", "exssnet", "--epochs", "1", "--set", "weight_epochs=1", "--set", "weight_lr=1e10"],  # it said --lr
+    (["--method", "exssnet", "--epochs", "1", "--set", "weight_epochs=2", "--set", "weight_lr=1e30"],  # it said --lr
      "task 0 (perm-0) weights: the training loss became nan (diverged); lower the weight phase's --set weight_lr"),
     (["--method", "packnet-share", "--share", "lowest", "--epochs", "1"],
      "share 'lowest' ranks subnetworks by connectivity, which needs at least two hidden layers"),
