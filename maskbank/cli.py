@@ -90,10 +90,11 @@ def _option(text: str) -> tuple[str, object]:
 
 def given_path(text: str) -> str:
     """An argparse type for a file, folder or URL: not empty, which (an unset shell variable) meant the
-    current folder: `--out ""` exported into it, `--plot ""` wrote '.png.png'."""
+    current folder: `--out ""` exported into it, `--plot ""` wrote '.png.png'. A leading `~` is the home
+    folder, as --data-root reads it (the shell leaves `--registry=~/reg` alone: it made a folder '~')."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path (an unset variable?): name a file or folder")
-    return text
+    return os.path.expanduser(text)
 
 
 def plot_file(text: str) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from registry import ManifestError, MaskbankError, Registry, RegistryError
+from registry import ManifestError, MaskbankError, Registry, RegistryError, UnknownName, served_backbone
 from registry.audit import audit, format_audit, plot_audit
 from registry.maintenance import collect_garbage, verify
 
@@ -95,7 +95,8 @@ def _show(registry: Registry, args) -> int:
     if args.task is not None:
         task = manifest.task(int(args.task) if args.task.isdigit() else args.task)
         text = "\n".join([f"task {task.id} ({task.name}) of '{manifest.model}' generation {manifest.generation}",
-                          f"method {task.method}, backbone version {task.backbone}, {task.num_classes} classes",
+                          f"method {task.method}, backbone version {task.backbone}{_served_on(manifest, task)}, "
+                          f"{task.num_classes} classes",
                           "parts:"] + [f"  {name}: {ref.codec}, {ref.size:,} bytes, {ref.digest}" for name, ref in task.parts.items()]
                          + [f"metrics: {json.dumps(dict(task.metrics))}"])
         _emit(args, task, text)
@@ -112,6 +113,15 @@ def _show(registry: Registry, args) -> int:
     lines += _training_summary(manifest)
     _emit(args, manifest, "\n".join(lines))
     return 0
+
+
+def _served_on(manifest, task) -> str:
+    """Where a task runs on another backbone version than its own (SPG, EWC, fine-tuning follow the newest)."""
+    try:
+        served = served_backbone(task.method, task.backbone, manifest.backbones)
+    except UnknownName:  # a plugin's method, its module not loaded: its own version is all that is known
+        return ""
+    return "" if served == task.backbone else f" (served on the newest, {served}, as {task.method} tasks are)"
 
 
 def _accuracy(value) -> str:

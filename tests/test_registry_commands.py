@@ -275,6 +275,15 @@ def test_a_malformed_training_record_is_said_not_a_traceback(trained, capsys, fi
     assert trained.generations("m") == [1, 2]
 
 
+def test_show_says_which_backbone_version_a_task_is_served_on(tmp_path, capsys):
+    """SPG's tasks follow the newest backbone version; show gave only the version each was published with."""
+    train_model(tmp_path, "m", 2, {**TINY, "method": "spg"}, stream="split-digits")
+    code, out = run(capsys, "registry", "show", "m", "0", "--registry", str(tmp_path))
+    assert code == 0 and "method spg, backbone version 2 (served on the newest, 3, as spg tasks are), 2 classes" in out
+    code, out = run(capsys, "registry", "show", "m", "1", "--registry", str(tmp_path))
+    assert code == 0 and "method spg, backbone version 3, 2 classes" in out
+
+
 def test_audit_figures(trained, capsys, tmp_path):
     plot = tmp_path / "plots" / "audit.png"  # its folder is created
     code, result = run_json(capsys, "registry", "audit", "m", "--registry", trained.location, "--plot", str(plot))
@@ -319,13 +328,16 @@ def test_impresslearn_cost_matches_the_paper_example():
     assert cx == pytest.approx(67, abs=1.5) and phi == pytest.approx(741.5 + 60, rel=1e-3)
 
 
-def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, capsys, tmp_path):
+def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, capsys, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     for command in (["report", "m"], ["registry", "audit", "m"]):
         code = main([*command, "--registry", trained.location, "--plot", str(tmp_path / "a-file" / "out.png")])
         assert code == 2  # it was [Errno 17] File exists: '.../a-file' (status 1)
         assert (f"maskbank {' '.join(command[:-1])}: error: cannot make a folder for {tmp_path / 'a-file' / 'out.png'}: "
                 f"{tmp_path / 'a-file'} is a file, not a folder") in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # `--registry=~/reg`: the shell leaves the ~, and it made a folder '~'
+    code, out = run(capsys, "registry", "ls", f"--registry=~/{Path(trained.location).relative_to(tmp_path)}")
+    assert code == 0 and "| m |" in out
     for command in (["registry", "audit", "m", "--plot"], ["export", "onnx", "m", "--out"], ["export", "triton", "m", "--out"]):
         with pytest.raises(SystemExit) as refused:  # an unset variable read as the current folder
             main([*command, "", "--registry", trained.location])
