@@ -182,7 +182,10 @@ def test_option_types_the_check_does_not_know_are_left_to_the_config():
 @pytest.mark.parametrize("architecture, message", [
     ({"arch": "mlp", "sizes": [10, 32, 10]},
      "does not take stream 'permuted-digits': its examples are 64 features (images of 1x8x8) (mat1 and mat2"),
-    ({"arch": "cnn", "input_shape": [1, 7, 7]}, "its examples are 64 features (images of 1x8x8) (unflatten"),
+    ({"arch": "cnn", "input_shape": [1, 7, 7]},
+     "reads the examples as 1x7x7 images, but stream 'permuted-digits' has images of 1x8x8 (channels x height x width)"),
+    ({"arch": "cnn", "input_shape": [4, 4, 4]},  # as many features, scrambled into the wrong images: it trained
+     "reads the examples as 4x4x4 images, but stream 'permuted-digits' has images of 1x8x8"),
     ({"arch": "mlp", "sizes": [64, 32, 3]},
      "has 3 outputs, but the tasks of stream 'permuted-digits' have up to 10 classes: make its last layer"),
 ])

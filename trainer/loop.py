@@ -68,6 +68,11 @@ def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: Ta
     features = int(np.prod(stream.input_shape))
     images = f" (images of {'x'.join(map(str, stream.image_shape))})" if stream.image_shape else ""
     spec = json.dumps(architecture)
+    shape = architecture.get("input_shape")
+    if stream.image_shape and shape is not None and tuple(shape) != tuple(stream.image_shape):
+        raise TrainingError(f"architecture {spec} reads the examples as {'x'.join(map(str, shape))} images, but stream "
+                            f"'{stream.name}' has images of {'x'.join(map(str, stream.image_shape))} (channels x height "
+                            f"x width): give \"input_shape\": {list(stream.image_shape)}")  # same size, scrambled pixels
     training = module.training
     try:
         with torch.no_grad():
