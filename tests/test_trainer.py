@@ -242,6 +242,12 @@ def test_append_refuses_contradicting_settings(tmp_path):
         train(registry, "m", 2, {"method_config": {"density": 0.2}})
     with pytest.raises(TrainingError, match="--method is required"):
         train(registry, "new", 1, {"stream": "permuted-digits"})
+    with pytest.raises(TrainingError, match=r"--arch \{'arch': 'mlp', 'sizes': \[64, 16, 10\]\}"):
+        train(registry, "m", 2, {"architecture": {"arch": "mlp", "sizes": [64, 16, 10]}})
+    cnn = {"arch": "cnn", "input_shape": [1, 8, 8], "width": 4}
+    registry = train_model(tmp_path / "cnn", "m", 1, {**TINY, "architecture": cnn})
+    spelled_out = {**cnn, "bn": "none", "num_classes": 10}  # its defaults: the same network, refused before
+    assert len(train(registry, "m", 2, {"architecture": spelled_out}, log=lambda _: None).tasks) == 2
 
 
 def test_train_refuses_fewer_than_one_task_and_writes_nothing(tmp_path):

@@ -29,6 +29,7 @@ from registry import (
     forward,
     served_backbone,
 )
+from registry.architectures import resolved_spec
 from registry.errors import MaskbankError
 
 from . import metrics
@@ -90,6 +91,17 @@ def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: Ta
 _FLAGS = {"architecture": "--arch"}  # settings whose command-line flag is not --NAME
 
 
+def _same_setting(key: str, stored: Any, given: Any) -> bool:
+    """Whether a setting given on append is the model's: an architecture spelled out with its defaults
+    (`"bn": "none"`) is the same architecture."""
+    if key == "architecture" and isinstance(stored, dict) and isinstance(given, dict):
+        try:
+            return json.dumps(resolved_spec(stored), sort_keys=True) == json.dumps(resolved_spec(given), sort_keys=True)
+        except (MaskbankError, TypeError, ValueError):  # a spec that does not build is not the model's
+            return False
+    return stored == given
+
+
 def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> TrainSettings:
     """Combine explicit settings (None = not given) with those stored in an existing model."""
     given = {k: v for k, v in requested.items() if v is not None}
@@ -118,7 +130,7 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
     stored = training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored.get(k)!r})"
-               for k, v in given.items() if stored.get(k) != v]
+               for k, v in given.items() if not _same_setting(k, stored.get(k), v)]
     clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
                 f"(model has {stored['method_config'].get(k)!r})"
                 for k, v in config_given.items() if stored["method_config"].get(k) != v]
