@@ -4,6 +4,7 @@ Run `maskbank COMMAND --help` for details."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -404,13 +405,23 @@ def _train(args) -> None:
                               f"'{args.model}': run this command again once it has finished; it goes on from the "
                               "tasks published") from None
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: every task published so far stays; say where to pick up
-        published = registry.find_manifest(args.model)
-        done = len(published.tasks) if published else 0
-        state = f"generation {published.generation}" if published else "nothing published"
-        print(f"\nmaskbank train: {stopped_by(interrupt)}; model '{args.model}' has {done} of {args.tasks} task(s) in "
-              f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
+        _where_training_stopped(registry, args, stopped_by(interrupt))
         raise SystemExit(interrupted_status(interrupt)) from None
+    except BrokenPipeError:  # `maskbank train ... | head -1`: stopped as a shell tool is, but not without a word
+        with contextlib.suppress(OSError):  # stderr's reader may be gone too
+            _where_training_stopped(registry, args, "the reader of its output left")
+        raise
     print(format_report(manifest))
+
+
+def _where_training_stopped(registry, args, why: str) -> None:
+    """Say, on stderr, that training stopped early: every task published so far stays, and the same
+    command trains the rest."""
+    published = registry.find_manifest(args.model)
+    done = len(published.tasks) if published else 0
+    state = f"generation {published.generation}" if published else "nothing published"
+    print(f"\nmaskbank train: {why}; model '{args.model}' has {done} of {args.tasks} task(s) in "
+          f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
 
 
 def _report(args) -> None:

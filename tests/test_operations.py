@@ -528,6 +528,12 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.stdout.close()  # the reader is gone before the first line
     assert (child.wait(60), child.stderr.read()) == (141, "")
+    train = [sys.executable, "-m", "maskbank", "train", "--tasks", "2", "--registry", str(tmp_path), "--model", "m"]
+    child = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # `maskbank train ... | head -1`: it stopped as a shell tool does, but without a word
+    assert child.wait(120) == 141 and child.stderr.read() == (
+        f"\nmaskbank train: the reader of its output left; model 'm' has 1 of 2 task(s) in {tmp_path} (generation 1); "
+        "the same command trains the rest\n")
 
 
 def test_error_answers_are_logged_in_summary_not_one_line_each(caplog):
