@@ -420,8 +420,9 @@ def _where_training_stopped(registry, args, why: str) -> None:
     published = registry.find_manifest(args.model)
     done = len(published.tasks) if published else 0
     state = f"generation {published.generation}" if published else "nothing published"
+    rest = "; the same command trains the rest" if done < args.tasks else ""
     print(f"\nmaskbank train: {why}; model '{args.model}' has {done} of {args.tasks} task(s) in "
-          f"{args.registry} ({state}); the same command trains the rest", file=sys.stderr)
+          f"{args.registry} ({state}){rest}", file=sys.stderr)
 
 
 def _report(args) -> None:

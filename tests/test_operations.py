@@ -528,11 +528,11 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.stdout.close()  # the reader is gone before the first line
     assert (child.wait(60), child.stderr.read()) == (141, "")
-    train = [sys.executable, "-m", "maskbank", "train", "--tasks", "2", "--registry", str(tmp_path), "--model", "m"]
+    train = [sys.executable, "-m", "maskbank", "train", "--tasks", "3", "--registry", str(tmp_path), "--model", "m"]
     child = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.stdout.close()  # `maskbank train ... | head -1`: it stopped as a shell tool does, but without a word
     assert child.wait(120) == 141 and child.stderr.read() == (
-        f"\nmaskbank train: the reader of its output left; model 'm' has 1 of 2 task(s) in {tmp_path} (generation 1); "
+        f"\nmaskbank train: the reader of its output left; model 'm' has 2 of 3 task(s) in {tmp_path} (generation 2); "
         "the same command trains the rest\n")
 
 
