@@ -199,7 +199,8 @@ METHOD_OPTIONS = [
                           help="exssnet: start each mask from the most similar earlier task's scores (KKT)")),
     ("--basis", "basis", dict(choices=["hetero", "homo", "random"], help="impresslearn: how the basis masks are made")),
     ("--basis-size", "basis_size", dict(type=int, help="impresslearn: number of basis masks")),
-    ("--share", "share", dict(help="packnet-share: all, none, lowest, omit-lowest, or task ids like 0,2")),
+    ("--share", "share", dict(help="packnet-share: all, none, lowest, omit-lowest, or task ids like 0,2 (each task "
+                              "shares those of them learned before it; later ids are skipped)")),
 ]
 
 
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maskbank", description="Continual-learning model serving: train, publish, serve.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="maskbank's own log level (default INFO); libraries (botocore, ...) log warnings and "
                         "errors only, unless DEBUG")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
