@@ -52,12 +52,13 @@ class Materialization:
 _MATERIALIZERS: dict[str, Materialization] = {}
 
 
-def register_materializer(*methods: str, parts: tuple[str, ...], shared: tuple[str, ...] = (),
+def register_materializer(*methods: str, parts: tuple[str, ...] = (), shared: tuple[str, ...] = (),
                           backbone: Literal["own", "latest"] = "own", head_only: bool = False,
                           into_buffers: bool = False, on_any_device: bool = False):
     """Decorator: how tasks of `methods`, which have `parts` (and whose model has `shared`), turn
     (backbone, task parts, the model's shared parts) into the effective parameters (and buffers)
-    of a forward pass; see `Materialization`."""
+    of a forward pass; see `Materialization`. `parts` left out (a plugin written before it existed)
+    checks nothing: the materialiser then meets a missing part itself."""
     if backbone not in ("own", "latest"):
         raise ValueError(f"backbone must be 'own' or 'latest', got {backbone!r}")
 

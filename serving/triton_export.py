@@ -131,11 +131,12 @@ def _check_places(repo: Path, names: Sequence[str], version: str) -> None:
     midway, after the models before it were moved in."""
     for name in names:
         directory = repo / name
-        wrong = ([directory] if directory.exists() and not directory.is_dir() else
-                 [p for p in (directory / version,) if p.exists() and not p.is_dir()]
+        wrong = ([directory] if os.path.lexists(directory) and not directory.is_dir() else
+                 [p for p in (directory / version,) if os.path.lexists(p) and not p.is_dir()]
                  + [p for p in (directory / CONFIG,) if p.is_dir()])
         if wrong:
-            kind = "a folder" if wrong[0].is_dir() else "a file"
+            kind = ("a link to nothing" if wrong[0].is_symlink() and not wrong[0].exists() else
+                    "a folder" if wrong[0].is_dir() else "a file")
             raise ExportError(f"{wrong[0]} is {kind}, where this export writes Triton model '{name}' "
                               f"(version {version}): move it away; nothing was written")
 

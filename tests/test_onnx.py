@@ -313,6 +313,12 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
             export_triton(copy, "m", repo)
         assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
         where.unlink()
+        where.symlink_to(tmp_path / "nowhere")  # a link to nothing: exists() is False, and moving in failed midway
+        before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        with pytest.raises(ExportError, match=f"{re.escape(str(where))} is a link to nothing, where this export writes"):
+            export_triton(copy, "m", repo)
+        assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+        where.unlink()
     for inside in (Path(copy.location), Path(copy.location) / "exports"):  # Triton would load blobs/ and models/
         with pytest.raises(ExportError, match="is inside registry .*: export into a folder outside it"):
             export_triton(copy, "m", inside)

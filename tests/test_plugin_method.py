@@ -61,6 +61,14 @@ def _last_layer(backbone, parts, shared):
     return {**backbone, **parts["head"]}
 
 
+def test_a_materialiser_registered_without_its_parts_still_loads():
+    """Plugins written before `parts=` existed stopped every command from starting (a TypeError)."""
+    from registry.materialize import missing_parts
+
+    register_materializer("test-older-plugin")(_last_layer)
+    assert missing_parts("test-older-plugin", [], {}) is None
+
+
 def test_a_plugged_in_method_trains_publishes_and_serves(tmp_path):
     assert "test-lastlayer" in method_names() and get_method("test-lastlayer", epochs=3).config.epochs == 3
     with pytest.raises(MaskbankError, match=r"^method 'test-lastlayer': lr must be > 0, got 0.0$"):
