@@ -6,6 +6,7 @@ reads as if the folder were there; these say which part of the path is a file.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def first_missing(path: Path) -> Path | None:
 def file_in_the_way(path: Path) -> str | None:
     """'X is a file, not a folder' where `path` or the nearest of its ancestors that exists is a file."""
     created = first_missing(path)
+    if created is not None and created.is_symlink():  # exists() is False for a link to nothing: mkdir then said "File exists"
+        return f"{created} is a link to {os.readlink(created)}, which does not exist"
     existing = path if created is None else created.parent
     return None if existing.is_dir() else f"{existing} is a file, not a folder"
 

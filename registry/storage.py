@@ -138,7 +138,9 @@ class LocalStorage:
             return problem
         if must_exist and not self.root.is_dir():
             return "the directory does not exist (the first publish, `maskbank train --registry ...`, creates it)"
-        if must_exist and not any((self.root / folder).is_dir() for folder in ("models", "blobs")) and any(self.root.iterdir()):
+        if must_exist and not any((self.root / folder).is_dir() for folder in ("models", "blobs")) and any(
+                not (name.startswith(".") or name == "lost+found") for name in os.listdir(self.root)):
+            # what a fresh volume or a placeholder holds (lost+found, .keep) is still an empty registry
             return "the directory holds other things and no models/ or blobs/ folder (is it the right path?)"
         return None
 

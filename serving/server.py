@@ -113,7 +113,7 @@ class ServerConfig:
             raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key "
                              "(or neither, for plaintext)")
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
-            hint = "; a bare number is bytes: give a unit, like 16MiB" if self.max_message_bytes < MIN_MESSAGE_BYTES else ""
+            hint = " (a number without a unit is bytes: 16MiB, not 16)" if self.max_message_bytes < MIN_MESSAGE_BYTES else ""
             raise ValueError(f"--max-message-bytes must be from {MIN_MESSAGE_BYTES} (4KiB) to {MAX_MESSAGE_BYTES} "
                              f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}{hint}")
         for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),

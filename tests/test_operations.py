@@ -333,7 +333,7 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
         with pytest.raises(ValueError, match=re.escape(f"cannot use --tls-cert {cert} with --tls-key {bad_key}")):
             ServerConfig(registry="r", tls_cert=str(cert), tls_key=str(bad_key))
     for limit in (0, 64, 4095, 2**31):  # a unit's hint only where one may have been left off, not for 3GiB
-        hint = "; a bare number is bytes: give a unit, like 16MiB" if limit < 4096 else ""
+        hint = " (a number without a unit is bytes: 16MiB, not 16)" if limit < 4096 else ""
         with pytest.raises(ValueError, match=r"--max-message-bytes must be from 4096 \(4KiB\) to 2147483647 .* got "
                                              f"{limit}{re.escape(hint)}$"):
             ServerConfig(registry="r", max_message_bytes=limit)

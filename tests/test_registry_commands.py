@@ -338,6 +338,9 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
     monkeypatch.setenv("HOME", str(tmp_path))  # `--registry=~/reg`: the shell leaves the ~, and it made a folder '~'
     code, out = run(capsys, "registry", "ls", f"--registry=~/{Path(trained.location).relative_to(tmp_path)}")
     assert code == 0 and "| m |" in out
+    (tmp_path / "dangling").symlink_to(tmp_path / "unmounted")  # it said "File exists"
+    assert main(["registry", "audit", "m", "--registry", trained.location, "--plot", str(tmp_path / "dangling" / "x.png")]) == 2
+    assert f"{tmp_path / 'dangling'} is a link to {tmp_path / 'unmounted'}, which does not exist" in capsys.readouterr().err
     for command in (["registry", "audit", "m", "--plot"], ["export", "onnx", "m", "--out"], ["export", "triton", "m", "--out"]):
         with pytest.raises(SystemExit) as refused:  # an unset variable read as the current folder
             main([*command, "", "--registry", trained.location])
@@ -370,6 +373,9 @@ def test_a_registry_directory_that_does_not_exist_is_an_error_not_an_empty_regis
         assert f"error: no registry at {missing}: the directory does not exist" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()  # an existing, empty registry is one: nothing wrong in it
+    assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty" / "lost+found").mkdir()  # a fresh volume's, and a placeholder: still an empty registry
+    (tmp_path / "empty" / ".keep").write_text("")
     assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 0
     (tmp_path / "empty" / "notes.txt").write_text("a folder of other things verified OK too")
     assert main(["registry", "verify", "--registry", str(tmp_path / "empty")]) == 2
