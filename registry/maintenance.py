@@ -97,6 +97,24 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
     return report
 
 
+def _sweep(registry: Registry, key: str, grace_seconds: float, dry_run: bool, report: GcReport) -> bool | None:
+    """Delete `key` if it is older than the grace period (True; its bytes counted), keep it if younger
+    (False), or leave it alone if it is no file to delete (None; said in the report): a folder in its
+    place, a file the system will not let gc look at or remove. The dry run looks as the real one."""
+    try:
+        size = registry.storage.size(key)  # first: the age is the last thing looked at before the delete
+        if time.time() - registry.storage.modified(key) < grace_seconds:
+            return False
+        if not dry_run:
+            registry.storage.delete(key)
+    except OSError as error:
+        why = "a folder, not a file" if isinstance(error, IsADirectoryError) else (error.strerror or type(error).__name__)
+        report.left_alone.append(f"{registry.storage.describe(key)}: {why}")
+        return None
+    report.bytes_freed += size
+    return True
+
+
 def _reason(error: Exception) -> str:
     """An error in words: an OSError says what the system said about which file."""
     return f"cannot be read: {str(error) or type(error).__name__}" if isinstance(error, OSError) else str(error)
@@ -157,24 +175,10 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
                             "permissions first (`maskbank registry verify` lists every such folder)")
     candidates = sorted(set(stored.digests) - referenced)
     for digest in progress(candidates, len(candidates)):
-        key = registry.blobs.key(digest)
-        try:
-            size = registry.storage.size(key)  # first: the age is the last thing looked at before the delete
-            if time.time() - registry.storage.modified(key) < grace_seconds:
-                report.kept_recent.append(digest)
-                continue
-            if not dry_run:
-                registry.blobs.delete(digest)
-        except OSError as error:  # a folder, or a file the system will not let us read, in a blob's place
-            report.left_alone.append(f"{registry.storage.describe(key)} {_reason(error)}")
-            continue
-        report.deleted.append(digest)
-        report.bytes_freed += size
+        swept = _sweep(registry, registry.blobs.key(digest), grace_seconds, dry_run, report)
+        if swept is not None:
+            (report.deleted if swept else report.kept_recent).append(digest)
     for key in stored.leftovers + _manifest_leftovers(registry):  # a live writer's temporary is seconds old: spared
-        size = registry.storage.size(key)
-        if time.time() - registry.storage.modified(key) >= grace_seconds:
-            if not dry_run:
-                registry.storage.delete(key)
+        if _sweep(registry, key, grace_seconds, dry_run, report):
             report.leftovers_deleted.append(key)
-            report.bytes_freed += size
     return report

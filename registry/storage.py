@@ -14,8 +14,10 @@ other fsspec URL (s3://, memory://, ...) goes through registry/fsspec_storage.py
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -131,7 +133,12 @@ class LocalStorage:
         return (self.root / key).stat().st_mtime
 
     def size(self, key: str) -> int:
-        return (self.root / key).stat().st_size
+        """The file's size; IsADirectoryError for a folder, as object stores answer for a "folder"."""
+        path = self.root / key
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        return info.st_size
 
     def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
         if writable and (problem := self._write_problem()) is not None:

@@ -98,9 +98,15 @@ def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_goes_on(trained, capsys):
     orphan = trained.put("tensors/v1", {"x": torch.arange(3.0)})
     folder = Path(trained.blobs.describe("sha256:" + "00" * 32))
     (folder / "inside").mkdir(parents=True)
-    code, out = run(capsys, "registry", "gc", "--grace-seconds", "0", "--registry", trained.location)
-    assert code == 1 and "deleted 1 unreferenced blob(s)" in out and not trained.storage.exists(trained.blobs.key(orphan.digest))
-    assert f"PROBLEM left alone: {folder} cannot be read: [Errno 21] Is a directory" in out and folder.is_dir()
+    temporary = folder.parent / ".tmp-a-folder"  # named as a killed write's temporary: it stopped gc too
+    temporary.mkdir()
+    where = ["--grace-seconds", "0", "--registry", trained.location]
+    for dry_run in (["--dry-run"], []):  # the dry run said it would delete the folder
+        code, out = run(capsys, "registry", "gc", *dry_run, *where)
+        assert code == 1 and "1 unreferenced blob(s) and 0 temporary file(s)" in out
+        assert f"PROBLEM left alone: {folder}: a folder, not a file" in out
+        assert f"PROBLEM left alone: {temporary}: a folder, not a file" in out
+    assert not trained.storage.exists(trained.blobs.key(orphan.digest)) and folder.is_dir() and temporary.is_dir()
 
 
 def test_verify_reports_every_unreadable_or_missing_file_and_gaps(trained, capsys):
