@@ -9,10 +9,13 @@ allocator may keep. This measures both, so --cache-bytes can be sized with the r
 SupSup over an MLP SIZES (signed-constant backbone; one trained task and synthetic ones up to TASKS,
 as bench/serving.py builds them). Per backend, a fresh child process (so that its resident memory
 is its own) loads the registry as a server does (serving.ModelRepository, a cache that holds every
-task), runs one batch-BATCH forward of task 0 to warm up, then one of each other task in turn, each
-a cache miss, reading its resident set size (RSS, /proc/self/statm) and the cache's charged bytes
-after each. Reported per task: the median RSS growth, the median charge, and their ratio. torch and
-ONNX Runtime on THREADS thread(s).
+task), runs one batch-BATCH forward of task 0 to warm up, then one of each other task but the last in
+turn, back to back, each a cache miss, timing it and reading its resident set size (RSS,
+/proc/self/statm) and the cache's charged bytes after each; then pauses a little longer than the
+ONNX Runtime backend's interval between handing freed memory back, runs the last task, and reads
+the RSS again. Reported per task: the charge, the median RSS growth during the burst, the growth
+once settled (over all the tasks), and the median time of a cold task's first forward (its build
+included). torch and ONNX Runtime on THREADS thread(s).
 
 Run: python -m bench onnx_memory. Prints a Markdown table and writes bench/results/onnx_memory.json.
 """
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,9 +61,11 @@ def _rss_bytes() -> int:
 
 
 def measure(root: str, backend_name: str) -> dict:
-    """In this process: per cold task, the RSS growth and the cache's charge (bytes)."""
+    """In this process: per cold task, the time of its first forward (the build included), the RSS
+    growth and the cache's charge (bytes); and the growth per task once a pause has let the ONNX
+    Runtime backend hand freed memory back (serving.onnx_backend.TRIM_INTERVAL_SECONDS)."""
     from serving import ModelRepository
-    from serving.onnx_backend import OnnxRuntimeBackend
+    from serving.onnx_backend import TRIM_INTERVAL_SECONDS, OnnxRuntimeBackend
 
     torch.set_num_threads(THREADS)
     repository = ModelRepository(Registry(root))
@@ -68,21 +74,27 @@ def measure(root: str, backend_name: str) -> dict:
     backend = OnnxRuntimeBackend(threads=THREADS) if backend_name == "onnxruntime" else None
     x = torch.rand(BATCH, SIZES[0], generator=torch.Generator().manual_seed(0))
 
-    def forward(task_id: int) -> None:
+    def forward(task_id: int) -> float:
         task = snapshot.task(task_id)
+        began = time.perf_counter()
         with torch.no_grad():
             snapshot.logits(task, x) if backend is None else backend.logits(snapshot, task, x)
+        return (time.perf_counter() - began) * 1e3
 
     forward(0)
-    rss, charged = [_rss_bytes()], [snapshot.cache.stats().bytes]
-    for task_id in range(1, TASKS):
-        forward(task_id)
+    rss, charged, cold_ms = [_rss_bytes()], [snapshot.cache.stats().bytes], []
+    for task_id in range(1, TASKS - 1):
+        cold_ms.append(forward(task_id))
         rss.append(_rss_bytes())
         charged.append(snapshot.cache.stats().bytes)
+    time.sleep(TRIM_INTERVAL_SECONDS + 0.1)  # a pause, then the last cold task: memory as it settles
+    forward(TASKS - 1)
     growth = [b - a for a, b in zip(rss, rss[1:])]
     charge = [b - a for a, b in zip(charged, charged[1:])]
-    return {"rss_growth_per_task": growth, "charged_per_task": charge,
-            "median_rss_growth": statistics.median(growth), "median_charged": statistics.median(charge)}
+    settled = (_rss_bytes() - rss[0]) / (TASKS - 1)
+    return {"rss_growth_per_task": growth, "charged_per_task": charge, "cold_ms": cold_ms,
+            "median_rss_growth": statistics.median(growth), "median_charged": statistics.median(charge),
+            "settled_rss_growth": settled, "median_cold_ms": statistics.median(cold_ms)}
 
 
 def main() -> None:
@@ -94,10 +106,13 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             results[backend] = json.loads(out.splitlines()[-1])
     lines = [f"SupSup, MLP {'-'.join(map(str, SIZES))}, {TASKS - 1} cold tasks, batch {BATCH}, {THREADS} thread(s):", "",
-             "| backend | RSS growth per task, median | charged to --cache-bytes | growth / charge |", "|---|---|---|---|"]
+             "| backend | charged per task | RSS growth per task during the burst, median | the same once settled | "
+             "first forward of a cold task, median |", "|---|---|---|---|---|"]
     for backend, r in results.items():
-        lines.append(f"| {backend} | {r['median_rss_growth'] / 1e6:.1f} MB | {r['median_charged'] / 1e6:.1f} MB | "
-                     f"{r['median_rss_growth'] / r['median_charged']:.2f}x |")
+        charge = r["median_charged"]
+        lines.append(f"| {backend} | {charge / 1e6:.1f} MB | {r['median_rss_growth'] / 1e6:.1f} MB "
+                     f"({r['median_rss_growth'] / charge:.2f}x) | {r['settled_rss_growth'] / 1e6:.1f} MB "
+                     f"({r['settled_rss_growth'] / charge:.2f}x) | {r['median_cold_ms']:.1f} ms |")
     print("\n".join(lines))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "onnx_memory", "sizes": SIZES, "tasks": TASKS, "batch": BATCH,

@@ -125,14 +125,28 @@ def weights_as_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
     return shared
 
 
+def without_weights(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without its placeholder weights: what `self_contained` copies per task (copying the
+    placeholders too cost a copy of the network's weights per task)."""
+    template = onnx.ModelProto()
+    template.CopyFrom(graph)
+    del template.graph.initializer[:]
+    _keep_only_the_data_input(template)
+    return template
+
+
 def self_contained(graph: onnx.ModelProto, weights: Mapping[str, np.ndarray], num_classes: int) -> onnx.ModelProto:
     """One task's standalone model: `weights` (from `onnx_weights`) as initializers and the logits
-    cut to the task's first `num_classes` outputs."""
+    cut to the task's first `num_classes` outputs. `graph` may be `without_weights(graph)` (cheaper)."""
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     del model.graph.initializer[:]
     _keep_only_the_data_input(model)
-    model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in weights.items())
+    for name, array in weights.items():  # each written once into the model (from_array then extend copied it twice)
+        tensor = model.graph.initializer.add()
+        tensor.name, tensor.data_type = name, onnx.TensorProto.FLOAT
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = np.ascontiguousarray(array, dtype="<f4").tobytes()
     _cut_logits(model, num_classes)
     return model
 

@@ -26,17 +26,20 @@ import json
 import logging
 import sys
 import threading
+import time
 
 import onnx
 import onnxruntime as ort
 import torch
 
-from registry.onnx_export import INPUT, OUTPUT, architecture_graph, onnx_weights, self_contained
+from registry.onnx_export import INPUT, OUTPUT, architecture_graph, onnx_weights, self_contained, without_weights
 
 from .snapshot import LoadedTask, Snapshot
 
 log = logging.getLogger("maskbank.serving")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+TRIM_INTERVAL_SECONDS = 1.0
+_last_trim = float("-inf")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _QUIET, _ERRORS = 4, 3  # ONNX Runtime log severities: fatal only; errors and worse
@@ -69,7 +72,7 @@ class OnnxRuntimeBackend:
         ort.set_default_logger_severity(_ERRORS)
         self.providers = choose_providers()
         self._threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
-        self._graphs: dict[str, onnx.ModelProto] = {}  # per architecture (its spec as JSON)
+        self._graphs: dict[str, tuple[onnx.ModelProto, onnx.ModelProto]] = {}  # per architecture (its spec as JSON)
         self._lock = threading.Lock()
         log.info("ONNX Runtime %s backend on %s (intra-op threads: %s)", ort.__version__, self.providers[0],
                  self._threads or "one per physical core")
@@ -94,18 +97,18 @@ class OnnxRuntimeBackend:
 
     def _build(self, snapshot: Snapshot, task: LoadedTask) -> tuple[ort.InferenceSession, int]:
         """The task's session, and the bytes of its weights (what the cache charges for it)."""
-        graph = self._graph(snapshot.manifest.architecture)
+        graph, template = self._graph(snapshot.manifest.architecture)
         weights = onnx_weights(graph, snapshot.effective_parameters(task))
-        model = self_contained(graph, weights, task.entry.num_classes)
+        model = self_contained(template, weights, task.entry.num_classes)
         return self._create(model.SerializeToString()), sum(a.nbytes for a in weights.values())
 
-    def _graph(self, architecture: dict) -> onnx.ModelProto:
-        """The architecture's graph, exported on first use."""
+    def _graph(self, architecture: dict) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+        """The architecture's graph, exported on first use, and the same without its weights."""
         key = json.dumps(architecture, sort_keys=True)
         with self._lock:  # exported once per architecture, whichever request comes first
             if key not in self._graphs:
                 graph = architecture_graph(architecture)
-                self._graphs[key] = graph
+                self._graphs[key] = graph, without_weights(graph)
             return self._graphs[key]
 
     def _create(self, model: bytes) -> ort.InferenceSession:
@@ -125,10 +128,16 @@ class OnnxRuntimeBackend:
 
 def _return_freed_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim; dask's trim_memory does the
-    same). Building a session passes through several copies of the task's weights (the model proto,
-    its serialized bytes); glibc keeps what they freed in its heap, where the sessions built since
-    leave it fragmented: a server grew by 2.8x what the cache charged per cold task without this,
-    1.2x with it (python -m bench onnx_memory). About 2 ms, against some 25 ms for the build."""
+    same), at most once every TRIM_INTERVAL_SECONDS. Building a session passes through copies of the
+    task's weights (ONNX Runtime's own among them); glibc keeps what they freed in its heap, fragmented
+    by the sessions built since. Untrimmed, a server grew by some 2.8x what the cache charged per
+    cached session; trimmed after every build, 1.1x, but each build then took twice as long, faulting
+    the returned pages back in. Once a second costs that only to the first build after a pause, and
+    keeps the memory a second's builds free (python -m bench onnx_memory measures both)."""
+    global _last_trim
     trim = getattr(_LIBC, "malloc_trim", None)  # glibc only: musl and others have none
-    if trim is not None:
-        trim(0)
+    now = time.monotonic()
+    if trim is None or now - _last_trim < TRIM_INTERVAL_SECONDS:
+        return
+    _last_trim = now  # a race lets two threads trim at once: harmless
+    trim(0)
