@@ -2,7 +2,6 @@
 (importing PyTorch and building the parser, which imports every method, take seconds) stops it as
 it does later, with status 130 or 143, a line saying which, and no traceback."""
 
-import os
 import signal
 import sys
 import threading
@@ -17,30 +16,23 @@ def run() -> int:
     try:
         from .cli import main
 
-        code = main()
+        return main()
     except KeyboardInterrupt as interrupt:  # before the command ran (which says how it was stopped itself)
         print(f"\nmaskbank: {stopped_by(interrupt)}", file=sys.stderr)
-        code = interrupted_status(interrupt)
-    if main_thread:
-        _finish_on_signal(code)
-    return code
+        return interrupted_status(interrupt)
+    finally:
+        if main_thread:
+            _ignore_signals_from_now_on()
 
 
-def _finish_on_signal(code: int) -> None:
-    """Once the command has ended, Ctrl-C or SIGTERM ends the process at once with the command's own
-    status. The interpreter's teardown (torch's, threads') takes up to seconds, and a signal there
-    turned a finished training into status 143 with no word, or an 'Exception ignored' traceback."""
-
-    def finish(signum, frame) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a reader gone, a stream closed: nothing more to say there
-                pass
-        os._exit(code)
-
+def _ignore_signals_from_now_on() -> None:
+    """Once the command has ended (however: done, failed, stopped), Ctrl-C and SIGTERM are ignored, so
+    the process exits with the command's own status. The interpreter's teardown (torch's, threads')
+    takes up to seconds, and a signal there turned a finished training into status 143 with no word,
+    or an 'Exception ignored' traceback. Ignoring, not a handler: the interpreter puts the default
+    action back for signals with a Python handler before it tears modules down, not for ignored ones."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, finish)
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
