@@ -529,7 +529,8 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
     child.stdout.close()  # the reader is gone before the first line
     assert (child.wait(60), child.stderr.read()) == (141, "")
     train = [sys.executable, "-m", "maskbank", "train", "--tasks", "3", "--registry", str(tmp_path), "--model", "m"]
-    child = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's default: block-buffered
+    child = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=buffered)
     child.stdout.close()  # `maskbank train ... | head -1`: it stopped as a shell tool does, but without a word
     assert child.wait(120) == 141 and child.stderr.read() == (
         f"\nmaskbank train: the reader of its output left; model 'm' has 2 of 3 task(s) in {tmp_path} (generation 2); "

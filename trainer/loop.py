@@ -8,6 +8,7 @@ reused (an explicit setting that contradicts them is an error, because task i de
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -293,7 +294,7 @@ def train(
     model: str,
     tasks: int,
     requested: dict[str, Any],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = functools.partial(print, flush=True),  # each line as it happens, piped or not
     fwt: bool = False,
 ) -> Manifest:
     """Learn tasks until `model` has `tasks` of them, publishing a new generation after each.
