@@ -104,7 +104,8 @@ def plot_file(text: str) -> str:
     cannot write is refused before any work."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    path = Path(given_path(text))
+    text = given_path(text)  # a ~ expanded: the file written is the one named
+    path = Path(text)
     if not path.suffix:
         return f"{text}.png"
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -391,10 +392,14 @@ def _train(args) -> None:
         torch.set_num_threads(args.threads)
     config = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key, _ in METHOD_OPTIONS}
     flags = {key: flag for flag, key, _ in METHOD_OPTIONS}
+    given: dict = {}
     for key, value in args.options:  # the later one won, silently
-        if config.get(key) is not None and config[key] != value:
-            raise MaskbankError(f"{flags[key]} {config[key]} and --set {key}={value} disagree: give one")
-    config.update(dict(args.options))
+        for other, what in ((config.get(key), flags.get(key)), (given.get(key), f"--set {key}=")):
+            if other is not None and str(other) != str(value):  # as text: --share 0 is --set share=0
+                raise MaskbankError(f"{what}{'' if what.endswith('=') else ' '}{other} and --set {key}={value} "
+                                    "disagree: give one")
+        given[key] = value
+    config.update(given)
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,
                  "data_root": args.data_root, "method_config": config}
     registry = Registry(args.registry)

@@ -358,6 +358,8 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
     monkeypatch.setenv("HOME", str(tmp_path))  # `--registry=~/reg`: the shell leaves the ~, and it made a folder '~'
     code, out = run(capsys, "registry", "ls", f"--registry=~/{Path(trained.location).relative_to(tmp_path)}")
     assert code == 0 and "| m |" in out
+    assert main(["registry", "audit", "m", "--registry", trained.location, "--plot=~/home.png"]) == 0  # it wrote ./~/
+    assert (tmp_path / "home.png").is_file() and f"wrote {tmp_path / 'home.png'}" in capsys.readouterr().err
     (tmp_path / "dangling").symlink_to(tmp_path / "unmounted")  # it said "File exists"
     assert main(["registry", "audit", "m", "--registry", trained.location, "--plot", str(tmp_path / "dangling" / "x.png")]) == 2
     assert f"{tmp_path / 'dangling'} is a link to {tmp_path / 'unmounted'}, which does not exist" in capsys.readouterr().err
