@@ -44,12 +44,17 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
 
-    def check_location(self, must_exist: bool = True, writable: bool = False) -> None:
+    def check_location(self, must_exist: bool = True) -> None:
         """RegistryError when no registry can be at this location (an S3 bucket that does not exist)
-        or, with `must_exist`, none is there: a mistyped path must not read as an empty registry; with
-        `writable`, when a local directory cannot be written (before the work that would publish)."""
-        if problem := self.storage.location_problem(must_exist, writable):
+        or, with `must_exist`, none is there: a mistyped path must not read as an empty registry."""
+        if problem := self.storage.location_problem(must_exist):
             raise RegistryError(f"no registry at {self.location}: {problem}")
+
+    def check_writable(self) -> None:
+        """RegistryError when a local registry cannot be written: before the work that would publish
+        (a training), not after it."""
+        if problem := self.storage.write_problem():
+            raise RegistryError(f"cannot publish to registry {self.location}: {problem}")
 
     def list_models(self) -> list[str]:
         """Every entry under models/ (a model, a first publish under way, or a stray file)."""

@@ -168,9 +168,14 @@ class FsspecStorage:
         return []
 
     @_reaching
-    def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
-        """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL.
-        Whether it can be written (`writable`) shows at the first write: trying would need an object."""
+    def write_problem(self) -> str | None:
+        """None: whether an object store can be written shows at the first write (trying would need
+        an object of its own)."""
+        return None
+
+    @_reaching
+    def location_problem(self, must_exist: bool) -> str | None:
+        """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL."""
         bucket = self.root.split("/", 1)[0]
         self.fs.invalidate_cache()
         if self.scheme in _BUCKETED and bucket:

@@ -48,10 +48,13 @@ class Storage(Protocol):
     def size(self, key: str) -> int:
         """The object's size in bytes, from its metadata (nothing read)."""
 
-    def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
+    def location_problem(self, must_exist: bool) -> str | None:
         """Why no registry can be at this location (an S3 bucket that does not exist), or, with
-        `must_exist`, why none is there yet (nothing stored), or with `writable`, why nothing can be
-        written there (where that can be told without writing a registry's object); None if all is well."""
+        `must_exist`, why none is there yet (nothing stored); None if all is well."""
+
+    def write_problem(self) -> str | None:
+        """Why nothing can be written there, where that can be told without writing a registry's
+        object (a local folder: a file in its path, no permission, a read-only system); None if none."""
 
     def leftovers(self, prefix: str) -> list[str]:
         """Keys of the temporary objects a killed writer left directly below `prefix` (invisible to
@@ -140,9 +143,7 @@ class LocalStorage:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         return info.st_size
 
-    def location_problem(self, must_exist: bool, writable: bool = False) -> str | None:
-        if writable and (problem := self._write_problem()) is not None:
-            return problem
+    def location_problem(self, must_exist: bool) -> str | None:
         if must_exist and not self.root.is_dir():
             return "the directory does not exist (the first publish, `maskbank train --registry ...`, creates it)"
         if must_exist and not any((self.root / folder).is_dir() for folder in ("models", "blobs")) and any(
@@ -151,18 +152,23 @@ class LocalStorage:
             return "the directory holds other things and no models/ or blobs/ folder (is it the right path?)"
         return None
 
-    def _write_problem(self) -> str | None:
-        """Why no file can be written in the directory (a file in the path, no permission, a read-only
-        system), found by writing a temporary one; what this makes to try goes again."""
+    def write_problem(self) -> str | None:
+        """Found by writing a temporary file in the directory and in each of the folders a publish
+        writes into that exist already (a read-only mount over blobs/ alone); what this makes to try
+        goes again."""
+        from .store import BLOB_PREFIX  # here: the store builds on this module
+
         if (problem := file_in_the_way(self.root)) is not None:
             return problem
         created = first_missing(self.root)
+        folders = [self.root] + [self.root / f for f in ("models", "blobs", BLOB_PREFIX) if (self.root / f).is_dir()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
+            for folder in folders:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
         except OSError as error:
-            return f"nothing can be written there ({error.strerror or error})"
+            return f"{folder} cannot be written ({error.strerror or error})"
         finally:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)

@@ -411,7 +411,8 @@ def test_a_registry_train_cannot_write_is_refused_before_training(tmp_path, caps
     command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--model", "m"]
     monkeypatch.setattr("trainer.train", lambda *a, **k: pytest.fail("trained before checking the registry"))
     assert main([*command, "--registry", str(tmp_path / "afile" / "reg")]) == 2
-    assert f"error: no registry at {tmp_path / 'afile' / 'reg'}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    assert (f"error: cannot publish to registry {tmp_path / 'afile' / 'reg'}: {tmp_path / 'afile'} is a file, not a "
+            "folder") in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
