@@ -14,8 +14,10 @@ other fsspec URL (s3://, memory://, ...) goes through registry/fsspec_storage.py
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -184,24 +186,25 @@ class LocalStorage:
 
     @staticmethod
     def _flushed_temporary(path: Path, data: bytes) -> Path:
+        """A new temporary file beside `path` holding `data`, on disk. Created as open() creates files,
+        readable as the process's umask allows then (mkstemp made it 0600: a server running as another
+        user could not read the registry); a file rewritten in place (a blob a publish reuses) keeps its
+        mode, so a writer with a stricter umask does not take it from the others' models."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes it 0600: a server running as another user could not read it
+        while True:
+            tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                break
+            except FileExistsError:  # another writer's temporary of that name: draw again
+                continue
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        return Path(tmp)
-
-
-def _process_umask() -> int:
-    """The process's umask (os.umask only sets it: set and put back, once, at import)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_process_umask()  # what open() gives a new file: readable as the umask allows
+        return tmp
 
 
 def _fsync_directory(path: Path) -> None:

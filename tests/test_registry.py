@@ -167,11 +167,18 @@ def test_blobs_and_manifests_are_readable_as_the_umask_allows(tmp_path):
     """They were 0600 (mkstemp's mode): a server or verifier running as another user could not read
     a registry the trainer wrote."""
     registry = Registry(tmp_path)
-    registry.commit(manifest_with(registry))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) >= 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
+    before = os.umask(0o002)  # the umask when the file is written, not when maskbank was imported
+    try:
+        registry.commit(manifest_with(registry))
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert len(files) >= 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664}
+        os.umask(0o077)  # a second writer with a stricter umask reuses a blob: it stays readable to the others
+        own = registry.put("tensors/v1", {"w": torch.zeros(3)})
+        reused = registry.put_backbone({"w": torch.ones(2, 2)}).blob  # model m's backbone, written again
+        assert stat.S_IMODE(Path(registry.blobs.describe(own.digest)).stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(registry.blobs.describe(reused.digest)).stat().st_mode) == 0o664
+    finally:
+        os.umask(before)
 
 
 def test_supsup_materialiser_computes_weight_times_mask_bit_for_bit_and_leaves_the_mask_alone():
