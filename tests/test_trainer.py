@@ -202,6 +202,23 @@ def test_an_architecture_that_does_not_fit_the_stream_is_refused_before_anything
     assert not any(path.is_file() for path in (tmp_path / "reg").rglob("*"))  # not even the backbone's blob
 
 
+
+def test_a_model_published_with_another_image_shape_can_still_be_appended_to(tmp_path, monkeypatch):
+    """Models trained before the image-shape check, as [4, 4, 4] on 1x8x8 digits, were refused on
+    append, with advice ('give [1, 8, 8]') that the settings clash check then refused too."""
+    from trainer import train
+    from trainer.loop import TrainingError
+
+    scrambled = {"arch": "cnn", "input_shape": [4, 4, 4], "width": 4}
+    with pytest.raises(TrainingError, match="reads the examples as 4x4x4 images"):
+        train_model(tmp_path, "m", 1, {"architecture": scrambled})
+    registry = Registry(tmp_path)
+    settings = {"method": "supsup", "stream": "permuted-digits", "architecture": scrambled, "method_config": {"epochs": 1}}
+    with monkeypatch.context() as patched:  # published as the code before the check did
+        patched.setattr("trainer.loop.check_fits", lambda *args, **kwargs: None)
+        train(registry, "m", 1, settings, log=lambda _: None)
+    assert len(train(registry, "m", 2, {}, log=lambda _: None).tasks) == 2
+
 def test_a_data_root_a_built_in_stream_does_not_use_is_said_not_silently_ignored(tmp_path):
     from trainer import train
 

@@ -63,15 +63,16 @@ def default_architecture(stream: TaskStream) -> dict[str, Any]:
     return {"arch": "mlp", "sizes": [int(np.prod(stream.input_shape)), 512, 512, stream.num_classes]}
 
 
-def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: TaskStream) -> None:
+def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: TaskStream, new: bool = True) -> None:
     """TrainingError unless `module` takes the stream's examples and has an output for each of its
     classes; otherwise the mismatch surfaces as a shape error (or an out-of-range label) deep in the
-    first epoch, after the model's backbone is already in the registry."""
+    first epoch, after the model's backbone is already in the registry. A `new` model's conv net must
+    also read them as the stream's images; a published one keeps the shape it was trained with."""
     features = int(np.prod(stream.input_shape))
     images = f" (images of {'x'.join(map(str, stream.image_shape))})" if stream.image_shape else ""
     spec = json.dumps(architecture)
     shape = architecture.get("input_shape")
-    if stream.image_shape and shape is not None and tuple(shape) != tuple(stream.image_shape):
+    if new and stream.image_shape and shape is not None and tuple(shape) != tuple(stream.image_shape):
         raise TrainingError(f"architecture {spec} reads the examples as {'x'.join(map(str, shape))} images, but stream "
                             f"'{stream.name}' has images of {'x'.join(map(str, stream.image_shape))} (channels x height "
                             f"x width): give \"input_shape\": {list(stream.image_shape)}")  # same size, scrambled pixels
@@ -309,7 +310,7 @@ def train(
             "files to read")
     method = get_method(settings.method, **settings.method_config)
     module = build_architecture(settings.architecture)
-    check_fits(module, settings.architecture, stream)
+    check_fits(module, settings.architecture, stream, new=manifest is None)
     if tasks > stream.max_tasks:
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
     state = _load_model(registry, manifest) if manifest else _new_model(method, module, settings.seed)
