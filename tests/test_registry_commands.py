@@ -294,14 +294,17 @@ def test_show_says_which_backbone_version_a_task_is_served_on(tmp_path, capsys):
 
 def test_tasks_published_through_the_api_after_training_make_no_malformed_record(trained, capsys):
     """bench/serving.py appends synthetic tasks through the registry's API: the accuracy matrix then has
-    fewer rows than the model has tasks, which is out of date, not malformed."""
+    fewer rows than the model has tasks, which is out of date, not malformed. Appending to it with the
+    trainer is refused: it scored those tasks on stream tasks they never learned, under wrong labels."""
     extra = dataclasses.replace(trained.manifest("m").tasks[-1], id=2, name="extra")
     trained.publish("m", lambda m: m.next(tasks=(*m.tasks, extra)))
     where = ["--registry", trained.location]
     assert main(["report", "m", *where]) == 0
-    assert main(["train", "--tasks", "4", "--model", "m", *where]) == 0  # appends task 3, measuring every task
-    assert main(["report", "m", *where]) == 0 and len(trained.manifest("m").tasks) == 4
     capsys.readouterr()
+    assert main(["train", "--tasks", "4", "--model", "m", *where]) == 2  # it scored 'extra' on a stream task
+    assert ("model 'm' has 3 tasks but its training record measured 2: the others were published without `maskbank "
+            "train`") in capsys.readouterr().err
+    assert len(trained.manifest("m").tasks) == 3
 
 
 def test_audit_figures(trained, capsys, tmp_path):

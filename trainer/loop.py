@@ -129,6 +129,10 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
     if training is None:  # KeyError traceback before
         raise TrainingError(f"model '{manifest.model}' has no training settings (it was published by a program of its "
                             "own, not `maskbank train`), so tasks cannot be appended to it: train a new model")
+    if (measured := len(training["accuracy_matrix"])) < len(manifest.tasks):
+        raise TrainingError(f"model '{manifest.model}' has {len(manifest.tasks)} tasks but its training record measured "
+                            f"{measured}: the others were published without `maskbank train` (through the registry's "
+                            "API), and the trainer would score them on stream tasks they never learned: train a new model")
     stored = training["settings"]
     get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored.get(k)!r})"
