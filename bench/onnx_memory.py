@@ -9,11 +9,10 @@ allocator may keep. This measures both, so --cache-bytes can be sized with the r
 SupSup over an MLP SIZES (signed-constant backbone; one trained task and synthetic ones up to TASKS,
 as bench/serving.py builds them). Per backend, a fresh child process (so that its resident memory
 is its own) loads the registry as a server does (serving.ModelRepository, a cache that holds every
-task), runs one batch-BATCH forward of task 0 to warm up, then one of each other task but the last in
-turn, back to back, each a cache miss, timing it and reading its resident set size (RSS,
-/proc/self/statm) and the cache's charged bytes after each; then pauses a little longer than the
-ONNX Runtime backend's interval between handing freed memory back, runs the last task, and reads
-the RSS again. Reported per task: the charge, the median RSS growth during the burst, the growth
+task), runs one batch-BATCH forward of task 0 to warm up, then one of each other task in turn, back
+to back, each a cache miss, timing it and reading its resident set size (RSS, /proc/self/statm) and
+the cache's charged bytes after each; then stays idle a little longer than the ONNX Runtime
+backend's interval between handing freed memory back, and reads the RSS again. Reported per task: the charge, the median RSS growth during the burst, the growth
 once settled (over all the tasks), and the median time of a cold task's first forward (its build
 included). torch and ONNX Runtime on THREADS thread(s).
 
@@ -83,12 +82,11 @@ def measure(root: str, backend_name: str) -> dict:
 
     forward(0)
     rss, charged, cold_ms = [_rss_bytes()], [snapshot.cache.stats().bytes], []
-    for task_id in range(1, TASKS - 1):
+    for task_id in range(1, TASKS):
         cold_ms.append(forward(task_id))
         rss.append(_rss_bytes())
         charged.append(snapshot.cache.stats().bytes)
-    time.sleep(TRIM_INTERVAL_SECONDS + 0.1)  # a pause, then the last cold task: memory as it settles
-    forward(TASKS - 1)
+    time.sleep(TRIM_INTERVAL_SECONDS + 0.5)  # an idle pause: memory as it settles, with no build after the burst
     growth = [b - a for a, b in zip(rss, rss[1:])]
     charge = [b - a for a, b in zip(charged, charged[1:])]
     settled = (_rss_bytes() - rss[0]) / (TASKS - 1)

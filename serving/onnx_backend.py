@@ -39,7 +39,6 @@ from .snapshot import LoadedTask, Snapshot
 log = logging.getLogger("maskbank.serving")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 TRIM_INTERVAL_SECONDS = 1.0
-_last_trim = float("-inf")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _QUIET, _ERRORS = 4, 3  # ONNX Runtime log severities: fatal only; errors and worse
@@ -89,7 +88,7 @@ class OnnxRuntimeBackend:
     def _session(self, snapshot: Snapshot, task: LoadedTask) -> ort.InferenceSession:
         def build() -> tuple[ort.InferenceSession, int]:
             built = self._build(snapshot, task)
-            _return_freed_memory()  # of the build's copies of the weights, freed as _build returned
+            _FREED.give_back()  # of the build's copies of the weights, freed as _build returned
             return built
 
         key = (snapshot.model, snapshot.backbone_version(task), task.key, self.name)
@@ -126,18 +125,43 @@ class OnnxRuntimeBackend:
         return session
 
 
-def _return_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; dask's trim_memory does the
-    same), at most once every TRIM_INTERVAL_SECONDS. Building a session passes through copies of the
-    task's weights (ONNX Runtime's own among them); glibc keeps what they freed in its heap, fragmented
-    by the sessions built since. Untrimmed, a server grew by some 2.8x what the cache charged per
-    cached session; trimmed after every build, 1.1x, but each build then took twice as long, faulting
-    the returned pages back in. Once a second costs that only to the first build after a pause, and
-    keeps the memory a second's builds free (python -m bench onnx_memory measures both)."""
-    global _last_trim
-    trim = getattr(_LIBC, "malloc_trim", None)  # glibc only: musl and others have none
-    now = time.monotonic()
-    if trim is None or now - _last_trim < TRIM_INTERVAL_SECONDS:
-        return
-    _last_trim = now  # a race lets two threads trim at once: harmless
-    trim(0)
+class _FreedMemory:
+    """Gives the heap's free pages back to the system (glibc's malloc_trim; dask's trim_memory does the
+    same), at most once every TRIM_INTERVAL_SECONDS, and once more after the last build of a burst.
+
+    Building a session passes through copies of the task's weights (ONNX Runtime's own among them);
+    glibc keeps what they freed in its heap, fragmented by the sessions built since. Untrimmed, a server
+    grew by some 2.8x what the cache charged per cached session; trimmed after every build, 1.1x, but
+    each build then took twice as long, faulting the returned pages back in. Once a second costs that
+    only to the first build after a pause; the trim a timer runs after a burst lets memory settle
+    without waiting for another build (python -m bench onnx_memory measures both)."""
+
+    def __init__(self):
+        self._trim = getattr(_LIBC, "malloc_trim", None)  # glibc only: musl and others have none
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._pending = False
+
+    def give_back(self) -> None:
+        """After a build: trim now, or once the interval since the last trim has passed."""
+        if self._trim is None:
+            return
+        with self._lock:
+            wait = self._last + TRIM_INTERVAL_SECONDS - time.monotonic()
+            if wait > 0:
+                if not self._pending:  # one timer for a whole burst
+                    self._pending = True
+                    timer = threading.Timer(wait, self._trim_now)
+                    timer.daemon = True
+                    timer.start()
+                return
+            self._last = time.monotonic()
+        self._trim(0)
+
+    def _trim_now(self) -> None:
+        with self._lock:
+            self._pending, self._last = False, time.monotonic()
+        self._trim(0)
+
+
+_FREED = _FreedMemory()

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -460,3 +461,20 @@ def test_a_second_export_into_a_folder_while_one_runs_fails_at_once_and_touches_
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [t["id"] for t in json.loads(export_onnx(bn_registry, "m", out).read_text())["tasks"]] == [0, 1]
     assert len(export_triton(bn_registry, "m", repo)) == 2
+
+
+def test_freed_memory_is_given_back_once_per_interval_and_after_a_burst(monkeypatch):
+    """malloc_trim after every session build made each build twice as long (the next one faults the
+    pages back in); once per interval, a burst's last builds were left untrimmed until another build."""
+    from serving import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "TRIM_INTERVAL_SECONDS", 0.2)
+    freed = onnx_backend._FreedMemory()
+    trims: list[float] = []
+    freed._trim = lambda pad: trims.append(time.monotonic())
+    began = time.monotonic()
+    for _ in range(5):  # a burst of builds: one trim now, one timer for the rest
+        freed.give_back()
+    assert len(trims) == 1
+    time.sleep(0.5)
+    assert len(trims) == 2 and trims[1] - trims[0] >= 0.19 and trims[0] - began < 0.1
