@@ -359,6 +359,7 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
         assert (f"maskbank {' '.join(command[:-1])}: error: cannot make a folder for {tmp_path / 'a-file' / 'out.png'}: "
                 f"{tmp_path / 'a-file'} is a file, not a folder") in capsys.readouterr().err
     monkeypatch.setenv("HOME", str(tmp_path))  # `--registry=~/reg`: the shell leaves the ~, and it made a folder '~'
+    monkeypatch.chdir(tmp_path)  # where such a folder would go: not the working tree
     code, out = run(capsys, "registry", "ls", f"--registry=~/{Path(trained.location).relative_to(tmp_path)}")
     assert code == 0 and "| m |" in out
     assert main(["registry", "audit", "m", "--registry", trained.location, "--plot=~/home.png"]) == 0  # it wrote ./~/
@@ -412,7 +413,7 @@ def test_a_registry_train_cannot_write_is_refused_before_training(tmp_path, caps
     """It was found after the first task had trained, as '[Errno 20] Not a directory', status 1."""
     (tmp_path / "afile").write_text("")
     command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--model", "m"]
-    monkeypatch.setattr("trainer.train", lambda *a, **k: pytest.fail("trained before checking the registry"))
+    monkeypatch.setattr("trainer.loop._new_model", lambda *a, **k: pytest.fail("trained before checking the registry"))
     assert main([*command, "--registry", str(tmp_path / "afile" / "reg")]) == 2
     assert (f"error: cannot publish to registry {tmp_path / 'afile' / 'reg'}: {tmp_path / 'afile'} is a file, not a "
             "folder") in capsys.readouterr().err
