@@ -404,9 +404,6 @@ def _train(args) -> None:
                  "data_root": args.data_root, "method_config": config}
     registry = Registry(args.registry)
     registry.check_location(must_exist=False)  # an S3 bucket that does not exist: before any training
-    published = registry.find_manifest(args.model)
-    if published is None or len(published.tasks) < args.tasks:  # a read-only registry may say "nothing to train"
-        registry.check_writable()  # a file in its path, a read-only folder: before training, not after
     try:
         manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
     except PublishConflict as error:  # the API's "reload and retry", said for the command line
