@@ -21,6 +21,7 @@ import zstandard
 from .catalog import Registry
 from .errors import ManifestError
 from .folders import make_parent
+from .manifest import Manifest
 from .packed import PackedMasks
 
 
@@ -132,21 +133,21 @@ def audit(registry: Registry, model: str) -> ModelAudit:
     for task in manifest.tasks:
         for part, ref in task.parts.items():
             result.parts.append(_audit_part(registry, task.id, task.name, part, ref, result))
-    _add_growth(registry, model, manifest.generation, result)
+    _add_growth(registry, manifest, result)
     result.history_bytes = result.growth[-1][1]
     return result
 
 
-def _add_growth(registry: Registry, model: str, newest: int, result: ModelAudit) -> None:
-    """Per generation of `model` up to `newest`: its task count, and the bytes of the distinct blobs it
+def _add_growth(registry: Registry, newest: Manifest, result: ModelAudit) -> None:
+    """Per generation of `newest`'s model up to it: its task count, and the bytes of the distinct blobs it
     and every earlier generation reference (what the registry holds for the model then; `registry gc`
     keeps every generation's blobs). More than the newest generation's own blobs where a generation
     replaced a backbone version or a shared part. An earlier generation that cannot be read is left
     out and listed (verify says why), rather than stop the audit of the newest."""
     blobs: dict[str, int] = {}
-    for generation in [g for g in registry.generations(model) if g <= newest]:
-        try:
-            manifest = registry.manifest(model, generation)
+    for generation in [g for g in registry.generations(newest.model) if g <= newest.generation]:
+        try:  # the newest is read already
+            manifest = newest if generation == newest.generation else registry.manifest(newest.model, generation)
         except ManifestError:
             result.unreadable.append(generation)
             continue
