@@ -23,7 +23,8 @@ from trainer.cl_lsg import GrowthMask, gumbel_hard, network_layers, next_units, 
 from .conftest import check_served_while_appending, cli, task_logits
 
 ARCH = {"arch": "mlp", "sizes": [64, 32, 32, 2]}
-FAST = {"epochs": 3, "grow_epochs": 3, "scratch_epochs": 3, "batch_size": 64}
+FAST = {"epochs": 3, "grow_epochs": 3, "batch_size": 64}
+SCRATCH = {"scratch_epochs": 3}  # only where no target is given: with one, no from-scratch model is trained
 HIDDEN = ("fc0", "fc1")
 CNN = {"arch": "cnn", "input_shape": [1, 8, 8], "num_classes": 2, "width": 4}  # conv0: 4 channels, conv2: 8, fc: 8 x 2 x 2
 
@@ -40,7 +41,8 @@ def _one_thread():
 def train_cl_lsg(root, tasks: int, model: str = "m", **config) -> Registry:
     registry = Registry(root)
     train(registry, model, tasks, {"method": "cl-lsg", "stream": "split-digits", "architecture": ARCH,
-                                   "method_config": {**FAST, **config}}, log=lambda _: None)
+                                   "method_config": {**FAST, **({} if "target" in config else SCRATCH), **config}},
+          log=lambda _: None)
     return registry
 
 
@@ -219,7 +221,7 @@ def test_command_line_trains_and_audits(tmp_path):
     arch = json.dumps(ARCH)
     result = cli("train", "--registry", registry, "--model", "lsg", "--tasks", "2", "--method", "cl-lsg",
                  "--stream", "split-digits", "--arch", arch, "--epochs", "2", "--batch-size", "64",
-                 "--set", "grow_epochs=2", "--set", "scratch_epochs=2", "--set", "target=2", "--threads", "1")
+                 "--set", "grow_epochs=2", "--set", "target=2", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "published task 1" in result.stdout
     manifest = Registry(registry).manifest("lsg")

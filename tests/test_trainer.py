@@ -150,7 +150,10 @@ def test_an_option_that_would_do_nothing_is_refused_in_one_line_before_any_work(
     for method, given, message in [  # accepted and ignored before
         ("exssnet", ["--set", "kkt_k=3"], "option 'kkt_k' has no effect with kkt=False (KKT is off: pass --kkt)"),
         ("impresslearn", ["--basis", "random", "--set", "mask_epochs=9"],
-         "option 'mask_epochs' has no effect with basis='random' (random basis masks are drawn, not trained)")]:
+         "option 'mask_epochs' has no effect with basis='random' (random basis masks are drawn, not trained)"),
+        ("cl-lsg", ["--set", "target=0.9", "--set", "scratch_epochs=2"],
+         "option 'scratch_epochs' has no effect with target=0.9 (the target is given, so no from-scratch model is "
+         "trained)")]:
         assert main(["train", "--method", method, "--stream", "permuted-digits", "--tasks", "1", "--registry", "new",
                      "--model", "m", *given]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "new").exists()

@@ -57,6 +57,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -92,6 +93,8 @@ class CLLSGConfig:
     attentive_init: float = 0.1  # initial attentive and grown scores (positive: kept unless pushed down)
     beta_max: float = 200.0  # final slope of the continuous sparsification sigmoid in each phase
     val_fraction: float = 0.2  # share of the training set held out for the growth decision
+    INERT: ClassVar[dict] = {"scratch_epochs": [("target", lambda target: target is not None,
+                                                 "the target is given, so no from-scratch model is trained")]}
 
     def __post_init__(self):
         if self.target is not None and not self.target >= 0:  # NaN too

@@ -159,11 +159,14 @@ def get_method(name: str, **config: Any) -> Method:
 def refuse_inert(method: Method, given: Iterable[str]) -> None:
     """MaskbankError if an option a user gave (`given`: their names) does nothing under `method`'s
     config (its Config's INERT: `--density` with `--mask sign`), rather than ignore it. Only for what
-    a user gave: a model's stored settings hold every option, its defaults included."""
+    a user gave: a model's stored settings hold every option, its defaults included.
+
+    An INERT entry is (other option, its value or a predicate on it, why)."""
     for key in given:
         for other, value, why in getattr(type(method.config), "INERT", {}).get(key, ()):
-            if getattr(method.config, other) == value:
-                raise MaskbankError(f"method '{method.name}': option '{key}' has no effect with {other}={value!r} "
+            current = getattr(method.config, other)
+            if value(current) if callable(value) else current == value:
+                raise MaskbankError(f"method '{method.name}': option '{key}' has no effect with {other}={current!r} "
                                     f"({why}); omit it")
 
 
