@@ -160,7 +160,8 @@ def _verify(registry: Registry, args) -> int:
                      "removes them)")
     if report.strays:
         shown = ", ".join(report.strays[:5]) + (", ..." if len(report.strays) > 5 else "")
-        lines.append(f"{len(report.strays)} file(s) under blobs/ that are no blob, left alone (remove them by hand): {shown}")
+        lines.append(f"{len(report.strays)} file(s) or folder(s) under blobs/ that are no blob, left alone (remove them by "
+                     f"hand): {shown}")
     lines.append("OK" if report.ok else f"{len(report.problems)} problem(s) found")
     _emit(args, {**dataclasses.asdict(report), "ok": report.ok}, "\n".join(lines))
     return 0 if report.ok else 1

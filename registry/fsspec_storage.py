@@ -20,6 +20,7 @@ every write.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import threading
@@ -194,8 +195,13 @@ class FsspecStorage:
 
     @_reaching
     def size(self, key: str) -> int:
-        """The object's size in bytes, from its metadata (a HEAD on object storage)."""
-        return int(self.fs.size(self._fresh(key)))
+        """The object's size in bytes, from its metadata (a HEAD on object storage); IsADirectoryError
+        for a "folder" (objects under `key/`), which s3fs sizes as 0 bytes."""
+        path = self._fresh(key)
+        info = self.fs.info(path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.describe(key))
+        return int(info["size"])
 
     def _path(self, key: str) -> str:
         key = key.strip("/")

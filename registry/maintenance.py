@@ -92,8 +92,13 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
     stored = registry.blobs.inventory()
     report.problems += [Problem("unreadable", registry.storage.describe(folder), f"cannot be listed ({why}): its "
                                 "blobs are not checked for orphans") for folder, why in stored.unlisted.items()]
-    report.orphans, report.strays = sorted(set(stored.digests) - set(refs)), stored.strays
-    report.leftovers = stored.leftovers + _manifest_leftovers(registry)
+    unreferenced = sorted(set(stored.digests) - set(refs))
+    folders = {digest for digest in unreferenced if _is_folder(registry, registry.blobs.key(digest))}
+    leftovers = stored.leftovers + _manifest_leftovers(registry)
+    in_the_way = [key for key in leftovers if _is_folder(registry, key)]
+    report.orphans = [digest for digest in unreferenced if digest not in folders]  # gc leaves folders alone
+    report.leftovers = [key for key in leftovers if key not in in_the_way]
+    report.strays = stored.strays + [registry.blobs.key(digest) for digest in sorted(folders)] + in_the_way
     return report
 
 
@@ -113,6 +118,17 @@ def _sweep(registry: Registry, key: str, grace_seconds: float, dry_run: bool, re
         return None
     report.bytes_freed += size
     return True
+
+
+def _is_folder(registry: Registry, key: str) -> bool:
+    """Whether `key` is a folder (a blob's name, but nothing gc can delete), not a file."""
+    try:
+        registry.storage.size(key)
+    except IsADirectoryError:
+        return True
+    except OSError:  # gone since the listing, or unreadable: gc says which
+        return False
+    return False
 
 
 def _reason(error: Exception) -> str:

@@ -48,7 +48,7 @@ class Storage(Protocol):
     def modified(self, key: str) -> float: ...
 
     def size(self, key: str) -> int:
-        """The object's size in bytes, from its metadata (nothing read)."""
+        """The object's size in bytes, from its metadata (nothing read); IsADirectoryError for a folder."""
 
     def location_problem(self, must_exist: bool) -> str | None:
         """Why no registry can be at this location (an S3 bucket that does not exist), or, with
@@ -138,7 +138,7 @@ class LocalStorage:
         return (self.root / key).stat().st_mtime
 
     def size(self, key: str) -> int:
-        """The file's size; IsADirectoryError for a folder, as object stores answer for a "folder"."""
+        """The file's size; IsADirectoryError for a folder."""
         path = self.root / key
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):

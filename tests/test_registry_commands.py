@@ -88,7 +88,7 @@ def test_files_that_are_no_blob_are_reported_and_left_alone(trained, capsys):
         stray.parent.mkdir(exist_ok=True)
         stray.write_text("not a blob")
     code, out = run(capsys, "registry", "verify", *where)
-    assert code == 0 and "5 file(s) under blobs/ that are no blob, left alone (remove them by hand)" in out
+    assert code == 0 and "5 file(s) or folder(s) under blobs/ that are no blob, left alone (remove them by hand)" in out
     code, report = run_json(capsys, "registry", "gc", "--grace-seconds", "0", *where)
     assert code == 0 and report["deleted"] == [] and all(stray.exists() for stray in strays)
 
@@ -107,6 +107,10 @@ def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_goes_on(trained, capsys):
         assert f"PROBLEM left alone: {folder}: a folder, not a file" in out
         assert f"PROBLEM left alone: {temporary}: a folder, not a file" in out
     assert not trained.storage.exists(trained.blobs.key(orphan.digest)) and folder.is_dir() and temporary.is_dir()
+    code, report = run_json(capsys, "registry", "verify", *where[2:])  # it called the folder an unreferenced blob
+    assert code == 0 and report["orphans"] == [] and report["leftovers"] == []
+    assert {trained.blobs.key("sha256:" + "00" * 32), f"{trained.blobs.key('sha256:' + '00' * 32).rsplit('/', 1)[0]}/"
+            ".tmp-a-folder"} <= set(report["strays"])
 
 
 def test_verify_reports_every_unreadable_or_missing_file_and_gaps(trained, capsys):

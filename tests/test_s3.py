@@ -173,6 +173,8 @@ def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_says_so(s3_url, capsys):
     assert "deleted 1 unreferenced blob(s)" in out
     assert f"PROBLEM left alone: {folder.removesuffix('/part')}: a folder, not a file" in out
     assert not registry.storage.exists(registry.blobs.key(orphan.digest))
+    assert main(["registry", "verify", "--registry", s3_url]) == 0  # it called the folder an unreferenced blob
+    assert "1 file(s) or folder(s) under blobs/ that are no blob" in capsys.readouterr().out
 
 
 def test_s3_manifest_commit_generations_and_conflict(s3_url):
