@@ -39,6 +39,7 @@ STREAM_IN_FLIGHT = 64  # the most requests of one ModelStreamInfer call computed
 STREAM_CLOSED = ("the server is shutting down: the requests it read from this stream are answered, in order; send "
                  "the rest, from the first one unanswered, on a new stream (another replica)")
 ENVELOPE_BYTES = 64 << 10  # room kept under --max-message-bytes (at most 1/16 of it) for what wraps an answer
+FINAL_RESPONSE = "triton_final_response"  # Triton's stream answer parameter: the last answer to its request
 
 
 # The Triton protocol extensions this server implements, by Triton's names, for clients that check
@@ -165,14 +166,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
     async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
-        """A stream's answer to `request`: its response, or its error (a bug too: INTERNAL, logged) with its id."""
+        """A stream's answer to `request`: its response, or its error (a bug too: INTERNAL, logged) with the
+        request's id, model and version. Either is the request's only answer, so it says so as Triton does
+        (`triton_final_response` true): clients of decoupled models read until it."""
         try:
-            return pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
+            answer = pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
         except Exception as error:  # noqa: BLE001  a bug too is this request's answer (INTERNAL, logged)
             code, message = abort_details("/inference.GRPCInferenceService/ModelStreamInfer", error)
-            return pb.ModelStreamInferResponse(
+            answer = pb.ModelStreamInferResponse(
                 error_message=f"{code.name}: {message}",
-                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                                     id=request.id))
+        answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+        return answer
 
     def ModelConfig(self, request, context):
         snapshot = self.repository.get(request.name, request.version)

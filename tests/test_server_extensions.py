@@ -54,6 +54,8 @@ def test_stream_infer_answers_in_order_and_survives_a_bad_request(server):
     (first, e1), (_, bad), (third, e3) = answers
     assert e1 is None and e3 is None
     assert first.get_response().id == "first" and first.as_numpy("task_id").tolist() == [1] * 4
+    # Triton marks each request's last answer; clients of decoupled models read until it (waited forever)
+    assert first.get_response().parameters["triton_final_response"].bool_param
     assert "NOT_FOUND" in str(bad) and "no task 9" in str(bad)
     assert third.as_numpy("task_id").tolist() == [0] * 4
     direct = client.infer("a", request(), parameters={"task_id": 1}).as_numpy("logits")
@@ -64,10 +66,12 @@ def test_a_stream_error_names_its_request(server):
     """A raw client matches answers to requests by id: a failed request's answer carries it too."""
     url = server[0].url
     requests = [pb.ModelInferRequest(model_name="a", id=name) for name in ("no-input", "unknown-model")]
-    requests[1].model_name = "nope"
+    requests[1].model_name, requests[1].model_version = "nope", "7"
     with grpc.insecure_channel(url) as channel:
         answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=30))
-    assert [(a.infer_response.id, a.infer_response.model_name) for a in answers] == [("no-input", "a"), ("unknown-model", "nope")]
+    assert [(a.infer_response.id, a.infer_response.model_name, a.infer_response.model_version) for a in answers] == [
+        ("no-input", "a", ""), ("unknown-model", "nope", "7")]  # as Triton: the version was left out
+    assert all(a.infer_response.parameters["triton_final_response"].bool_param for a in answers)
     assert answers[0].error_message.startswith("INVALID_ARGUMENT: ") and answers[1].error_message.startswith("NOT_FOUND: ")
 
 
