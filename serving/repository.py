@@ -90,7 +90,8 @@ class ModelRepository:
             if not (version.isascii() and version.isdigit()):
                 raise InvalidRequest(f"model version '{version}' is not a number: a model's versions are its generation "
                                      f"numbers (the served one is '{snapshot.generation}'); omit the version to use it")
-            if int(version) == snapshot.generation:  # written another way ("07"), as Triton reads versions
+            if (version.lstrip("0") or "0") == str(snapshot.generation):  # "07", as Triton reads versions (not int():
+                # Python refuses to read more than 4,300 digits, an INTERNAL error)
                 return snapshot
             raise VersionNotLoaded(
                 f"model '{model}' version '{version}' is not served; the served version is "

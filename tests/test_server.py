@@ -318,6 +318,11 @@ def test_unknown_version_and_unknown_output(live):
     assert info.value.status() == "StatusCode.NOT_FOUND"
     served = live.client.get_model_metadata(MODEL).versions[0]
     assert live.client.infer(MODEL, [inp], model_version=f"0{served}", parameters={"task_id": 0})  # as Triton reads it
+    assert live.client.infer(MODEL, [inp], model_version=f"{'0' * 5000}{served}", parameters={"task_id": 0})
+    with pytest.raises(InferenceServerException, match="is not served") as info:  # beyond int()'s 4,300 digits: INTERNAL
+        live.client.infer(MODEL, [inp], model_version="1" * 4301, parameters={"task_id": 0})
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert not live.client.is_model_ready(MODEL, "1" * 4301)
     with pytest.raises(InferenceServerException, match="model version 'latest' is not a number") as info:
         live.client.infer(MODEL, [inp], model_version="latest", parameters={"task_id": 0})
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
