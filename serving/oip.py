@@ -82,11 +82,21 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
                 f"input '{INPUT_NAME}' of shape {list(shape)} and datatype {expected_datatype} needs "
                 f"{count * dtype.itemsize} bytes; the request has {len(raw)}"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return _shaped(np.frombuffer(raw, dtype=dtype), shape)
     values = getattr(tensor.contents, _TYPED_FIELD[expected_datatype])
     if len(values) != count:
         raise InvalidRequest(f"input '{INPUT_NAME}' of shape {list(shape)} needs {count} values; the request has {len(values)}")
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return _shaped(np.asarray(values, dtype=dtype), shape)
+
+
+def _shaped(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` in `shape`; InvalidRequest for a shape no array can have, though its element count is
+    right: more than numpy's 64 dimensions, or an empty one with a dimension of 2**63 (INTERNAL before)."""
+    try:
+        return values.reshape(shape)
+    except ValueError as error:
+        raise InvalidRequest(f"input '{INPUT_NAME}' has shape {list(shape)}, which no tensor can have ({error}); "
+                             "ModelMetadata gives the model's input shape") from None
 
 
 def _parameter(parameters, key: str, default=None):

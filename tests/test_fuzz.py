@@ -384,6 +384,10 @@ def test_specific_malformed_requests(stub, case):
     ([2**62, 4], b"", False),
     ([2**62, 4], None, True),
     ([2**62 + 1, FEATURES], b"\x00" * 4 * FEATURES, False),
+    ([0, 2**62], b"", False),  # no elements, so the size checks pass: numpy's reshape refused (INTERNAL)
+    ([0, 2**62], None, True),
+    ([2**32, 2**32, 0], b"", False),
+    ([1] * 65, b"\x00" * 4, False),  # beyond numpy's 64 dimensions
 ])
 def test_shape_overflow_is_invalid_argument(stub, shape, raw, typed):
     request = pb.ModelInferRequest(model_name=MODEL)
