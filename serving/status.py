@@ -13,6 +13,7 @@ import threading
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from registry import errors as reg
 
@@ -117,35 +118,59 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(method: str, handler):
-    """`handler` with its behaviour inside abort_details, in the handler's own kind (async or not)."""
+    """`handler` with its behaviour inside abort_details, in the handler's own kind (async or not), and
+    its requests parsed there too: bytes that are no such message (a client built from another .proto)
+    are INVALID_ARGUMENT, where gRPC answered UNKNOWN and logged a traceback per call."""
     kind = next((k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
                  if getattr(handler, k) is not None), None)
     if kind is None:
         return handler
     inner = getattr(handler, kind)
+    parse = _parser(method, handler.request_deserializer)
+    streaming = handler.request_streaming
+
+    async def parsed(requests):
+        async for raw in requests:
+            yield parse(raw)
+
     if inspect.iscoroutinefunction(inner):
         async def wrapped(request, context):
             try:
-                return await inner(request, context)
+                return await inner(parsed(request) if streaming else parse(request), context)
             except Exception as error:
                 await context.abort(*abort_details(method, error))
     elif inspect.isasyncgenfunction(inner):
         async def wrapped(request, context):
             try:
-                async for response in inner(request, context):
+                async for response in inner(parsed(request) if streaming else parse(request), context):
                     yield response
             except Exception as error:
                 await context.abort(*abort_details(method, error))
     elif kind.endswith("_stream"):
         def wrapped(request, context):
             try:
-                yield from inner(request, context)
+                yield from inner(map(parse, request) if streaming else parse(request), context)
             except Exception as error:
                 context.abort(*abort_details(method, error))
     else:
         def wrapped(request, context):
             try:
-                return inner(request, context)
+                return inner(map(parse, request) if streaming else parse(request), context)
             except Exception as error:
                 context.abort(*abort_details(method, error))
-    return handler._replace(**{kind: wrapped})
+    return handler._replace(**{kind: wrapped, "request_deserializer": None})  # None: gRPC hands over the bytes
+
+
+def _parser(method: str, deserializer):
+    """The request bytes' message by `deserializer` (None: the bytes), InvalidRequest if they are none."""
+    if deserializer is None:
+        return lambda raw: raw
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except DecodeError as error:
+            raise InvalidRequest(f"the request to {method} is not a valid message of its type ({error}): is the "
+                                 "client built from another version of the .proto files?") from None
+
+    return parse

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -418,6 +419,26 @@ def test_oversize_message_is_resource_exhausted(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.details()
+
+
+def test_bytes_that_are_no_request_are_invalid_argument_without_a_traceback(server):
+    """gRPC answered UNKNOWN ("Unexpected DecodeError") and logged a 7-line traceback per call."""
+    garbage, identity = b"\xff\xff", (lambda raw: raw)
+    before = len(server.output)
+    with grpc.insecure_channel(server.url) as channel:
+        for _ in range(20):
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", identity, identity)
+            with pytest.raises(grpc.RpcError) as info:
+                infer(garbage, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a valid message of its type" in info.value.details()
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", identity, identity)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([good_request(np.zeros((1, FEATURES), np.float32)).SerializeToString(), garbage]),
+                        timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(0.5)  # the server's output reaches `server.output` through a pipe
+    assert not any("Traceback" in line for line in list(server.output)[before:])
 
 
 def test_server_still_serves_correctly_after_fuzzing(server, stub, reference):
