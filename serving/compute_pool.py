@@ -12,6 +12,9 @@ gRPC cancels them, which takes them out of the queue uncomputed. Without client 
 wait until the overload passes: a shorter median wait for a longer tail (python -m bench overload
 measures both).
 
+The requests of one stream are answered in their order, so among themselves they are taken oldest
+first: newest first, the newest request's stream gives its oldest one.
+
 Work is queued at a priority level (Triton's request `priority`, level 0 first here): a thread takes
 from the first level that has work, so lower levels wait while higher ones have any.
 
@@ -42,6 +45,7 @@ class _Work:
     future: Future
     fn: Callable[[], Any]
     expires: float | None  # time.monotonic() after which the work only answers that it came too late
+    group: object | None = None  # work answered in order (one stream's requests): taken oldest first among its own
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -84,18 +88,20 @@ class ComputePool(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         return self.submit_at(0, None, functools.partial(fn, *args, **kwargs))
 
-    def submit_at(self, level: int, expires: float | None, fn: Callable[[], Any]) -> Future:
+    def submit_at(self, level: int, expires: float | None, fn: Callable[[], Any], group: object | None = None) -> Future:
         """`fn()` at priority `level` (0 first). Work that, once `expires` (a time.monotonic() value) has
         passed, answers at once without computing (serving.timeouts.QueueTimeouts) is taken before any
         other when it is the oldest of its level, so that it answers when it expires, not when
-        newest-first order or the higher levels let it."""
+        newest-first order or the higher levels let it. Work of one `group` (the requests of a stream,
+        answered in their order) is never taken before older work of its group: newest first, the
+        newest work's group gives its oldest, as a stream's first answer holds back the others."""
         if not 0 <= level < len(self._levels):
             raise ValueError(f"priority level {level} is not one of this pool's 0-{len(self._levels) - 1}")
         future: Future = Future()
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new work after shutdown")
-            self._levels[level].append(_Work(future, fn, expires))
+            self._levels[level].append(_Work(future, fn, expires, group))
             self._cond.notify()
         return future
 
@@ -139,13 +145,20 @@ class ComputePool(Executor):
         level = next((level for level in self._levels if level), None)
         if level is None:
             return None
-        if self.lifo_after is not None and len(level) > 1 and now - level[0].queued > self.lifo_after:
-            self._newest_first.record("the compute pool took %d request(s) {since} newest first (adaptive LIFO): its "
-                                      "queue stands, its oldest request having waited over %.0f ms, so the callers "
-                                      "still waiting are served first; %d request(s) wait now", 1000 * self.lifo_after,
-                                      self.queued)
-            return level.pop()
-        return level.popleft()
+        if self.lifo_after is None or len(level) < 2 or now - level[0].queued <= self.lifo_after:
+            return level.popleft()
+        newest = level[-1]
+        index = len(level) - 1 if newest.group is None else next(
+            i for i, work in enumerate(level) if work.group is newest.group)
+        if index == 0:  # the newest work's group holds the oldest: arrival order
+            return level.popleft()
+        self._newest_first.record("the compute pool took %d request(s) {since} newest first (adaptive LIFO): its "
+                                  "queue stands, its oldest request having waited over %.0f ms, so the callers "
+                                  "still waiting are served first; %d request(s) wait now", 1000 * self.lifo_after,
+                                  self.queued)
+        work = level[index]
+        del level[index]
+        return work
 
     def _work(self) -> None:
         while True:

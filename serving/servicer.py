@@ -135,10 +135,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.stream_window)
 
+        stream = object()  # its requests wait for the compute pool in their order (their answers go so)
+
         async def read() -> None:
             async for request in request_iterator:
                 await slots.acquire()
-                answers.put_nowait(asyncio.ensure_future(self._stream_answer(request)))
+                answers.put_nowait(asyncio.ensure_future(self._stream_answer(request, stream)))
 
         reader = asyncio.ensure_future(read())
         self._stream_readers.add(reader)
@@ -165,12 +167,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for reader in list(self._stream_readers):
             reader.cancel()
 
-    async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(self, request, stream: object) -> pb.ModelStreamInferResponse:
         """A stream's answer to `request`: its response, or its error (a bug too: INTERNAL, logged) with the
         request's id, model and version. Either is the request's only answer, so it says so as Triton does
         (`triton_final_response` true): clients of decoupled models read until it."""
         try:
-            answer = pb.ModelStreamInferResponse(infer_response=(await self.answer(request))[0])
+            answer = pb.ModelStreamInferResponse(infer_response=(await self.answer(request, stream))[0])
         except Exception as error:  # noqa: BLE001  a bug too is this request's answer (INTERNAL, logged)
             code, message = abort_details("/inference.GRPCInferenceService/ModelStreamInfer", error)
             answer = pb.ModelStreamInferResponse(
@@ -259,13 +261,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def answer(self, request) -> tuple[pb.ModelInferResponse, InferenceResult]:
+    async def answer(self, request, stream: object | None = None) -> tuple[pb.ModelInferResponse, InferenceResult]:
         """Answer one inference request (the response and the runtime's result), recording its
         success or failure and duration in the model's statistics. The model is looked up first
         (NOT_FOUND before input errors); a request for a model or version not served counts in
         `Statistics.unserved_failures`, not under its name, since made-up names would grow the
         statistics without bound. A request beyond its bound (--max-queue-size) is refused before
-        anything else is read: ServerBusy (UNAVAILABLE), counted as a failure."""
+        anything else is read: ServerBusy (UNAVAILABLE), counted as a failure. `stream`: the stream the
+        request came on (its requests are computed in their order), if any."""
         began = time.perf_counter_ns()
         try:
             snapshot = self.repository.get(request.model_name, request.model_version)
@@ -274,7 +277,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         try:
             with self.admission.admit(snapshot.model):
-                response, result = await self._infer(request, snapshot)
+                response, result = await self._infer(request, snapshot, stream)
         except asyncio.CancelledError:  # the caller cancelled, or its deadline passed: nobody will read an answer
             self.statistics.request(request.model_name, 0, time.perf_counter_ns() - began, ok=False, cancelled=True)
             raise
@@ -285,7 +288,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                 timing=result.timing)
         return response, result
 
-    async def _infer(self, request, snapshot) -> tuple[pb.ModelInferResponse, InferenceResult]:
+    async def _infer(self, request, snapshot, stream: object | None) -> tuple[pb.ModelInferResponse, InferenceResult]:
         arrived, arrived_ns = time.monotonic(), time.perf_counter_ns()
         x = oip.decode_input(request)
         if x.ndim and x.shape[0] > self.max_batch_size:
@@ -306,7 +309,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             expires = None if timeout is None else arrived + timeout
             result = await asyncio.wrap_future(self.compute.submit_at(
-                self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout)))
+                self._pool_level(priority), expires, functools.partial(self.timeouts.run, job, arrived, timeout), stream))
         response = self._response(request, result, outputs, selection.scores)
         self._check_size(response)
         return response, result

@@ -125,15 +125,17 @@ def test_a_thread_takes_the_first_level_that_has_work_and_the_oldest_of_any_leve
         pool.submit_at(3, None, print)
 
 
-WORK = st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.booleans()), max_size=12)  # (level, expired, cancelled)
+WORK = st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.booleans(), st.sampled_from([None, "a", "b"])),
+                max_size=12)  # (level, expired, cancelled, stream)
 
 
-def expected_order(work: list[tuple[int, bool, bool]], newest_first: bool) -> list[int]:
+def expected_order(work: list[tuple[int, bool, bool, str | None]], newest_first: bool) -> list[int]:
     """The order the pool's rule runs `work` (queued in this order behind a busy thread) in: an
     expired oldest of any level first, else the first level with work, its newest (when the queue
-    stands) or its oldest; cancelled work is taken out at the head, or skipped when taken."""
+    stands; the oldest of the newest's stream, if it has one) or its oldest; cancelled work is taken
+    out at the head, or skipped when taken."""
     levels: list[list[int]] = [[], [], []]
-    for index, (level, _, _) in enumerate(work):
+    for index, (level, *_) in enumerate(work):
         levels[level].append(index)
     taken = []
     while any(levels):
@@ -142,27 +144,49 @@ def expected_order(work: list[tuple[int, bool, bool]], newest_first: bool) -> li
                 level.pop(0)
         expired = next((level for level in levels if level and work[level[0]][1]), None)
         level = expired or next((level for level in levels if level), None)
-        if level is not None:
-            taken.append(level.pop(-1 if newest_first and expired is None and len(level) > 1 else 0))
+        if level is None:
+            continue
+        at = 0
+        if newest_first and expired is None and len(level) > 1:
+            stream = work[level[-1]][3]
+            at = -1 if stream is None else next(i for i, index in enumerate(level) if work[index][3] == stream)
+        taken.append(level.pop(at))
     return [i for i in taken if not work[i][2]]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(work=WORK, newest_first=st.booleans())
 def test_the_pool_runs_every_live_piece_of_work_once_in_the_rules_order(work, newest_first):
     pool, release = blocked_pool(lifo_after=0.0 if newest_first else None, levels=3)
     ran: list[int] = []
-    futures = [pool.submit_at(level, time.monotonic() - 1 if expired else None, partial(ran.append, index))
-               for index, (level, expired, _) in enumerate(work)]
-    for future, (_, _, cancelled) in zip(futures, work):
+    streams = {"a": object(), "b": object()}
+    futures = [pool.submit_at(level, time.monotonic() - 1 if expired else None, partial(ran.append, index),
+                              streams.get(stream))
+               for index, (level, expired, _, stream) in enumerate(work)]
+    for future, (_, _, cancelled, _) in zip(futures, work):
         if cancelled:
             future.cancel()
     time.sleep(0.001)  # every piece has waited more than lifo_after=0
     release.set()
     pool.shutdown(wait=True)
     assert ran == expected_order(work, newest_first)
-    assert all(f.cancelled() == cancelled for f, (_, _, cancelled) in zip(futures, work))
+    assert all(f.cancelled() == cancelled for f, (_, _, cancelled, _) in zip(futures, work))
     assert all(f.done() for f in futures)
+
+
+def test_newest_first_keeps_a_streams_requests_in_their_order():
+    """A stream's answers go in request order: newest first, its last request computed first held
+    every answer of the stream until the whole window was computed (2 s for its 10th answer)."""
+    pool, release = blocked_pool(lifo_after=0.05)
+    stream, order = object(), []
+    futures = [pool.submit_at(0, None, partial(order.append, f"stream {i}"), stream) for i in range(3)]
+    futures.append(pool.submit_at(0, None, partial(order.append, "lone")))
+    time.sleep(0.2)
+    release.set()
+    for future in futures:
+        future.result(timeout=30)
+    pool.shutdown()
+    assert order == ["lone", "stream 0", "stream 1", "stream 2"]
 
 
 def test_bad_settings_are_refused():

@@ -86,7 +86,7 @@ def test_a_bug_answering_one_stream_request_fails_that_request_only():
         def __init__(self):  # only ModelStreamInfer's loop is under test here
             self._stream_readers = set()
 
-        async def answer(self, request):
+        async def answer(self, request, stream=None):
             if request.id == "bad":
                 raise RuntimeError("a bug")
             return pb.ModelInferResponse(id=request.id), None
@@ -120,7 +120,7 @@ def test_a_stream_computes_its_requests_together_and_answers_in_order():
             self.second_started = asyncio.Event()
             self.finished: list[str] = []
 
-        async def answer(self, request):
+        async def answer(self, request, stream=None):
             if request.id == "first":
                 await self.second_started.wait()
             else:
