@@ -83,9 +83,15 @@ def decode_input(request: pb.ModelInferRequest, expected_datatype: str = "FP32")
                 f"{count * dtype.itemsize} bytes; the request has {len(raw)}"
             )
         return _shaped(np.frombuffer(raw, dtype=dtype), shape)
-    values = getattr(tensor.contents, _TYPED_FIELD[expected_datatype])
+    field = _TYPED_FIELD[expected_datatype]
+    others = sorted(f.name for f, _ in tensor.contents.ListFields() if f.name != field)
+    if others:  # values in another type's field were read as none, or ignored beside the right ones
+        raise InvalidRequest(f"input '{INPUT_NAME}' is {expected_datatype}, whose typed values go in contents.{field}; "
+                             f"the request has values in contents.{', contents.'.join(others)}")
+    values = getattr(tensor.contents, field)
     if len(values) != count:
-        raise InvalidRequest(f"input '{INPUT_NAME}' of shape {list(shape)} needs {count} values; the request has {len(values)}")
+        raise InvalidRequest(f"input '{INPUT_NAME}' of shape {list(shape)} needs {count} values in contents.{field}; "
+                             f"the request has {len(values)}")
     return _shaped(np.asarray(values, dtype=dtype), shape)
 
 

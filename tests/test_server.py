@@ -270,6 +270,22 @@ def test_raw_and_typed_contents_together_are_refused(live):
     assert "both raw_input_contents and typed contents" in info.value.details()
 
 
+@pytest.mark.parametrize("fields", [("fp64_contents",), ("fp32_contents", "int_contents")])
+def test_typed_values_in_another_types_field_are_refused_naming_the_field(live, fields):
+    """Values in fp64_contents for an FP32 input were read as none ("needs 64 values; the request has
+    0"), and beside the right field they were ignored."""
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.parameters["task_id"].int64_param = 0
+    contents = request.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents
+    for field in fields:
+        getattr(contents, field).extend([1] * 64)
+    with grpc.insecure_channel(live.server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("input 'input' is FP32, whose typed values go in contents.fp32_contents; the "
+                                    f"request has values in contents.{fields[-1]}")
+
+
 def test_raw_bytes_that_do_not_fit_the_shape(live):
     request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[b"\x00" * 12])
     request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
