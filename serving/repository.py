@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger("maskbank.serving")
 
 
 FALLBACK_GENERATIONS = 16  # how many generations before an unloadable newest one a starting server tries
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0  # polls retry tasks out of service, waiting twice as long each time
 
 
 class ModelRepository:
@@ -66,6 +68,10 @@ class ModelRepository:
         self._gone: list[str] = []  # served models the registry last listed without (warned about once)
         self._poll_error: str | None = None  # why the last poll failed (logged once), None after one succeeds
         self._published: dict[str, bool] | None = None  # the last poll's listing: has each model a generation?
+        self._manifest_seen: dict[str, tuple[int, float]] = {}  # model -> (size, modified) of its served generation's
+        # manifest file when last found to be the one served
+        self._retry: dict[str, tuple[float, float]] = {}  # model -> (when polls next retry its tasks out of service,
+        # the wait after that)
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
@@ -152,8 +158,9 @@ class ModelRepository:
         rows = []
         for model in sorted(set(published) | set(self._snapshots)):
             snapshot = self._snapshots.get(model)
-            if snapshot is not None:  # ready, and why a newer generation is not served where one failed
-                rows.append((model, snapshot.generation, "READY", self._load_errors.get(model, "")))
+            if snapshot is not None:  # ready, and why a newer generation is not served or tasks are out of service
+                rows.append((model, snapshot.generation, "READY",
+                             self._load_errors.get(model) or _out_of_service_reason(snapshot)))
             elif model in self._unloaded:  # Triton's state and reason for a model unloaded, with the version it served
                 rows.append((model, self._unloaded[model], "UNAVAILABLE", "unloaded"))
             elif not self._follows(model):
@@ -185,9 +192,9 @@ class ModelRepository:
                 try:
                     latest = published[model] = self.registry.latest_generation(model)
                     if latest == 0 or (current and current.generation == latest
-                                       and not (models is not None and current.out_of_service())):
+                                       and self._unchanged(current, explicit=models is not None)):
                         self._load_errors.pop(model, None)  # nothing newer failed: an earlier failure is over
-                        continue  # unchanged; an explicit load (models given) retries the tasks out of service
+                        continue
                     if current and latest < current.generation:
                         log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
                                     "model was deleted and published again, or the registry restored from an older "
@@ -197,10 +204,12 @@ class ModelRepository:
                     self._failed(model, latest, error, current)
                     continue
                 self._snapshots[model] = snapshot
+                self._retry.pop(model, None)
                 self._changed()
                 if current is not None:
                     current.retire()
-                    self._evict_unused(snapshot)
+                    self._evict_unused(snapshot, replaced=current.generation == snapshot.generation
+                                       and current.manifest != snapshot.manifest)
                 if failure is None:
                     self._load_errors.pop(model, None)
                 else:
@@ -212,6 +221,43 @@ class ModelRepository:
         for snapshot in swapped:  # outside the lock: an explicit load need not wait for a large matrix
             snapshot.warm()
         return swapped
+
+    def _unchanged(self, current: Snapshot, explicit: bool) -> bool:
+        """Whether `current` is still what the registry holds at its generation, with no task out of service
+        that would load now. An explicit load retries such tasks and reads the manifest; a poll retries
+        them at growing intervals (a missing blob may be one a copy has not brought yet) and reads the
+        manifest only when its file changed (size or time)."""
+        if explicit:
+            return not current.out_of_service() and not self._replaced(current, always=True)
+        return not self._tasks_back(current) and not self._replaced(current, always=False)
+
+    def _tasks_back(self, current: Snapshot) -> bool:
+        """Whether a task out of service in `current` loads now; checked at most at the retry times."""
+        if not current.out_of_service():
+            return False
+        now = time.monotonic()
+        due, wait = self._retry.get(current.model, (0.0, RETRY_FIRST_SECONDS))
+        if now < due:
+            return False
+        if current.any_task_back(self.registry):
+            return True
+        self._retry[current.model] = (now + wait, min(2 * wait, RETRY_MAX_SECONDS))
+        return False
+
+    def _replaced(self, current: Snapshot, always: bool) -> bool:
+        """Whether the registry's manifest of `current`'s generation is another one (the model deleted and
+        published again between two polls, or the registry swapped for another copy): logged."""
+        key = self.registry.manifest_key(current.model, current.generation)
+        seen = (self.registry.storage.size(key), self.registry.storage.modified(key))  # before reading it
+        if not always and self._manifest_seen.get(current.model) == seen:
+            return False
+        if self.registry.manifest(current.model, current.generation) == current.manifest:
+            self._manifest_seen[current.model] = seen
+            return False
+        log.warning("model '%s': generation %d in the registry is not the one served (the model was deleted and "
+                    "published again, or the registry replaced by another copy): loading it", current.model,
+                    current.generation)
+        return True
 
     def _load_newest(self, model: str, latest: int, current: Snapshot | None) -> tuple[Snapshot, Exception | None]:
         """Generation `latest` of `model`, and None. Where it does not load and nothing of the model is
@@ -256,10 +302,13 @@ class ModelRepository:
             log.error("model '%s': %s (%s): %s", model, head, kept, words, exc_info=not isinstance(error, MaskbankError))
         self._load_errors[model] = reason
 
-    def _evict_unused(self, snapshot: Snapshot) -> None:
+    def _evict_unused(self, snapshot: Snapshot, replaced: bool = False) -> None:
         """Drop the cache entries of `snapshot`'s model that it will never look up (Snapshot.uses), so
-        a model whose backbone changes with each task does not fill the cache with dead weights."""
-        entries, freed = self.cache.evict_where(lambda key: key[0] == snapshot.model and not snapshot.uses(key))
+        a model whose backbone changes with each task does not fill the cache with dead weights; all of
+        them when its generation was `replaced` by another manifest (a backbone version's name may then
+        stand for other weights)."""
+        entries, freed = self.cache.evict_where(
+            lambda key: key[0] == snapshot.model and (replaced or not snapshot.uses(key)))
         if entries:
             log.info("model '%s': %d cached entries that generation %d no longer uses (%.1f MB) freed",
                      snapshot.model, entries, snapshot.generation, freed / 1e6)
@@ -313,3 +362,12 @@ class ModelRepository:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _out_of_service_reason(snapshot: Snapshot) -> str:
+    """What RepositoryIndex says of a model served with tasks out of service ("" if none)."""
+    broken = snapshot.out_of_service()
+    if not broken:
+        return ""
+    return (f"task(s) {', '.join(str(t.entry.id) for t in broken)} out of service (a blob missing or corrupt: "
+            "ListTasks says which; polls retry them, RepositoryModelLoad at once)")

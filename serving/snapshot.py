@@ -234,6 +234,20 @@ class Snapshot:
         """The tasks that failed to load (a missing or corrupt blob), in id order."""
         return [t for t in self.tasks.values() if t.error is not None]
 
+    def any_task_back(self, registry: Registry) -> bool:
+        """Whether a task out of service would load now (its blobs restored or arrived since): a quiet
+        check that keeps nothing, for polls that retry them."""
+        for task in self.out_of_service():
+            try:
+                for ref in task.entry.parts.values():
+                    registry.load(ref)
+            except RegistryUnreachable:
+                raise
+            except MaskbankError:
+                continue
+            return True
+        return False
+
     def healthy_tasks(self) -> list[LoadedTask]:
         """The tasks in service (loaded without error), in id order: a new list (on the GN path, per request)."""
         return list(self._healthy)

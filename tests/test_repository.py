@@ -14,6 +14,7 @@ import torch
 
 from registry import ModelNotFound, Registry
 from serving.errors import ModelUnavailable
+from serving import repository as repository_module
 from serving.repository import ModelRepository
 from serving.snapshot import Snapshot
 
@@ -302,18 +303,62 @@ def test_a_task_that_failed_to_load_is_loaded_again_with_the_next_generation(tmp
 def test_an_explicit_load_brings_a_restored_task_back_into_service(tmp_path, caplog):
     """The DATA_LOSS message says to restore the blob, and RepositoryModelLoad is 'load or refresh
     now', yet a load of the generation served kept the task out of service until a new generation
-    or a restart. A poll (nothing changed) still leaves it alone: it would re-read a bad blob each second."""
+    or a restart."""
     blob, good = _corrupt_mask(train_model(tmp_path, "m", 2, TINY), 1)
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
     assert [t.entry.id for t in repository.get("m").out_of_service()] == [1]
+    assert repository.refresh() == []  # a poll's retry: still corrupt
     blob.write_bytes(good)
-    assert repository.refresh() == []
     with caplog.at_level(logging.INFO, logger="maskbank.serving"):
         loaded = repository.load("m")
     assert loaded.generation == 2 and loaded.out_of_service() == [] and repository.get("m") is loaded
     assert "model 'm': task 1 (perm-1) is back in service" in messages(caplog)
     assert repository.load("m") is loaded  # nothing out of service: nothing to load again
+
+
+def test_polls_retry_a_task_out_of_service_quietly_at_growing_intervals(tmp_path, caplog, monkeypatch):
+    """A missing blob may be one a copy has not brought yet (an unordered sync copies the manifest
+    first): polls never retried it, so the task stayed out of service until a load or a restart."""
+    monkeypatch.setattr(repository_module, "RETRY_FIRST_SECONDS", 0.4)
+    blob, good = _corrupt_mask(train_model(tmp_path, "m", 2, TINY), 1)
+    repository = ModelRepository(Registry(tmp_path))
+    repository.refresh()
+    served = repository.get("m")
+    assert repository.index() == [("m", 2, "READY", "task(s) 1 out of service (a blob missing or corrupt: ListTasks "
+                                                    "says which; polls retry them, RepositoryModelLoad at once)")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        assert repository.refresh() == []  # retried at once: still corrupt; the next retry in 0.4 s, then 0.8 s
+        assert not messages(caplog)  # quietly: the task's error was logged when it was loaded
+        blob.write_bytes(good)
+        assert repository.refresh() == []  # not due yet
+        time.sleep(0.5)
+        (swapped,) = repository.refresh()
+    assert swapped.generation == served.generation and swapped.out_of_service() == [] and repository.get("m") is swapped
+    assert "model 'm': task 1 (perm-1) is back in service" in messages(caplog)
+    assert repository.refresh() == [] and repository.index() == [("m", 2, "READY", "")]
+
+
+def test_a_generation_replaced_by_another_manifest_is_loaded(tmp_path, caplog):
+    """A model deleted and published again between two polls (or a registry swapped for another copy)
+    with as many generations was never noticed: the server kept serving the old tasks, also after an
+    explicit load, while a replica started later served the new ones."""
+    train_model(tmp_path / "a", "m", 2, TINY)
+    train_model(tmp_path / "b", "m", 2, {**TINY, "seed": 1})
+    repository = ModelRepository(Registry(tmp_path / "a"))
+    repository.refresh()
+    before = repository.get("m")
+    assert repository.refresh() == []  # the manifest is read once, then only looked at
+    shutil.copytree(tmp_path / "b" / "blobs", tmp_path / "a" / "blobs", dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "a" / "models")
+    shutil.copytree(tmp_path / "b" / "models", tmp_path / "a" / "models")
+    with caplog.at_level(logging.WARNING, logger="maskbank.serving"):
+        (swapped,) = repository.refresh()
+    assert swapped.generation == before.generation and swapped.manifest == Registry(tmp_path / "b").manifest("m")
+    assert ("model 'm': generation 2 in the registry is not the one served (the model was deleted and published "
+            "again, or the registry replaced by another copy): loading it") in messages(caplog)
+    assert repository.refresh() == [] and repository.load("m") is swapped
 
 
 def test_a_generation_that_goes_backwards_is_a_warning(tmp_path, caplog):
