@@ -30,6 +30,9 @@ def add_registry_commands(commands) -> None:
     gc.add_argument("--grace-seconds", type=float, default=3600.0,
                     help="keep unreferenced blobs younger than this, as a publish may be in progress (default 3600)")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--delete-all-blobs", action="store_true",
+                    help="delete the blobs even when no manifest references any (refused by default: a models/ "
+                    "folder not mounted or not copied looks the same)")
     aud = sub.add_parser("audit", help="bytes per task and artifact kind against dense, 16-bit-index, entropy and zstd/lzma references")
     aud.add_argument("model")
     aud.add_argument("--plot", metavar="FILE.png", type=plot_file,
@@ -169,7 +172,7 @@ def _verify(registry: Registry, args) -> int:
 
 def _gc(registry: Registry, args) -> int:
     report = collect_garbage(registry, args.grace_seconds, args.dry_run,
-                             progress_bar("checking unreferenced blobs", "blob"))
+                             progress_bar("checking unreferenced blobs", "blob"), delete_all=args.delete_all_blobs)
     verb = "would delete" if args.dry_run else "deleted"
     text = (f"{verb} {len(report.deleted)} unreferenced blob(s) and {len(report.leftovers_deleted)} temporary file(s) "
             f"of interrupted writes, {report.bytes_freed:,} bytes; kept {len(report.kept_recent)} blob(s) younger than "

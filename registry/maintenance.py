@@ -165,13 +165,15 @@ class GcReport:
 
 
 def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: bool = False,
-                    progress: Progress = no_progress) -> GcReport:
+                    progress: Progress = no_progress, delete_all: bool = False) -> GcReport:
     """Delete blobs that no generation of any model references and that are older than the grace period.
 
     Safe against a concurrent publish: a publisher writes (or rewrites) its blobs before its
     manifest, so the blobs of a publish in progress are younger than the grace period; each
     candidate's age is checked again right before it is deleted. Refuses to run while any
-    manifest is unreadable, because its references would be unknown.
+    manifest is unreadable, because its references would be unknown, and while no manifest references
+    any blob and there are blobs (a models/ folder not mounted or not copied looks so), unless
+    `delete_all`.
     """
     if not grace_seconds >= 0:
         raise RegistryError(f"gc refused: the grace period must be 0 seconds or more, got {grace_seconds:g} (it spares "
@@ -190,6 +192,10 @@ def collect_garbage(registry: Registry, grace_seconds: float = 3600.0, dry_run: 
         raise RegistryError(f"gc refused: {registry.storage.describe(folder)} cannot be listed ({why}); fix its "
                             "permissions first (`maskbank registry verify` lists every such folder)")
     candidates = sorted(set(stored.digests) - referenced)
+    if not referenced and candidates and not delete_all:
+        raise RegistryError(f"gc refused: no manifest in {registry.location} references any blob, yet it holds "
+                            f"{len(candidates)} blob(s): with its models/ folder not mounted or not copied, gc would "
+                            "delete them all. If the registry has no models any more, pass --delete-all-blobs")
     for digest in progress(candidates, len(candidates)):
         swept = _sweep(registry, registry.blobs.key(digest), grace_seconds, dry_run, report)
         if swept is not None:

@@ -93,6 +93,21 @@ def test_files_that_are_no_blob_are_reported_and_left_alone(trained, capsys):
     assert code == 0 and report["deleted"] == [] and all(stray.exists() for stray in strays)
 
 
+def test_gc_refuses_to_delete_every_blob_when_no_manifest_is_there(trained, capsys, tmp_path):
+    """With models/ not mounted (or not copied), every blob is unreferenced: gc deleted them all."""
+    models = Path(trained.location) / "models"
+    models.rename(tmp_path / "elsewhere")
+    blobs = sorted(p for p in (Path(trained.location) / "blobs").rglob("*") if p.is_file())
+    where = ["--grace-seconds", "0", "--registry", trained.location]
+    for dry_run in (["--dry-run"], []):
+        code, err = main(["registry", "gc", *dry_run, *where]), capsys.readouterr().err
+        assert code == 2 and f"gc refused: no manifest in {trained.location} references any blob, yet it holds " \
+            f"{len(blobs)} blob(s)" in err and "pass --delete-all-blobs" in err
+    assert all(blob.exists() for blob in blobs)
+    code, report = run_json(capsys, "registry", "gc", "--delete-all-blobs", *where)
+    assert code == 0 and len(report["deleted"]) == len(blobs) and not any(blob.exists() for blob in blobs)
+
+
 def test_gc_leaves_a_folder_in_a_blobs_place_alone_and_goes_on(trained, capsys):
     """One candidate gc cannot delete (a folder where a blob would be) stopped gc before the others."""
     orphan = trained.put("tensors/v1", {"x": torch.arange(3.0)})
