@@ -89,6 +89,12 @@ class MaskbankCollector:
         unserved.add_metric([], self.statistics.unserved_failures)
         yield unserved
         yield from self._models(served, counters)
+        failing = GaugeMetricFamily("maskbank_model_load_failing", "1 while the model's newest generation in the "
+                                    "registry cannot be loaded (an older one, or none, is served: RepositoryIndex "
+                                    "says why)", labels=["model"])
+        for model in self.repository.failing():
+            failing.add_metric([model], 1)
+        yield failing
         yield from self._admission(served)
         yield from self._pool()
         yield from self._cache()

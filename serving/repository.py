@@ -76,6 +76,10 @@ class ModelRepository:
     def models(self) -> list[str]:
         return sorted(self._snapshots)
 
+    def failing(self) -> list[str]:
+        """The models whose registry generation the last refresh could not load (an older one, or none, serves)."""
+        return sorted(self._load_errors)
+
     def get(self, model: str, version: str = "") -> Snapshot:
         """The current snapshot of `model`; `version`, if given, must be its generation."""
         snapshot = self._snapshots.get(model)

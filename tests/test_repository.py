@@ -15,8 +15,10 @@ import torch
 from registry import ModelNotFound, Registry
 from serving.errors import ModelUnavailable
 from serving import repository as repository_module
+from serving.metrics import MaskbankCollector
 from serving.repository import ModelRepository
 from serving.snapshot import Snapshot
+from serving.statistics import Statistics
 
 from .conftest import TINY, train_model, wait_for
 
@@ -237,12 +239,18 @@ def test_a_load_error_ends_when_the_registry_is_right_again(tmp_path):
     repository = ModelRepository(Registry(tmp_path))
     repository.refresh()
     bad = tmp_path / "models" / "m" / "generations" / "0000000003.json"
+    collector = MaskbankCollector(repository, Statistics())
+    failing = lambda: {tuple(s.labels.items()): s.value for family in collector.collect()  # noqa: E731
+                       if family.name == "maskbank_model_load_failing" for s in family.samples}
+    assert failing() == {}
     bad.write_text("{")
     repository.refresh()
     assert repository.index()[0][3].startswith("generation 3 could not be loaded")
+    assert failing() == {(("model", "m"),): 1}  # a replica stuck behind its registry, for alerts
     bad.unlink()
     repository.refresh()
     assert repository.index() == [("m", 2, "READY", "")] and repository.load("m").generation == 2
+    assert failing() == {}
 
 
 def test_a_starting_server_looks_for_an_older_generation_once_per_newest(tmp_path, monkeypatch):
