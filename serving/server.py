@@ -324,7 +324,11 @@ class InferenceServer:
         self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
-        if not self.repository.models() and not config.models:
+        if not self.repository.models() and not config.models and (failing := self.repository.failing()):
+            log.warning("registry %s holds no model that loads: %s could not be loaded (the errors above); a model "
+                        "is served once a generation of it loads (checked every %g s)",
+                        self.repository.registry.location, ", ".join(map(repr, failing)), config.poll_interval)
+        elif not self.repository.models() and not config.models:
             log.warning("registry %s holds no loadable model (nothing published there yet, or not the --registry "
                         "meant?): a model is served once a generation of it is published there (checked every "
                         "%g s)", self.repository.registry.location, config.poll_interval)

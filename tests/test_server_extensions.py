@@ -4,6 +4,7 @@ statistics, repository index, load and unload."""
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -305,6 +306,19 @@ def test_a_server_on_an_empty_registry_says_so_and_serves_what_is_published_late
         wait_for(lambda: client.is_model_ready("m"), what="model m served")
         assert client.infer("m", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
         client.close()
+
+
+def test_a_server_whose_only_model_does_not_load_says_so_not_that_nothing_is_published(tmp_path):
+    """A corrupt backbone was reported as "holds no loadable model (nothing published there yet, or not
+    the --registry meant?)"."""
+    registry = train_model(tmp_path, "m", 1, TINY)
+    (backbone,) = registry.manifest("m").backbones.values()
+    blob = Path(registry.blobs.describe(backbone.blob.digest))
+    blob.write_bytes(blob.read_bytes()[::-1])
+    with ServerProcess(tmp_path) as process:
+        assert any(f"registry {tmp_path} holds no model that loads: 'm' could not be loaded (the errors above)" in line
+                   and "WARNING" in line for line in process.output), "\n".join(process.output)
+        assert not any("nothing published there yet" in line for line in process.output)
 
 
 def _ipv6_loopback() -> bool:
