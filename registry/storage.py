@@ -21,11 +21,14 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from .errors import RegistryError
 from .folders import file_in_the_way, first_missing
+
+MOVE_ATTEMPTS = 3  # a temporary file written and moved in, as often as a concurrent gc may delete it
 
 
 class Storage(Protocol):
@@ -94,24 +97,35 @@ class LocalStorage:
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / key
-        tmp = self._flushed_temporary(path, data)
-        try:
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._move_in(path, data, os.replace)
         _fsync_directory(path.parent)
 
     def create(self, key: str, data: bytes) -> bool:
         path = self.root / key
-        tmp = self._flushed_temporary(path, data)
         try:
-            os.link(tmp, path)
+            self._move_in(path, data, os.link)
         except FileExistsError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
         _fsync_directory(path.parent)
         return True
+
+    def _move_in(self, path: Path, data: bytes, move: Callable[[Path, Path], None]) -> None:
+        """`data` written to a temporary beside `path`, then moved there by `move` (os.replace, or
+        os.link, which refuses a file that exists). A temporary deleted before the move (by `registry gc
+        --grace-seconds 0` running meanwhile) is written again, twice at most."""
+        for _ in range(MOVE_ATTEMPTS):
+            tmp = self._flushed_temporary(path, data)
+            try:
+                move(tmp, path)
+                return
+            except FileNotFoundError:
+                if tmp.exists():  # something else is missing: not a temporary deleted under the move
+                    raise
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(errno.ENOENT, f"the temporary file was deleted before it could be moved in, "
+                                f"{MOVE_ATTEMPTS} times (a `maskbank registry gc --grace-seconds 0` running meanwhile?)",
+                                str(path))
 
     def exists(self, key: str) -> bool:
         return (self.root / key).exists()

@@ -21,6 +21,7 @@ from registry import (
     build_architecture,
 )
 from registry.errors import InvalidArtifact, UnknownName
+from registry.storage import LocalStorage
 
 from .conftest import manifest_with, signed_manifest
 
@@ -230,3 +231,24 @@ def test_supsup_from_masks_in_one_buffer_builds_the_same_bits_as_the_cpus_way():
         for name in backbone:
             assert torch.equal(written[name].view(torch.int32), cpus[name].view(torch.int32))
     assert all(written[name] is out[name] for name in backbone)
+
+
+def test_a_temporary_deleted_before_it_is_moved_in_is_written_again(tmp_path, monkeypatch):
+    """`registry gc --grace-seconds 0` during a publish deleted the manifest's temporary file: the
+    publish failed with "[Errno 2] No such file or directory: '.../.tmp-...' -> '.../0000000022.json'"."""
+    storage, link, deleted = LocalStorage(tmp_path), os.link, []
+
+    def gc_first(source, target, times):
+        if len(deleted) < times:
+            deleted.append(source)
+            os.unlink(source)
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", lambda source, target: gc_first(source, target, 2))
+    assert storage.create("m/1.json", b"manifest") and (tmp_path / "m" / "1.json").read_bytes() == b"manifest"
+    assert len(deleted) == 2 and not list((tmp_path / "m").glob(".tmp-*"))
+    deleted.clear()
+    monkeypatch.setattr(os, "link", lambda source, target: gc_first(source, target, 3))
+    with pytest.raises(FileNotFoundError, match=r"deleted before it could be moved in, 3 times \(a `maskbank "
+                                                r"registry gc --grace-seconds 0` running meanwhile\?\)"):
+        storage.create("m/2.json", b"manifest")
