@@ -362,10 +362,16 @@ class ModelRepository:
                       "poll: %s", self.registry.location, reason, exc_info=not isinstance(error, MaskbankError))
         self._poll_error = reason
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Stop following; wait up to `timeout` seconds (None: for ever) for a poll under way, which a
+        registry that hangs (object storage retrying for a minute) may hold past a stop's grace period:
+        it is left to end with the process (a daemon thread)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("stopping without waiting for the registry poll under way: %s has not answered it "
+                            "for %g s", self.registry.location, timeout)
 
 
 def _out_of_service_reason(snapshot: Snapshot) -> str:

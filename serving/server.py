@@ -11,7 +11,6 @@ import signal
 import ssl
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -221,6 +220,7 @@ def package_version() -> str:
 
 
 ANSWER_SECONDS = 0.5  # after the grace period, how long gRPC gets to send the answers of the calls refused
+REGISTRY_STOP_SECONDS = 1.0  # how long a stop waits for a registry poll under way before it goes on without it
 SIGNAL_POLL_SECONDS = 0.1  # how often serve_forever looks whether a signal came
 
 
@@ -282,7 +282,9 @@ class InferenceServer:
             limits += [("grpc.max_connection_age_ms", max(1, round(1000 * config.max_connection_age))),
                        ("grpc.max_connection_age_grace_ms", min(INT32_MAX, round(1000 * config.grace_seconds)))]
         server = grpc.aio.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="maskbank-rpc"),
+            # daemon threads (concurrent.futures' are joined at exit): a call still running after the stop (a
+            # sync handler waiting for the stopped loop) must not keep the process alive for ever
+            ComputePool(config.workers, name="maskbank-rpc"),
             # Authorisation first: a refused admin call never reaches the servicer.
             interceptors=[AdminAuthInterceptor(config.bearer_token), ErrorInterceptor()], options=limits,
         )
@@ -392,7 +394,8 @@ class InferenceServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._terminated.set()
         self.servicer.compute.shutdown()
-        self.repository.close()
+        self.servicer.admin.shutdown(wait=False, cancel_futures=True)  # a load waiting for a hung registry
+        self.repository.close(timeout=REGISTRY_STOP_SECONDS)
         self.metrics.stop()  # last: metrics stay scrapable while calls drain
         flush_flood_logs()  # the counts of refusals and error answers held back for their next summary line
         log.info("stopped")

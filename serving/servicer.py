@@ -84,6 +84,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.timeouts = QueueTimeouts()  # what waited on the compute pool past its `timeout` is not computed
         self.default_timeout_us = default_timeout_us  # the `timeout` of requests that give none (0: none)
         self.compute = compute  # runs the forwards handed off the event loop, a queue per priority level
+        # loads and unloads, which wait for the registry (a minute, when it hangs): one at a time (they take
+        # the repository's lock anyway), never on the RPC threads metadata and index calls need
+        self.admin = ComputePool(1, name="maskbank-admin")
         self.priority_levels = priority_levels  # Triton's: `priority` 1 (the highest) to N, the pool's levels
         self.default_priority_level = default_priority_level or priority_levels  # for 0 or beyond N (0: the lowest)
         self.ready = False  # set once the first load is done; cleared when shutting down
@@ -248,17 +251,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.models.add(name=model, version=str(generation) if generation else "", state=state, reason=reason)
         return response
 
-    def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(self, request, context):
         if request.parameters:  # Triton's config override and model files ('config', 'file:...')
             raise InvalidRequest(
                 f"RepositoryModelLoad of '{request.model_name}' takes no parameters here (got "
                 f"{', '.join(map(repr, sorted(request.parameters)))}): a maskbank model is what its registry holds, "
                 "so load it without a config or files, and publish a new generation to change it")
-        self.repository.load(request.model_name)
+        await asyncio.wrap_future(self.admin.submit(self.repository.load, request.model_name))
         return pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(self, request, context):
-        self.repository.unload(request.model_name)
+    async def RepositoryModelUnload(self, request, context):
+        await asyncio.wrap_future(self.admin.submit(self.repository.unload, request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     async def answer(self, request, stream: object | None = None) -> tuple[pb.ModelInferResponse, InferenceResult]:

@@ -174,3 +174,39 @@ def test_a_second_signal_right_after_the_first_stops_at_once(registry, run):
 def test_the_grace_period_is_a_finite_number_of_seconds(grace):
     with pytest.raises(ValueError, match="--grace-seconds must be from 0 to 3600"):
         ServerConfig(registry="r", grace_seconds=grace)
+
+
+def test_a_registry_that_hangs_holds_neither_metadata_calls_nor_the_stop(tmp_path):
+    """With the registry hanging (object storage retrying for a minute; here a manifest that is a FIFO
+    nobody writes, so reading it never ends), admin loads took every RPC thread, so metadata and index
+    calls timed out; and a stop never ended: its wait for the hung poll had no limit, and the loads'
+    threads, joined at exit, waited for the stopped event loop."""
+    import contextlib
+    import os
+
+    import tritonclient.grpc as triton
+
+    from maskbank.process import ServerProcess
+
+    train_model(tmp_path, "m", 1, TINY)
+    token = "secret"
+    with ServerProcess(tmp_path, "--poll-interval", "0.1", "--grace-seconds", "1", "--workers", "2",
+                       "--admin-token", token) as process:
+        os.mkfifo(tmp_path / "models" / "m" / "generations" / "0000000002.json")
+        client = triton.InferenceServerClient(process.url)
+
+        def load() -> None:
+            with contextlib.suppress(Exception):  # answered at the stop, if at all
+                triton.InferenceServerClient(process.url).load_model("m", headers={"authorization": f"Bearer {token}"},
+                                                                     client_timeout=60)
+
+        loads = [threading.Thread(target=load, daemon=True) for _ in range(4)]  # more than --workers
+        for thread in loads:
+            thread.start()
+        time.sleep(1.0)
+        assert client.get_model_metadata("m", client_timeout=5).versions == ["1"]
+        assert client.get_model_repository_index(client_timeout=5).models[0].name == "m"
+        began = time.monotonic()
+        assert process.stop(timeout=30) == 0
+        assert time.monotonic() - began < 10, f"the stop took {time.monotonic() - began:.1f} s"
+        assert any("stopping without waiting for the registry poll under way" in line for line in process.output)
