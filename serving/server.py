@@ -53,6 +53,7 @@ MAX_MESSAGE_BYTES = INT32_MAX
 MIN_MESSAGE_BYTES = 4 << 10
 MAX_THREADS = 1024  # --threads: 100,000 made OpenMP run out of memory; beyond, torch's C integer overflowed
 LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
+MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 86400.0  # --poll-interval: shorter keeps a core busy; longer is no follow
 
 
 @dataclass
@@ -134,8 +135,10 @@ class ServerConfig:
         if self.torch_threads is not None and not 0 <= self.torch_threads <= MAX_THREADS:
             raise ValueError(f"--threads must be from 0 (torch's and ONNX Runtime's own choice) to {MAX_THREADS}, "
                              f"got {self.torch_threads}")
-        if not self.poll_interval > 0:
-            raise ValueError(f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
+        if not MIN_POLL_SECONDS <= self.poll_interval <= MAX_POLL_SECONDS:  # NaN too
+            raise ValueError(f"--poll-interval must be from {MIN_POLL_SECONDS:g} to {MAX_POLL_SECONDS:g} seconds (a day), "
+                             f"got {self.poll_interval:g}: shorter keeps a core busy polling, and infinity stopped the "
+                             "polls for good (RepositoryModelLoad loads a model at once in any case)")
         if not 0 <= self.grace_seconds <= 3600:  # `not`: NaN too; infinity would hold a stop by an idle client forever
             raise ValueError(f"--grace-seconds must be from 0 to 3600, got {self.grace_seconds}")
         if not 0 <= self.drain_seconds <= 3600:

@@ -358,8 +358,9 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
                                ("max_queue_delay_us", "--max-queue-delay-us", -5)):
         with pytest.raises(ValueError, match=f"{flag} must be at least"):
             ServerConfig(registry="r", **{field: value})
-    with pytest.raises(ValueError, match="--poll-interval must be a positive"):
-        ServerConfig(registry="r", poll_interval=0)
+    for poll in (0, float("nan"), 1e-6, float("inf"), 1e10):  # inf: the polls stopped with an OverflowError traceback
+        with pytest.raises(ValueError, match=r"--poll-interval must be from 0.01 to 86400 seconds \(a day\)"):
+            ServerConfig(registry="r", poll_interval=poll)
     with pytest.raises(ValueError, match=r"--threads must be from 0 \(torch's and ONNX Runtime's own choice\) to 1024, got -1"):
         ServerConfig(registry="r", torch_threads=-1)  # torch.set_num_threads raised a RuntimeError traceback
 
