@@ -35,17 +35,19 @@ EXAMPLES = """examples:
 """
 
 
-_BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+_BYTE_UNITS = {"": 1, "B": 1, **{f"{prefix}{suffix}": 1000**power for power, prefix in enumerate("KMGT", 1)
+                                 for suffix in ("", "B")},
+               **{f"{prefix}{suffix}": 1 << 10 * power for power, prefix in enumerate("KMGT", 1)
+                  for suffix in ("I", "IB")}}  # Ki, Mi, Gi, Ti: Kubernetes' spelling of KiB, MiB, GiB, TiB
 
 
 def byte_size(text: str) -> int:
-    """A size in bytes: a plain integer or a number with a unit (512MiB, 1.5GiB, 64M; K/M/G are powers of 1000,
-    KiB/MiB/GiB of 1024), for flags like --cache-bytes."""
+    """A size in bytes: a plain integer or a number with a unit (512MiB, 1.5GiB, 4Gi, 64M; K/M/G/T are powers of
+    1000, KiB/MiB/GiB/TiB (or Ki/Mi/Gi/Ti, as Kubernetes writes them) of 1024), for flags like --cache-bytes."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if unit not in _BYTE_UNITS:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M)")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 4Gi, 64M)")
     size = float(match.group(1)) * _BYTE_UNITS[unit]
     if size >= 2**63:
         raise argparse.ArgumentTypeError(f"'{text}' is too large a size in bytes")

@@ -366,12 +366,12 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
 
 
 def test_serve_takes_sizes_with_units_and_explains_a_bad_one(capsys):
-    assert [byte_size(t) for t in ("268435456", "256MiB", "1.5GiB", "64M", "2kb")] == [
-        268435456, 256 << 20, 3 << 29, 64_000_000, 2000]
+    assert [byte_size(t) for t in ("268435456", "256MiB", "1.5GiB", "64M", "2kb", "4Gi", "1TiB", "2T")] == [
+        268435456, 256 << 20, 3 << 29, 64_000_000, 2000, 4 << 30, 1 << 40, 2 * 10**12]  # Gi: as Kubernetes writes it
     with pytest.raises(SystemExit) as stopped:
         main(["serve", "--registry", "r", "--cache-bytes", "lots"])
     assert stopped.value.code == 2
-    assert ("argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 64M), nor a "
+    assert ("argument --cache-bytes: 'lots' is not a size in bytes (examples: 268435456, 256MiB, 1.5GiB, 4Gi, 64M), nor a "
             "share of memory (like 25%)") in capsys.readouterr().err
     for share in ("0%", "250%", "many%", "٢٥%"):  # the last: Arabic-Indic digits, which float() takes
         with pytest.raises(SystemExit):
