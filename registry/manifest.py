@@ -40,7 +40,8 @@ class TaskEntry:
     """One published task: immutable once a generation containing it exists.
 
     `parts` maps a part name ('masks', 'bn_stats', 'head', ...) to its blob; `backbone` names the
-    backbone version the parts apply to; `metrics` are figures recorded when the task was trained.
+    backbone version the parts apply to; `metrics` are figures recorded when the task was trained;
+    `labels` names each class (output `i` is class `labels[i]`), where the task stream knows them.
     """
 
     id: int
@@ -52,10 +53,15 @@ class TaskEntry:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     shares: tuple[int, ...] = ()  # earlier tasks whose frozen subnetworks this task reuses (weight sharing)
     state: Mapping[str, BlobRef] = field(default_factory=dict)  # training-only (scores, importance): never served
+    labels: tuple[str, ...] = ()  # one per class, or none (a stream that does not name its classes)
 
     def __post_init__(self):
         check_name("task", self.name)
         object.__setattr__(self, "shares", tuple(self.shares))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.labels and len(self.labels) != self.num_classes:
+            raise ManifestError(f"task {self.id} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
+                                f"labels")
         if any(not 0 <= s < self.id for s in self.shares):
             raise ManifestError(f"task {self.id} ({self.name}) can only share earlier tasks, not {list(self.shares)}")
 
@@ -221,7 +227,8 @@ def _task(t: Any) -> TaskEntry:
         parts=_blobs(t["parts"], f"{where} parts"),
         metrics=_of(t.get("metrics", {}), dict, f"{where} metrics"),
         shares=tuple(_of(s, int, f"{where} shares") for s in _of(t.get("shares", []), list, f"{where} shares")),
-        state=_blobs(t.get("state", {}), f"{where} state"))
+        state=_blobs(t.get("state", {}), f"{where} state"),
+        labels=tuple(_of(label, str, f"{where} labels") for label in _of(t.get("labels", []), list, f"{where} labels")))
 
 
 def _blobs(value: Any, where: str) -> dict[str, BlobRef]:

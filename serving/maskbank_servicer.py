@@ -24,7 +24,7 @@ def task_info(snapshot: Snapshot, task: LoadedTask) -> mb.TaskInfo:
         metrics={k: float(v) for k, v in entry.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         bytes=sum(r.size for r in entry.parts.values()),
         parts={name: mb.PartInfo(codec=r.codec, bytes=r.size, digest=r.digest) for name, r in entry.parts.items()},
-        shares=list(entry.shares), in_service=task.error is None, error=str(task.error or ""),
+        shares=list(entry.shares), in_service=task.error is None, error=str(task.error or ""), labels=list(entry.labels),
     )
 
 

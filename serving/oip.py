@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -211,12 +212,14 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     return outputs
 
 
-def top_classes(logits: np.ndarray, count: int) -> np.ndarray:
+def top_classes(logits: np.ndarray, count: int, labels: Sequence[str] = ()) -> np.ndarray:
     """Triton's classification output: per row, the `count` largest logits (all of them if fewer) as
-    "value:index" strings, largest first (ties: the lower index first), [N, min(count, classes)]."""
+    "value:index" strings, or "value:index:label" where the task names its classes (as Triton with a
+    labels file), largest first (ties: the lower index first), [N, min(count, classes)]."""
     order = np.argsort(-logits, axis=1, kind="stable")[:, :count]
     values = np.take_along_axis(logits, order, axis=1)
-    return np.array([[f"{value:f}:{index}" for value, index in zip(*row)] for row in zip(values, order)],
+    named = (lambda index: f":{labels[index]}") if labels else (lambda index: "")
+    return np.array([[f"{value:f}:{index}{named(index)}" for value, index in zip(*row)] for row in zip(values, order)],
                     dtype=object).reshape(order.shape)
 
 

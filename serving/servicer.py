@@ -361,7 +361,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response.MergeFrom(_task_parameters(entry.id, entry.name, result.mode, result.backend))
         for name, classes in outputs:
             if name == "logits" and classes:
-                oip.add_bytes_output(response, name, oip.top_classes(result.logits, classes))
+                oip.add_bytes_output(response, name, oip.top_classes(result.logits, classes, entry.labels))
             elif name == "logits":
                 oip.add_raw_output(response, name, "FP32", result.logits)
             else:

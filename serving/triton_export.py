@@ -48,6 +48,7 @@ from ._proto import model_config as mc
 
 PLATFORM = "onnxruntime_onnx"
 CONFIG = "config.pbtxt"
+LABELS = "labels.txt"  # Triton's label file: line i names class i (classification answers "value:index:label")
 MODEL_FILE = "model.onnx"
 
 
@@ -61,7 +62,8 @@ def triton_config(name: str, features: int, task: TaskEntry, model: str, generat
     config = mc.ModelConfig(
         name=name, platform=PLATFORM, max_batch_size=max_batch_size,
         input=[mc.ModelInput(name=INPUT, data_type=mc.TYPE_FP32, dims=[features])],
-        output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[task.num_classes])],
+        output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[task.num_classes],
+                               label_filename=LABELS if task.labels else "")],
         dynamic_batching=mc.ModelDynamicBatching(),
     )
     details = {"maskbank_model": model, "maskbank_generation": str(generation), "task_id": str(task.id),
@@ -109,6 +111,8 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                 save_checked(self_contained(graph, onnx_weights(graph, params), entry.num_classes),
                              staging / version / MODEL_FILE)
                 config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
+                if entry.labels:
+                    (staging / LABELS).write_text("".join(f"{label}\n" for label in entry.labels))
                 (staging / CONFIG).write_text(text_format.MessageToString(config))
             with _signals_held():
                 for directory, staging in staged:
@@ -180,4 +184,6 @@ def _move_in(staging: Path, directory: Path, version: str) -> None:
     if target.exists():
         shutil.rmtree(target)
     (staging / version).rename(target)
+    if (staging / LABELS).exists():  # before the config that names it
+        (staging / LABELS).replace(directory / LABELS)
     (staging / CONFIG).replace(directory / CONFIG)

@@ -46,6 +46,7 @@ def test_list_and_describe_tasks(service):
         (0, "perm-0", "supsup", 10, True), (1, "perm-1", "supsup", 10, True)]
     task = stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_name="perm-1"))
     assert task.id == 1 and task.parts["masks"].bytes == task.bytes > 0 and 0 < task.metrics["accuracy"] <= 1
+    assert list(task.labels) == [str(digit) for digit in range(10)]  # class i of a permuted-digits task is digit i
     assert stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=0)).name == "perm-0"
     with pytest.raises(grpc.RpcError) as info:
         stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=5))

@@ -267,6 +267,8 @@ def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_
         assert (config.name, config.platform, config.max_batch_size) == (directory.name, "onnxruntime_onnx", 64)
         assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("input", mc.TYPE_FP32, [64])]
         assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("logits", mc.TYPE_FP32, [10])]
+        assert config.output[0].label_filename == "labels.txt"  # Triton's classification names the digits too
+        assert (directory / "labels.txt").read_text().splitlines() == [str(digit) for digit in range(10)]
         assert config.HasField("dynamic_batching") and config.parameters["task_id"].string_value == str(task)
         versions = [p.name for p in directory.iterdir() if p.is_dir()]
         assert versions == [str(bn_registry.latest_generation("m"))]
@@ -301,7 +303,7 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
     assert sorted(p.name for p in repo.iterdir()) == ["m.task-0", "other-model"]
     (repo / "m.task-0" / ".staging-killed" / "2").mkdir(parents=True)  # as an export killed midway leaves it
     export_triton(copy, "m", repo, [0])
-    assert sorted(p.name for p in (repo / "m.task-0").iterdir()) == ["2", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / "m.task-0").iterdir()) == ["2", "config.pbtxt", "labels.txt"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile is a file, not a folder"):
         export_triton(copy, "m", tmp_path / "afile")

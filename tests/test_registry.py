@@ -1,5 +1,6 @@
 """The registry on real files: verified blobs, checksummed manifests, compare-and-swap publishing."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -111,6 +112,10 @@ def _with_task_field(body: dict, key: str, value) -> dict:
             {**json.loads(text)["manifest"]["tasks"][0], "method": "impresslearn", "parts": {}}]}),
          "method impresslearn needs part 'alpha' and the model's shared part 'basis_masks'; the task has parts"),
         (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", ["a"])),
+         r"task 0 \(t0\) has 2 classes but 1 labels"),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", [0, 1])),
+         "task 0 labels is 0, of the wrong type"),
     ],
 )
 def test_damaged_manifests_are_refused(tmp_path, damage, message):
@@ -121,6 +126,19 @@ def test_damaged_manifests_are_refused(tmp_path, damage, message):
     with pytest.raises(ManifestError, match=message) as info:
         registry.manifest("m")
     assert str(path) in str(info.value)
+
+
+def test_labels_round_trip_and_a_manifest_written_without_them_reads_as_none(tmp_path):
+    registry = Registry(tmp_path)
+    manifest = manifest_with(registry)
+    labelled = dataclasses.replace(manifest.tasks[0], labels=["cat", "dog"])
+    registry.commit(dataclasses.replace(manifest, tasks=(labelled,)))
+    assert registry.manifest("m").tasks[0].labels == ("cat", "dog")
+    path = tmp_path / "models" / "m" / "generations" / "0000000001.json"
+    body = json.loads(path.read_text())["manifest"]
+    del body["tasks"][0]["labels"]  # as maskbank wrote manifests before tasks had labels
+    path.write_text(signed_manifest(body))
+    assert registry.manifest("m").tasks[0].labels == ()
 
 
 def test_unknown_format_version_is_refused(tmp_path):

@@ -411,7 +411,8 @@ def test_drain_serves_while_health_says_not_serving(tmp_path):
 
 def test_classification_extension_answers_the_top_classes_as_triton_does(live):
     """tritonclient's InferRequestedOutput(..., class_count=k): per row the k largest logits as
-    "value:index" strings, largest first; all classes when k exceeds them; only logits has classes."""
+    "value:index:label" strings (the task names its classes: digits), largest first; all classes when
+    k exceeds them; only logits has classes."""
     client = live.client
     x = digits_inputs(2, 5)
     inp = triton.InferInput("input", list(x.shape), "FP32")
@@ -423,9 +424,10 @@ def test_classification_extension_answers_the_top_classes_as_triton_does(live):
         classes = result.as_numpy("logits")
         assert classes.shape == (5, min(count, 10)) and result.as_numpy("task_id").tolist() == [2] * 5
         for row, strings in zip(logits, classes):
-            pairs = [s.decode().split(":") for s in strings]
-            assert [int(i) for _, i in pairs] == np.argsort(-row, kind="stable")[: min(count, 10)].tolist()
-            assert [float(v) for v, _ in pairs] == pytest.approx(np.sort(row)[::-1][: min(count, 10)], abs=1e-6)
+            triples = [s.decode().split(":") for s in strings]
+            assert [int(i) for _, i, _ in triples] == np.argsort(-row, kind="stable")[: min(count, 10)].tolist()
+            assert [float(v) for v, _, _ in triples] == pytest.approx(np.sort(row)[::-1][: min(count, 10)], abs=1e-6)
+            assert all(label == index for _, index, label in triples)  # permuted digits: class i is the digit i
     with pytest.raises(InferenceServerException, match="output 'task_id' cannot be classified .class_count.: only "
                                                        "'logits' has classes"):
         client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("task_id", class_count=2)],

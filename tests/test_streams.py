@@ -21,7 +21,7 @@ TITLES = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "cifar10": "CIFAR-1
 
 def assert_well_formed(stream: TaskStream, index: int, features: int, classes: int):
     task = stream.task(index)
-    assert task.index == index and task.num_classes == classes
+    assert task.index == index and task.num_classes == classes and len(task.labels) == classes  # each class named
     for x, y in ((task.x_train, task.y_train), (task.x_test, task.y_test)):
         assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == features and len(x) == len(y) > 0
         assert y.dtype == torch.int64 and set(y.tolist()) == set(range(classes))
@@ -36,6 +36,14 @@ def assert_same_task(a, b):
 
 def test_every_stream_is_registered():
     assert {"rotated-digits", "permuted-mnist1d", "split-mnist1d", *IMAGE_STREAMS} <= set(stream_names())
+
+
+def test_tasks_name_their_classes():
+    """A split task's class 1 is a digit the client could not tell: the served logits came without names."""
+    assert get_stream("split-digits").task(1).labels == ("2", "3")
+    assert get_stream("split-mnist1d").task(4).labels == ("8", "9")
+    for name in ("permuted-digits", "rotated-digits", "permuted-mnist1d"):
+        assert get_stream(name).task(2).labels == tuple("0123456789")
 
 
 def test_rotated_digits():
@@ -139,6 +147,7 @@ def test_split_and_permuted_mnist_from_local_files(fake_mnist):
     assert (split.input_shape, split.image_shape, split.num_classes, split.max_tasks) == ((784,), (1, 28, 28), 2, 5)
     task = assert_well_formed(split, 4, 784, 2)
     assert task.name == "mnist-8-9" and len(task.y_train) == 8 and len(task.y_test) == 4
+    assert task.labels == ("8 - eight", "9 - nine")  # torchvision's class names
     assert 0.0 <= float(task.x_train.min()) and float(task.x_train.max()) <= 1.0
     expected = torch.from_numpy(images["train"][np.arange(40) % 10 >= 8].reshape(-1, 784)).float() / 255
     assert torch.equal(task.x_train, expected) and task.y_train.tolist() == [0, 1] * 4
@@ -173,10 +182,12 @@ def test_split_and_permuted_image_folder_end_to_end(tmp_path):
     assert (split.input_shape, split.image_shape, split.num_classes, split.max_tasks) == ((90,), (3, 5, 6), 5, 2)
     task = assert_well_formed(split, 1, 90, 5)
     assert task.name == "imagefolder-5-9" and len(task.y_train) == 15 and len(task.y_test) == 10
+    assert task.labels == ("c05", "c06", "c07", "c08", "c09")  # the class folders' names
     first = task.x_train[task.y_train == 2][0].reshape(3, 5, 6) * 255  # class 7, image 0, channel-major
     assert first[:, 0, 0].tolist() == [255, 255, 255] and first[:, 1, 1].round().tolist() == [7, 0, 248]
     permuted = get_stream("permuted-imagefolder", seed=0, data_root=root)
     assert (permuted.num_classes, permuted.image_shape) == (10, (3, 5, 6))
+    assert permuted.task(0).labels == tuple(f"c{c:02d}" for c in range(10))
     a = assert_well_formed(permuted, 3, 90, 10).x_train.reshape(-1, 3, 30)
     white = (a == 1.0).all(dim=1)  # the white pixel moved to the same position in every channel
     assert white.sum(dim=1).eq(1).all() and len(set(white.float().argmax(dim=1).tolist())) == 1

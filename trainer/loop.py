@@ -342,7 +342,7 @@ def train(
             task_metrics["alone_accuracy"] = state.alone[-1]
         entry = TaskEntry(
             id=index, name=task.name, method=method.name, backbone=version, num_classes=task.num_classes, parts=parts,
-            metrics=task_metrics, shares=artifact.shares, state=task_state,
+            metrics=task_metrics, shares=artifact.shares, state=task_state, labels=task.labels,
         )
         training = {"settings": asdict(settings), "accuracy_matrix": state.matrix,
                     **metrics.summary(state.matrix, state.alone)}

@@ -42,7 +42,9 @@ class DataUnavailable(MaskbankError):
 
 @dataclass(frozen=True)
 class TaskData:
-    """One task: train/test tensors (x float32 [N, features], y int64 in [0, num_classes))."""
+    """One task: train/test tensors (x float32 [N, features], y int64 in [0, num_classes)), and the
+    name of each class (`labels[y]`: "3" for a split task's digit 3, relabelled 1) where the stream
+    knows them (empty otherwise)."""
 
     index: int
     name: str
@@ -51,6 +53,13 @@ class TaskData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.labels and len(self.labels) != self.num_classes:
+            raise ValueError(f"task {self.index} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
+                             f"labels: {list(self.labels)}")
 
 
 @dataclass(frozen=True)
@@ -130,13 +139,17 @@ def _tensors(*arrays: np.ndarray) -> list[torch.Tensor]:
 
 
 def _split_task(index: int, name: str, data: tuple[np.ndarray, ...], classes_per_task: int) -> TaskData:
-    """Task `index` of a split stream: classes [index*k, (index+1)*k), relabelled 0..k-1."""
+    """Task `index` of a split stream: classes [index*k, (index+1)*k), relabelled 0..k-1 (labelled by digit)."""
     x_train, x_test, y_train, y_test = data
     first = classes_per_task * index
     classes = np.arange(first, first + classes_per_task)
     train, test = np.isin(y_train, classes), np.isin(y_test, classes)
     xs = _tensors(x_train[train], y_train[train] - first, x_test[test], y_test[test] - first)
-    return TaskData(index, f"{name}-{classes[0]}-{classes[-1]}", *xs, num_classes=classes_per_task)
+    return TaskData(index, f"{name}-{classes[0]}-{classes[-1]}", *xs, num_classes=classes_per_task,
+                    labels=tuple(map(str, classes)))
+
+
+DIGIT_LABELS = tuple(map(str, range(10)))  # the ten classes of the digits and MNIST-1D streams
 
 
 # ---------------------------------------------------------------- 8x8 digits (scikit-learn)
@@ -160,7 +173,7 @@ def permuted_digits(seed: int) -> TaskStream:
         x_train, x_test, y_train, y_test = _digits(seed)
         perm = np.random.default_rng([seed, index]).permutation(x_train.shape[1])
         xs = _tensors(x_train[:, perm], y_train, x_test[:, perm], y_test)
-        return TaskData(index, f"perm-{index}", xs[0], xs[1], xs[2], xs[3], num_classes=10)
+        return TaskData(index, f"perm-{index}", xs[0], xs[1], xs[2], xs[3], num_classes=10, labels=DIGIT_LABELS)
 
     return TaskStream("permuted-digits", seed, (64,), num_classes=10, max_tasks=10_000, make_task=make_task,
                       image_shape=_DIGITS_SHAPE)
@@ -196,7 +209,7 @@ def rotated_digits(seed: int) -> TaskStream:
         x_train, x_test, y_train, y_test = _digits(seed)
         angle = rotation_angle(seed, index)
         xs = _tensors(rotate(x_train, angle), y_train, rotate(x_test, angle), y_test)
-        return TaskData(index, f"rot-{index}-{round(angle)}deg", *xs, num_classes=10)
+        return TaskData(index, f"rot-{index}-{round(angle)}deg", *xs, num_classes=10, labels=DIGIT_LABELS)
 
     return TaskStream("rotated-digits", seed, (64,), num_classes=10, max_tasks=10_000, make_task=make_task,
                       image_shape=_DIGITS_SHAPE)
@@ -241,7 +254,7 @@ def permuted_mnist1d(seed: int) -> TaskStream:
         x_train, x_test, y_train, y_test = _mnist1d(seed)
         perm = np.random.default_rng([seed, index]).permutation(x_train.shape[1])
         xs = _tensors(x_train[:, perm], y_train, x_test[:, perm], y_test)
-        return TaskData(index, f"perm-{index}", *xs, num_classes=10)
+        return TaskData(index, f"perm-{index}", *xs, num_classes=10, labels=DIGIT_LABELS)
 
     return TaskStream("permuted-mnist1d", seed, (40,), num_classes=10, max_tasks=10_000, make_task=make_task)
 
@@ -297,8 +310,8 @@ def _root(key: str, data_root) -> Path:
 
 
 @lru_cache(maxsize=2)
-def _load_images(key: str, root: Path) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int]]:
-    """((x_train uint8 [N, C, H, W], x_test, y_train int64, y_test), (C, H, W)) of a dataset under `root`."""
+def _load_images(key: str, root: Path) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int], tuple[str, ...]]:
+    """((x_train uint8 [N, C, H, W], x_test, y_train int64, y_test), (C, H, W), class names) of a dataset under `root`."""
     from torchvision import datasets  # imported here: torchvision is slow to import
 
     try:
@@ -307,21 +320,24 @@ def _load_images(key: str, root: Path) -> tuple[tuple[np.ndarray, ...], tuple[in
             parts = [cls(root, train=train, download=False) for train in (True, False)]
             xs = [p.data.numpy()[:, None] for p in parts]
             ys = [p.targets.numpy().astype(np.int64) for p in parts]
+            names = parts[0].classes
         elif key in ("cifar10", "cifar100"):
             cls = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
             parts = [cls(root, train=train, download=False) for train in (True, False)]
             xs = [p.data.transpose(0, 3, 1, 2) for p in parts]  # HWC -> CHW
             ys = [np.asarray(p.targets, dtype=np.int64) for p in parts]
+            names = parts[0].classes
         else:
-            xs, ys = _load_image_folder(key, root, datasets.ImageFolder)
+            xs, ys, names = _load_image_folder(key, root, datasets.ImageFolder)
     except (RuntimeError, OSError, ValueError) as error:  # torchvision: "Dataset not found or corrupted", ...
         reason = str(error).split(". You can use download=True")[0]  # that advice does not apply here
         raise _unavailable(key, root, f"could not read it from '{root}' ({reason})") from error
     shape = tuple(int(d) for d in xs[0].shape[1:])
-    return (np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), ys[0], ys[1]), shape  # type: ignore[return-value]
+    arrays = (np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), ys[0], ys[1])
+    return arrays, shape, tuple(map(str, names))  # type: ignore[return-value]
 
 
-def _load_image_folder(key: str, root: Path, image_folder) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _load_image_folder(key: str, root: Path, image_folder) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise _unavailable(key, root, f"'{root}' needs a train/ and a test/ (or val/) folder")
@@ -340,7 +356,7 @@ def _load_image_folder(key: str, root: Path, image_folder) -> tuple[list[np.ndar
             images.append(image.transpose(2, 0, 1))
         xs.append(np.stack(images))
         ys.append(np.asarray(part.targets, dtype=np.int64))
-    return xs, ys
+    return xs, ys, parts[0].classes
 
 
 def _as_features(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -355,7 +371,7 @@ def _image_streams(key: str) -> None:
 
     def split(seed: int, data_root=None) -> TaskStream:
         root = _root(key, data_root)
-        (x_train, x_test, y_train, y_test), shape = _load_images(key, root)
+        (x_train, x_test, y_train, y_test), shape, names = _load_images(key, root)
         tasks = (int(max(y_train.max(), y_test.max())) + 1) // per_task
         if tasks == 0:
             raise _unavailable(key, root, f"a split stream needs at least {per_task} classes, '{root}' has fewer")
@@ -366,14 +382,14 @@ def _image_streams(key: str) -> None:
             return TaskData(index, f"{key}-{first}-{first + per_task - 1}",
                             _as_features(x_train[keep[0]]), torch.from_numpy(y_train[keep[0]] - first),
                             _as_features(x_test[keep[1]]), torch.from_numpy(y_test[keep[1]] - first),
-                            num_classes=per_task)
+                            num_classes=per_task, labels=names[first:first + per_task])
 
         return TaskStream(f"split-{key}", seed, (math.prod(shape),), num_classes=per_task, max_tasks=tasks,
                           make_task=make_task, image_shape=shape)
 
     def permuted(seed: int, data_root=None) -> TaskStream:
         root = _root(key, data_root)
-        (x_train, x_test, y_train, y_test), shape = _load_images(key, root)
+        (x_train, x_test, y_train, y_test), shape, names = _load_images(key, root)
         classes = int(max(y_train.max(), y_test.max())) + 1
 
         def make_task(index: int) -> TaskData:
@@ -384,7 +400,8 @@ def _image_streams(key: str) -> None:
                 return _as_features(torch.from_numpy(x).reshape(len(x), shape[0], -1)[:, :, perm])
 
             return TaskData(index, f"perm-{index}", permute(x_train), torch.from_numpy(y_train),
-                            permute(x_test), torch.from_numpy(y_test), num_classes=classes)
+                            permute(x_test), torch.from_numpy(y_test), num_classes=classes,
+                            labels=names if len(names) == classes else ())
 
         return TaskStream(f"permuted-{key}", seed, (math.prod(shape),), num_classes=classes, max_tasks=10_000,
                           make_task=make_task, image_shape=shape)

@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 from . import grpc_service_pb2 as grpc__service__pb2
 
 
-DESCRIPTOR = POOL.AddSerializedFile(b'\n\x0emaskbank.proto\x12\x0bmaskbank.v1\x1a\x12grpc_service.proto\"8\n\x08PartInfo\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x80\x03\n\x08TaskInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x18\n\x10\x62\x61\x63kbone_version\x18\x05 \x01(\t\x12\x33\n\x07metrics\x18\x06 \x03(\x0b\x32\".maskbank.v1.TaskInfo.MetricsEntry\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12/\n\x05parts\x18\x08 \x03(\x0b\x32 .maskbank.v1.TaskInfo.PartsEntry\x12\x0e\n\x06shares\x18\t \x03(\x03\x12\x12\n\nin_service\x18\n \x01(\x08\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x43\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.maskbank.v1.PartInfo:\x02\x38\x01\"!\n\x10ListTasksRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\\\n\x11ListTasksResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12$\n\x05tasks\x18\x03 \x03(\x0b\x32\x15.maskbank.v1.TaskInfo\"T\n\x13\x44\x65scribeTaskRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07task_id\x18\x02 \x01(\x03H\x00\x12\x13\n\ttask_name\x18\x03 \x01(\tH\x00\x42\x06\n\x04task\"A\n\x10InferTaskRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\"\xf2\x01\n\x11InferTaskResponse\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\x03\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12:\n\x06scores\x18\x05 \x03(\x0b\x32*.maskbank.v1.InferTaskResponse.ScoresEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x11WatchModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"W\n\x0fModelGeneration\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\r\n\x05tasks\x18\x03 \x01(\x05\x12\x12\n\ntask_names\x18\x04 \x03(\t2\xc1\x02\n\x08Maskbank\x12L\n\tListTasks\x12\x1d.maskbank.v1.ListTasksRequest\x1a\x1e.maskbank.v1.ListTasksResponse\"\x00\x12I\n\x0c\x44\x65scribeTask\x12 .maskbank.v1.DescribeTaskRequest\x1a\x15.maskbank.v1.TaskInfo\"\x00\x12L\n\tInferTask\x12\x1d.maskbank.v1.InferTaskRequest\x1a\x1e.maskbank.v1.InferTaskResponse\"\x00\x12N\n\nWatchModel\x12\x1e.maskbank.v1.WatchModelRequest\x1a\x1c.maskbank.v1.ModelGeneration\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\x0emaskbank.proto\x12\x0bmaskbank.v1\x1a\x12grpc_service.proto\"8\n\x08PartInfo\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\x90\x03\n\x08TaskInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x18\n\x10\x62\x61\x63kbone_version\x18\x05 \x01(\t\x12\x33\n\x07metrics\x18\x06 \x03(\x0b\x32\".maskbank.v1.TaskInfo.MetricsEntry\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12/\n\x05parts\x18\x08 \x03(\x0b\x32 .maskbank.v1.TaskInfo.PartsEntry\x12\x0e\n\x06shares\x18\t \x03(\x03\x12\x12\n\nin_service\x18\n \x01(\x08\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0e\n\x06labels\x18\x0c \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x43\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.maskbank.v1.PartInfo:\x02\x38\x01\"!\n\x10ListTasksRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\\\n\x11ListTasksResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12$\n\x05tasks\x18\x03 \x03(\x0b\x32\x15.maskbank.v1.TaskInfo\"T\n\x13\x44\x65scribeTaskRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07task_id\x18\x02 \x01(\x03H\x00\x12\x13\n\ttask_name\x18\x03 \x01(\tH\x00\x42\x06\n\x04task\"A\n\x10InferTaskRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\"\xf2\x01\n\x11InferTaskResponse\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\x03\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12:\n\x06scores\x18\x05 \x03(\x0b\x32*.maskbank.v1.InferTaskResponse.ScoresEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x11WatchModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"W\n\x0fModelGeneration\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\r\n\x05tasks\x18\x03 \x01(\x05\x12\x12\n\ntask_names\x18\x04 \x03(\t2\xc1\x02\n\x08Maskbank\x12L\n\tListTasks\x12\x1d.maskbank.v1.ListTasksRequest\x1a\x1e.maskbank.v1.ListTasksResponse\"\x00\x12I\n\x0c\x44\x65scribeTask\x12 .maskbank.v1.DescribeTaskRequest\x1a\x15.maskbank.v1.TaskInfo\"\x00\x12L\n\tInferTask\x12\x1d.maskbank.v1.InferTaskRequest\x1a\x1e.maskbank.v1.InferTaskResponse\"\x00\x12N\n\nWatchModel\x12\x1e.maskbank.v1.WatchModelRequest\x1a\x1c.maskbank.v1.ModelGeneration\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTINFO']._serialized_start=51
   _globals['_PARTINFO']._serialized_end=107
   _globals['_TASKINFO']._serialized_start=110
-  _globals['_TASKINFO']._serialized_end=494
-  _globals['_TASKINFO_METRICSENTRY']._serialized_start=379
-  _globals['_TASKINFO_METRICSENTRY']._serialized_end=425
-  _globals['_TASKINFO_PARTSENTRY']._serialized_start=427
-  _globals['_TASKINFO_PARTSENTRY']._serialized_end=494
-  _globals['_LISTTASKSREQUEST']._serialized_start=496
-  _globals['_LISTTASKSREQUEST']._serialized_end=529
-  _globals['_LISTTASKSRESPONSE']._serialized_start=531
-  _globals['_LISTTASKSRESPONSE']._serialized_end=623
-  _globals['_DESCRIBETASKREQUEST']._serialized_start=625
-  _globals['_DESCRIBETASKREQUEST']._serialized_end=709
-  _globals['_INFERTASKREQUEST']._serialized_start=711
-  _globals['_INFERTASKREQUEST']._serialized_end=776
-  _globals['_INFERTASKRESPONSE']._serialized_start=779
-  _globals['_INFERTASKRESPONSE']._serialized_end=1021
-  _globals['_INFERTASKRESPONSE_SCORESENTRY']._serialized_start=976
-  _globals['_INFERTASKRESPONSE_SCORESENTRY']._serialized_end=1021
-  _globals['_WATCHMODELREQUEST']._serialized_start=1023
-  _globals['_WATCHMODELREQUEST']._serialized_end=1057
-  _globals['_MODELGENERATION']._serialized_start=1059
-  _globals['_MODELGENERATION']._serialized_end=1146
-  _globals['_MASKBANK']._serialized_start=1149
-  _globals['_MASKBANK']._serialized_end=1470
+  _globals['_TASKINFO']._serialized_end=510
+  _globals['_TASKINFO_METRICSENTRY']._serialized_start=395
+  _globals['_TASKINFO_METRICSENTRY']._serialized_end=441
+  _globals['_TASKINFO_PARTSENTRY']._serialized_start=443
+  _globals['_TASKINFO_PARTSENTRY']._serialized_end=510
+  _globals['_LISTTASKSREQUEST']._serialized_start=512
+  _globals['_LISTTASKSREQUEST']._serialized_end=545
+  _globals['_LISTTASKSRESPONSE']._serialized_start=547
+  _globals['_LISTTASKSRESPONSE']._serialized_end=639
+  _globals['_DESCRIBETASKREQUEST']._serialized_start=641
+  _globals['_DESCRIBETASKREQUEST']._serialized_end=725
+  _globals['_INFERTASKREQUEST']._serialized_start=727
+  _globals['_INFERTASKREQUEST']._serialized_end=792
+  _globals['_INFERTASKRESPONSE']._serialized_start=795
+  _globals['_INFERTASKRESPONSE']._serialized_end=1037
+  _globals['_INFERTASKRESPONSE_SCORESENTRY']._serialized_start=992
+  _globals['_INFERTASKRESPONSE_SCORESENTRY']._serialized_end=1037
+  _globals['_WATCHMODELREQUEST']._serialized_start=1039
+  _globals['_WATCHMODELREQUEST']._serialized_end=1073
+  _globals['_MODELGENERATION']._serialized_start=1075
+  _globals['_MODELGENERATION']._serialized_end=1162
+  _globals['_MASKBANK']._serialized_start=1165
+  _globals['_MASKBANK']._serialized_end=1486
 # @@protoc_insertion_point(module_scope)
