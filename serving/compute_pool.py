@@ -52,9 +52,10 @@ class _Work:
 class ComputePool(Executor):
     """`workers` threads taking submitted work from the first of `levels` priority levels that has
     any, oldest first, or newest first while that level's oldest has waited more than `lifo_after`
-    seconds (None: always oldest first)."""
+    seconds (None: always oldest first); each runs `initializer` first, if given."""
 
-    def __init__(self, workers: int, lifo_after: float | None = None, levels: int = 1, name: str = "maskbank-compute"):
+    def __init__(self, workers: int, lifo_after: float | None = None, levels: int = 1, name: str = "maskbank-compute",
+                 initializer: Callable[[], None] | None = None):
         if workers < 1:
             raise ValueError(f"a compute pool needs at least one thread, got {workers}")
         if lifo_after is not None and lifo_after < 0:
@@ -62,6 +63,7 @@ class ComputePool(Executor):
         if levels < 1:
             raise ValueError(f"a compute pool needs at least one priority level, got {levels}")
         self.lifo_after = lifo_after
+        self.initializer = initializer  # run first in each thread (torch's per-thread settings)
         self._levels: list[deque[_Work]] = [deque() for _ in range(levels)]
         self._cond = threading.Condition()
         self._shutdown = False
@@ -161,6 +163,8 @@ class ComputePool(Executor):
         return work
 
     def _work(self) -> None:
+        if self.initializer is not None:
+            self.initializer()
         while True:
             with self._cond:
                 while (work := self._next()) is None:

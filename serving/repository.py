@@ -335,10 +335,12 @@ class ModelRepository:
         """Whether this server serves `model` when the registry has it (--model, or loaded since)."""
         return self._only is None or model in self._only
 
-    def follow(self, interval: float) -> None:
-        """Refresh every `interval` seconds in a daemon thread until `close()`."""
+    def follow(self, interval: float, initializer: Callable[[], None] | None = None) -> None:
+        """Refresh every `interval` seconds in a daemon thread (which runs `initializer` first) until `close()`."""
 
         def loop():
+            if initializer is not None:
+                initializer()
             while not self._stop.wait(interval):
                 try:
                     self.refresh()

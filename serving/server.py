@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -232,8 +233,11 @@ class InferenceServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        # torch's intra-op thread count is a setting of each thread: set in every thread that runs torch
+        # (the main thread's reached none of them, whose forwards then summed in another order than training)
+        self._pin_threads = functools.partial(torch.set_num_threads, config.torch_threads) if config.torch_threads else None
+        if self._pin_threads is not None:
+            self._pin_threads()
         self.cache_bound = resolve_cache_bytes(config.cache_bytes, check_device(config.device))
         self.repository = ModelRepository(Registry(config.registry), self.cache_bound.bytes,
                                           gradients=needs_gradients(config.task_inference), device=config.device,
@@ -246,7 +250,8 @@ class InferenceServer:
             backend=create_backend(config.backend, threads=config.torch_threads),
             instances=config.instances, admission=Admission(config.max_queue_size),
             default_timeout_us=config.default_timeout_us,
-            compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels)),
+            compute=ComputePool(os.cpu_count() or 1, config.lifo_after, max(1, config.priority_levels),
+                                initializer=self._pin_threads),
             priority_levels=config.priority_levels, default_priority_level=config.default_priority_level,
             max_message_bytes=config.max_message_bytes,
         )
@@ -264,8 +269,14 @@ class InferenceServer:
         # grpc.aio serves from an event loop; it runs on a thread of its own so that start, stop and
         # wait keep their blocking API for callers on ordinary threads.
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="maskbank-grpc", daemon=True).start()
+        threading.Thread(target=self._run_loop, name="maskbank-grpc", daemon=True).start()
         self.server = self._on_loop(self._build())
+
+    def _run_loop(self) -> None:
+        """The event loop's thread, where small forwards run inline."""
+        if self._pin_threads is not None:
+            self._pin_threads()
+        self._loop.run_forever()
 
     def _on_loop(self, coroutine):
         """Run `coroutine` on the server's event loop and return its result."""
@@ -327,7 +338,7 @@ class InferenceServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
         self._on_loop(self._serve())
-        self.repository.follow(self.config.poll_interval)
+        self.repository.follow(self.config.poll_interval, self._pin_threads)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
         if not self.repository.models() and not config.models and (failing := self.repository.failing()):
             log.warning("registry %s holds no model that loads: %s could not be loaded (the errors above); a model "

@@ -86,7 +86,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.compute = compute  # runs the forwards handed off the event loop, a queue per priority level
         # loads and unloads, which wait for the registry (a minute, when it hangs): one at a time (they take
         # the repository's lock anyway), never on the RPC threads metadata and index calls need
-        self.admin = ComputePool(1, name="maskbank-admin")
+        self.admin = ComputePool(1, name="maskbank-admin", initializer=compute.initializer)
         self.priority_levels = priority_levels  # Triton's: `priority` 1 (the highest) to N, the pool's levels
         self.default_priority_level = default_priority_level or priority_levels  # for 0 or beyond N (0: the lowest)
         self.ready = False  # set once the first load is done; cleared when shutting down

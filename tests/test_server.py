@@ -101,6 +101,29 @@ def test_health_and_reflection(live):
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
 
 
+def test_threads_reach_the_threads_that_compute(live):
+    """--threads set torch's thread count in the main thread only: the event loop's and the compute
+    pool's forwards ran on a thread per core and summed in another order than the trainer, so answers
+    differed in their last bits from the one-thread computation (and GN's from task-given ones)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ServerProcess(live.registry.location, "--threads", "1") as server:
+            client = triton.InferenceServerClient(server.url)
+            for rows in (5, 7, 9, 40):
+                x = digits_inputs(1, rows)
+                expected = in_process_logits(live.registry, 1, x)
+                assert np.array_equal(infer(client, x, task_id=1).as_numpy("logits"), expected), rows  # on the loop
+                found = infer(client, x, task_inference="exhaustive")  # on the compute pool
+                assert found.as_numpy("task_id").tolist() == [1] * rows
+                assert np.array_equal(found.as_numpy("logits"), expected), rows
+            client.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("task", range(TASKS))
 def test_task_given_matches_in_process_logits_exactly(live, task):
     x = digits_inputs(task, 40)
