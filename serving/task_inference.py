@@ -257,8 +257,9 @@ def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: i
     classes = max(snapshot.tasks[i].entry.num_classes for i in ids)
     size = next(iter(stack.values())).shape[1]
     with torch.no_grad():
-        entropy = [float(mean_entropy(snapshot.forward(snapshot.basis_parameters(first.method, first.backbone, b), x)[:, :classes]))
-                   for b in range(size)]
+        entropy = _scores(torch.stack([
+            mean_entropy(snapshot.forward(snapshot.basis_parameters(first.method, first.backbone, b), x)[:, :classes])
+            for b in range(size)]))  # a basis mask the input overflows ranks last, as any non-finite score
     target = F.one_hot(torch.tensor(min(range(size), key=lambda b: (entropy[b], b))), size).to(torch.float32)
     distance = sum(((layer - target) ** 2).sum(dim=1) for layer in stack.values())
     scores = dict(zip(ids, _scores(distance)))
