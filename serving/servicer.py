@@ -368,7 +368,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))
         if result.scores is not None:
             if entry.id in result.scores:  # binary with a shortlist of every task ranks none by gradient
-                oip.set_parameter(response.parameters, "task_score", float(result.scores[entry.id]))
+                score = result.scores[entry.id]
+                oip.set_parameter(response.parameters, "task_score", float(score))
+                if (ties := sum(1 for other in result.scores.values() if other == score)) > 1:
+                    # nothing in the input told these tasks apart (all zeros; so large the network saturates)
+                    oip.set_parameter(response.parameters, "task_ties", ties)
             if all_scores:
                 finite = {task: (score if math.isfinite(score) else None) for task, score in result.scores.items()}
                 oip.set_parameter(response.parameters, "task_scores", json.dumps(finite))  # JSON has no Infinity: null

@@ -124,6 +124,16 @@ def test_threads_reach_the_threads_that_compute(live):
         torch.set_num_threads(before)
 
 
+def test_an_input_that_tells_no_task_apart_says_so(live):
+    """An all-zero input scores every task the same (the network has no biases): task 0 came back
+    as a confident choice, with nothing to say it was a tie."""
+    for mode in ("exhaustive", "oneshot"):
+        answer = infer(live.client, np.zeros((4, 64), np.float32), task_inference=mode).get_response().parameters
+        assert answer["task_id"].int64_param == 0 and answer["task_ties"].int64_param == TASKS, mode
+    answer = infer(live.client, digits_inputs(2, 16), task_inference="exhaustive").get_response().parameters
+    assert "task_ties" not in answer
+
+
 @pytest.mark.parametrize("task", range(TASKS))
 def test_task_given_matches_in_process_logits_exactly(live, task):
     x = digits_inputs(task, 40)
