@@ -54,6 +54,7 @@ MAX_MESSAGE_BYTES = INT32_MAX
 MIN_MESSAGE_BYTES = 4 << 10
 MAX_THREADS = 1024  # --threads: 100,000 made OpenMP run out of memory; beyond, torch's C integer overflowed
 LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
+MAX_QUEUE_DELAY_US = 1_000_000  # --max-queue-delay-us: beyond, every request waits longer than clients do
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 86400.0  # --poll-interval: shorter keeps a core busy; longer is no follow
 
 
@@ -126,6 +127,10 @@ class ServerConfig:
                                    ("--priority-levels", self.priority_levels, 0)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+        if self.max_queue_delay_us > MAX_QUEUE_DELAY_US:  # every task-given request would wait it out
+            raise ValueError(f"--max-queue-delay-us must be at most {MAX_QUEUE_DELAY_US:,} (1 s), got "
+                             f"{self.max_queue_delay_us:,}: a request waits up to this long for company (Triton's "
+                             "are a few hundred microseconds)")
         check_cache_setting(self.cache_bytes)
         if isinstance(self.cache_bytes, str):
             resolve_cache_bytes(self.cache_bytes, check_device(self.device))  # a share too small for anything fails here
