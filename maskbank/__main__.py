@@ -2,6 +2,7 @@
 (importing PyTorch and building the parser, which imports every method, take seconds) stops it as
 it does later, with status 130 or 143, a line saying which, and no traceback."""
 
+import os
 import signal
 import sys
 import threading
@@ -10,6 +11,9 @@ from .interrupts import interrupted_status, raise_terminated, stopped_by
 
 
 def run() -> int:
+    # gRPC's own informational lines (one per failed TLS handshake, say) are plain text on stderr, outside
+    # the server's logs and --log-format json; its errors still show. Before grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM's default ended the process unannounced
         signal.signal(signal.SIGTERM, raise_terminated)
