@@ -61,6 +61,7 @@ class ModelRepository:
         # not followed until loaded again
         self._loading: set[str] = set()  # models a load() is bringing in now, not served yet
         self._only = None if only is None else set(only)  # the models this server follows, if not all
+        self._named = frozenset(only or ())  # those it was started with: it is not ready while one is not served
         self._refresh_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []  # called after every swap and unload (add_listener)
         self._stop = threading.Event()
@@ -75,6 +76,11 @@ class ModelRepository:
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
+
+    def awaited(self) -> list[str]:
+        """The models this server was started with (--model) that it does not serve now (not published
+        yet, or not loadable), an operator's unloads aside: until they are, it is not ready."""
+        return sorted(model for model in self._named if model not in self._snapshots and model not in self._unloaded)
 
     def failing(self) -> list[str]:
         """The models whose registry generation the last refresh could not load (an older one, or none, serves)."""

@@ -356,7 +356,8 @@ class InferenceServer:
         if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
             held = ", ".join(self.repository.registry.published_models()) or "none"
             log.warning("not serving %s yet (--model): not in registry %s (it holds: %s), or not loadable (see "
-                        "above); a model is served once a loadable generation of it is published",
+                        "above); a model is served once a loadable generation of it is published, and the server is "
+                        "not ready (ServerReady, health NOT_SERVING) until then",
                         ", ".join(map(repr, waiting)), self.repository.registry.location, held)
         self._log_limits()
         self._log_security()
@@ -365,8 +366,17 @@ class InferenceServer:
     async def _serve(self) -> None:
         await self.server.start()
         self.servicer.ready = True
+        await self._set_health()
+        self.repository.add_listener(lambda: asyncio.run_coroutine_threadsafe(self._set_health(), self._loop))
+
+    async def _set_health(self) -> None:
+        """SERVING, or NOT_SERVING while a model named with --model is not served (readiness probes then
+        keep traffic away from a replica that would answer NOT_FOUND), as ServerReady says. A stopping
+        server's NOT_SERVING stays (the health servicer ignores changes once it is shutting down)."""
+        status = health_pb2.HealthCheckResponse
+        serving = status.NOT_SERVING if self.repository.awaited() else status.SERVING
         for service in ("", INFERENCE_SERVICE, MASKBANK_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, serving)
 
     def _log_limits(self) -> None:
         """One line with the settings that shape load behaviour, so an operator can check what a replica runs."""

@@ -96,7 +96,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready)
+        return pb.ServerReadyResponse(ready=self.ready and not self.repository.awaited())
 
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="maskbank", version=self.version, extensions=EXTENSIONS)

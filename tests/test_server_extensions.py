@@ -7,6 +7,7 @@ import queue
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -274,6 +275,12 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         client = triton.InferenceServerClient(process.url)
         assert any(f"not serving 'later' yet (--model): not in registry {tmp_path} (it holds: a, b)" in line
                    for line in process.output)
+        # not ready while a model it was started for is not served: readiness probes sent it traffic it answered
+        # NOT_FOUND
+        with grpc.insecure_channel(process.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert not client.is_server_ready()
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         train_model(tmp_path, "a", 2, TINY)
         train_model(tmp_path, "c", 1, TINY)
         wait_for(lambda: client.get_model_metadata("a").versions == ["2"], what="model a at generation 2")
@@ -291,7 +298,13 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         assert client.infer("b", request(), parameters={"task_id": 0}).as_numpy("logits").shape == (4, 10)
         train_model(tmp_path, "later", 1, TINY)  # named at start: served once published
         wait_for(lambda: client.is_model_ready("later"), what="model 'later' once published")
-        assert not client.is_model_ready("c")
+        assert not client.is_model_ready("c") and client.is_server_ready()
+        with grpc.insecure_channel(process.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status ==
+                            health_pb2.HealthCheckResponse.SERVING, what="health SERVING")
+        client.unload_model("a", headers=ADMIN)  # an operator's unload: still ready
+        assert client.is_server_ready()
         client.close()
 
 
