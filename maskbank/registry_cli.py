@@ -99,7 +99,8 @@ def _show(registry: Registry, args) -> int:
         task = manifest.task(int(args.task) if args.task.isdigit() else args.task)
         text = "\n".join([f"task {task.id} ({task.name}) of '{manifest.model}' generation {manifest.generation}",
                           f"method {task.method}, backbone version {task.backbone}{_served_on(manifest, task)}, "
-                          f"{task.num_classes} classes" + (f": {', '.join(task.labels)}" if task.labels else ""),
+                          f"{task.num_classes} classes" + (f", labels {json.dumps(list(task.labels), ensure_ascii=False)}"
+                                                            if task.labels else ""),
                           "parts:"] + [f"  {name}: {ref.codec}, {ref.size:,} bytes, {ref.digest}" for name, ref in task.parts.items()]
                          + [f"metrics: {json.dumps(dict(task.metrics))}"])
         _emit(args, task, text)

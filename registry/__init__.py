@@ -19,7 +19,7 @@ from .errors import (
     TaskNotFound,
     UnknownName,
 )
-from .manifest import FORMAT_VERSION, BackboneVersion, BlobRef, Manifest, TaskEntry
+from .manifest import FORMAT_VERSION, BackboneVersion, BlobRef, Manifest, TaskEntry, label_problem
 from .materialize import effective_parameters, forward, head_input, head_name, materialization, register_materializer, served_backbone
 from .packed import PackedMasks
 
@@ -49,6 +49,7 @@ __all__ = [
     "forward",
     "head_input",
     "head_name",
+    "label_problem",
     "materialization",
     "maskable_parameters",
     "register_architecture",

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import ManifestError, RegistryError, TaskNotFound
 from .materialize import missing_parts
@@ -33,6 +33,17 @@ class BackboneVersion:
 
     blob: BlobRef
     base: str | None = None
+
+
+def label_problem(labels: Sequence[object]) -> str | None:
+    """Why `labels` cannot name classes (each must be text on one line: Triton's label file has a line
+    per class), or None."""
+    for label in labels:
+        if not isinstance(label, str):
+            return f"class label {label!r} is a {type(label).__name__}, not text"
+        if "\n" in label or "\r" in label:
+            return f"class label {label!r} has a line break (a label file has one line per class)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class TaskEntry:
         if self.labels and len(self.labels) != self.num_classes:
             raise ManifestError(f"task {self.id} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
                                 f"labels")
+        if problem := label_problem(self.labels):
+            raise ManifestError(f"task {self.id} ({self.name}): {problem}")
         if any(not 0 <= s < self.id for s in self.shares):
             raise ManifestError(f"task {self.id} ({self.name}) can only share earlier tasks, not {list(self.shares)}")
 

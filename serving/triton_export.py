@@ -112,7 +112,7 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
                              staging / version / MODEL_FILE)
                 config = triton_config(name, features, entry, manifest.model, manifest.generation, max_batch_size)
                 if entry.labels:
-                    (staging / LABELS).write_text("".join(f"{label}\n" for label in entry.labels))
+                    (staging / LABELS).write_text("".join(f"{label}\n" for label in entry.labels), encoding="utf-8")
                 (staging / CONFIG).write_text(text_format.MessageToString(config))
             with _signals_held():
                 for directory, staging in staged:

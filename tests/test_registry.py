@@ -116,6 +116,8 @@ def _with_task_field(body: dict, key: str, value) -> dict:
          r"task 0 \(t0\) has 2 classes but 1 labels"),
         (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", [0, 1])),
          "task 0 labels is 0, of the wrong type"),
+        (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", ["a\nb", "c"])),
+         r"task 0 \(t0\): class label 'a\\nb' has a line break"),
     ],
 )
 def test_damaged_manifests_are_refused(tmp_path, damage, message):

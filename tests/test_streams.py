@@ -11,7 +11,7 @@ from PIL import Image
 
 from registry import MaskbankError, build_architecture
 from trainer import get_stream, stream_names
-from trainer.streams import DataUnavailable, TaskStream, _mnist1d, rotation_angle
+from trainer.streams import DataUnavailable, TaskData, TaskStream, _mnist1d, rotation_angle
 
 IMAGE_STREAMS = [f"{kind}-{name}" for name in ("mnist", "fashionmnist", "cifar10", "cifar100", "imagefolder")
                  for kind in ("split", "permuted")]
@@ -44,6 +44,21 @@ def test_tasks_name_their_classes():
     assert get_stream("split-mnist1d").task(4).labels == ("8", "9")
     for name in ("permuted-digits", "rotated-digits", "permuted-mnist1d"):
         assert get_stream(name).task(2).labels == tuple("0123456789")
+
+
+def test_labels_must_be_text_on_one_line(tmp_path):
+    """A plugin's int labels published a manifest nothing could read again; a folder named with a line
+    break gave Triton's label file a line too many, so the classes after it had the wrong names."""
+    x, y = torch.zeros(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"task 0 \(t\): class label 0 is a int, not text"):
+        TaskData(0, "t", x, y, x, y, num_classes=2, labels=[0, 1])
+    with pytest.raises(ValueError, match=r"class label 'x\\ny' has a line break"):
+        TaskData(0, "t", x, y, x, y, num_classes=2, labels=["a", "x\ny"])
+    root = make_image_folder(tmp_path, classes=5)
+    (root / "train" / "c04").rename(root / "train" / "x\ny")
+    (root / "test" / "c04").rename(root / "test" / "x\ny")
+    with pytest.raises(DataUnavailable, match=r"class label 'x\\ny' has a line break .*: rename that class's folders"):
+        get_stream("split-imagefolder", data_root=root)
 
 
 def test_rotated_digits():

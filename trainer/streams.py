@@ -33,6 +33,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from registry import label_problem
 from registry.errors import MaskbankError, unknown
 
 
@@ -60,6 +61,8 @@ class TaskData:
         if self.labels and len(self.labels) != self.num_classes:
             raise ValueError(f"task {self.index} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
                              f"labels: {list(self.labels)}")
+        if problem := label_problem(self.labels):
+            raise ValueError(f"task {self.index} ({self.name}): {problem}")
 
 
 @dataclass(frozen=True)
@@ -333,8 +336,10 @@ def _load_images(key: str, root: Path) -> tuple[tuple[np.ndarray, ...], tuple[in
         reason = str(error).split(". You can use download=True")[0]  # that advice does not apply here
         raise _unavailable(key, root, f"could not read it from '{root}' ({reason})") from error
     shape = tuple(int(d) for d in xs[0].shape[1:])
+    if problem := label_problem(names):  # a folder's name: said before any work, not when a task is made
+        raise _unavailable(key, root, f"{problem}: rename that class's folders")
     arrays = (np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), ys[0], ys[1])
-    return arrays, shape, tuple(map(str, names))  # type: ignore[return-value]
+    return arrays, shape, tuple(names)  # type: ignore[return-value]
 
 
 def _load_image_folder(key: str, root: Path, image_folder) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
