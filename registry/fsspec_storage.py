@@ -68,8 +68,8 @@ def _s3_options() -> dict[str, Any]:
 def _reaching(method):
     """`method` with the storage client's own failures (botocore's NoCredentialsError, a read that timed
     out: the caller cannot act on a library's exception type) raised as RegistryUnreachable naming
-    the registry. Python's own OSErrors (FileNotFoundError, PermissionError, ...) keep their meaning
-    for callers and pass as they are; a library's OSError subclass (botocore's ReadTimeoutError is
+    the registry. Python's own OSErrors (FileNotFoundError, PermissionError, ...) and NotImplementedError
+    keep their meaning for callers and pass as they are; a library's OSError subclass (botocore's ReadTimeoutError is
     one, through requests) is the library's."""
 
     @functools.wraps(method)
@@ -79,8 +79,8 @@ def _reaching(method):
         except MaskbankError:
             raise
         except Exception as error:  # noqa: BLE001  any client library's failure, reported with its words
-            if isinstance(error, OSError) and type(error).__module__ == "builtins":
-                raise
+            if isinstance(error, (OSError, NotImplementedError)) and type(error).__module__ == "builtins":
+                raise  # NotImplementedError: a store without that call (fsspec's HTTP has no `modified`)
             raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
 
     return reaching

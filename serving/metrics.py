@@ -92,8 +92,9 @@ class MaskbankCollector:
         failing = GaugeMetricFamily("maskbank_model_load_failing", "1 while the model's newest generation in the "
                                     "registry cannot be loaded (an older one, or none, is served: RepositoryIndex "
                                     "says why)", labels=["model"])
-        for model in self.repository.failing():
-            failing.add_metric([model], 1)
+        broken = set(self.repository.failing())
+        for model in sorted(broken | set(served)):  # 0 for the others: a series per model, as the other gauges
+            failing.add_metric([model], int(model in broken))
         yield failing
         yield from self._admission(served)
         yield from self._pool()

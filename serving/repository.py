@@ -28,6 +28,7 @@ log = logging.getLogger("maskbank.serving")
 
 FALLBACK_GENERATIONS = 16  # how many generations before an unloadable newest one a starting server tries
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0  # polls retry tasks out of service, waiting twice as long each time
+KEEP, LOAD, WAIT = "keep", "load", "wait"  # what a refresh does with a model whose newest generation is the one served
 
 
 class ModelRepository:
@@ -71,8 +72,9 @@ class ModelRepository:
         self._published: dict[str, bool] | None = None  # the last poll's listing: has each model a generation?
         self._manifest_seen: dict[str, tuple[int, float]] = {}  # model -> (size, modified) of its served generation's
         # manifest file when last found to be the one served
-        self._retry: dict[str, tuple[float, float]] = {}  # model -> (when polls next retry its tasks out of service,
-        # the wait after that)
+        self._retry: dict[str, tuple[float, float]] = {}  # model -> (when polls next retry its tasks out of service
+        # or a replaced generation that did not load, the wait after that)
+        self._replacing: dict[str, tuple] = {}  # model -> (fingerprint, manifest) of a replaced generation not loaded yet
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
@@ -201,9 +203,12 @@ class ModelRepository:
                 current, latest = self._snapshots.get(model), None
                 try:
                     latest = published[model] = self.registry.latest_generation(model)
-                    if latest == 0 or (current and current.generation == latest
-                                       and self._unchanged(current, explicit=models is not None)):
+                    state = KEEP if latest == 0 else LOAD if not current or current.generation != latest else \
+                        self._state(current, explicit=models is not None)
+                    if state == KEEP:
                         self._load_errors.pop(model, None)  # nothing newer failed: an earlier failure is over
+                        continue
+                    if state == WAIT:  # a retry not due yet: what failed still stands
                         continue
                     if current and latest < current.generation:
                         log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
@@ -215,6 +220,7 @@ class ModelRepository:
                     continue
                 self._snapshots[model] = snapshot
                 self._retry.pop(model, None)
+                self._replacing.pop(model, None)
                 self._changed()
                 if current is not None:
                     current.retire()
@@ -232,42 +238,61 @@ class ModelRepository:
             snapshot.warm()
         return swapped
 
-    def _unchanged(self, current: Snapshot, explicit: bool) -> bool:
-        """Whether `current` is still what the registry holds at its generation, with no task out of service
-        that would load now. An explicit load retries such tasks and reads the manifest; a poll retries
-        them at growing intervals (a missing blob may be one a copy has not brought yet) and reads the
-        manifest only when its file changed (size or time)."""
+    def _state(self, current: Snapshot, explicit: bool) -> str:
+        """What to do with `current`, whose generation is the registry's newest: KEEP it (the registry holds
+        it, and no task out of service would load now), LOAD the generation again, or WAIT for a retry's
+        time. An explicit load retries tasks out of service and reads the manifest at once; a poll retries
+        at growing intervals (a missing blob may be one a copy has not brought yet) and reads the manifest
+        only when its file changed (size or time)."""
         if explicit:
-            return not current.out_of_service() and not self._replaced(current, always=True)
-        return not self._tasks_back(current) and not self._replaced(current, always=False)
+            return LOAD if current.out_of_service() or self._replacement(current, always=True) == LOAD else KEEP
+        if current.out_of_service() and self._due(current.model) and current.any_task_back(self.registry):
+            return LOAD
+        return self._replacement(current, always=False)
 
-    def _tasks_back(self, current: Snapshot) -> bool:
-        """Whether a task out of service in `current` loads now; checked at most at the retry times."""
-        if not current.out_of_service():
-            return False
+    def _due(self, model: str) -> bool:
+        """Whether a retry for `model` is due now: at once, then after RETRY_FIRST_SECONDS, twice as long each
+        time up to RETRY_MAX_SECONDS (until a snapshot of it is swapped in)."""
         now = time.monotonic()
-        due, wait = self._retry.get(current.model, (0.0, RETRY_FIRST_SECONDS))
+        due, wait = self._retry.get(model, (0.0, RETRY_FIRST_SECONDS))
         if now < due:
             return False
-        if current.any_task_back(self.registry):
-            return True
-        self._retry[current.model] = (now + wait, min(2 * wait, RETRY_MAX_SECONDS))
-        return False
-
-    def _replaced(self, current: Snapshot, always: bool) -> bool:
-        """Whether the registry's manifest of `current`'s generation is another one (the model deleted and
-        published again between two polls, or the registry swapped for another copy): logged."""
-        key = self.registry.manifest_key(current.model, current.generation)
-        seen = (self.registry.storage.size(key), self.registry.storage.modified(key))  # before reading it
-        if not always and self._manifest_seen.get(current.model) == seen:
-            return False
-        if self.registry.manifest(current.model, current.generation) == current.manifest:
-            self._manifest_seen[current.model] = seen
-            return False
-        log.warning("model '%s': generation %d in the registry is not the one served (the model was deleted and "
-                    "published again, or the registry replaced by another copy): loading it", current.model,
-                    current.generation)
+        self._retry[model] = (now + wait, min(2 * wait, RETRY_MAX_SECONDS))
         return True
+
+    def _replacement(self, current: Snapshot, always: bool) -> str:
+        """KEEP unless the registry's manifest of `current`'s generation is another one (the model deleted
+        and published again between two polls, or the registry swapped for another copy): LOAD it, said
+        once; WAIT while one that did not load is not due for a retry."""
+        model = current.model
+        seen = self._fingerprint(model, current.generation)  # before reading the manifest
+        if not always and seen is not None and seen == self._manifest_seen.get(model):
+            return KEEP
+        pending = self._replacing.get(model)  # (fingerprint, manifest) of a replacement that has not loaded
+        if not always and seen is not None and pending is not None and pending[0] == seen:
+            return LOAD if self._due(model) else WAIT
+        manifest = self.registry.manifest(model, current.generation)
+        if manifest == current.manifest:
+            self._manifest_seen[model] = seen
+            self._replacing.pop(model, None)
+            return KEEP
+        if pending is None or pending[1] != manifest:
+            log.warning("model '%s': generation %d in the registry is not the one served (the model was deleted and "
+                        "published again, or the registry replaced by another copy): loading it", model,
+                        current.generation)
+        elif not always and not self._due(model):
+            return WAIT
+        self._replacing[model] = (seen, manifest)
+        return LOAD
+
+    def _fingerprint(self, model: str, generation: int) -> tuple[int, float] | None:
+        """(size, modified time) of a generation's manifest file, or None where the store cannot say when
+        a file changed (fsspec's HTTP): its manifest is then read on every poll."""
+        key = self.registry.manifest_key(model, generation)
+        try:
+            return self.registry.storage.size(key), self.registry.storage.modified(key)
+        except NotImplementedError:
+            return None
 
     def _load_newest(self, model: str, latest: int, current: Snapshot | None) -> tuple[Snapshot, Exception | None]:
         """Generation `latest` of `model`, and None. Where it does not load and nothing of the model is

@@ -242,7 +242,7 @@ def test_a_load_error_ends_when_the_registry_is_right_again(tmp_path):
     collector = MaskbankCollector(repository, Statistics())
     failing = lambda: {tuple(s.labels.items()): s.value for family in collector.collect()  # noqa: E731
                        if family.name == "maskbank_model_load_failing" for s in family.samples}
-    assert failing() == {}
+    assert failing() == {(("model", "m"),): 0}
     bad.write_text("{")
     repository.refresh()
     assert repository.index()[0][3].startswith("generation 3 could not be loaded")
@@ -250,7 +250,7 @@ def test_a_load_error_ends_when_the_registry_is_right_again(tmp_path):
     bad.unlink()
     repository.refresh()
     assert repository.index() == [("m", 2, "READY", "")] and repository.load("m").generation == 2
-    assert failing() == {}
+    assert failing() == {(("model", "m"),): 0}
 
 
 def test_a_starting_server_looks_for_an_older_generation_once_per_newest(tmp_path, monkeypatch):
@@ -367,6 +367,49 @@ def test_a_generation_replaced_by_another_manifest_is_loaded(tmp_path, caplog):
     assert ("model 'm': generation 2 in the registry is not the one served (the model was deleted and published "
             "again, or the registry replaced by another copy): loading it") in messages(caplog)
     assert repository.refresh() == [] and repository.load("m") is swapped
+
+
+def test_a_replaced_generation_that_does_not_load_is_said_once_and_retried_at_growing_intervals(
+        tmp_path, caplog, monkeypatch):
+    """A replacement whose blobs had not arrived was warned about, and loaded again, on every poll."""
+    monkeypatch.setattr(repository_module, "RETRY_FIRST_SECONDS", 0.4)
+    train_model(tmp_path / "a", "m", 2, TINY)
+    train_model(tmp_path / "b", "m", 2, {**TINY, "seed": 1})
+    repository = ModelRepository(Registry(tmp_path / "a"))
+    repository.refresh()
+    served = repository.get("m")
+    manifest = Path("models") / "m" / "generations" / "0000000002.json"
+    shutil.copyfile(tmp_path / "b" / manifest, tmp_path / "a" / manifest)  # before its blobs, as a sync may copy
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="maskbank.serving"):
+        for _ in range(3):
+            assert repository.refresh() == [] and repository.get("m") is served
+        assert sum("is not the one served" in m for m in messages(caplog)) == 1
+        assert sum("could not be loaded" in m for m in messages(caplog)) == 1 and repository.failing() == ["m"]
+        shutil.copytree(tmp_path / "b" / "blobs", tmp_path / "a" / "blobs", dirs_exist_ok=True)
+        time.sleep(0.5)
+        (swapped,) = repository.refresh()
+    assert swapped.manifest == Registry(tmp_path / "b").manifest("m") and repository.failing() == []
+
+
+def test_a_registry_over_http_is_followed_though_it_cannot_say_when_a_file_changed(tmp_path):
+    """fsspec's HTTP has no `modified`: every poll after the first load failed ("cannot reach registry:
+    NotImplementedError"), so a read-only mirror served over HTTP looked broken."""
+    import functools
+    import http.server
+    import threading
+
+    train_model(tmp_path, "m", 2, TINY)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as mirror:
+        threading.Thread(target=mirror.serve_forever, daemon=True).start()
+        repository = ModelRepository(Registry(f"http://127.0.0.1:{mirror.server_address[1]}"))
+        (loaded,) = repository.refresh()
+        assert repository.refresh() == [] and repository.refresh() == []
+        assert repository.failing() == [] and repository.index() == [("m", 2, "READY", "")]
+        assert repository.get("m") is loaded
+        mirror.shutdown()
 
 
 def test_a_generation_that_goes_backwards_is_a_warning(tmp_path, caplog):
