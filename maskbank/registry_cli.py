@@ -154,7 +154,10 @@ def _verify(registry: Registry, args) -> int:
     lines = [f"checked {sum(report.generations.values())} generation(s) of {len(report.generations)} model(s) "
              f"and {report.blobs_checked} blob(s) in {registry.location}"]
     lines += [f"PROBLEM ({p.kind}) {p.where}: {p.message}" for p in report.problems]
-    if report.orphans and report.manifests_complete:
+    if report.orphans and report.manifests_complete and not report.generations:
+        lines.append(f"{len(report.orphans)} blob(s) and no manifest: a models/ folder not mounted or not copied looks "
+                     "so; `maskbank registry gc` refuses to delete them all unless given --delete-all-blobs")
+    elif report.orphans and report.manifests_complete:
         lines.append(f"{len(report.orphans)} unreferenced blob(s) (harmless; `maskbank registry gc` removes them)")
     elif report.orphans:
         lines.append(f"{len(report.orphans)} blob(s) no readable manifest references: the unreadable or missing "

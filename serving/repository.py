@@ -180,7 +180,10 @@ class ModelRepository:
             elif model in self._load_errors or published.get(model):
                 rows.append((model, 0, "UNAVAILABLE", self._load_errors.get(model, "not loaded yet")))
             # else: no generation under that name (a first publish under way, or a stray entry): not a model yet
-        return rows
+        listed = {row[0] for row in rows}
+        rows += [(model, 0, "UNAVAILABLE", "named with --model, not in the registry yet: the server is not ready "
+                  "until it is served") for model in sorted(self._named - listed) if model not in self._unloaded]
+        return sorted(rows)
 
     def _read_published(self) -> dict[str, bool]:
         """Whether each model the registry lists has a generation, read now (before any poll)."""

@@ -104,6 +104,8 @@ def test_gc_refuses_to_delete_every_blob_when_no_manifest_is_there(trained, caps
         assert code == 2 and f"gc refused: no manifest in {trained.location} references any blob, yet it holds " \
             f"{len(blobs)} blob(s)" in err and "pass --delete-all-blobs" in err
     assert all(blob.exists() for blob in blobs)
+    code, out = run(capsys, "registry", "verify", "--registry", trained.location)  # it said "gc removes them"
+    assert code == 0 and f"{len(blobs)} blob(s) and no manifest: a models/ folder not mounted" in out
     code, report = run_json(capsys, "registry", "gc", "--delete-all-blobs", *where)
     assert code == 0 and len(report["deleted"]) == len(blobs) and not any(blob.exists() for blob in blobs)
 

@@ -287,6 +287,8 @@ def test_a_server_started_with_model_serves_only_those_models(tmp_path):
         index = lambda: {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}  # noqa: E731
         states = wait_for(lambda: "c" in index() and index(), what="model c in the index (as of the last poll)")
         assert states["a"] == ("READY", "")
+        assert states["later"] == ("UNAVAILABLE", "named with --model, not in the registry yet: the server is not "
+                                   "ready until it is served")  # why the server is not ready
         for model in ("b", "c"):
             assert states[model] == ("UNAVAILABLE", "not among the models this server was started with (--model)")
             with pytest.raises(InferenceServerException) as info:
