@@ -367,6 +367,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 oip.add_raw_output(response, name, "INT64", np.full(len(result.logits), entry.id, dtype=np.int64))
         if result.scores is not None:
+            if left_out := result.snapshot.out_of_service_count:
+                # the choice was among the tasks in service only: a batch of a task out of service went to another
+                oip.set_parameter(response.parameters, "tasks_out_of_service", left_out)
             if entry.id in result.scores:  # binary with a shortlist of every task ranks none by gradient
                 score = result.scores[entry.id]
                 oip.set_parameter(response.parameters, "task_score", float(score))

@@ -248,6 +248,11 @@ class Snapshot:
             return True
         return False
 
+    @property
+    def out_of_service_count(self) -> int:
+        """How many tasks are out of service (task inference chooses among the others)."""
+        return len(self.tasks) - len(self._healthy)
+
     def healthy_tasks(self) -> list[LoadedTask]:
         """The tasks in service (loaded without error), in id order: a new list (on the GN path, per request)."""
         return list(self._healthy)

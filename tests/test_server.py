@@ -404,7 +404,11 @@ def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
         with pytest.raises(InferenceServerException) as info:
             infer(client, GOOD, model="m", task_id=1)
         assert info.value.status() == "StatusCode.DATA_LOSS" and ref.digest in info.value.message()
-        assert infer(client, GOOD, model="m", task_inference="exhaustive").as_numpy("task_id")[0] == 0
+        found = infer(client, GOOD, model="m", task_inference="exhaustive")
+        assert found.as_numpy("task_id")[0] == 0
+        # chosen among the tasks in service: a batch of task 1 went to task 0 with nothing to say so
+        assert found.get_response().parameters["tasks_out_of_service"].int64_param == 1
+        assert "tasks_out_of_service" not in infer(client, GOOD, model="m", task_id=0).get_response().parameters
         client.close()
 
 
