@@ -35,9 +35,11 @@ class BackboneVersion:
     base: str | None = None
 
 
-def label_problem(labels: Sequence[object]) -> str | None:
-    """Why `labels` cannot name classes (each must be text on one line: Triton's label file has a line
-    per class), or None."""
+def label_problem(labels: Sequence[object], classes: int) -> str | None:
+    """Why `labels` cannot name `classes` classes (none, or one per class, each text on one line:
+    Triton's label file has a line per class), or None."""
+    if labels and len(labels) != classes:
+        return f"{classes} classes but {len(labels)} labels: {list(labels)[:20]}"
     for label in labels:
         if not isinstance(label, str):
             return f"class label {label!r} is a {type(label).__name__}, not text"
@@ -70,10 +72,7 @@ class TaskEntry:
         check_name("task", self.name)
         object.__setattr__(self, "shares", tuple(self.shares))
         object.__setattr__(self, "labels", tuple(self.labels))
-        if self.labels and len(self.labels) != self.num_classes:
-            raise ManifestError(f"task {self.id} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
-                                f"labels")
-        if problem := label_problem(self.labels):
+        if problem := label_problem(self.labels, self.num_classes):
             raise ManifestError(f"task {self.id} ({self.name}): {problem}")
         if any(not 0 <= s < self.id for s in self.shares):
             raise ManifestError(f"task {self.id} ({self.name}) can only share earlier tasks, not {list(self.shares)}")

@@ -113,7 +113,7 @@ def _with_task_field(body: dict, key: str, value) -> dict:
          "method impresslearn needs part 'alpha' and the model's shared part 'basis_masks'; the task has parts"),
         (lambda text: "[" * 100_000 + "]" * 100_000, "is unreadable .RecursionError"),
         (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", ["a"])),
-         r"task 0 \(t0\) has 2 classes but 1 labels"),
+         r"task 0 \(t0\): 2 classes but 1 labels: \['a'\]"),
         (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", [0, 1])),
          "task 0 labels is 0, of the wrong type"),
         (lambda text: signed_manifest(_with_task_field(json.loads(text)["manifest"], "labels", ["a\nb", "c"])),

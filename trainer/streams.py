@@ -58,10 +58,7 @@ class TaskData:
 
     def __post_init__(self):
         object.__setattr__(self, "labels", tuple(self.labels))
-        if self.labels and len(self.labels) != self.num_classes:
-            raise ValueError(f"task {self.index} ({self.name}) has {self.num_classes} classes but {len(self.labels)} "
-                             f"labels: {list(self.labels)}")
-        if problem := label_problem(self.labels):
+        if problem := label_problem(self.labels, self.num_classes):
             raise ValueError(f"task {self.index} ({self.name}): {problem}")
 
 
@@ -336,7 +333,7 @@ def _load_images(key: str, root: Path) -> tuple[tuple[np.ndarray, ...], tuple[in
         reason = str(error).split(". You can use download=True")[0]  # that advice does not apply here
         raise _unavailable(key, root, f"could not read it from '{root}' ({reason})") from error
     shape = tuple(int(d) for d in xs[0].shape[1:])
-    if problem := label_problem(names):  # a folder's name: said before any work, not when a task is made
+    if problem := label_problem(names, len(names)):  # a folder's name: said before any work, not when a task is made
         raise _unavailable(key, root, f"{problem}: rename that class's folders")
     arrays = (np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), ys[0], ys[1])
     return arrays, shape, tuple(names)  # type: ignore[return-value]
