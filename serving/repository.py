@@ -27,7 +27,8 @@ log = logging.getLogger("maskbank.serving")
 
 
 FALLBACK_GENERATIONS = 16  # how many generations before an unloadable newest one a starting server tries
-RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0  # polls retry tasks out of service, waiting twice as long each time
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0  # polls retry tasks out of service (or a replaced generation
+# that did not load), waiting twice as long each time
 KEEP, LOAD, WAIT = "keep", "load", "wait"  # what a refresh does with a model whose newest generation is the one served
 
 
