@@ -30,6 +30,8 @@ FALLBACK_GENERATIONS = 16  # how many generations before an unloadable newest on
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0  # polls retry tasks out of service (or a replaced generation
 # that did not load), waiting twice as long each time
 KEEP, LOAD, WAIT = "keep", "load", "wait"  # what a refresh does with a model whose newest generation is the one served
+TASKS, REPLACEMENT, BELOW = "tasks", "replacement", "below"  # what polls retry (the tasks out of service; what
+# replaced the served generation), and the mark of a newest generation below the served one
 
 
 class ModelRepository:
@@ -73,9 +75,10 @@ class ModelRepository:
         self._published: dict[str, bool] | None = None  # the last poll's listing: has each model a generation?
         self._manifest_seen: dict[str, tuple[int, float]] = {}  # model -> (size, modified) of its served generation's
         # manifest file when last found to be the one served
-        self._retry: dict[str, tuple[float, float]] = {}  # model -> (when polls next retry its tasks out of service
-        # or a replaced generation that did not load, the wait after that)
-        self._replacing: dict[str, tuple] = {}  # model -> (fingerprint, manifest) of a replaced generation not loaded yet
+        self._retry: dict[tuple[str, str], tuple[float, float]] = {}  # (model, TASKS or REPLACEMENT) -> (when polls
+        # next retry its tasks out of service, or a replacement of its generation that did not load; the wait after)
+        self._replacing: dict[str, tuple] = {}  # model -> what replaced its served generation and has not loaded:
+        # (fingerprint, manifest) of another manifest under its number, or (BELOW, generation) of a lower newest one
 
     def models(self) -> list[str]:
         return sorted(self._snapshots)
@@ -132,6 +135,7 @@ class ModelRepository:
             self.refresh([model])
         finally:
             self._loading.discard(model)
+            self._changed()  # a load that failed changed what is awaited too (readiness)
         if model in self._load_errors:  # as Triton's, a load that failed is an error, whatever serves
             served = self._snapshots.get(model)
             kept = f"; generation {served.generation} is served" if served is not None else ""
@@ -207,23 +211,21 @@ class ModelRepository:
                 current, latest = self._snapshots.get(model), None
                 try:
                     latest = published[model] = self.registry.latest_generation(model)
-                    state = KEEP if latest == 0 else LOAD if not current or current.generation != latest else \
-                        self._state(current, explicit=models is not None)
+                    state = (KEEP if latest == 0 else LOAD if not current else
+                             self._below(current, latest, explicit=models is not None) if latest < current.generation else
+                             LOAD if latest > current.generation else self._state(current, explicit=models is not None))
                     if state == KEEP:
                         self._load_errors.pop(model, None)  # nothing newer failed: an earlier failure is over
                         continue
                     if state == WAIT:  # a retry not due yet: what failed still stands
                         continue
-                    if current and latest < current.generation:
-                        log.warning("model '%s': the registry's newest generation is %d, below the %d served (the "
-                                    "model was deleted and published again, or the registry restored from an older "
-                                    "copy); serving generation %d", model, latest, current.generation, latest)
                     snapshot, failure = self._load_newest(model, latest, current)
                 except Exception as error:  # noqa: BLE001  one model's failure, a bug's too, must not hold back the others
                     self._failed(model, latest, error, current)
                     continue
                 self._snapshots[model] = snapshot
-                self._retry.pop(model, None)
+                for what in (TASKS, REPLACEMENT):
+                    self._retry.pop((model, what), None)
                 self._replacing.pop(model, None)
                 self._changed()
                 if current is not None:
@@ -250,19 +252,32 @@ class ModelRepository:
         only when its file changed (size or time)."""
         if explicit:
             return LOAD if current.out_of_service() or self._replacement(current, always=True) == LOAD else KEEP
-        if current.out_of_service() and self._due(current.model) and current.any_task_back(self.registry):
+        if current.out_of_service() and self._due(current.model, TASKS) and current.any_task_back(self.registry):
             return LOAD
         return self._replacement(current, always=False)
 
-    def _due(self, model: str) -> bool:
-        """Whether a retry for `model` is due now: at once, then after RETRY_FIRST_SECONDS, twice as long each
-        time up to RETRY_MAX_SECONDS (until a snapshot of it is swapped in)."""
+    def _due(self, model: str, what: str) -> bool:
+        """Whether a retry of `what` (TASKS, REPLACEMENT) for `model` is due now: at once, then after
+        RETRY_FIRST_SECONDS, twice as long each time up to RETRY_MAX_SECONDS (until a snapshot of it is
+        swapped in, or the registry holds what is served again)."""
         now = time.monotonic()
-        due, wait = self._retry.get(model, (0.0, RETRY_FIRST_SECONDS))
+        due, wait = self._retry.get((model, what), (0.0, RETRY_FIRST_SECONDS))
         if now < due:
             return False
-        self._retry[model] = (now + wait, min(2 * wait, RETRY_MAX_SECONDS))
+        self._retry[(model, what)] = (now + wait, min(2 * wait, RETRY_MAX_SECONDS))
         return True
+
+    def _below(self, current: Snapshot, latest: int, explicit: bool) -> str:
+        """LOAD the registry's newest generation `latest`, below the one served (the model deleted and
+        published again, or the registry restored from an older copy), said once; WAIT while one that did
+        not load is not due for a retry (an explicit load tries at once)."""
+        if self._replacing.get(current.model) == (BELOW, latest):
+            return LOAD if explicit or self._due(current.model, REPLACEMENT) else WAIT
+        log.warning("model '%s': the registry's newest generation is %d, below the %d served (the model was deleted "
+                    "and published again, or the registry restored from an older copy): loading it",
+                    current.model, latest, current.generation)
+        self._replacing[current.model] = (BELOW, latest)
+        return LOAD
 
     def _replacement(self, current: Snapshot, always: bool) -> str:
         """KEEP unless the registry's manifest of `current`'s generation is another one (the model deleted
@@ -274,17 +289,18 @@ class ModelRepository:
             return KEEP
         pending = self._replacing.get(model)  # (fingerprint, manifest) of a replacement that has not loaded
         if not always and seen is not None and pending is not None and pending[0] == seen:
-            return LOAD if self._due(model) else WAIT
+            return LOAD if self._due(model, REPLACEMENT) else WAIT
         manifest = self.registry.manifest(model, current.generation)
         if manifest == current.manifest:
             self._manifest_seen[model] = seen
             self._replacing.pop(model, None)
+            self._retry.pop((model, REPLACEMENT), None)  # a later replacement is tried at once, then after 1 s, ...
             return KEEP
         if pending is None or pending[1] != manifest:
             log.warning("model '%s': generation %d in the registry is not the one served (the model was deleted and "
                         "published again, or the registry replaced by another copy): loading it", model,
                         current.generation)
-        elif not always and not self._due(model):
+        elif not always and not self._due(model, REPLACEMENT):
             return WAIT
         self._replacing[model] = (seen, manifest)
         return LOAD

@@ -369,27 +369,53 @@ def test_a_generation_replaced_by_another_manifest_is_loaded(tmp_path, caplog):
     assert repository.refresh() == [] and repository.load("m") is swapped
 
 
+@pytest.mark.parametrize("lower", [False, True], ids=["same number", "lower number"])
+@pytest.mark.parametrize("task_out_of_service", [False, True])
 def test_a_replaced_generation_that_does_not_load_is_said_once_and_retried_at_growing_intervals(
-        tmp_path, caplog, monkeypatch):
-    """A replacement whose blobs had not arrived was warned about, and loaded again, on every poll."""
+        tmp_path, caplog, monkeypatch, lower, task_out_of_service):
+    """A replacement whose blobs had not arrived (another manifest under the served number, or a lower
+    newest generation) was warned about, and loaded again, on every poll; with a task out of service
+    besides, the two retries shared one schedule and the replacement was never retried."""
     monkeypatch.setattr(repository_module, "RETRY_FIRST_SECONDS", 0.4)
     train_model(tmp_path / "a", "m", 2, TINY)
-    train_model(tmp_path / "b", "m", 2, {**TINY, "seed": 1})
+    train_model(tmp_path / "b", "m", 1 if lower else 2, {**TINY, "seed": 1})
+    if task_out_of_service:
+        _corrupt_mask(Registry(tmp_path / "a"), 1)
     repository = ModelRepository(Registry(tmp_path / "a"))
     repository.refresh()
     served = repository.get("m")
-    manifest = Path("models") / "m" / "generations" / "0000000002.json"
-    shutil.copyfile(tmp_path / "b" / manifest, tmp_path / "a" / manifest)  # before its blobs, as a sync may copy
+    assert len(served.out_of_service()) == task_out_of_service
+    generations = Path("models") / "m" / "generations"
+    shutil.rmtree(tmp_path / "a" / generations)  # before its blobs, as a sync may copy
+    shutil.copytree(tmp_path / "b" / generations, tmp_path / "a" / generations)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="maskbank.serving"):
         for _ in range(3):
             assert repository.refresh() == [] and repository.get("m") is served
-        assert sum("is not the one served" in m for m in messages(caplog)) == 1
+        said = "below the 2 served" if lower else "is not the one served"
+        assert sum(said in m for m in messages(caplog)) == 1
         assert sum("could not be loaded" in m for m in messages(caplog)) == 1 and repository.failing() == ["m"]
         shutil.copytree(tmp_path / "b" / "blobs", tmp_path / "a" / "blobs", dirs_exist_ok=True)
         time.sleep(0.5)
         (swapped,) = repository.refresh()
     assert swapped.manifest == Registry(tmp_path / "b").manifest("m") and repository.failing() == []
+
+
+def test_a_load_that_fails_tells_the_listeners(tmp_path):
+    """A failed explicit load changes what the server awaits (its readiness) without a swap: the health
+    service, told by the listeners, said SERVING while ServerReady said not ready."""
+    registry = train_model(tmp_path, "m", 1, TINY)
+    repository = ModelRepository(registry, only=["m"])
+    repository.refresh()
+    repository.unload("m")
+    assert repository.awaited() == []
+    (backbone,) = registry.manifest("m").backbones.values()
+    Path(registry.blobs.describe(backbone.blob.digest)).unlink()
+    told = []
+    repository.add_listener(lambda: told.append(repository.awaited()))
+    with pytest.raises(ModelUnavailable):
+        repository.load("m")
+    assert told and told[-1] == ["m"]
 
 
 def test_a_registry_over_http_is_followed_though_it_cannot_say_when_a_file_changed(tmp_path):
@@ -424,7 +450,7 @@ def test_a_generation_that_goes_backwards_is_a_warning(tmp_path, caplog):
         repository.refresh()
     assert repository.get("m").generation == 1
     assert ("model 'm': the registry's newest generation is 1, below the 2 served (the model was deleted and "
-            "published again, or the registry restored from an older copy); serving generation 1") in messages(caplog)
+            "published again, or the registry restored from an older copy): loading it") in messages(caplog)
 
 
 def test_the_index_answers_from_the_last_poll_without_reading_the_registry(tmp_path):
