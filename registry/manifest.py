@@ -45,6 +45,10 @@ def label_problem(labels: Sequence[object], classes: int) -> str | None:
             return f"class label {label!r} is a {type(label).__name__}, not text"
         if "\n" in label or "\r" in label:
             return f"class label {label!r} has a line break (a label file has one line per class)"
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:  # a file name's bytes that are not UTF-8, as Python decodes them
+            return f"class label {label!r} is not UTF-8 text"
     return None
 
 

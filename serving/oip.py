@@ -218,7 +218,7 @@ def top_classes(logits: np.ndarray, count: int, labels: Sequence[str] = ()) -> n
     labels file), largest first (ties: the lower index first), [N, min(count, classes)]."""
     order = np.argsort(-logits, axis=1, kind="stable")[:, :count]
     values = np.take_along_axis(logits, order, axis=1)
-    named = (lambda index: f":{labels[index]}") if labels else (lambda index: "")
+    named = (lambda index: f":{labels[index]}" if labels[index] else "") if labels else (lambda index: "")  # as Triton
     return np.array([[f"{value:f}:{index}{named(index)}" for value, index in zip(*row)] for row in zip(values, order)],
                     dtype=object).reshape(order.shape)
 

@@ -379,6 +379,13 @@ def test_unknown_version_and_unknown_output(live):
         live.client.infer(MODEL, [inp], outputs=[triton.InferRequestedOutput("probs")], parameters={"task_id": 0})
 
 
+def test_a_class_without_a_name_is_answered_value_index_as_triton_does():
+    """An empty label gave "value:index:" with a trailing colon."""
+    from serving.oip import top_classes
+
+    assert top_classes(np.array([[0.5, 2.0]], np.float32), 2, ["", "x"]).tolist() == [["2.000000:1:x", "0.500000:0"]]
+
+
 def test_an_output_named_twice_is_refused(live):
     """Each name got a full copy of the output: 200,000 'logits' in a 2 MB request made a 516 MB answer,
     held every client for seconds while it was built, and then failed in gRPC, counted a success."""

@@ -54,6 +54,8 @@ def test_labels_must_be_text_on_one_line(tmp_path):
         TaskData(0, "t", x, y, x, y, num_classes=2, labels=[0, 1])
     with pytest.raises(ValueError, match=r"class label 'x\\ny' has a line break"):
         TaskData(0, "t", x, y, x, y, num_classes=2, labels=["a", "x\ny"])
+    with pytest.raises(ValueError, match=r"class label 'lat\\udce9n' is not UTF-8 text"):  # a folder name's byte 0xe9
+        TaskData(0, "t", x, y, x, y, num_classes=2, labels=["a", b"lat\xe9n".decode("utf-8", "surrogateescape")])
     root = make_image_folder(tmp_path, classes=5)
     (root / "train" / "c04").rename(root / "train" / "x\ny")
     (root / "test" / "c04").rename(root / "test" / "x\ny")
