@@ -345,14 +345,15 @@ class InferenceServer:
         self._on_loop(self._serve())
         self.repository.follow(self.config.poll_interval, self._pin_threads)
         log.info("models: %s", ", ".join(self.repository.models()) or "none yet")
-        if not self.repository.models() and not config.models and (failing := self.repository.failing()):
-            log.warning("registry %s holds no model that loads: %s could not be loaded (the errors above); a model "
-                        "is served once a generation of it loads (checked every %g s)",
-                        self.repository.registry.location, ", ".join(map(repr, failing)), config.poll_interval)
-        elif not self.repository.models() and not config.models:
-            log.warning("registry %s holds no loadable model (nothing published there yet, or not the --registry "
-                        "meant?): a model is served once a generation of it is published there (checked every "
-                        "%g s)", self.repository.registry.location, config.poll_interval)
+        if not self.repository.models() and not config.models:
+            if failing := self.repository.failing():
+                log.warning("registry %s holds no model that loads: %s could not be loaded (the errors above); a "
+                            "model is served once a generation of it loads (checked every %g s)",
+                            self.repository.registry.location, ", ".join(map(repr, failing)), config.poll_interval)
+            else:
+                log.warning("registry %s holds no loadable model (nothing published there yet, or not the "
+                            "--registry meant?): a model is served once a generation of it is published there "
+                            "(checked every %g s)", self.repository.registry.location, config.poll_interval)
         if waiting := sorted(set(config.models or ()) - set(self.repository.models())):
             held = ", ".join(self.repository.registry.published_models()) or "none"
             log.warning("not serving %s yet (--model): not in registry %s (it holds: %s), or not loadable (see "
