@@ -368,7 +368,13 @@ class InferenceServer:
         await self.server.start()
         self.servicer.ready = True
         await self._set_health()
-        self.repository.add_listener(lambda: asyncio.run_coroutine_threadsafe(self._set_health(), self._loop))
+        self.repository.add_listener(self._health_changed)
+
+    def _health_changed(self) -> None:
+        """A repository listener (any thread): health follows what is served. Not once the server stops: its
+        loop no longer runs, and a poll that ends after the stop left a coroutine never awaited."""
+        if not self._stopped.is_set():
+            asyncio.run_coroutine_threadsafe(self._set_health(), self._loop)
 
     async def _set_health(self) -> None:
         """SERVING, or NOT_SERVING while a model named with --model is not served (readiness probes then
