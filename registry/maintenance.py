@@ -127,7 +127,7 @@ def _is_folder(registry: Registry, key: str) -> bool:
     except IsADirectoryError:
         return True
     except OSError:  # gone since the listing, or unreadable: gc says which
-        return False
+        pass
     return False
 
 
