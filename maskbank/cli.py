@@ -229,7 +229,8 @@ def _add_serve(commands) -> None:
         "serve", help="serve a registry over the Open Inference Protocol (gRPC)",
         description="Serve every model of a registry over gRPC (Open Inference Protocol, tritonclient-compatible). "
         "New generations published to the registry are picked up without a restart. Stop with Ctrl-C or SIGTERM "
-        "(graceful: health goes NOT_SERVING, running calls finish).",
+        "(graceful: health goes NOT_SERVING, running calls finish); SIGHUP makes it look at the registry at once, "
+        "without waiting for the next poll.",
     )
     p.add_argument("--registry", required=True, type=given_path,
                    help="registry directory, or an fsspec URL (s3://bucket/prefix, memory://...) shared by replicas")

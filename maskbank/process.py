@@ -61,6 +61,10 @@ class ChildServer:
                 self.port = int(match.group(2))
                 found.set()
 
+    def send_signal(self, signum: int) -> None:
+        """Send `signum` to the running child (SIGHUP: a server polls its registry at once)."""
+        self._process.send_signal(signum)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (graceful stop), then SIGKILL if it does not exit in `timeout` seconds."""
         if self._process is None or self._process.poll() is not None:

@@ -69,6 +69,7 @@ class ModelRepository:
         self._refresh_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []  # called after every swap and unload (add_listener)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by poll_now and close: the follower polls (or stops) without waiting
         self._thread: threading.Thread | None = None
         self._gone: list[str] = []  # served models the registry last listed without (warned about once)
         self._poll_error: str | None = None  # why the last poll failed (logged once), None after one succeeds
@@ -392,7 +393,11 @@ class ModelRepository:
         def loop():
             if initializer is not None:
                 initializer()
-            while not self._stop.wait(interval):
+            while True:
+                self._wake.wait(interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
                 try:
                     self.refresh()
                 except Exception as error:  # a poll must never kill the follower; the next one retries
@@ -404,6 +409,12 @@ class ModelRepository:
 
         self._thread = threading.Thread(target=loop, name="maskbank-follow", daemon=True)
         self._thread.start()
+
+    def poll_now(self) -> None:
+        """Have the follower poll the registry at once rather than at the end of its interval (SIGHUP):
+        an operator who just published need not wait out a long --poll-interval. A poll under way is
+        followed by one more."""
+        self._wake.set()
 
     def _poll_failed(self, error: Exception) -> None:
         """Log a failed poll once per distinct error (with its traceback unless it is maskbank's own,
@@ -420,6 +431,7 @@ class ModelRepository:
         registry that hangs (object storage retrying for a minute) may hold past a stop's grace period:
         it is left to end with the process (a daemon thread)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():

@@ -512,14 +512,17 @@ def _add_to_pool(file_descriptor) -> None:
 
 
 def serve_forever(config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully. Prints the address once listening."""
+    """Run until SIGINT/SIGTERM, then stop gracefully; SIGHUP polls the registry at once. Prints the
+    address once listening."""
     server = InferenceServer(config)
     port = server.start()
     # The handler only appends: it takes no lock, since a second signal may interrupt it (a handler
     # that set a threading.Event deadlocked on its lock when a SIGINT came in the middle of a SIGTERM's).
     signals: list[int] = []
+    polls: list[int] = []  # SIGHUPs: look at the registry now (a daemon's reload signal; its default killed the server)
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the address is printed: a caller may signal once it reads it
         signal.signal(sig, lambda signum, frame: signals.append(signum))
+    signal.signal(signal.SIGHUP, lambda signum, frame: polls.append(signum))
     details = [f"pid {os.getpid()}", describe_device(server.repository.device)] + (["TLS"] if config.tls else [])
     details.append(f"metrics on {server.metrics_url}" if server.metrics_url else "metrics off")
     # maskbank.process.ServerProcess reads this line: keep "maskbank serving ... on HOST:PORT (" intact.
@@ -527,6 +530,10 @@ def serve_forever(config: ServerConfig) -> None:
     log.info("listening on %s", host_port(config.host, port),
              extra={"port": port, "metrics_port": server.metrics_port, "tls": config.tls})
     while not signals:
+        if polls:
+            polls.clear()
+            log.info("SIGHUP: polling the registry now")
+            server.repository.poll_now()
         time.sleep(SIGNAL_POLL_SECONDS)
     stopping = threading.Thread(target=server.stop, name="maskbank-stop")
     stopping.start()

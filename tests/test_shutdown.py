@@ -16,6 +16,8 @@ from serving._proto import maskbank_pb2 as mb
 from serving._proto import maskbank_pb2_grpc as mb_grpc
 from serving._proto import pb, pb_grpc
 
+from trainer import train
+
 from .conftest import TINY, train_model, wait_for
 
 pytestmark = pytest.mark.slow
@@ -210,3 +212,27 @@ def test_a_registry_that_hangs_holds_neither_metadata_calls_nor_the_stop(tmp_pat
         assert process.stop(timeout=30) == 0
         assert time.monotonic() - began < 10, f"the stop took {time.monotonic() - began:.1f} s"
         assert any("stopping without waiting for the registry poll under way" in line for line in process.output)
+
+
+def test_sighup_makes_a_running_server_poll_the_registry_at_once(tmp_path):
+    """SIGHUP killed the server (its default action); a daemon's reload signal should rather have it
+    look at the registry now, so a publish need not wait out a long --poll-interval."""
+    import signal
+
+    import tritonclient.grpc as triton
+
+    from maskbank.process import ServerProcess
+
+    registry = train_model(tmp_path, "m", 1, TINY)
+    with ServerProcess(tmp_path, "--poll-interval", "3600", "--threads", "1") as process:
+        client = triton.InferenceServerClient(process.url)
+        assert client.get_model_metadata("m", client_timeout=5).versions == ["1"]
+        train(registry, "m", 2, {}, log=lambda _: None)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: client.get_model_metadata("m", client_timeout=5).versions == ["2"], timeout=30,
+                 what="generation 2 served after SIGHUP")
+        process.send_signal(signal.SIGHUP)  # nothing new: it keeps serving
+        time.sleep(0.5)
+        assert client.is_server_live() and client.get_model_metadata("m").versions == ["2"]
+        assert process.stop(timeout=30) == 0
+    assert any("SIGHUP: polling the registry now" in line for line in process.output)
