@@ -173,8 +173,11 @@ class Snapshot:
         reusable = {t.key: t for t in previous.tasks.values() if t.error is None} if previous else {}
         tasks = {}
         for entry in manifest.tasks:
-            candidate = LoadedTask(entry, None)
-            tasks[entry.id] = reusable.get(candidate.key) or _load_task(registry, manifest.model, entry)
+            # the decoded parts are reused, with this manifest's entry: the same blobs may be another task's
+            # (two tasks with equal masks) or a task renamed or relabelled by a model published again
+            reused = reusable.get(LoadedTask(entry, None).key)
+            tasks[entry.id] = (LoadedTask(entry, reused.parts) if reused is not None
+                               else _load_task(registry, manifest.model, entry))
             failed_before = previous is not None and entry.id in previous.tasks and previous.tasks[entry.id].error
             if failed_before and tasks[entry.id].error is None:
                 log.info("model '%s': task %s (%s) is back in service", manifest.model, entry.id, entry.name)

@@ -70,3 +70,21 @@ def test_a_loaded_snapshot_holds_its_masks_bitpacked(tmp_path):
         masks = task.parts["masks"]
         assert isinstance(masks, PackedMasks) and all(p.dtype == torch.uint8 for p in masks.packed.values())
         assert weights / 8 <= masks.nbytes <= weights / 8 + len(masks)  # a byte per weight as bool
+
+
+def test_a_task_reusing_another_generations_parts_keeps_its_own_entry(tmp_path):
+    """A snapshot reuses the parts it decoded before (matched by blob digests) and took their task's
+    entry with them: a task whose masks equal an earlier task's answered as that task (its id, name,
+    labels), and a model published again with the same blobs kept the old names and labels."""
+    import dataclasses
+
+    cache = LRUCache(1 << 20)
+    registry, first = snapshot_of_tasks(tmp_path, cache)
+    manifest = registry.manifest("m")
+    twin = dataclasses.replace(manifest.tasks[0], id=TASKS, name="twin-of-t0")
+    relabelled = dataclasses.replace(manifest.tasks[1], labels=tuple("abcd"))
+    second = dataclasses.replace(manifest, generation=2,
+                                 tasks=(manifest.tasks[0], relabelled, *manifest.tasks[2:], twin))
+    snapshot = Snapshot.load(registry, second, first, cache)
+    assert snapshot.tasks[TASKS].entry == twin and snapshot.tasks[1].entry == relabelled
+    assert snapshot.tasks[TASKS].parts is first.tasks[0].parts  # still decoded once
