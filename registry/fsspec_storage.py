@@ -194,6 +194,17 @@ class FsspecStorage:
         return _timestamp(self.fs.modified(self._fresh(key)))
 
     @_reaching
+    def version(self, key: str) -> tuple:
+        """Size and ETag, from one metadata request (a HEAD on object storage): an ETag is the content's
+        digest, so a rewrite shows even within the 1 s resolution of S3's modification times. A store
+        without ETags: size and modification time (NotImplementedError where it has no time either:
+        fsspec's HTTP)."""
+        path = self._fresh(key)
+        info = self.fs.info(path)
+        tag = info.get("ETag") or info.get("etag")
+        return (int(info["size"]), tag) if tag else (int(info["size"]), _timestamp(self.fs.modified(path)))
+
+    @_reaching
     def size(self, key: str) -> int:
         """The object's size in bytes, from its metadata (a HEAD on object storage); IsADirectoryError
         for a "folder" (objects under `key/`), which s3fs sizes as 0 bytes."""

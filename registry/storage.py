@@ -6,7 +6,8 @@ Every backend provides:
 * `write(key, data)`: a whole-object write: a reader sees the old object, the new one, or none;
 * `create(key, data) -> bool`: the same, but only if `key` does not exist yet, atomically with
   respect to other creators (the compare-and-swap that publishing is built on);
-* `read`, `exists`, `delete`, `list_dir` (names directly below a prefix), `modified` (a POSIX time).
+* `read`, `exists`, `delete`, `list_dir` (names directly below a prefix), `modified` (a POSIX time),
+  `version` (a token that changes with every write), `size`.
 
 `open_storage(location)` picks the backend: a plain path (or file://) is a local directory; any
 other fsspec URL (s3://, memory://, ...) goes through registry/fsspec_storage.py.
@@ -49,6 +50,10 @@ class Storage(Protocol):
     def list_dir(self, prefix: str) -> list[str]: ...
 
     def modified(self, key: str) -> float: ...
+
+    def version(self, key: str) -> tuple:
+        """A token that changes whenever the object is written again, from its metadata (nothing
+        read; one request on object storage); NotImplementedError where the store cannot tell."""
 
     def size(self, key: str) -> int:
         """The object's size in bytes, from its metadata (nothing read); IsADirectoryError for a folder."""
@@ -150,6 +155,12 @@ class LocalStorage:
 
     def modified(self, key: str) -> float:
         return (self.root / key).stat().st_mtime
+
+    def version(self, key: str) -> tuple:
+        """Size, time in nanoseconds and inode: a file moved in over the old one (every write here) is a new
+        inode, so a rewrite of the same size within the file system's time resolution shows too."""
+        info = (self.root / key).stat()
+        return info.st_size, info.st_mtime_ns, info.st_ino
 
     def size(self, key: str) -> int:
         """The file's size; IsADirectoryError for a folder."""

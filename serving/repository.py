@@ -74,7 +74,7 @@ class ModelRepository:
         self._gone: list[str] = []  # served models the registry last listed without (warned about once)
         self._poll_error: str | None = None  # why the last poll failed (logged once), None after one succeeds
         self._published: dict[str, bool] | None = None  # the last poll's listing: has each model a generation?
-        self._manifest_seen: dict[str, tuple[int, float]] = {}  # model -> (size, modified) of its served generation's
+        self._manifest_seen: dict[str, tuple] = {}  # model -> the storage version (_fingerprint) of its served generation's
         # manifest file when last found to be the one served
         self._retry: dict[tuple[str, str], tuple[float, float]] = {}  # (model, TASKS or REPLACEMENT) -> (when polls
         # next retry its tasks out of service, or a replacement of its generation that did not load; the wait after)
@@ -306,12 +306,12 @@ class ModelRepository:
         self._replacing[model] = (seen, manifest)
         return LOAD
 
-    def _fingerprint(self, model: str, generation: int) -> tuple[int, float] | None:
-        """(size, modified time) of a generation's manifest file, or None where the store cannot say when
-        a file changed (fsspec's HTTP): its manifest is then read on every poll."""
-        key = self.registry.manifest_key(model, generation)
+    def _fingerprint(self, model: str, generation: int) -> tuple | None:
+        """The storage's version of a generation's manifest file (local: size, time and inode; S3: size and
+        ETag), or None where the store cannot say when a file changed (fsspec's HTTP): its manifest is
+        then read on every poll."""
         try:
-            return self.registry.storage.size(key), self.registry.storage.modified(key)
+            return self.registry.storage.version(self.registry.manifest_key(model, generation))
         except NotImplementedError:
             return None
 

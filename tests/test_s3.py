@@ -191,6 +191,37 @@ def test_s3_create_never_overwrites(s3_url):
         storage.read("nope")
 
 
+def test_s3_version_tells_a_same_size_rewrite_within_a_second(s3_url):
+    """A server tells a replaced manifest by its metadata: with size and modification time (two HEADs),
+    a rewrite of the same size within S3's 1 s time resolution went unnoticed; the ETag is the content's."""
+    storage = Registry(s3_url).storage
+    storage.write("k", b"aaaa")
+    first = storage.version("k")
+    assert storage.version("k") == first
+    storage.write("k", b"bbbb")
+    assert storage.version("k") != first
+
+
+def test_a_server_on_s3_notices_a_manifest_replaced_by_one_of_the_same_size_at_once(s3_url):
+    """A model deleted and published again between two polls, its manifest of the same size: compared by
+    size and modification time (S3's are whole seconds) the server went on serving the old tasks."""
+    import dataclasses
+
+    from serving.repository import ModelRepository
+
+    registry = Registry(s3_url)
+    served = registry.commit(manifest_with(registry))
+    repository = ModelRepository(registry)
+    repository.refresh()
+    assert repository.refresh() == []
+    renamed = dataclasses.replace(served, tasks=(dataclasses.replace(served.tasks[0], name="u0"),))
+    key = registry.manifest_key("m", 1)
+    assert len(renamed.to_json()) == len(registry.storage.read(key))
+    registry.storage.write(key, renamed.to_json())
+    (swapped,) = repository.refresh()
+    assert swapped.tasks[0].entry.name == "u0"
+
+
 def test_s3_listings_are_fresh_across_clients(s3_url):
     """A server polls with its own client: a generation that another process publishes must appear
     although this process has listed (and s3fs cached) the prefix before. (s3fs shares one client
@@ -220,6 +251,17 @@ def test_memory_registry_round_trip_conflict_and_race(memory_url):
     registry.storage.write(key, registry.storage.read(key)[:-1])
     with pytest.raises(BlobCorrupt, match=f"at {memory_url}/blobs/sha256/"):
         registry.load(ref)
+
+
+def test_memory_version_without_etags_is_size_and_time(memory_url):
+    """A store without ETags still versions a manifest by its metadata (a server reads a manifest on
+    every poll only where the store cannot tell at all, as fsspec's HTTP)."""
+    storage = Registry(memory_url).storage
+    storage.write("k", b"aaaa")
+    first = storage.version("k")
+    assert storage.version("k") == first and first[0] == 4
+    storage.write("k", b"longer")
+    assert storage.version("k")[0] == 6
 
 
 def test_memory_racing_publishers_exactly_one_wins(memory_url):
