@@ -191,10 +191,12 @@ def test_s3_create_never_overwrites(s3_url):
         storage.read("nope")
 
 
-def test_s3_version_tells_a_same_size_rewrite_within_a_second(s3_url):
+@pytest.mark.parametrize("location", ["s3", "folder"])
+def test_a_storage_version_tells_a_same_size_rewrite_within_a_second(location, request, tmp_path):
     """A server tells a replaced manifest by its metadata: with size and modification time (two HEADs),
-    a rewrite of the same size within S3's 1 s time resolution went unnoticed; the ETag is the content's."""
-    storage = Registry(s3_url).storage
+    a rewrite of the same size within S3's 1 s time resolution went unnoticed; the ETag is the content's.
+    In a folder a write moves a new file in: a new inode."""
+    storage = Registry(request.getfixturevalue("s3_url") if location == "s3" else tmp_path).storage
     storage.write("k", b"aaaa")
     first = storage.version("k")
     assert storage.version("k") == first
