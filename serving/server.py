@@ -54,6 +54,8 @@ MAX_MESSAGE_BYTES = INT32_MAX
 MIN_MESSAGE_BYTES = 4 << 10
 MAX_THREADS = 1024  # --threads: 100,000 made OpenMP run out of memory; beyond, torch's C integer overflowed
 LIFO_AFTER_MS = 100.0  # a compute pool queue whose oldest request waited this long stands: newest first
+INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1  # protobuf's integer fields
+MAX_PRIORITY_LEVELS = 1000  # --priority-levels: a queue each, looked through for work (Triton's configs use a few)
 MAX_QUEUE_DELAY_US = 1_000_000  # --max-queue-delay-us: beyond, every request waits longer than clients do
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 86400.0  # --poll-interval: shorter keeps a core busy; longer is no follow
 
@@ -118,15 +120,20 @@ class ServerConfig:
             hint = " (a number without a unit is bytes: 16MiB, not 16)" if self.max_message_bytes < MIN_MESSAGE_BYTES else ""
             raise ValueError(f"--max-message-bytes must be from {MIN_MESSAGE_BYTES} (4KiB) to {MAX_MESSAGE_BYTES} "
                              f"(2 GiB - 1, gRPC's limit), got {self.max_message_bytes}{hint}")
-        for flag, value, least in (("--instances", self.instances, 1), ("--workers", self.workers, 1),
-                                   ("--max-batch-size", self.max_batch_size, 1),
-                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0),
-                                   ("--max-queue-size", self.max_queue_size, 0),
-                                   ("--default-timeout-us", self.default_timeout_us, 0),
-                                   ("--lifo-after-ms", self.lifo_after_ms or 0, 0),
-                                   ("--priority-levels", self.priority_levels, 0)):
+        # the most: what the field of Triton's ModelConfig that reports it holds (a larger value made every
+        # ModelConfig call INTERNAL), or what the server can keep (a deque per priority level)
+        for flag, value, least, most in (("--instances", self.instances, 1, INT32_MAX),
+                                         ("--workers", self.workers, 1, None),
+                                         ("--max-batch-size", self.max_batch_size, 1, INT32_MAX),
+                                         ("--max-queue-delay-us", self.max_queue_delay_us, 0, None),
+                                         ("--max-queue-size", self.max_queue_size, 0, UINT32_MAX),
+                                         ("--default-timeout-us", self.default_timeout_us, 0, UINT64_MAX),
+                                         ("--lifo-after-ms", self.lifo_after_ms or 0, 0, None),
+                                         ("--priority-levels", self.priority_levels, 0, MAX_PRIORITY_LEVELS)):
             if value < least:
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+            if most is not None and value > most:
+                raise ValueError(f"{flag} must be at most {most:,}, got {value:,}")
         if self.max_queue_delay_us > MAX_QUEUE_DELAY_US:  # every task-given request would wait it out
             raise ValueError(f"--max-queue-delay-us must be at most {MAX_QUEUE_DELAY_US:,} (1 s), got "
                              f"{self.max_queue_delay_us:,}: a request waits up to this long for company (Triton's "

@@ -360,6 +360,12 @@ def test_config_checks_tls_files_and_limits(tmp_path, certificate):
                                ("max_queue_delay_us", "--max-queue-delay-us", -5)):
         with pytest.raises(ValueError, match=f"{flag} must be at least"):
             ServerConfig(registry="r", **{field: value})
+    for field, flag, value in (("max_batch_size", "--max-batch-size", 2**31), ("instances", "--instances", 2**31),
+                               ("max_queue_size", "--max-queue-size", 2**32),
+                               ("default_timeout_us", "--default-timeout-us", 2**64),
+                               ("priority_levels", "--priority-levels", 1001)):  # ModelConfig was INTERNAL for ever
+        with pytest.raises(ValueError, match=f"{flag} must be at most {value - 1:,}, got {value:,}"):
+            ServerConfig(registry="r", **{field: value})
     with pytest.raises(ValueError, match=r"--max-queue-delay-us must be at most 1,000,000 \(1 s\), got 100,000,000,000,000"):
         ServerConfig(registry="r", max_queue_delay_us=10**14)  # every task-given request waited until its deadline
     for poll in (0, float("nan"), 1e-6, float("inf"), 1e10):  # inf: the polls stopped with an OverflowError traceback

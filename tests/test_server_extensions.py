@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from maskbank.process import ServerProcess
 from serving._proto import pb, pb_grpc
 
-from .conftest import TINY, train_model, wait_for
+from .conftest import TINY, held_server, train_model, wait_for
 
 pytestmark = pytest.mark.slow
 X = np.random.default_rng(0).random((4, 64), dtype=np.float32)
@@ -171,6 +171,20 @@ def test_model_config(server):
     group = config.instance_group[0]
     assert (len(config.instance_group), group.name, group.kind, group.count) == (1, "a", group.KIND_CPU, 2)
     assert client.get_model_config("a", as_json=True)["config"]["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+def test_model_config_holds_the_largest_settings_a_server_accepts(tmp_path):
+    """A server took --max-batch-size 3000000000 (Triton's field is an int32) and answered every
+    ModelConfig INTERNAL, which tools that read the config first (perf_analyzer) cannot get past."""
+    from serving.server import INT32_MAX, MAX_PRIORITY_LEVELS, UINT32_MAX, UINT64_MAX
+
+    settings = {"max_batch_size": INT32_MAX, "instances": INT32_MAX, "max_queue_size": UINT32_MAX,
+                "default_timeout_us": UINT64_MAX, "priority_levels": MAX_PRIORITY_LEVELS}
+    with held_server(tmp_path, **settings) as (server, _):
+        config = triton.InferenceServerClient(f"127.0.0.1:{server.port}").get_model_config("m").config
+    batching = config.dynamic_batching
+    assert (config.max_batch_size, config.instance_group[0].count, batching.default_queue_policy.max_queue_size,
+            batching.default_queue_policy.default_timeout_microseconds, batching.priority_levels) == tuple(settings.values())
 
 
 def test_statistics_count_successes_and_failures(server):
