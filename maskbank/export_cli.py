@@ -10,7 +10,8 @@ from registry.onnx_export import LAYOUTS, export_onnx
 from .cli import given_path, positive_int, progress_bar
 
 ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
-FP32 [N, classes], every weight a graph input named after the network's parameter, batch dimension dynamic) and,
+FP32 [N, the network's classes]: keep a task's first num_classes columns, as export.json lists them; every weight a
+graph input named after the network's parameter, batch dimension dynamic) and,
 per task, its effective weights (DIR/tasks/ID.safetensors, to feed as those inputs) or with --layout self-contained
 a standalone model (DIR/tasks/ID.onnx, logits cut to the task's classes). DIR/export.json lists the tasks and
 files. Every ONNX file passes onnx.checker."""
@@ -18,7 +19,8 @@ files. Every ONNX file passes onnx.checker."""
 TRITON_HELP = """Writes one Triton model per task, REPO/MODEL.task-ID/config.pbtxt and
 REPO/MODEL.task-ID/GENERATION/model.onnx (platform onnxruntime_onnx, dynamic batching). A Triton ONNX model cannot
 take weights from outside at run time, so every task is its own self-contained model; the client picks the task by
-picking the model."""
+picking the model. A model folder already there must be this model's export (or empty); versions above the generation
+exported, and models of tasks the registry no longer lists, are removed (the registry went back)."""
 
 
 def add_export_commands(commands) -> None:
@@ -55,7 +57,10 @@ def run_export_command(args) -> int:
     else:
         from serving.triton_export import export_triton
 
-        models = export_triton(registry, args.model, args.out, args.tasks, max_batch_size=args.max_batch_size,
+        export = export_triton(registry, args.model, args.out, args.tasks, max_batch_size=args.max_batch_size,
                                progress=progress)
-        print(f"wrote {len(models)} Triton model(s) into {args.out}", file=sys.stderr)
+        print(f"wrote {len(export.models)} Triton model(s) into {args.out}", file=sys.stderr)
+        if export.withdrawn:
+            print("removed what the registry no longer has (versions above the generation exported, models of tasks "
+                  f"it does not list): {', '.join(str(path) for path in export.withdrawn)}", file=sys.stderr)
     return 0

@@ -39,7 +39,7 @@ from onnx import helper, numpy_helper
 
 from .architectures import build_architecture, input_features
 from .catalog import Registry
-from .errors import ExportError, InvalidArtifact, UnknownName
+from .errors import BlobCorrupt, BlobNotFound, BlobUnreadable, ExportError, InvalidArtifact, UnknownName
 from .folders import make_folder, staging_folder
 from .manifest import Manifest, TaskEntry
 from .materialize import effective_parameters, served_backbone
@@ -189,7 +189,11 @@ def task_weights(registry: Registry, manifest: Manifest,
         version = served_backbone(entry.method, entry.backbone, manifest.backbones)
         if version not in backbones:
             backbones[version] = registry.load_backbone(manifest, version)
-        parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
+        try:
+            parts = {kind: registry.load(ref) for kind, ref in entry.parts.items()}
+        except (BlobNotFound, BlobCorrupt, BlobUnreadable) as error:  # say which task, and what still exports
+            raise type(error)(f"task {entry.id} ({entry.name}) of model '{manifest.model}' cannot be exported: {error} "
+                              "(the other tasks export when named with --task)") from error
         with torch.no_grad():
             yield entry, effective_parameters(entry.method, backbones[version], parts, shared)
 

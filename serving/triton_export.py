@@ -21,16 +21,18 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from google.protobuf import text_format
 
-from registry import Registry, TaskEntry
+from registry import Manifest, Registry, TaskEntry
 from registry.architectures import input_features
 from registry.errors import ExportError
 from registry.folders import make_folder, staging_folder
 from registry.progress import Progress, no_progress
 from registry.onnx_export import (
+    COMMITTING,
+    INDEX,
     INPUT,
     OUTPUT,
     STAGING,
@@ -46,6 +48,7 @@ from registry.onnx_export import (
 
 from ._proto import model_config as mc
 
+MAX_BATCH_SIZE = 2**31 - 1  # ModelConfig.max_batch_size is an int32
 PLATFORM = "onnxruntime_onnx"
 CONFIG = "config.pbtxt"
 LABELS = "labels.txt"  # Triton's label file: line i names class i (classification answers "value:index:label")
@@ -73,10 +76,19 @@ def triton_config(name: str, features: int, task: TaskEntry, model: str, generat
     return config
 
 
+class TritonExport(NamedTuple):
+    """What an export changed in a Triton model repository."""
+
+    models: list[Path]  # the model directories written
+    withdrawn: list[Path]  # removed: this model's versions above the generation exported (the registry went
+    # back), and its models of tasks the registry no longer has, which Triton would have gone on serving
+
+
 def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequence[int | str] = (), *,
-                  max_batch_size: int = 1024, progress: Progress = no_progress) -> list[Path]:
-    """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`; return
-    the model directories. Every ONNX file passes onnx.checker before it is written.
+                  max_batch_size: int = 1024, progress: Progress = no_progress) -> TritonExport:
+    """Write one Triton model per task of `model` (all, or those `keys` names) into `repo`, and remove what
+    the registry withdrew (TritonExport.withdrawn). Every ONNX file passes onnx.checker before it is written.
+    A folder where a model goes must be this model's export (its config names it), or empty.
 
     Nothing Triton would load appears before every model is written: a model already in `repo` gets
     its new version staged inside its own directory (under a name that is not a number, which Triton
@@ -84,19 +96,25 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     and SIGTERM held off meanwhile. So an export that fails (a corrupt blob, Ctrl-C) adds nothing, where
     Triton would have loaded the tasks written before the failure as if they were the model. A second
     export into the repository while one runs fails at once (export_lock)."""
-    if max_batch_size < 1:  # 0 means "no batch dimension" to Triton, which these models (input [N, features]) have
-        raise ExportError(f"max_batch_size must be at least 1 (the models take a batch of rows), got {max_batch_size}")
+    if not 1 <= max_batch_size <= MAX_BATCH_SIZE:  # 0 means "no batch dimension" to Triton: these models have one
+        raise ExportError(f"max_batch_size must be from 1 (the models take a batch of rows) to {MAX_BATCH_SIZE:,} "
+                          f"(Triton's field is an int32), got {max_batch_size:,}")
     repo = Path(repo)
     check_outside_registry(registry, repo)
     if repo.exists() and not repo.is_dir():
         raise ExportError(f"{repo} is a file, not a folder: give a Triton model repository (a folder, new or not)")
+    if any(os.path.lexists(repo / name) for name in (INDEX, COMMITTING)):
+        raise ExportError(f"{repo} holds an `export onnx` export ({INDEX}), whose tasks/ folder Triton would take for "
+                          "a model: export the Triton repository into another folder")
     manifest = registry.manifest(model)
     graph = architecture_graph(manifest.architecture)
     features = input_features(manifest.architecture)
     created = make_folder(repo, f"model repository {repo}")
     version = str(manifest.generation)
     with export_lock(repo):
-        _check_places(repo, [triton_model_name(manifest.model, e) for e in selected_tasks(manifest, keys)], version)
+        _check_places(repo, manifest.model, [triton_model_name(manifest.model, e) for e in selected_tasks(manifest, keys)],
+                      version)
+        withdrawn = _withdrawn(repo, manifest)
         outside = _staging_outside(repo)
         staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
         try:
@@ -117,7 +135,9 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
             with _signals_held():
                 for directory, staging in staged:
                     _move_in(staging, directory, version)
-            return [directory for directory, _ in staged]
+                for path in withdrawn:
+                    shutil.rmtree(path)
+            return TritonExport([directory for directory, _ in staged], withdrawn)
         except BaseException:
             if created is not None and not any(repo.iterdir()):  # a repository this export made and left empty goes
                 shutil.rmtree(created, ignore_errors=True)
@@ -129,10 +149,11 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
             shutil.rmtree(outside, ignore_errors=True)
 
 
-def _check_places(repo: Path, names: Sequence[str], version: str) -> None:
+def _check_places(repo: Path, model: str, names: Sequence[str], version: str) -> None:
     """ExportError if something other than a folder stands where a model or its new version goes (or a
-    folder where its config goes): found before anything is written, since moving in would fail
-    midway, after the models before it were moved in."""
+    folder where its config goes), or a folder there holds another Triton model than `model`'s export:
+    found before anything is written, since moving in would fail midway, after the models before it were
+    moved in (and another model's config would be overwritten beside its own files)."""
     for name in names:
         directory = repo / name
         wrong = ([directory] if os.path.lexists(directory) and not directory.is_dir() else
@@ -143,6 +164,44 @@ def _check_places(repo: Path, names: Sequence[str], version: str) -> None:
                     "a folder" if wrong[0].is_dir() else "a file")
             raise ExportError(f"{wrong[0]} is {kind}, where this export writes Triton model '{name}' "
                               f"(version {version}): move it away; nothing was written")
+        if directory.is_dir() and (owner := _owner(directory)) not in (None, model):
+            raise ExportError(f"{directory} holds {owner}, not an export of maskbank model '{model}': move it "
+                              "away, or export into another repository; nothing was written")
+
+
+def _owner(directory: Path) -> str | None:
+    """The maskbank model whose export the Triton model folder `directory` is (its config's
+    `maskbank_model`), else what it holds, in words; None for a folder with nothing but an export's
+    leftovers (new models are moved in whole, config included), which any export may take."""
+    config = directory / CONFIG
+    if not config.is_file():
+        others = [p.name for p in directory.iterdir() if not p.name.startswith(STAGING)]
+        return f"files without a {CONFIG}" if others else None
+    try:
+        parsed = text_format.Parse(config.read_text(encoding="utf-8"), mc.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError, OSError) as error:
+        return f"a {CONFIG} this export cannot read ({error})"
+    if "maskbank_model" not in parsed.parameters:
+        return f"a Triton model of platform '{parsed.platform or parsed.backend}'"
+    return parsed.parameters["maskbank_model"].string_value
+
+
+def _withdrawn(repo: Path, manifest: Manifest) -> list[Path]:
+    """What of this model's export in `repo` its newest generation no longer has: version folders above
+    it (the registry went back a generation) and whole models of tasks it does not list."""
+    prefix, tasks = f"{manifest.model}.task-", {task.id for task in manifest.tasks}
+    withdrawn = []
+    for directory in sorted(repo.iterdir()):
+        task = directory.name.removeprefix(prefix)
+        if (task == directory.name or not task.isdigit() or directory.is_symlink() or not directory.is_dir()
+                or _owner(directory) != manifest.model):
+            continue
+        if int(task) not in tasks:
+            withdrawn.append(directory)
+        else:
+            withdrawn += sorted((v for v in directory.iterdir() if v.is_dir() and v.name.isdigit()
+                                 and int(v.name) > manifest.generation), key=lambda v: int(v.name))
+    return withdrawn
 
 
 def _staging_outside(repo: Path) -> Path:

@@ -259,7 +259,7 @@ def _umask() -> int:
 
 
 def test_triton_repository_configs_parse_and_every_model_loads(bn_registry, tmp_path):
-    models = export_triton(bn_registry, "m", tmp_path, max_batch_size=64)
+    models = export_triton(bn_registry, "m", tmp_path, max_batch_size=64).models
     assert [m.name for m in models] == ["m.task-0", "m.task-1"]
     expected = pytorch_logits(bn_registry, X)
     for task, directory in enumerate(models):
@@ -288,7 +288,8 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
     (repo / "other-model" / "1").mkdir(parents=True)  # a repository holds other models too: left alone
     blob = Path(copy.blobs.describe(copy.manifest("m").task(1).parts["masks"].digest))
     blob.write_bytes(b"corrupt")
-    with pytest.raises(BlobCorrupt):
+    with pytest.raises(BlobCorrupt, match=r"task 1 \(perm-1\) of model 'm' cannot be exported: blob sha256:\w+ at .* "
+                                          r"is corrupt.*\(the other tasks export when named with --task\)"):
         export_triton(copy, "m", repo)
     assert [p.name for p in repo.iterdir()] == ["other-model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg", "repo"]  # no staging folder left
@@ -332,6 +333,45 @@ def test_a_failed_triton_export_adds_nothing_to_the_repository(bn_registry, tmp_
         export_triton(Registry(f"file://{copy.location}"), "m", Path(copy.location) / "exports")
 
 
+def test_a_triton_export_takes_no_other_models_folder_and_removes_what_the_registry_withdrew(bn_registry, tmp_path,
+                                                                                             capsys):
+    """Another Triton model under an exported model's name had its config overwritten beside its own files;
+    a folder of `export onnx` became a Triton repository with a tasks/ 'model'; after the registry went back
+    a generation, a re-export 'succeeded' and Triton went on serving the withdrawn generation and task."""
+    import shutil
+
+    copy = Registry(shutil.copytree(bn_registry.location, tmp_path / "reg"))
+    repo = tmp_path / "repo"
+    foreign = repo / "m.task-0"
+    (foreign / "1").mkdir(parents=True)
+    (foreign / "config.pbtxt").write_text('platform: "pytorch_libtorch"')
+    (foreign / "1" / "model.pt").write_text("theirs")
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    with pytest.raises(ExportError, match=r"m.task-0 holds a Triton model of platform 'pytorch_libtorch', not an "
+                                          r"export of maskbank model 'm': move it away"):
+        export_triton(copy, "m", repo)
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    (foreign / "config.pbtxt").write_text("not { a config")
+    with pytest.raises(ExportError, match="holds a config.pbtxt this export cannot read"):
+        export_triton(copy, "m", repo)
+    shutil.rmtree(foreign)
+    export_onnx(copy, "m", tmp_path / "onnx", [0])
+    with pytest.raises(ExportError, match=r"holds an `export onnx` export \(export.json\)"):
+        export_triton(copy, "m", tmp_path / "onnx")
+    assert main(["export", "triton", "m", "--registry", str(copy.location), "--out", str(repo)]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["m.task-0", "m.task-1"]
+    copy.storage.delete(copy.manifest_key("m", 2))  # the registry goes back to generation 1: task 0 alone
+    capsys.readouterr()
+    assert main(["export", "triton", "m", "--registry", str(copy.location), "--out", str(repo)]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["m.task-0"]
+    assert sorted(p.name for p in (repo / "m.task-0").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    assert f"removed what the registry no longer has (versions above the generation exported, models of tasks it " \
+           f"does not list): {repo / 'm.task-0' / '2'}, {repo / 'm.task-1'}" in capsys.readouterr().err
+    with pytest.raises(ExportError, match=r"max_batch_size must be from 1 .* to 2,147,483,647 \(Triton's field is an "
+                                          r"int32\), got 2,147,483,648"):
+        export_triton(copy, "m", repo, max_batch_size=2**31)  # a ValueError traceback
+
+
 def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
     root = str(bn_registry.location)
     assert main(["export", "onnx", "m", "--registry", root, "--out", str(tmp_path / "o"), "--task", "0"]) == 0
@@ -345,7 +385,7 @@ def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "triton", "m", "--registry", root, "--out", str(tmp_path / "y"), "--max-batch-size", "0"])
     assert "argument --max-batch-size: expected a positive integer, got 0" in capsys.readouterr().err
-    with pytest.raises(ExportError, match="max_batch_size must be at least 1"):
+    with pytest.raises(ExportError, match="max_batch_size must be from 1"):
         export_triton(bn_registry, "m", tmp_path / "y", max_batch_size=-3)
     assert not (tmp_path / "y").exists()
 
@@ -462,7 +502,7 @@ def test_a_second_export_into_a_folder_while_one_runs_fails_at_once_and_touches_
         assert (out / ".staging-running").is_dir() and not any(repo.iterdir())
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [t["id"] for t in json.loads(export_onnx(bn_registry, "m", out).read_text())["tasks"]] == [0, 1]
-    assert len(export_triton(bn_registry, "m", repo)) == 2
+    assert len(export_triton(bn_registry, "m", repo).models) == 2
 
 
 def test_freed_memory_is_given_back_once_per_interval_and_after_a_burst(monkeypatch):
