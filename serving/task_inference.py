@@ -130,10 +130,9 @@ def _entropies(outputs: dict[int, torch.Tensor]) -> dict[int, float]:
 def _superposition_problem(snapshot: Snapshot) -> str | None:
     """Why the superposition modes (oneshot, binary) cannot run on `snapshot`, or None."""
     if snapshot.mask_stack() is None:
-        methods = ", ".join(sorted({t.entry.method for t in snapshot.healthy_tasks()}))
         return ("needs mask-based tasks on one backbone version without per-task BatchNorm statistics (SupSup "
                 "without BatchNorm; ExSSNeT trains the backbone, a version per task; ImpressLearn's real-valued "
-                f"masks have alpha instead), and this model's tasks are {methods or 'none in service'}")
+                "masks have alpha instead)")
     return None
 
 

@@ -244,8 +244,8 @@ def test_a_server_default_that_cannot_run_on_a_model_falls_back_to_exhaustive_th
             assert answer["task_inference"].string_param == mode
             config = client.get_model_config(model).config
             assert config.parameters["default_task_inference"].string_value == mode
-        with pytest.raises(InferenceServerException, match="task_inference 'oneshot' needs mask-based tasks .*, and this "
-                           "model's tasks are spg"):
+        with pytest.raises(InferenceServerException, match=r"task_inference 'oneshot' needs mask-based tasks .*\); "
+                           "model 'm' has spg tasks: use 'exhaustive'$"):
             client.infer("m", [inp], parameters={"task_inference": "oneshot"})
         client.close()
     warnings = [line for line in server.output if "cannot run on its tasks" in line]
