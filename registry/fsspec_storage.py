@@ -65,12 +65,18 @@ def _s3_options() -> dict[str, Any]:
     return {"config_kwargs": {**timeouts, "retries": retries}}
 
 
+# Python's own OSErrors that say something about the object asked for, which callers act on. Other OSErrors
+# from a store are the store's answer about itself: s3fs turns S3's 403 into PermissionError ("Forbidden", a
+# rejected key) and its 503 SlowDown (throttling) into OSError(EBUSY), which read as a damaged file.
+_ABOUT_THE_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def _reaching(method):
     """`method` with the storage client's own failures (botocore's NoCredentialsError, a read that timed
-    out: the caller cannot act on a library's exception type) raised as RegistryUnreachable naming
-    the registry. Python's own OSErrors (FileNotFoundError, PermissionError, ...) and NotImplementedError
-    keep their meaning for callers and pass as they are; a library's OSError subclass (botocore's ReadTimeoutError is
-    one, through requests) is the library's."""
+    out, S3 refusing the credentials or throttling: the caller cannot act on a library's exception type or
+    errno) raised as RegistryUnreachable naming the registry. Python's own FileNotFoundError,
+    IsADirectoryError, NotADirectoryError and FileExistsError, and NotImplementedError (a store without
+    that call: fsspec's HTTP has no `modified`) keep their meaning for callers and pass as they are."""
 
     @functools.wraps(method)
     def reaching(self, *args, **kwargs):
@@ -79,9 +85,12 @@ def _reaching(method):
         except MaskbankError:
             raise
         except Exception as error:  # noqa: BLE001  any client library's failure, reported with its words
-            if isinstance(error, (OSError, NotImplementedError)) and type(error).__module__ == "builtins":
-                raise  # NotImplementedError: a store without that call (fsspec's HTTP has no `modified`)
-            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
+            if isinstance(error, NotImplementedError) or (
+                    isinstance(error, _ABOUT_THE_OBJECT) and type(error).__module__ == "builtins"):
+                raise
+            hint = (": the store refused these credentials, or they lack permission for it"
+                    if isinstance(error, PermissionError) else "")
+            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}{hint}") from error
 
     return reaching
 

@@ -339,6 +339,56 @@ def test_a_stalled_store_is_an_error_naming_the_registry_within_its_timeouts(sta
     assert f"maskbank registry ls: error: cannot reach registry {stalled_endpoint}: ReadTimeoutError" in capsys.readouterr().err
 
 
+@pytest.fixture
+def refusing_endpoint(s3_endpoint, monkeypatch, request) -> Iterator[str]:
+    """An S3 endpoint answering every request with the S3 error `request.param` (status, code)."""
+    import functools
+    import http.server
+    import threading
+
+    status, code = request.param
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            body = f"<Error><Code>{code}</Code><Message>{code} from the test</Message></Error>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as endpoint:
+        threading.Thread(target=functools.partial(endpoint.serve_forever, 0.05), daemon=True).start()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{endpoint.server_address[1]}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        S3FileSystem.clear_instance_cache()
+        try:
+            yield f"s3://{BUCKET}/refused"
+        finally:
+            S3FileSystem.clear_instance_cache()
+            endpoint.shutdown()
+
+
+@pytest.mark.parametrize("refusing_endpoint, said", [
+    ((403, "InvalidAccessKeyId"), "PermissionError: .*: the store refused these credentials, or they lack permission"),
+    ((503, "SlowDown"), "OSError: "),
+], indirect=["refusing_endpoint"], ids=["credentials refused", "throttled"])
+def test_a_store_refusing_credentials_or_throttling_is_unreachable_not_a_damaged_file(refusing_endpoint, said, capsys):
+    """s3fs turns a 403 into PermissionError and a 503 SlowDown into OSError(EBUSY): commands printed a bare
+    'Forbidden' with the status of a corrupt registry, and a throttled blob read as a damaged one (a
+    server answered DATA_LOSS for it, and the log said to restore a backup)."""
+    with pytest.raises(RegistryUnreachable, match=rf"cannot reach registry {refusing_endpoint}: {said}"):
+        Registry(refusing_endpoint).storage.read("models/m/generations/0000000001.json")
+    assert main(["registry", "ls", "--registry", refusing_endpoint]) == 2
+    assert f"maskbank registry ls: error: cannot reach registry {refusing_endpoint}: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variable, value, message", [
     ("MASKBANK_S3_READ_TIMEOUT", "soon", "MASKBANK_S3_READ_TIMEOUT must be a number of seconds, got 'soon'"),
     ("MASKBANK_S3_CONNECT_TIMEOUT", "0", "MASKBANK_S3_CONNECT_TIMEOUT must be a positive number of seconds, got '0'"),
