@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import codecs
-from .errors import ManifestError, ModelNotFound, PublishConflict, RegistryError
+from .errors import ManifestError, ModelNotFound, PublishConflict, RegistryError, RegistryUnreachable
 from .kinds import get_kind
 from .manifest import BackboneVersion, BlobRef, Manifest
 from .names import check_name
@@ -117,15 +117,34 @@ class Registry:
         if missing:
             raise ManifestError(f"refusing to publish '{manifest.model}': blobs {missing} are not in the registry")
         latest = self.latest_generation(manifest.model)
-        if manifest.generation != latest + 1 or not self.storage.create(
-            self.manifest_key(manifest.model, manifest.generation), manifest.to_json()
-        ):
+        if manifest.generation != latest + 1 or not self._created(self.manifest_key(manifest.model, manifest.generation),
+                                                                  manifest.to_json()):
             raise PublishConflict(
                 f"model '{manifest.model}': generation {manifest.generation} cannot be published because "
                 f"the registry is at generation {self.latest_generation(manifest.model)}; another "
                 "publisher got there first: reload and retry"
             )
         return manifest
+
+    def _created(self, key: str, data: bytes) -> bool:
+        """Create `key` with `data` unless it exists; True if it now holds `data` because of this call. On
+        object storage the answer to a create that succeeded can be lost (a dropped connection, a read
+        timeout): the client sends it again and gets "exists", or gives up. So where the create says
+        "exists" or fails, the object is read back: holding these very bytes, it is this publish's own."""
+        try:
+            if self.storage.create(key, data):
+                return True
+        except RegistryUnreachable:
+            if not self._holds(key, data):
+                raise
+            return True
+        return self._holds(key, data)
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.storage.read(key) == data
+        except (FileNotFoundError, RegistryUnreachable):
+            return False
 
     def publish(self, model: str, change: Callable[[Manifest | None], Manifest], attempts: int = 10) -> Manifest:
         """Commit `change(latest manifest or None)`, rebuilding and retrying on PublishConflict.

@@ -21,7 +21,7 @@ from registry import (
     TaskNotFound,
     build_architecture,
 )
-from registry.errors import InvalidArtifact, UnknownName
+from registry.errors import InvalidArtifact, RegistryUnreachable, UnknownName
 from registry.storage import LocalStorage
 
 from .conftest import manifest_with, signed_manifest
@@ -273,3 +273,30 @@ def test_a_temporary_deleted_before_it_is_moved_in_is_written_again(tmp_path, mo
                                                 r"registry gc --grace-seconds 0` running meanwhile\?\)"):
         storage.create("m/2.json", b"manifest")
 
+
+
+@pytest.mark.parametrize("answer", ["exists", "unreachable"])
+def test_a_publish_whose_answer_was_lost_is_not_taken_for_a_conflict(tmp_path, monkeypatch, answer):
+    """On S3 a create-if-absent that succeeded but whose answer was lost is sent again by botocore and
+    answered 412 (exists), or times out: the trainer stopped with "another publisher got there first",
+    with nobody else publishing and its generation in the registry."""
+    registry, rival = Registry(tmp_path), Registry(tmp_path)
+    create = registry.storage.create
+    first_of_rival = {}
+
+    def answer_lost(key: str, data: bytes) -> bool:
+        if first_of_rival:  # a real conflict: the rival's generation lands first
+            assert rival.storage.create(key, first_of_rival.pop("data"))
+        create(key, data)
+        if answer == "exists":
+            return False
+        raise RegistryUnreachable(f"cannot reach registry {tmp_path}: ReadTimeoutError: read timed out")
+
+    monkeypatch.setattr(registry.storage, "create", answer_lost)
+    published = registry.commit(manifest_with(registry))
+    assert registry.manifest("m") == published
+    first_of_rival["data"] = dataclasses.replace(manifest_with(rival, tasks=2), generation=2).to_json()
+    error = PublishConflict if answer == "exists" else RegistryUnreachable
+    with pytest.raises(error):
+        registry.commit(dataclasses.replace(manifest_with(registry, tasks=3), generation=2))
+    assert len(rival.manifest("m").tasks) == 2
