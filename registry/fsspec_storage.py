@@ -185,7 +185,8 @@ class FsspecStorage:
 
     @_reaching
     def location_problem(self, must_exist: bool) -> str | None:
-        """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL."""
+        """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL, an
+        object there, or a prefix holding other things than a registry (a mistyped prefix verified OK)."""
         bucket = self.root.split("/", 1)[0]
         self.fs.invalidate_cache()
         if self.scheme in _BUCKETED and bucket:
@@ -193,8 +194,15 @@ class FsspecStorage:
                 self.fs.info(bucket)  # not exists(): s3fs answers False for missing credentials too
             except FileNotFoundError:
                 return f"bucket '{bucket}' does not exist, or these credentials cannot see it"
-        if must_exist and not self.fs.exists(self.root):
+        if not must_exist:
+            return None
+        if self.fs.isfile(self.root):
+            return "it is an object, not a prefix holding one (is it the right URL?)"
+        names = self.list_dir("")
+        if not names:
             return "nothing is stored under it (the first publish, `maskbank train --registry ...`, creates it)"
+        if not {"models", "blobs"} & set(names):
+            return "it holds other things and no models/ or blobs/ (is it the right prefix?)"
         return None
 
     @_reaching

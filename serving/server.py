@@ -343,6 +343,7 @@ class InferenceServer:
                 raise OSError(f"cannot listen on {address} ({problem})")
             if metrics_port is not None:
                 self.metrics_port = self.metrics.start(config.host, metrics_port)
+            self.repository.registry.check_location(must_exist=False)  # an S3 bucket that does not exist: never a registry
             self.repository.refresh()
         except BaseException:  # nothing served yet: release the ports and the loop's thread
             self.metrics.stop()

@@ -24,6 +24,7 @@ from s3fs import S3FileSystem
 from maskbank.cli import main
 from maskbank.process import ServerProcess
 from registry import BlobCorrupt, Manifest, PublishConflict, Registry, RegistryError, RegistryUnreachable
+from serving import InferenceServer, ServerConfig
 from trainer import get_stream
 
 from .conftest import TINY, manifest_with, train_model, wait_for
@@ -308,6 +309,22 @@ def test_a_bucket_that_does_not_exist_is_no_registry(s3_endpoint, capsys):
     for command in (["registry", "ls"], ["registry", "verify"], ["registry", "gc"], ["report", "m"], train):
         assert main([*command, "--registry", url]) == 2
         assert f"error: no registry at {url}: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    server = InferenceServer(ServerConfig(registry=url, port=0, metrics_port=-1))  # it served nothing, for ever
+    with pytest.raises(RegistryError, match=f"no registry at {url}: bucket 'no-such-bucket' does not exist"):
+        server.start()
+
+
+def test_a_prefix_holding_other_things_or_an_object_is_no_registry(s3_url, capsys):
+    """A mistyped prefix (one holding other objects, or naming an object) verified OK with 0 generations,
+    where the same mistakes on a local path are errors."""
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"{s3_key(s3_url)}/notes.txt", Body=b"x")
+    for url, problem in ((s3_url, "it holds other things and no models/ or blobs/ (is it the right prefix?)"),
+                         (f"{s3_url}/notes.txt", "it is an object, not a prefix holding one (is it the right URL?)")):
+        for command in (["registry", "ls"], ["registry", "verify"]):
+            assert main([*command, "--registry", url]) == 2
+            assert f"error: no registry at {url}: {problem}" in capsys.readouterr().err
+    Registry(s3_url).commit(manifest_with(Registry(s3_url)))  # a registry beside other objects is one
+    assert main(["registry", "verify", "--registry", s3_url]) == 0
 
 
 @pytest.fixture
