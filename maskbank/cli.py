@@ -100,13 +100,26 @@ def given_path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def local_path(text: str) -> str:
+    """An argparse type for a file or folder written on this machine (`--out`, `--plot`): a URL is refused
+    (`--out s3://bucket/x` made a folder './s3:' and said it wrote s3://...); file:// is its path."""
+    text = given_path(text)
+    scheme, separator, rest = text.partition("://")
+    if separator and scheme.isidentifier():
+        if scheme == "file":
+            return rest
+        raise argparse.ArgumentTypeError(f"{text} is a URL; this writes to a local path: write here, then copy it "
+                                         "to the store (aws s3 cp --recursive ...)")
+    return text
+
+
 def plot_file(text: str) -> str:
     """An argparse type for --plot: the file to write, with '.png' added to a name without an extension
     (as matplotlib would add it, so the name printed is the file written); an extension matplotlib
     cannot write is refused before any work."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    text = given_path(text)  # a ~ expanded: the file written is the one named
+    text = local_path(text)  # a ~ expanded: the file written is the one named
     path = Path(text)
     if not path.suffix:
         return f"{text}.png"

@@ -7,7 +7,7 @@ import sys
 from registry import Registry
 from registry.onnx_export import LAYOUTS, export_onnx
 
-from .cli import given_path, positive_int, progress_bar
+from .cli import given_path, local_path, positive_int, progress_bar
 
 ONNX_HELP = """Writes DIR/backbone.onnx (the architecture's graph, input 'input' FP32 [N, features], output 'logits'
 FP32 [N, the network's classes]: keep a task's first num_classes columns, as export.json lists them; every weight a
@@ -30,11 +30,11 @@ def add_export_commands(commands) -> None:
     sub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     onnx = sub.add_parser("onnx", help="the backbone graph once, plus each task's weights or a model per task",
                           description=ONNX_HELP)
-    onnx.add_argument("--out", required=True, type=given_path, metavar="DIR", help="output folder (created if missing)")
+    onnx.add_argument("--out", required=True, type=local_path, metavar="DIR", help="output folder (created if missing)")
     onnx.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
                       help="per task: its weights for the shared graph (default), or a standalone ONNX model")
     triton = sub.add_parser("triton", help="a Triton model repository, one ONNX model per task", description=TRITON_HELP)
-    triton.add_argument("--out", required=True, type=given_path, metavar="REPO", help="model repository folder (created if missing)")
+    triton.add_argument("--out", required=True, type=local_path, metavar="REPO", help="model repository folder (created if missing)")
     triton.add_argument("--max-batch-size", type=positive_int, default=1024,
                         help="Triton's max_batch_size, rows per batch of its dynamic batcher (default 1024)")
     for parser in (onnx, triton):
