@@ -50,10 +50,11 @@ class Registry:
         if problem := self.storage.location_problem(must_exist):
             raise RegistryError(f"no registry at {self.location}: {problem}")
 
-    def check_writable(self) -> None:
-        """RegistryError when a local registry cannot be written: before the work that would publish
-        (a training), not after it."""
-        if problem := self.storage.write_problem():
+    def check_writable(self, model: str | None = None) -> None:
+        """RegistryError when a local registry, or `model`'s folders in it, cannot be written: before the
+        work that would publish (a training), not after it."""
+        folders = [self.generations_prefix(model).rpartition("/")[0], self.generations_prefix(model)] if model else []
+        if problem := self.storage.write_problem(folders):
             raise RegistryError(f"cannot publish to registry {self.location}: {problem}")
 
     def list_models(self) -> list[str]:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -178,7 +178,7 @@ class FsspecStorage:
         return []
 
     @_reaching
-    def write_problem(self) -> str | None:
+    def write_problem(self, folders: Sequence[str] = ()) -> str | None:
         """None: whether an object store can be written shows at the first write (trying would need
         an object of its own)."""
         return None

@@ -24,7 +24,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from .errors import RegistryError
 from .folders import file_in_the_way, first_missing
@@ -62,9 +62,10 @@ class Storage(Protocol):
         """Why no registry can be at this location (an S3 bucket that does not exist), or, with
         `must_exist`, why none is there yet (nothing stored); None if all is well."""
 
-    def write_problem(self) -> str | None:
-        """Why nothing can be written there, where that can be told without writing a registry's
-        object (a local folder: a file in its path, no permission, a read-only system); None if none."""
+    def write_problem(self, folders: Sequence[str] = ()) -> str | None:
+        """Why nothing can be written there, or in `folders` (keys of folders a publish writes into, looked
+        at where they exist), where that can be told without writing a registry's object (a local folder:
+        a file in its path, no permission, a read-only system); None if none."""
 
     def leftovers(self, prefix: str) -> list[str]:
         """Keys of the temporary objects a killed writer left directly below `prefix` (invisible to
@@ -179,23 +180,25 @@ class LocalStorage:
             return "the directory holds other things and no models/ or blobs/ folder (is it the right path?)"
         return None
 
-    def write_problem(self) -> str | None:
+    def write_problem(self, folders: Sequence[str] = ()) -> str | None:
         """Found by writing a temporary file in the directory and in each of the folders a publish
-        writes into that exist already (a read-only mount over blobs/ alone); what this makes to try
-        goes again."""
+        writes into that exist already (a read-only mount over blobs/ alone, a model's folder of
+        another owner); what this makes to try goes again."""
         from .store import BLOB_PREFIX  # here: the store builds on this module
 
         if (problem := file_in_the_way(self.root)) is not None:
             return problem
         created = first_missing(self.root)
-        folders = [self.root] + [self.root / f for f in ("models", "blobs", BLOB_PREFIX) if (self.root / f).is_dir()]
+        tried = [self.root] + [self.root / f for f in ("models", "blobs", BLOB_PREFIX, *folders) if (self.root / f).is_dir()]
+        folder = created or self.root  # the first that making the directory writes into
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            for folder in folders:
+            for folder in tried:
                 with tempfile.TemporaryFile(dir=folder):
                     pass
         except OSError as error:
-            return f"{folder} cannot be written ({error.strerror or error})"
+            where = folder.parent if folder == created else folder
+            return f"{where} cannot be written ({error.strerror or error})"
         finally:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)

@@ -475,3 +475,33 @@ def test_a_registry_path_that_is_a_file_is_refused_by_every_command(tmp_path, ca
         assert main([*command, "--registry", str(path)]) == 2
         assert message in capsys.readouterr().err
     assert path.read_text() == "not a registry"
+
+
+def test_a_model_folder_train_cannot_write_is_refused_before_training(trained, tmp_path, capsys, monkeypatch):
+    """Only the registry's own folders were tried: a model whose generations/ folder belongs to another
+    user trained a task, then failed with '[Errno 13] Permission denied' and left orphan blobs; a registry
+    in a folder that cannot be made (a read-only parent) was an UnboundLocalError traceback."""
+    import shutil
+    import tempfile
+
+    registry = shutil.copytree(trained.location, tmp_path / "reg")
+    generations = registry / "models" / "m" / "generations"
+    temporary_file = tempfile.TemporaryFile
+
+    def refused_in(folder):
+        def temporary(*args, dir=None, **kwargs):
+            if Path(dir) == folder:
+                raise PermissionError(13, "Permission denied")
+            return temporary_file(*args, dir=dir, **kwargs)
+        return temporary
+
+    monkeypatch.setattr("trainer.loop._load_model", lambda *a, **k: pytest.fail("trained before checking the registry"))
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused_in(generations))
+    assert main(["train", "--tasks", "3", "--model", "m", "--registry", str(registry)]) == 2
+    assert (f"error: cannot publish to registry {registry}: {generations} cannot be written (Permission denied)"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    command = ["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--model", "n"]
+    assert main([*command, "--registry", str(tmp_path / "ro" / "sub")]) == 2
+    assert (f"error: cannot publish to registry {tmp_path / 'ro' / 'sub'}: {tmp_path} cannot be written (Permission "
+            "denied)") in capsys.readouterr().err

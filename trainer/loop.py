@@ -318,7 +318,7 @@ def train(
     if tasks > stream.max_tasks:
         raise TrainingError(f"stream '{stream.name}' has only {stream.max_tasks} tasks, not {tasks}")
     if manifest is None or len(manifest.tasks) < tasks:  # a read-only registry may still say "nothing to train"
-        registry.check_writable()  # a file in its path, a read-only folder: before training, not after a task
+        registry.check_writable(model)  # a file in its path, a read-only folder: before training, not after a task
     state = _load_model(registry, manifest) if manifest else _new_model(method, module, settings.seed)
     start = len(state.tasks)
     if start >= tasks:
