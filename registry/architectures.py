@@ -68,9 +68,16 @@ def _resolve(spec: Mapping[str, Any]) -> tuple[str, Callable[..., nn.Module], di
 
 
 def build_architecture(spec: Mapping[str, Any]) -> nn.Module:
-    """Build the module a spec describes; unknown architectures or keys raise with the known ones."""
-    _, builder, arguments = _resolve(spec)
-    return builder(**arguments)
+    """Build the module a spec describes; unknown architectures or keys raise with the known ones, and one
+    too large for this machine's memory says so (torch's allocator error was a traceback)."""
+    name, builder, arguments = _resolve(spec)
+    try:
+        return builder(**arguments)
+    except (RuntimeError, MemoryError) as error:
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise
+        raise InvalidArtifact(f"architecture {dict(spec)} is too large to build in this machine's memory: "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
 def architecture_names() -> list[str]:
@@ -195,7 +202,7 @@ def _conv_layers(name: str, input_shape, layers: Sequence[int | str], bn: str):
 @register_architecture("mlp")
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Bias-free fully connected layers `sizes[0] -> ... -> sizes[-1]` with ReLU between them."""
-    if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise InvalidArtifact(f"mlp sizes must be at least two positive integers, got {sizes!r}")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):

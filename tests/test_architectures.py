@@ -145,6 +145,9 @@ def test_resolved_spec_fills_the_defaults_and_is_json():
     ({"arch": "vgg", "layers": [8, "X"]}, r"vgg layers must be positive conv widths or 'M' \(max-pool\), got 'X' at 1"),
     ({"arch": "vgg", "layers": ["M"]}, r"vgg layers must list at least one conv width"),
     ({"arch": "lenet300-100", "num_classes": True}, r"lenet300-100 num_classes must be a positive integer"),
+    ({"arch": "mlp", "sizes": [64, True, 10]}, r"mlp sizes must be at least two positive integers, got \[64, True, 10\]"),
+    ({"arch": "mlp", "sizes": [64, 10**11, 10]}, r"architecture .* is too large to build in this machine's memory: "
+                                                 r".*can't allocate memory"),  # tracebacks, both
 ])
 def test_bad_specs_are_refused_with_a_message(spec, message):
     with pytest.raises(InvalidArtifact, match=message):
