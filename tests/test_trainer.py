@@ -263,8 +263,13 @@ def test_append_refuses_contradicting_settings(tmp_path):
         train(registry, "m", 2, {"stream": "split-digits"})
     with pytest.raises(TrainingError, match=r"--set density=0.2 \(model has 0.5\)"):
         train(registry, "m", 2, {"method_config": {"density": 0.2}})
-    with pytest.raises(TrainingError, match="--method is required"):
+    with pytest.raises(TrainingError, match=rf"registry {re.escape(str(tmp_path))} has no model 'mm' \(models: m\); "
+                                            "to create it, give --method and --stream"):
+        train(registry, "mm", 3, {})  # a mistyped --model: it said "--method is required to create a new model"
+    with pytest.raises(TrainingError, match="has no model 'new' .*; to create it, give --method$"):
         train(registry, "new", 1, {"stream": "permuted-digits"})
+    with pytest.raises(TrainingError, match=r"--method 'exssnet' \(model has 'supsup'\)"):
+        train(registry, "m", 2, {"method": "exssnet", "method_config": {"kkt": True}})  # it said: supsup has no 'kkt'
     with pytest.raises(TrainingError, match=r"--arch \{'arch': 'mlp', 'sizes': \[64, 16, 10\]\}"):
         train(registry, "m", 2, {"architecture": {"arch": "mlp", "sizes": [64, 16, 10]}})
     cnn = {"arch": "cnn", "input_shape": [1, 8, 8], "width": 4}

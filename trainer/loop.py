@@ -134,12 +134,13 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
                             f"{measured}: the others were published without `maskbank train` (through the registry's "
                             "API), and the trainer would score them on stream tasks they never learned: train a new model")
     stored = training["settings"]
-    get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored.get(k)!r})"
                for k, v in given.items() if not _same_setting(k, stored.get(k), v)]
-    clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
-                f"(model has {stored['method_config'].get(k)!r})"
-                for k, v in config_given.items() if stored["method_config"].get(k) != v]
+    if given.get("method", stored["method"]) == stored["method"]:  # options of another method are that clash's
+        get_method(stored["method"], **config_given)  # an option the model's method does not take is an error
+        clashes += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)} "  # a form every option has (not all a flag)
+                    f"(model has {stored['method_config'].get(k)!r})"
+                    for k, v in config_given.items() if stored["method_config"].get(k) != v]
     if clashes:
         raise TrainingError(
             f"model '{manifest.model}' was trained with other settings; appended tasks must use the same "
@@ -307,6 +308,11 @@ def train(
     if tasks < 1:
         raise TrainingError(f"a model needs at least 1 task, not {tasks}")
     manifest = registry.find_manifest(model)
+    if manifest is None and (missing := [f"--{key}" for key in ("method", "stream") if requested.get(key) is None]):
+        models = registry.published_models()  # a mistyped --model or --registry reads as a new model
+        raise TrainingError(f"registry {registry.location} has no model '{model}' "
+                            f"({'models: ' + ', '.join(models) if models else 'no models yet'}); to create it, give "
+                            f"{' and '.join(missing)}")
     settings = resolve_settings(manifest, requested)
     stream = get_stream(settings.stream, settings.seed, settings.data_root)
     if requested.get("data_root") and not reads_files(stream.name):
