@@ -422,10 +422,12 @@ def _train(args) -> None:
     registry.check_location(must_exist=False)  # an S3 bucket that does not exist: before any training
     try:
         manifest = train(registry, args.model, args.tasks, requested, fwt=args.fwt)
-    except PublishConflict as error:  # the API's "reload and retry", said for the command line
-        raise PublishConflict(f"{error}. Another publisher (a second `maskbank train`?) is adding tasks to model "
-                              f"'{args.model}': run this command again once it has finished; it goes on from the "
-                              "tasks published") from None
+    except PublishConflict:  # the API's "reload and retry", said for the command line
+        raise PublishConflict(f"another publisher (a second `maskbank train`?) published generation "
+                              f"{registry.latest_generation(args.model)} of model '{args.model}' while this run "
+                              "trained the task it would have been, which is not published: run this command again "
+                              "once the other has finished; it goes on from the tasks published (or names the "
+                              "settings in which the other's model differs)") from None
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: every task published so far stays; say where to pick up
         _where_training_stopped(registry, args, stopped_by(interrupt))
         raise SystemExit(interrupted_status(interrupt)) from None

@@ -374,9 +374,9 @@ def test_a_second_publisher_makes_train_stop_with_what_to_do(tmp_path):
         assert process.wait(60) == 2
     finally:
         process.kill()
-    assert ("another publisher got there first: reload and retry. Another publisher (a second `maskbank train`?) "
-            "is adding tasks to model 'm': run this command again once it has finished; it goes on from the tasks "
-            "published") in rest
+    assert ("error: another publisher (a second `maskbank train`?) published generation 2 of model 'm' while this "
+            "run trained the task it would have been, which is not published: run this command again once the other "
+            "has finished") in rest
     assert Registry(tmp_path / "reg").generations("m") == [1, 2]
 
 
