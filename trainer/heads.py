@@ -38,8 +38,7 @@ class HeadConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        require(self, ">= 0", "epochs")
-        require(self, ">= 1", "batch_size")
+        require(self, ">= 1", "epochs", "batch_size")  # 0 epochs published an untrained head for good
         require(self, "> 0", "lr")
         require(self, "in [0, 1)", "momentum")
 

@@ -159,7 +159,8 @@ class SupSupConfig:
 
     def __post_init__(self):
         require(self, "in (0, 1]", "density")
-        require(self, ">= 0", "epochs", "weight_decay")
+        require(self, ">= 1", "epochs")  # 0 published untrained masks, below chance, as tasks for good
+        require(self, ">= 0", "weight_decay")
         require(self, "> 0", "lr")
         require(self, ">= 1", "batch_size")
         require(self, "in [0, 1)", "momentum")
