@@ -91,6 +91,11 @@ def _option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
+def _as_given(value) -> str:
+    """An option's value as it is written on the command line (JSON: null, true), not Python's None, True."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def given_path(text: str) -> str:
     """An argparse type for a file, folder or URL: not empty, which (an unset shell variable) meant the
     current folder: `--out ""` exported into it, `--plot ""` wrote '.png.png'. A leading `~` is the home
@@ -184,7 +189,8 @@ def _add_train(commands) -> None:
         options.add_argument(flag, **kwargs)
     options.add_argument("--set", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                          help="any other option of the method's config, e.g. --set weight_epochs=5 (repeatable; "
-                         "values are read as JSON when they parse, else as text, and checked against the option's type)")
+                         "values are read as JSON when they parse, else as text, and checked against the option's type; null is the "
+                         "option's default)")
     p.add_argument("--fwt", action="store_true",
                    help="also train each task alone, as the reference for forward transfer (doubles training time)")
     p.add_argument("--threads", type=thread_count, help="torch intra-op threads (default: torch's choice)")
@@ -412,8 +418,8 @@ def _train(args) -> None:
     for key, value in args.options:  # the later one won, silently
         for other, what in ((config.get(key), flags.get(key)), (given.get(key), f"--set {key}=")):
             if other is not None and str(other) != str(value):  # as text: --share 0 is --set share=0
-                raise MaskbankError(f"{what}{'' if what.endswith('=') else ' '}{other} and --set {key}={value} "
-                                    "disagree: give one")
+                raise MaskbankError(f"{what}{'' if what.endswith('=') else ' '}{_as_given(other)} and "
+                                    f"--set {key}={_as_given(value)} disagree: give one")
         given[key] = value
     config.update(given)
     requested = {"method": args.method, "stream": args.stream, "seed": args.seed, "architecture": args.arch,

@@ -165,6 +165,9 @@ def test_an_option_that_would_do_nothing_is_refused_in_one_line_before_any_work(
     assert main(["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--registry", "new",
                  "--model", "m", "--set", "epochs=0", "--set", "epochs=2"]) == 2  # the second won, silently
     assert "--set epochs=0 and --set epochs=2 disagree: give one" in capsys.readouterr().err
+    assert main(["train", "--method", "supsup", "--stream", "permuted-digits", "--tasks", "1", "--registry", "r",
+                 "--model", "m", "--epochs", "1", "--set", "epochs=null"]) == 2
+    assert "--epochs 1 and --set epochs=null disagree: give one" in capsys.readouterr().err  # it said epochs=None
     for given, message in [(["--epochs", str(10**20)], "option 'epochs' of method 'supsup' must be at most 2,147,483,647"),
                            (["--threads", str(10**20)], "argument --threads: expected at most 1024 threads")]:
         with contextlib.suppress(SystemExit):  # argparse's refusals exit 2 themselves; the method's return 2
