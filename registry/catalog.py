@@ -94,6 +94,9 @@ class Registry:
         except OSError as error:  # the system's own: this manifest (RegistryUnreachable, the registry, is no OSError)
             raise ManifestError(f"manifest {self.storage.describe(key)} cannot be read ({error.strerror or error}): check "
                                 "its permissions and the disk, or restore it from a backup") from None
+        if data is None and generation and (generations := self.generations(model)):
+            raise ModelNotFound(f"registry {self.location} has no generation {generation} of model '{model}' (its "
+                                f"generations: {generations[0]} to {generations[-1]})")
         if data is None:
             known = ", ".join(self.published_models()) or "none"
             what = f"model '{model}'" if generation == 0 else f"generation {generation} of model '{model}'"

@@ -163,6 +163,10 @@ def test_unknown_model_and_task_messages(tmp_path):
     registry.commit(manifest_with(registry))
     with pytest.raises(ModelNotFound, match=r"has no model 'nope' \(models: m\)"):
         registry.manifest("nope")
+    with pytest.raises(ModelNotFound, match=r"has no generation 9 of model 'm' \(its generations: 1 to 1\)$"):
+        registry.manifest("m", 9)  # it listed the registry's models
+    with pytest.raises(ModelNotFound, match=r"has no generation 9 of model 'nope' \(models: m\)$"):
+        registry.manifest("nope", 9)
     with pytest.raises(TaskNotFound, match=r"no task 7 at generation 1 \(tasks: 0 \(t0\)\)"):
         registry.manifest("m").task(7)
 

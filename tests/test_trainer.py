@@ -192,7 +192,8 @@ def test_option_types_the_check_does_not_know_are_left_to_the_config():
 
 @pytest.mark.parametrize("architecture, message", [
     ({"arch": "mlp", "sizes": [10, 32, 10]},
-     "does not take stream 'permuted-digits': its examples are 64 features (images of 1x8x8) (mat1 and mat2"),
+     "does not take stream 'permuted-digits': its examples are 64 features (images of 1x8x8), so its input size must "
+     "be 64 (\"sizes\"[0] of an mlp, \"in_features\" of lenet300-100, \"input_shape\" of the image networks) (mat1 and mat2"),
     ({"arch": "cnn", "input_shape": [1, 7, 7]},
      "reads the examples as 1x7x7 images, but stream 'permuted-digits' has images of 1x8x8 (channels x height x width)"),
     ({"arch": "cnn", "input_shape": [4, 4, 4]},  # as many features, scrambled into the wrong images: it trained

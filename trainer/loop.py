@@ -82,7 +82,9 @@ def check_fits(module: torch.nn.Module, architecture: dict[str, Any], stream: Ta
             outputs = module.eval()(torch.zeros(2, *stream.input_shape)).shape[1]
     except RuntimeError as error:
         raise TrainingError(f"architecture {spec} does not take stream '{stream.name}': its examples are "
-                            f"{features} features{images} ({error})") from None
+                            f"{features} features{images}, so its input size must be {features} (\"sizes\"[0] of an "
+                            f"mlp, \"in_features\" of lenet300-100, \"input_shape\" of the image networks) "
+                            f"({error})") from None
     finally:
         module.train(training)
     if outputs < stream.num_classes:
