@@ -20,7 +20,7 @@ import zstandard
 
 from .catalog import Registry
 from .errors import ManifestError
-from .folders import make_parent
+from .folders import save_figure
 from .manifest import Manifest
 from .packed import PackedMasks
 
@@ -218,6 +218,4 @@ def plot_audit(result: ModelAudit, path: str) -> None:
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -49,6 +49,20 @@ def make_parent(file: str | Path) -> None:
     make_folder(Path(file).parent, f"a folder for {file}")
 
 
+def save_figure(figure, file: str | Path) -> None:
+    """Write a matplotlib figure to `file`, making its folder, and close it; ExportError naming the file
+    where the system refuses (a read-only folder was a bare '[Errno 13] Permission denied', status 1)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        make_parent(file)
+        figure.savefig(file, dpi=100)
+    except OSError as error:
+        raise ExportError(f"cannot write {file}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
+
+
 def staging_folder(folder: Path, prefix: str) -> Path:
     """A new hidden folder inside `folder` to write into before moving files in place (tempfile.mkdtemp);
     ExportError naming `folder`, not the staging folder, if the system refuses."""

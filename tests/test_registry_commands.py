@@ -379,6 +379,9 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
         assert code == 2  # it was [Errno 17] File exists: '.../a-file' (status 1)
         assert (f"maskbank {' '.join(command[:-1])}: error: cannot make a folder for {tmp_path / 'a-file' / 'out.png'}: "
                 f"{tmp_path / 'a-file'} is a file, not a folder") in capsys.readouterr().err
+        (tmp_path / "taken.png").mkdir(exist_ok=True)  # the system refuses the write itself: it was a bare errno, status 1
+        assert main([*command, "--registry", trained.location, "--plot", str(tmp_path / "taken.png")]) == 2
+        assert f"error: cannot write {tmp_path / 'taken.png'}: Is a directory" in capsys.readouterr().err
     monkeypatch.setenv("HOME", str(tmp_path))  # `--registry=~/reg`: the shell leaves the ~, and it made a folder '~'
     monkeypatch.chdir(tmp_path)  # where such a folder would go: not the working tree
     code, out = run(capsys, "registry", "ls", f"--registry=~/{Path(trained.location).relative_to(tmp_path)}")

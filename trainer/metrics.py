@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from statistics import mean
 
-from registry.folders import make_parent
+from registry.folders import save_figure
 
 
 def average_accuracy(matrix: list[list[float]]) -> float:
@@ -84,6 +84,4 @@ def plot_matrix(matrix: list[list[float]], names: list[str], path: str, title: s
     ax.set(xlabel="accuracy on task", ylabel="after learning task", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
