@@ -64,7 +64,7 @@ def _save(tensors: Tensors, meta: dict[str, Any]) -> bytes:
 
 
 def _load(data: bytes) -> tuple[Tensors, dict[str, Any]]:
-    tensors = st_load(data)  # validates the whole container before the header is trusted
+    tensors = _decode_tensors(data)  # validates the whole container before the header is trusted
     length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, then JSON
     metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
     return tensors, json.loads(metadata["maskbank"])
@@ -116,9 +116,15 @@ def _encode_tensors(tensors: Tensors) -> bytes:
     return st_save({k: v.detach().contiguous() for k, v in tensors.items()})
 
 
+def _decode_tensors(data: bytes) -> Tensors:
+    """The tensors by name, in sorted order: safetensors hands them back in an order that changes from one
+    process to the next, which made a computation over `.values()` (a float sum) differ between runs."""
+    return dict(sorted(st_load(data).items()))
+
+
 register_codec("bitmask/v1", _encode_masks, _decode_masks)
 register_codec("signed-constant/v1", _encode_signed_constant, _decode_signed_constant)
-register_codec("tensors/v1", _encode_tensors, st_load)
+register_codec("tensors/v1", _encode_tensors, _decode_tensors)
 
 
 def sparse_delta(base: Tensors, new: Tensors) -> Tensors:
@@ -155,4 +161,4 @@ def apply_delta(base: Tensors, delta: Tensors) -> Tensors:
     return result
 
 
-register_codec("delta/v1", _encode_tensors, st_load)
+register_codec("delta/v1", _encode_tensors, _decode_tensors)

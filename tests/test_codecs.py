@@ -64,3 +64,13 @@ def test_undecodable_bytes_are_corrupt_and_named():
 def test_unknown_codec_lists_the_known_ones():
     with pytest.raises(UnknownName, match=r"Unknown codec 'zip' \(known: bitmask/v1, .*tensors/v1\)"):
         encode("zip", {})
+
+
+def test_tensors_decode_in_sorted_order_every_time():
+    """safetensors hands tensors back in an order that changes between processes and calls; a float
+    reduction over a decoded dict's values (SPG's head scale) then differed between runs."""
+    tensors = {f"layer{i}.weight": torch.full((2,), float(i)) for i in (3, 10, 1, 2)}
+    for codec in ("tensors/v1", "delta/v1"):
+        data = encode(codec, tensors)
+        orders = {tuple(decode(codec, data)) for _ in range(20)}
+        assert orders == {tuple(sorted(tensors))}

@@ -250,3 +250,27 @@ def test_a_server_default_that_cannot_run_on_a_model_falls_back_to_exhaustive_th
         client.close()
     warnings = [line for line in server.output if "cannot run on its tasks" in line]
     assert len(warnings) == 1 and "model 'm': the default task inference 'oneshot' (--task-inference)" in warnings[0]
+
+
+def test_spg_scales_the_head_by_a_mean_independent_of_the_state_dicts_order():
+    """The accumulated importance decoded from the registry came in another key order than a single run
+    keeps it in; the head's scale, a float32 mean over the concatenation, then differed by 2 ulps and a
+    task appended by a second run was not the task one run publishes (at 120 epochs, seen on split digits)."""
+    from trainer.spg import IMPORTANCE
+
+    generator = torch.Generator().manual_seed(4)  # values whose scale depends on the order (asserted below)
+    module = build_architecture({"arch": "mlp", "sizes": [64, 512, 512, 10]})
+    params = dict(module.named_parameters())
+    importance = {n: torch.rand(p.shape, generator=generator) for n, p in params.items() if n != "fc2.weight"}
+    importance = {n: torch.where(v > 0.5, 1.0, v) for n, v in importance.items()}  # many blocked weights
+    backwards = dict(reversed(importance.items()))
+    naive = [torch.ones(1) * (1 - float(torch.cat([v.flatten() for v in d.values()]).mean())) for d in (importance, backwards)]
+    assert not torch.equal(*naive)  # the orders sum to float32 scales apart: what the test needs to show anything
+    scales = []
+    for state in (importance, backwards):
+        task = PublishedTask(0, "t0", 10, "1", {"head": {}}, {IMPORTANCE: state})
+        context = TrainingContext({"arch": "mlp"}, {}, [task], {})
+        params["fc2.weight"].grad = torch.ones_like(params["fc2.weight"])
+        get_method("spg").protect(params, "fc2.weight", context)()
+        scales.append(params["fc2.weight"].grad[0, 0].item())
+    assert scales[0] == scales[1]

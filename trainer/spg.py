@@ -90,7 +90,9 @@ class SPG(HeadMethod):
         if accumulated is None:
             return lambda: None
         keep = {n: 1 - accumulated[n] for n in accumulated}
-        head_scale = 1 - float(torch.cat([v.flatten() for v in accumulated.values()]).mean())
+        # a float mean: summed in the module's parameter order, not the dict's (a state decoded from the
+        # registry came in another order, and an appended task trained with a scale 2 ulps off)
+        head_scale = 1 - float(torch.cat([accumulated[n].flatten() for n in params if n in accumulated]).mean())
 
         def scale() -> None:
             for n, factor in keep.items():
