@@ -33,7 +33,7 @@ from .auth import AdminAuthInterceptor
 from .backends import BACKENDS, create_backend
 from .compute_pool import ComputePool
 from .errors import ShuttingDown
-from .logs import flush_flood_logs
+from .logs import flush_flood_logs, quiet_answers_not_sent
 from .maskbank_servicer import MaskbankServicer
 from .memory import DEFAULT_CACHE_SHARE, check_cache_setting, resolve_cache_bytes
 from .metrics import MetricsServer
@@ -245,6 +245,7 @@ class InferenceServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        quiet_answers_not_sent()  # a client gone as its answer went out is no server error
         # torch's intra-op thread count is a setting of each thread: set in every thread that runs torch
         # (the main thread's reached none of them, whose forwards then summed in another order than training)
         self._pin_threads = functools.partial(torch.set_num_threads, config.torch_threads) if config.torch_threads else None

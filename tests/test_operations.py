@@ -628,3 +628,23 @@ def test_a_reader_of_standard_error_that_leaves_early_is_no_error_either(tmp_pat
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     child.stderr.close()
     assert child.wait(60) == 141
+
+
+def test_an_answer_the_client_left_before_it_was_sent_is_no_error_in_the_log(tmp_path, caplog):
+    """gRPC's aio server logs an answer it could not send (the client's deadline passed as it went out) at
+    ERROR with a traceback: alerts on ERROR fired on client behaviour. It is DEBUG, shown only at DEBUG."""
+    from serving.logs import GRPC_AIO_LOGGER
+
+    InferenceServer(ServerConfig(registry=str(tmp_path), port=0, metrics_port=-1)).stop()  # installs the filter
+    grpc_log = logging.getLogger(GRPC_AIO_LOGGER)
+    try:
+        raise RuntimeError("Failed \"execute_batch\"")
+    except RuntimeError:
+        with caplog.at_level(logging.INFO):
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/x/ModelInfer")
+            grpc_log.error("another gRPC error")
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", "another gRPC error")]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="maskbank"):
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/x/ModelInfer")
+        assert [r.levelname for r in caplog.records] == ["DEBUG"]
