@@ -4,6 +4,7 @@ there too, and several servers must follow one shared registry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -334,15 +335,21 @@ def stalled_endpoint(s3_endpoint, monkeypatch) -> Iterator[str]:
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)  # connections complete in the kernel's backlog; nobody reads them
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    monkeypatch.setenv("MASKBANK_S3_READ_TIMEOUT", "0.5")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with silent, s3_at(monkeypatch, silent.getsockname()[1], MASKBANK_S3_READ_TIMEOUT="0.5"):
+        yield f"s3://{BUCKET}/stalled"
+
+
+@contextlib.contextmanager
+def s3_at(monkeypatch, port: int, **variables: str) -> Iterator[None]:
+    """S3 clients made meanwhile reach the endpoint on loopback `port` (one attempt per call), with
+    `variables` set besides."""
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1", **variables}.items():
+        monkeypatch.setenv(name, value)
     S3FileSystem.clear_instance_cache()
     try:
-        yield f"s3://{BUCKET}/stalled"
+        yield
     finally:
         S3FileSystem.clear_instance_cache()
-        silent.close()
 
 
 def test_a_stalled_store_is_an_error_naming_the_registry_within_its_timeouts(stalled_endpoint, capsys):
@@ -382,13 +389,10 @@ def refusing_endpoint(s3_endpoint, monkeypatch, request) -> Iterator[str]:
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as endpoint:
         threading.Thread(target=functools.partial(endpoint.serve_forever, 0.05), daemon=True).start()
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{endpoint.server_address[1]}")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        S3FileSystem.clear_instance_cache()
         try:
-            yield f"s3://{BUCKET}/refused"
+            with s3_at(monkeypatch, endpoint.server_address[1]):
+                yield f"s3://{BUCKET}/refused"
         finally:
-            S3FileSystem.clear_instance_cache()
             endpoint.shutdown()
 
 
