@@ -70,7 +70,7 @@ def _resolve(spec: Mapping[str, Any]) -> tuple[str, Callable[..., nn.Module], di
 def build_architecture(spec: Mapping[str, Any]) -> nn.Module:
     """Build the module a spec describes; unknown architectures or keys raise with the known ones, and one
     too large for this machine's memory says so (torch's allocator error was a traceback)."""
-    name, builder, arguments = _resolve(spec)
+    _, builder, arguments = _resolve(spec)
     try:
         return builder(**arguments)
     except (RuntimeError, MemoryError) as error:

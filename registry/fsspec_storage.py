@@ -89,7 +89,7 @@ def _reaching(method):
                     isinstance(error, _ABOUT_THE_OBJECT) and type(error).__module__ == "builtins"):
                 raise
             hint = (": the store refused these credentials, or they lack permission for it"
-                    if isinstance(error, PermissionError) else "")
+                    if isinstance(error, PermissionError) and self.scheme in _BUCKETED else "")
             raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}{hint}") from error
 
     return reaching
