@@ -80,6 +80,8 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(method, option, va
     ("supsup", "momentum", 1.0, "momentum must be in [0, 1), got 1.0"),
     ("supsup", "epochs", 0, "epochs must be >= 1, got 0"),  # untrained masks, below chance, were published
     ("spg", "epochs", 0, "epochs must be >= 1, got 0"),
+    ("packnet-share", "epochs", 0, "epochs must be >= 1, got 0"),
+    ("impresslearn", "alpha_epochs", 0, "alpha_epochs must be >= 1, got 0"),
     ("exssnet", "epochs", -1, "epochs must be >= 0, got -1"),  # 0 with --kkt: the transferred scores
     ("exssnet", "weight_lr", 0.0, "weight_lr must be > 0, got 0.0"),
     ("impresslearn", "alpha_lr", -0.1, "alpha_lr must be > 0, got -0.1"),

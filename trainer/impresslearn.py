@@ -73,7 +73,8 @@ class ImpressLearnConfig:
             raise ValueError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         require(self, ">= 1", "basis_size", "batch_size")
         require(self, "in (0, 1]", "density")
-        require(self, ">= 0", "mask_epochs", "alpha_epochs", "penalty")
+        require(self, ">= 1", "mask_epochs", "alpha_epochs")  # 0 published untrained basis masks or alphas
+        require(self, ">= 0", "penalty")
         require(self, "> 0", "mask_lr", "alpha_lr")
         if self.alpha_optimizer not in OPTIMIZERS:
             raise ValueError(f"alpha_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.alpha_optimizer!r}")

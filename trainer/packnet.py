@@ -86,7 +86,8 @@ class PackNetShareConfig:
     def __post_init__(self):
         parse_share(self.share)
         require(self, "in [0, 1)", "prune", "momentum")
-        require(self, ">= 0", "epochs", "finetune_epochs")
+        require(self, ">= 1", "epochs")  # 0 pruned an untrained network (fine-tuning may be 0)
+        require(self, ">= 0", "finetune_epochs")
         require(self, "> 0", "lr", "finetune_lr")
         require(self, ">= 1", "batch_size")
         require(self, ">= 2", "score_samples")  # a correlation over one example is undefined
