@@ -201,6 +201,8 @@ class ModelRepository:
         with self._refresh_lock:
             swapped = []
             listed = self.registry.list_models() if models is None else models
+            if models is None and not listed and self._snapshots:  # a bucket deleted lists nothing: no registry,
+                self.registry.check_location(must_exist=False)  # a failed poll, not one that "can be read again"
             if models is None:
                 self._note_gone(listed)
                 for model in set(self._load_errors) - set(listed) - set(self._snapshots):  # gone: not "unavailable"

@@ -226,6 +226,26 @@ def test_a_server_on_s3_notices_a_manifest_replaced_by_one_of_the_same_size_at_o
     assert swapped.tasks[0].entry.name == "u0"
 
 
+def test_a_bucket_deleted_under_a_server_is_a_failed_poll_and_the_models_stay_served(s3_endpoint):
+    """A deleted bucket lists no models: the poll said the models had gone, then that the registry 'can be
+    read again', though no registry was there any more."""
+    from serving.repository import ModelRepository
+
+    bucket = f"vanishing-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    registry = Registry(f"s3://{bucket}/reg")
+    registry.commit(manifest_with(registry))
+    repository = ModelRepository(registry)
+    (served,) = repository.refresh()
+    for listed in client.list_objects_v2(Bucket=bucket)["Contents"]:
+        client.delete_object(Bucket=bucket, Key=listed["Key"])
+    client.delete_bucket(Bucket=bucket)
+    with pytest.raises(RegistryError, match=f"no registry at s3://{bucket}/reg: bucket '{bucket}' does not exist"):
+        repository.refresh()
+    assert repository.get("m") is served
+
+
 def test_s3_listings_are_fresh_across_clients(s3_url):
     """A server polls with its own client: a generation that another process publishes must appear
     although this process has listed (and s3fs cached) the prefix before. (s3fs shares one client
