@@ -99,6 +99,16 @@ def test_method_options_out_of_range_are_refused_by_name(method, option, value, 
     assert str(refused.value).startswith(f"method '{method}': {message}")
 
 
+def test_exssnet_refuses_a_config_that_trains_nothing():
+    """0 mask epochs is a task with --kkt (the transferred scores); without it, and with no weight epochs, an
+    untrained task was published."""
+    from registry.errors import MaskbankError
+
+    with pytest.raises(MaskbankError, match="epochs and weight_epochs are both 0 and kkt is off: nothing would be trained"):
+        get_method("exssnet", epochs=0, weight_epochs=0)
+    assert get_method("exssnet", epochs=0, weight_epochs=0, kkt=True).config.kkt
+
+
 @pytest.mark.parametrize("option, value", [("lr", float("nan")), ("lr", float("inf")), ("lr", 1e300), ("target", float("nan"))])
 def test_numbers_training_cannot_compute_with_are_refused_by_name(option, value):
     """`--lr inf` trained NaN scores into masks of nothing learned (and published them); `--lr 1e300`,

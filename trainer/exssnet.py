@@ -73,6 +73,9 @@ class ExSSNeTConfig:
         require(self, "> 0", "lr", "weight_lr")
         require(self, ">= 1", "batch_size", "kkt_k")
         require(self, "in [0, 1)", "momentum", "weight_momentum")
+        if self.epochs == 0 and self.weight_epochs == 0 and not self.kkt:  # an untrained task, below chance, for good
+            raise ValueError("epochs and weight_epochs are both 0 and kkt is off: nothing would be trained (give "
+                             "epochs >= 1, weight_epochs >= 1, or kkt=true to start from an earlier task's scores)")
 
 
 def _union(masks: list[Tensors], name: str, like: torch.Tensor) -> torch.Tensor:
