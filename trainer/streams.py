@@ -296,7 +296,8 @@ def _unavailable(key: str, root, problem: str) -> DataUnavailable:
     dataset = _IMAGE_DATASETS[key]
     return DataUnavailable(
         f"{dataset.title} streams read local files and never download: {problem}. Pass --data-root DIR "
-        f"(get_stream(..., data_root=DIR)), where DIR holds {dataset.layout}, as torchvision.datasets expects"
+        f"(in Python: get_stream(..., data_root=DIR)), where DIR holds {dataset.layout}, as torchvision.datasets "
+        "expects"
     )
 
 
