@@ -527,3 +527,15 @@ def test_train_help_shows_each_methods_defaults(capsys):
     assert "defaults of each method's options (the flags above, or --set KEY=VALUE for any):" in out
     assert "  supsup: density=0.5 mask=topk epochs=30 lr=0.3 batch_size=64" in out
     assert "  exssnet: density=0.1 epochs=30" in out
+
+
+def test_each_epoch_is_logged_at_debug_for_runs_without_a_terminal(tmp_path, caplog):
+    """The progress bar shows on a terminal only: a run writing to a log file (a cl-lsg task of 30 s) said
+    nothing until the task ended, also at --log-level DEBUG."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="maskbank.trainer"):
+        train_model(tmp_path, "m", 1, TINY)
+    epochs = [r.getMessage() for r in caplog.records if r.name == "maskbank.trainer"]
+    assert len(epochs) == TINY["method_config"]["epochs"] and epochs[-1].startswith("task 0 (perm-0)")
+    assert re.search(rf"epoch {TINY['method_config']['epochs']} of {TINY['method_config']['epochs']}, loss \d", epochs[-1])

@@ -4,6 +4,7 @@ some weights frozen (zero their gradients before, check they did not move after)
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -18,6 +19,7 @@ from .streams import TaskData
 
 
 DIVERGED_REMEDY = "lower the learning rate (--lr) or the method's penalty or scale"
+log = logging.getLogger("maskbank.trainer")
 
 
 class TrainingDiverged(MaskbankError):
@@ -37,8 +39,8 @@ def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     module.train()
     n = len(task.y_train)
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
-    for _ in bar:
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)  # on a terminal only
+    for epoch in bar:
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, batch_size):
@@ -54,6 +56,7 @@ def fit(module: nn.Module, task: TaskData, params: list[torch.Tensor], *, epochs
         check_finite(desc, None, params, remedy)
         schedule.step()
         bar.set_postfix(loss=f"{total / n:.3f}")
+        log.debug("%s: epoch %d of %d, loss %.4f", desc, epoch + 1, epochs, total / n)  # a log file's progress
     return total / n
 
 
