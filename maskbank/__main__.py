@@ -1,6 +1,7 @@
 """`python -m maskbank` and the `maskbank` command. Ctrl-C or SIGTERM while the command starts
 (importing PyTorch and building the parser, which imports every method, take seconds) stops it as
-it does later, with status 130 or 143, a line saying which, and no traceback."""
+it does later, with status 130 or 143, a line saying which, and no traceback; SIGHUP does not stop a
+server that starts."""
 
 import os
 import signal
@@ -17,6 +18,8 @@ def run() -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM's default ended the process unannounced
         signal.signal(signal.SIGTERM, raise_terminated)
+        if _command(sys.argv[1:]) == "serve":  # a reload signal while it starts (it polls at start anyway)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # killed it unannounced; serve_forever handles it once listening
     try:
         from .cli import main
 
@@ -29,13 +32,26 @@ def run() -> int:
             _ignore_signals_from_now_on()
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command word of a `maskbank` command line, read before the parser exists (building it imports
+    every method): the first word that is not an option or --log-level's value."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def _ignore_signals_from_now_on() -> None:
     """Once the command has ended (however: done, failed, stopped), Ctrl-C and SIGTERM are ignored, so
     the process exits with the command's own status. The interpreter's teardown (torch's, threads')
     takes up to seconds, and a signal there turned a finished training into status 143 with no word,
     or an 'Exception ignored' traceback. Ignoring, not a handler: the interpreter puts the default
-    action back for signals with a Python handler before it tears modules down, not for ignored ones."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    action back for signals with a Python handler before it tears modules down, not for ignored ones.
+    SIGHUP too: serve handles it (a registry poll), and one during a stop's teardown exited 129."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -172,6 +172,30 @@ def test_a_second_signal_right_after_the_first_stops_at_once(registry, run):
         server.kill()
 
 
+def test_sighup_while_serve_starts_or_stops_neither_kills_it_nor_changes_its_status(registry):
+    """SIGHUP's default action killed a server that was still importing and loading (status 129, no word),
+    and one sent during a graceful stop, once the interpreter tore down, turned status 0 into 129."""
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "maskbank", "--log-level", "INFO", "serve", "--registry",
+                               str(registry), "--port", "0", "--metrics-port", "-1", "--grace-seconds", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # importing: before serve_forever's handler
+        server.send_signal(signal.SIGHUP)
+        assert "maskbank serving" in server.stdout.readline()
+        server.send_signal(signal.SIGTERM)
+        for _ in range(20):  # through the stop and the teardown
+            time.sleep(0.05)
+            if server.poll() is None:
+                server.send_signal(signal.SIGHUP)
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
+
+
 @pytest.mark.parametrize("grace", [float("inf"), float("nan"), -1.0, 3601.0])
 def test_the_grace_period_is_a_finite_number_of_seconds(grace):
     with pytest.raises(ValueError, match="--grace-seconds must be from 0 to 3600"):
