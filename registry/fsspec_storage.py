@@ -65,18 +65,20 @@ def _s3_options() -> dict[str, Any]:
     return {"config_kwargs": {**timeouts, "retries": retries}}
 
 
-# Python's own OSErrors that say something about the object asked for, which callers act on. Other OSErrors
-# from a store are the store's answer about itself: s3fs turns S3's 403 into PermissionError ("Forbidden", a
-# rejected key) and its 503 SlowDown (throttling) into OSError(EBUSY), which read as a damaged file.
-_ABOUT_THE_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Python's own OSErrors that say something about the object asked for, which callers act on (a PermissionError:
+# a 403 on one object, its KMS key or a policy on its prefix; verify names it, a server takes its task out of
+# service). Other OSErrors from a store are the store's answer about itself: s3fs turns S3's 503 SlowDown
+# (throttling) into OSError(EBUSY), which read as a damaged file. A 403 on the registry itself (its listing,
+# the bucket: credentials the store rejects) is said as such by `_refused`.
+_ABOUT_THE_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
 
 
 def _reaching(method):
     """`method` with the storage client's own failures (botocore's NoCredentialsError, a read that timed
-    out, S3 refusing the credentials or throttling: the caller cannot act on a library's exception type or
-    errno) raised as RegistryUnreachable naming the registry. Python's own FileNotFoundError,
-    IsADirectoryError, NotADirectoryError and FileExistsError, and NotImplementedError (a store without
-    that call: fsspec's HTTP has no `modified`) keep their meaning for callers and pass as they are."""
+    out, S3 throttling: the caller cannot act on a library's exception type or errno) raised as
+    RegistryUnreachable naming the registry. Python's own errors about the object (_ABOUT_THE_OBJECT) and
+    NotImplementedError (a store without that call: fsspec's HTTP has no `modified`) keep their meaning for
+    callers and pass as they are."""
 
     @functools.wraps(method)
     def reaching(self, *args, **kwargs):
@@ -88,11 +90,25 @@ def _reaching(method):
             if isinstance(error, NotImplementedError) or (
                     isinstance(error, _ABOUT_THE_OBJECT) and type(error).__module__ == "builtins"):
                 raise
-            hint = (": the store refused these credentials, or they lack permission for it"
-                    if isinstance(error, PermissionError) and self.scheme in _BUCKETED else "")
-            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}{hint}") from error
+            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
 
     return reaching
+
+
+def _refused(method):
+    """`method`, a call about the registry as a whole (its listing, its bucket), with a PermissionError raised
+    as RegistryUnreachable saying so: every command's first call, so credentials the store rejects are named
+    (a bare "Forbidden", with a damaged registry's status, before)."""
+
+    @functools.wraps(method)
+    def refused(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except PermissionError as error:
+            raise RegistryUnreachable(f"cannot reach registry {self.url}: PermissionError: {error}: the store refused "
+                                      "these credentials, or they lack permission for it") from error
+
+    return refused
 
 
 class FsspecStorage:
@@ -162,6 +178,7 @@ class FsspecStorage:
         finally:
             self.fs.invalidate_cache(path)
 
+    @_refused
     @_reaching
     def list_dir(self, prefix: str) -> list[str]:
         """Sorted names (last path component) directly below `prefix`; [] if there are none."""
@@ -183,6 +200,7 @@ class FsspecStorage:
         an object of its own)."""
         return None
 
+    @_refused
     @_reaching
     def location_problem(self, must_exist: bool) -> str | None:
         """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL, an

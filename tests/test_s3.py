@@ -423,11 +423,30 @@ def refusing_endpoint(s3_endpoint, monkeypatch, request) -> Iterator[str]:
 def test_a_store_refusing_credentials_or_throttling_is_unreachable_not_a_damaged_file(refusing_endpoint, said, capsys):
     """s3fs turns a 403 into PermissionError and a 503 SlowDown into OSError(EBUSY): commands printed a bare
     'Forbidden' with the status of a corrupt registry, and a throttled blob read as a damaged one (a
-    server answered DATA_LOSS for it, and the log said to restore a backup)."""
+    server answered DATA_LOSS for it, and the log said to restore a backup). A 403 on one object stays that
+    object's problem (verify names it; the rest is checked)."""
+    storage = Registry(refusing_endpoint).storage
     with pytest.raises(RegistryUnreachable, match=rf"cannot reach registry {refusing_endpoint}: {said}"):
-        Registry(refusing_endpoint).storage.read("models/m/generations/0000000001.json")
+        storage.list_dir("models")
+    if said.startswith("OSError"):
+        with pytest.raises(RegistryUnreachable, match=rf"cannot reach registry {refusing_endpoint}: {said}"):
+            storage.read("models/m/generations/0000000001.json")
     assert main(["registry", "ls", "--registry", refusing_endpoint]) == 2
     assert f"maskbank registry ls: error: cannot reach registry {refusing_endpoint}: " in capsys.readouterr().err
+
+
+def test_a_permission_refused_on_one_object_is_that_objects_problem(memory_url, monkeypatch, capsys):
+    """A 403 on one blob (its KMS key, a policy on its prefix) aborted verify as if the registry could not be
+    reached; it is one unreadable blob, named with the task using it, and the rest is checked."""
+    registry = Registry(memory_url)
+    registry.commit(manifest_with(registry))
+    refused = registry.blobs.key(registry.manifest("m").task(0).parts["masks"].digest)
+    fs, cat_file = registry.storage.fs, registry.storage.fs.cat_file
+    monkeypatch.setattr(fs, "cat_file", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Forbidden"))
+                        if path.endswith(refused) else cat_file(path, *a, **k))
+    assert main(["registry", "verify", "--registry", memory_url]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM (unreadable)" in out and "used by model 'm' task 0 (t0) part masks" in out
 
 
 @pytest.mark.parametrize("variable, value, message", [
