@@ -20,7 +20,8 @@ TRITON_HELP = """Writes one Triton model per task, REPO/MODEL.task-ID/config.pbt
 REPO/MODEL.task-ID/GENERATION/model.onnx (platform onnxruntime_onnx, dynamic batching). A Triton ONNX model cannot
 take weights from outside at run time, so every task is its own self-contained model; the client picks the task by
 picking the model. A model folder already there must be this model's export (or empty); versions above the generation
-exported, and models of tasks the registry no longer lists, are removed (the registry went back)."""
+exported of the models written, and models of tasks the registry no longer lists, are removed (the registry went
+back)."""
 
 
 def add_export_commands(commands) -> None:

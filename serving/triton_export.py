@@ -112,13 +112,13 @@ def export_triton(registry: Registry, model: str, repo: str | Path, keys: Sequen
     created = make_folder(repo, f"model repository {repo}")
     version = str(manifest.generation)
     with export_lock(repo):
-        _check_places(repo, manifest.model, [triton_model_name(manifest.model, e) for e in selected_tasks(manifest, keys)],
-                      version)
-        withdrawn = _withdrawn(repo, manifest)
+        entries = selected_tasks(manifest, keys)
+        _check_places(repo, manifest.model, [triton_model_name(manifest.model, e) for e in entries], version)
+        withdrawn = _withdrawn(repo, manifest, {e.id for e in entries})
         outside = _staging_outside(repo)
         staged: list[tuple[Path, Path]] = []  # (model directory, the folder its files are staged in)
         try:
-            for entry, params in progress(task_weights(registry, manifest, keys), len(selected_tasks(manifest, keys))):
+            for entry, params in progress(task_weights(registry, manifest, keys), len(entries)):
                 name = triton_model_name(manifest.model, entry)
                 directory = repo / name
                 for leftover in directory.glob(f"{STAGING}*"):  # of an export killed midway
@@ -178,7 +178,8 @@ def _owner(directory: Path) -> str | None:
         others = [p.name for p in directory.iterdir() if not p.name.startswith(STAGING)]
         return f"files without a {CONFIG}" if others else None
     try:
-        parsed = text_format.Parse(config.read_text(encoding="utf-8"), mc.ModelConfig())
+        # fields of Triton's full ModelConfig that this subset lacks (response_cache, model_warmup) are no error
+        parsed = text_format.Parse(config.read_text(encoding="utf-8"), mc.ModelConfig(), allow_unknown_field=True)
     except (text_format.ParseError, UnicodeDecodeError, OSError) as error:
         return f"a {CONFIG} this export cannot read ({error})"
     if "maskbank_model" not in parsed.parameters:
@@ -186,9 +187,10 @@ def _owner(directory: Path) -> str | None:
     return parsed.parameters["maskbank_model"].string_value
 
 
-def _withdrawn(repo: Path, manifest: Manifest) -> list[Path]:
-    """What of this model's export in `repo` its newest generation no longer has: version folders above
-    it (the registry went back a generation) and whole models of tasks it does not list."""
+def _withdrawn(repo: Path, manifest: Manifest, exported: set[int]) -> list[Path]:
+    """What of this model's export in `repo` its newest generation no longer has: whole models of tasks it
+    does not list, and the version folders above it (the registry went back a generation) of the tasks
+    `exported` now (another task's model would be left without a version, which Triton fails to load)."""
     prefix, tasks = f"{manifest.model}.task-", {task.id for task in manifest.tasks}
     withdrawn = []
     for directory in sorted(repo.iterdir()):
@@ -198,7 +200,7 @@ def _withdrawn(repo: Path, manifest: Manifest) -> list[Path]:
             continue
         if int(task) not in tasks:
             withdrawn.append(directory)
-        else:
+        elif int(task) in exported:
             withdrawn += sorted((v for v in directory.iterdir() if v.is_dir() and v.name.isdigit()
                                  and int(v.name) > manifest.generation), key=lambda v: int(v.name))
     return withdrawn

@@ -367,9 +367,28 @@ def test_a_triton_export_takes_no_other_models_folder_and_removes_what_the_regis
     assert sorted(p.name for p in (repo / "m.task-0").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     assert f"removed what the registry no longer has (versions above the generation exported, models of tasks it " \
            f"does not list): {repo / 'm.task-0' / '2'}, {repo / 'm.task-1'}" in capsys.readouterr().err
+    config = repo / "m.task-0" / "config.pbtxt"  # Triton's own fields this export's subset lacks: still its model
+    config.write_text(config.read_text() + "response_cache { enable: true }\n")
+    assert main(["export", "triton", "m", "--registry", str(copy.location), "--out", str(repo)]) == 0
     with pytest.raises(ExportError, match=r"max_batch_size must be from 1 .* to 2,147,483,647 \(Triton's field is an "
                                           r"int32\), got 2,147,483,648"):
         export_triton(copy, "m", repo, max_batch_size=2**31)  # a ValueError traceback
+
+
+def test_a_partial_triton_export_after_a_rollback_leaves_the_other_tasks_models_whole(bn_registry, tmp_path):
+    """`export triton --task 0` after a rollback removed the withdrawn version of every task's model: task 1's
+    was left without a version, which Triton fails to load (and by default will not start)."""
+    import shutil
+
+    copy = Registry(shutil.copytree(bn_registry.location, tmp_path / "reg"))
+    copy.commit(copy.manifest("m").next())  # generation 3: the same two tasks
+    repo = tmp_path / "repo"
+    export_triton(copy, "m", repo)
+    copy.storage.delete(copy.manifest_key("m", 3))  # back to generation 2
+    export = export_triton(copy, "m", repo, [0])
+    assert export.withdrawn == [repo / "m.task-0" / "3"]
+    assert sorted(p.name for p in (repo / "m.task-0").iterdir() if p.is_dir()) == ["2"]
+    assert sorted(p.name for p in (repo / "m.task-1").iterdir() if p.is_dir()) == ["3"]  # not exported: left alone
 
 
 def test_cli_exports_and_names_what_exists(bn_registry, tmp_path, capsys):
