@@ -107,14 +107,14 @@ def given_path(text: str) -> str:
 
 def local_path(text: str) -> str:
     """An argparse type for a file or folder written on this machine (`--out`, `--plot`): a URL is refused
-    (`--out s3://bucket/x` made a folder './s3:' and said it wrote s3://...); file:// is its path."""
+    (`--out s3://bucket/x` made a folder './s3:' and said it wrote s3://...), fsspec's chained ones too;
+    file:///PATH (or file://~/PATH) is PATH."""
     text = given_path(text)
-    scheme, separator, rest = text.partition("://")
-    if separator and scheme.isidentifier():
-        if scheme == "file":
-            return rest
+    if text.startswith("file://") and text[len("file://"):].startswith(("/", "~")):
+        return os.path.expanduser(text[len("file://"):])
+    if "://" in text:
         raise argparse.ArgumentTypeError(f"{text} is a URL; this writes to a local path: write here, then copy it "
-                                         "to the store (aws s3 cp --recursive ...)")
+                                         "to the store (aws s3 cp --recursive ...), or give file:///ABSOLUTE/PATH")
     return text
 
 

@@ -395,12 +395,14 @@ def test_a_plot_that_cannot_be_written_is_an_error_not_a_traceback(trained, caps
         with pytest.raises(SystemExit) as refused:  # an unset variable read as the current folder
             main([*command, "", "--registry", trained.location])
         assert refused.value.code == 2 and "an empty path (an unset variable?)" in capsys.readouterr().err
-        with pytest.raises(SystemExit) as refused:  # it wrote ./s3:/bucket/out and said it wrote s3://bucket/out
-            main([*command, "s3://bucket/out.png", "--registry", trained.location])
-        assert refused.value.code == 2 and "s3://bucket/out.png is a URL; this writes to a local path" in \
-            capsys.readouterr().err
+        for url in ("s3://bucket/out.png", "filecache::s3://bucket/out.png", "file://host/out.png"):
+            with pytest.raises(SystemExit) as refused:  # it wrote ./s3:/bucket/out and said it wrote s3://bucket/out
+                main([*command, url, "--registry", trained.location])
+            assert refused.value.code == 2 and f"{url} is a URL; this writes to a local path" in capsys.readouterr().err
     assert main(["registry", "audit", "m", "--registry", trained.location, "--plot", f"file://{tmp_path}/url.png"]) == 0
     assert (tmp_path / "url.png").is_file()
+    assert main(["registry", "audit", "m", "--registry", trained.location, "--plot", "file://~/tilde.png"]) == 0
+    assert (tmp_path / "tilde.png").is_file()  # HOME is tmp_path here: it wrote a folder named '~
 
 
 def test_a_plot_is_written_where_the_command_says(trained, capsys, tmp_path):
