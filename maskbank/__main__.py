@@ -18,7 +18,7 @@ def run() -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM's default ended the process unannounced
         signal.signal(signal.SIGTERM, raise_terminated)
-        if _command(sys.argv[1:]) == "serve":  # a reload signal while it starts (it polls at start anyway)
+        if _command_word(sys.argv[1:]) == "serve":  # a reload signal while it starts (it polls at start anyway)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # killed it unannounced; serve_forever handles it once listening
     try:
         from .cli import main
@@ -32,7 +32,7 @@ def run() -> int:
             _ignore_signals_from_now_on()
 
 
-def _command(argv: list[str]) -> str | None:
+def _command_word(argv: list[str]) -> str | None:
     """The command word of a `maskbank` command line, read before the parser exists (building it imports
     every method): the first word that is not an option or --log-level's value."""
     words = iter(argv)

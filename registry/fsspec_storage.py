@@ -69,16 +69,20 @@ def _s3_options() -> dict[str, Any]:
 # a 403 on one object, its KMS key or a policy on its prefix; verify names it, a server takes its task out of
 # service). Other OSErrors from a store are the store's answer about itself: s3fs turns S3's 503 SlowDown
 # (throttling) into OSError(EBUSY), which read as a damaged file. A 403 on the registry itself (its listing,
-# the bucket: credentials the store rejects) is said as such by `_refused`.
+# the bucket: credentials the store rejects) is said as such (`_reaching`'s registry_wide).
 _ABOUT_THE_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
 
 
-def _reaching(method):
+def _reaching(method=None, *, registry_wide: bool = False):
     """`method` with the storage client's own failures (botocore's NoCredentialsError, a read that timed
     out, S3 throttling: the caller cannot act on a library's exception type or errno) raised as
     RegistryUnreachable naming the registry. Python's own errors about the object (_ABOUT_THE_OBJECT) and
     NotImplementedError (a store without that call: fsspec's HTTP has no `modified`) keep their meaning for
-    callers and pass as they are."""
+    callers and pass as they are, except a PermissionError on a `registry_wide` call (its listing, its
+    bucket: every command's first call), which says the store refused the credentials (a bare "Forbidden",
+    with a damaged registry's status, before)."""
+    if method is None:
+        return functools.partial(_reaching, registry_wide=registry_wide)
 
     @functools.wraps(method)
     def reaching(self, *args, **kwargs):
@@ -87,28 +91,14 @@ def _reaching(method):
         except MaskbankError:
             raise
         except Exception as error:  # noqa: BLE001  any client library's failure, reported with its words
-            if isinstance(error, NotImplementedError) or (
-                    isinstance(error, _ABOUT_THE_OBJECT) and type(error).__module__ == "builtins"):
+            refused = registry_wide and isinstance(error, PermissionError)
+            if not refused and (isinstance(error, NotImplementedError) or (
+                    isinstance(error, _ABOUT_THE_OBJECT) and type(error).__module__ == "builtins")):
                 raise
-            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}") from error
+            hint = ": the store refused these credentials, or they lack permission for it" if refused else ""
+            raise RegistryUnreachable(f"cannot reach registry {self.url}: {type(error).__name__}: {error}{hint}") from error
 
     return reaching
-
-
-def _refused(method):
-    """`method`, a call about the registry as a whole (its listing, its bucket), with a PermissionError raised
-    as RegistryUnreachable saying so: every command's first call, so credentials the store rejects are named
-    (a bare "Forbidden", with a damaged registry's status, before)."""
-
-    @functools.wraps(method)
-    def refused(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except PermissionError as error:
-            raise RegistryUnreachable(f"cannot reach registry {self.url}: PermissionError: {error}: the store refused "
-                                      "these credentials, or they lack permission for it") from error
-
-    return refused
 
 
 class FsspecStorage:
@@ -178,8 +168,7 @@ class FsspecStorage:
         finally:
             self.fs.invalidate_cache(path)
 
-    @_refused
-    @_reaching
+    @_reaching(registry_wide=True)
     def list_dir(self, prefix: str) -> list[str]:
         """Sorted names (last path component) directly below `prefix`; [] if there are none."""
         path = self._fresh(prefix)
@@ -200,8 +189,7 @@ class FsspecStorage:
         an object of its own)."""
         return None
 
-    @_refused
-    @_reaching
+    @_reaching(registry_wide=True)
     def location_problem(self, must_exist: bool) -> str | None:
         """A bucket that does not exist (object stores), or with `must_exist` nothing under the URL, an
         object there, or a prefix holding other things than a registry (a mistyped prefix verified OK)."""
