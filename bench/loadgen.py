@@ -22,6 +22,8 @@ Spec keys (defaults in DEFAULTS):
       (up to MAX_SECONDS) until the probe has found N tasks, so a slow publisher (a busy machine)
       shortens nothing that a test asserts about.
 
+  cpu_pid: a server's process id: the answer then says how much CPU the server and this load
+      generator spent per counted request over the measured window (Linux /proc; None elsewhere)
   check: compare every answer's logits with the reference of the task that answered it (GG: the
       task asked for; GN: the task the response names): `references` {task id: logits} when given,
       else the first answer seen for that task; np.allclose(rtol=1e-4, atol=1e-4), since the dynamic
@@ -31,7 +33,9 @@ The answer (a dict, JSON on stdout): requests (successful and counted, i.e. star
 warm-up), failures (every failed request, warm-up included), errors (the first few messages),
 wrong / wrong_examples (answers whose logits are not their task's, with `check`),
 seconds (measured window), rps, latency_ms {p50, p90, p99, max}, discovered {task id: monotonic
-time}, probe_errors (probe answers other than NOT_FOUND), gg / gn (counted requests of each kind).
+time}, probe_errors (probe answers other than NOT_FOUND), gg / gn (counted requests of each kind),
+cpu (with cpu_pid: server_cores / client_cores, the CPU each used over the window in cores, and
+server_us / client_us per counted request).
 
 Use from another process:
   `python -m bench.loadgen '<spec json>'` runs one phase and prints its JSON answer;
@@ -56,7 +60,7 @@ DEFAULTS = {
     "seconds": 3.0, "warmup_seconds": 0.3, "max_requests": 200_000, "client": "raw",
     "tasks": [0], "gn_share": 0.0, "gn_mode": "exhaustive", "probe_from": None, "probe_interval": 0.01,
     "probe_until": None,
-    "seed": 0, "parameters": True, "check": False, "references": None,
+    "seed": 0, "parameters": True, "check": False, "references": None, "cpu_pid": None,
 }
 MAX_SECONDS = 120.0  # no single phase may run longer than this, whatever the spec says
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -161,6 +165,26 @@ def _raw_call(spec: dict, requests: _Requests):
         return requests.check(method(raw if raw is not None else requests.raw(task), timeout=30))
 
     return call, channel.close
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` (None: this process); None where /proc cannot tell."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+
+def _cpu_use(before: tuple, after: tuple, seconds: float, requests: int) -> dict | None:
+    """Cores used and microseconds per request by the server and this client between two samples."""
+    if None in before or None in after or not requests:
+        return None
+    (server0, client0), (server1, client1) = before, after
+    return {"server_cores": (server1 - server0) / seconds, "client_cores": (client1 - client0) / seconds,
+            "server_us": 1e6 * (server1 - server0) / requests, "client_us": 1e6 * (client1 - client0) / requests}
 
 
 def _message(error: BaseException) -> str:
@@ -315,8 +339,15 @@ def run_phase(spec: dict) -> dict:
     times.update(start=now, warm=now + spec["warmup_seconds"], nominal_end=nominal_end,
                  end=now + spec["warmup_seconds"] + MAX_SECONDS if until else nominal_end)
     ready.wait()
+    cpu = None
+    if spec["cpu_pid"] is not None:  # sampled where the counted requests begin and once every client is done
+        time.sleep(max(0.0, times["warm"] - time.monotonic()))
+        cpu = (_cpu_seconds(spec["cpu_pid"]), _cpu_seconds(None)), time.monotonic()
     for thread in threads:
         thread.join(max(0.0, times["end"] - time.monotonic()) + 60)
+    if cpu is not None:
+        cpu = _cpu_use(cpu[0], (_cpu_seconds(spec["cpu_pid"]), _cpu_seconds(None)), time.monotonic() - cpu[1],
+                       counts["requests"])
     window = max(times.get("last", times["end"]) - times["warm"], 1e-9)
     latencies.sort()
 
@@ -330,7 +361,7 @@ def run_phase(spec: dict) -> dict:
         "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": pct(1.0),
                        "mean": 1e3 * statistics.fmean(latencies) if latencies else None},
         "discovered": {str(k): v for k, v in discovered.items()}, "probe_errors": probe_errors,
-        "clients": spec["clients"], "batch": spec["batch"], "client": spec["client"],
+        "clients": spec["clients"], "batch": spec["batch"], "client": spec["client"], "cpu": cpu,
     }
 
 

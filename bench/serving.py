@@ -179,6 +179,8 @@ def context(runs: dict) -> dict:
             row["p50_ms_median"] = statistics.median(r["latency_ms"]["p50"] for r in results)
             row["p99_ms_median"] = statistics.median(r["latency_ms"]["p99"] for r in results)
             row["errors"] = [e for r in results for e in r["errors"]][:5]
+        if all(r.get("cpu") for r in results):
+            row["cpu_median"] = {key: statistics.median(r["cpu"][key] for r in results) for key in results[0]["cpu"]}
         out[name] = row
     return out
 
@@ -208,8 +210,8 @@ def maskbank(stack: contextlib.ExitStack, root: Path, *args: str) -> ServerProce
 # ---------------------------------------------------------------- the four rows
 
 def serve_overhead(load: LoadProcess, server: ServerProcess, floors: dict[str, FloorProcess]) -> dict:
-    runs = alternate(load, {"maskbank": spec(server.url),
-                            **{name: spec(f.url, parameters=False) for name, f in floors.items()}},
+    runs = alternate(load, {"maskbank": spec(server.url, cpu_pid=server.pid),
+                            **{name: spec(f.url, parameters=False, cpu_pid=f.pid) for name, f in floors.items()}},
                      extra={"compute": lambda: compute_floor_rps(BATCH)})
     return {"vs_floor": ratios(runs, "maskbank", "floor"), "vs_compute": ratios(runs, "maskbank", "compute"),
             **_aio_floors(runs), "context": context(runs)}
@@ -224,8 +226,9 @@ def _aio_floors(runs: dict) -> dict:
 def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess,
                    floors: dict[str, FloorProcess]) -> dict:
     small = {"clients": SMALL_CLIENTS, "batch": 1}
-    runs = alternate(load, {"batching": spec(batching.url, **small), "no_delay": spec(plain.url, **small),
-                            **{name: spec(f.url, parameters=False, **small) for name, f in floors.items()}})
+    runs = alternate(load, {"batching": spec(batching.url, cpu_pid=batching.pid, **small),
+                            "no_delay": spec(plain.url, cpu_pid=plain.pid, **small),
+                            **{name: spec(f.url, parameters=False, cpu_pid=f.pid, **small) for name, f in floors.items()}})
     return {"batching_vs_floor": ratios(runs, "batching", "floor"), "no_delay_vs_floor": ratios(runs, "no_delay", "floor"),
             **_aio_floors(runs), "context": context(runs)}
 
@@ -353,20 +356,28 @@ def _checks(results: dict) -> list[str]:
     return rows
 
 
+def _cpu_cell(cpu: dict | None) -> str:
+    if not cpu:
+        return "-"
+    return (f"{cpu['server_us']:.0f} / {cpu['client_us']:.0f} "
+            f"({cpu['server_cores']:.2f} / {cpu['client_cores']:.2f})")
+
+
 def tables(results: dict) -> str:
     lines = ["| benchmark | A | B (reference) | A / B: median (min-max) over rounds | target | met |", "|---|---|---|---|---|---|"]
     for name, a, b, value, target, ok in _rows(results):
         lines.append(f"| {name} | {a} | {b} | {value} | {target} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
-    ctx = ["| section | configuration | requests/s (median) | p50 ms | p99 ms | failed requests |", "|---|---|---|---|---|---|"]
+    ctx = ["| section | configuration | requests/s (median) | p50 ms | p99 ms | failed requests "
+           "| CPU µs per request: server / load generator (cores) |", "|---|---|---|---|---|---|---|"]
     for section in ("serve_overhead", "small_requests", "task_mix"):
         for name, row in results.get(section, {}).get("context", {}).items():
             p50, p99 = row.get("p50_ms_median"), row.get("p99_ms_median")
             ctx.append(f"| {section} | {name} | {row['rps_median']:.0f} | {'-' if p50 is None else f'{p50:.2f}'} | "
-                       f"{'-' if p99 is None else f'{p99:.2f}'} | {row['failures']} |")
+                       f"{'-' if p99 is None else f'{p99:.2f}'} | {row['failures']} | {_cpu_cell(row.get('cpu_median'))} |")
     if ha := results.get("hot_add"):
         lat = ha["background_latency_ms"]
         ctx.append(f"| hot_add | background load during the adds | {ha['background_rps']:.0f} | {lat['p50']:.2f} | "
-                   f"{lat['p99']:.2f} | {ha['failures']} |")
+                   f"{lat['p99']:.2f} | {ha['failures']} | - |")
     cache = ", ".join(f"{name}: {c['hit_rate']:.1%} hits of {c['capacity_bytes'] / 1e6:,.0f} MB"
                       for name, c in results.get("task_mix", {}).get("cache", {}).items() if c and c["hit_rate"] is not None)
     check = ["| where | answers checked | answers with logits other than their task's | failed requests |", "|---|---|---|---|",

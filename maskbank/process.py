@@ -38,6 +38,11 @@ class ChildServer:
     def url(self) -> str:
         return host_port(self.host, self.port)
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id once started (benchmarks read its CPU time)."""
+        return self._process and self._process.pid
+
     def start(self) -> "ChildServer":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())}
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
