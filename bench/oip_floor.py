@@ -151,12 +151,13 @@ class FloorProcess(ChildServer):
     name = "oip_floor"
 
     def __init__(self, sizes: list[int], threads: int = 1, workers: int = 8, max_seconds: float = 900.0,
-                 aio: str | None = None):
-        """aio: None (the synchronous floor), "inline" or "executor" (see the module's docstring)."""
+                 aio: str | None = None, env: dict[str, str] | None = None):
+        """aio: None (the synchronous floor), "inline" or "executor" (see the module's docstring);
+        env: variables for the child on top of this process's environment."""
         command = [sys.executable, "-m", "bench.oip_floor", "--port", "0", "--sizes", ",".join(map(str, sizes)),
                    "--threads", str(threads), "--workers", str(workers), "--max-seconds", str(max_seconds),
                    *(["--aio", aio] if aio else [])]
-        super().__init__(command, _LISTENING, cwd=str(ROOT))
+        super().__init__(command, _LISTENING, cwd=str(ROOT), env=env)
 
 
 def cli(argv: list[str] | None = None) -> None:  # not `main`: `python -m bench` runs every module with a main()

@@ -7,6 +7,11 @@ own gRPC channel, sending pre-serialised ModelInferRequests and parsing every an
 bounded in time and in count. Phases alternate A B (C) A B (C) ... for REPEATS rounds after a warm-up
 phase per server; each ratio is computed per round and quoted as median (min-max).
 
+serve_overhead and small_requests also run the same `maskbank serve` on gRPC's default poller
+(GRPC_EXPERIMENTS empty; `maskbank serve` turns one experiment off, see maskbank/__main__.py) and
+read, per phase, the CPU the server and the load generator spent per request (from /proc). The
+synchronous floor runs on gRPC's defaults, the aio floors on maskbank serve's setting: each its faster.
+
 The model: SupSup on permuted digits, MLP SIZES (the benchmark network), one task trained for one
 epoch (its accuracy is irrelevant here). task_mix and hot_add add *synthetic* SupSup tasks: random
 supermasks at density 0.5, stored as bitmask/v1 blobs and published through Registry.publish, because
@@ -39,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maskbank.__main__ import SERVE_GRPC_EXPERIMENTS
 from maskbank.process import ServerProcess
 from registry import Registry, TaskEntry, build_architecture, effective_parameters, forward
 from trainer import train
@@ -202,18 +208,21 @@ def cache_stats(server: ServerProcess) -> dict | None:
     return {**found, "hit_rate": found["hits"] / total if total else None}
 
 
-def maskbank(stack: contextlib.ExitStack, root: Path, *args: str) -> ServerProcess:
-    server = stack.enter_context(ServerProcess(root, "--threads", str(THREADS), *args))
+def maskbank(stack: contextlib.ExitStack, root: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    server = stack.enter_context(ServerProcess(root, "--threads", str(THREADS), *args, env=env))
     return server
 
 
 # ---------------------------------------------------------------- the four rows
 
-def serve_overhead(load: LoadProcess, server: ServerProcess, floors: dict[str, FloorProcess]) -> dict:
+def serve_overhead(load: LoadProcess, server: ServerProcess, grpc_default: ServerProcess,
+                   floors: dict[str, FloorProcess]) -> dict:
     runs = alternate(load, {"maskbank": spec(server.url, cpu_pid=server.pid),
+                            "grpc_default_poller": spec(grpc_default.url, cpu_pid=grpc_default.pid),
                             **{name: spec(f.url, parameters=False, cpu_pid=f.pid) for name, f in floors.items()}},
                      extra={"compute": lambda: compute_floor_rps(BATCH)})
     return {"vs_floor": ratios(runs, "maskbank", "floor"), "vs_compute": ratios(runs, "maskbank", "compute"),
+            "vs_grpc_default_poller": ratios(runs, "maskbank", "grpc_default_poller"),
             **_aio_floors(runs), "context": context(runs)}
 
 
@@ -223,13 +232,15 @@ def _aio_floors(runs: dict) -> dict:
             "aio_executor_floor_vs_floor": ratios(runs, "aio_executor_floor", "floor")}
 
 
-def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess,
+def small_requests(load: LoadProcess, batching: ServerProcess, plain: ServerProcess, grpc_default: ServerProcess,
                    floors: dict[str, FloorProcess]) -> dict:
     small = {"clients": SMALL_CLIENTS, "batch": 1}
     runs = alternate(load, {"batching": spec(batching.url, cpu_pid=batching.pid, **small),
                             "no_delay": spec(plain.url, cpu_pid=plain.pid, **small),
+                            "no_delay_grpc_default_poller": spec(grpc_default.url, cpu_pid=grpc_default.pid, **small),
                             **{name: spec(f.url, parameters=False, cpu_pid=f.pid, **small) for name, f in floors.items()}})
     return {"batching_vs_floor": ratios(runs, "batching", "floor"), "no_delay_vs_floor": ratios(runs, "no_delay", "floor"),
+            "no_delay_vs_grpc_default_poller": ratios(runs, "no_delay", "no_delay_grpc_default_poller"),
             **_aio_floors(runs), "context": context(runs)}
 
 
@@ -305,6 +316,9 @@ def _rows(results: dict) -> list[tuple]:
              fmt(so["vs_floor"]), ">= 1.0x", so["vs_floor"]["median"] >= 1.0),
             ("serve_overhead (b)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients",
              f"in-process dense forward, batch {BATCH}, 1 thread", fmt(so["vs_compute"]), "(reported)", None),
+            ("serve_overhead (grpc poller)", f"maskbank, GG batch {BATCH}, {CLIENTS} clients",
+             "the same on gRPC's default poller (GRPC_EXPERIMENTS empty)", fmt(so["vs_grpc_default_poller"]),
+             "(reported)", None),
             ("serve_overhead (c)", "minimal grpc.aio OIP server computing inline (the Python gRPC ceiling)",
              "OIP floor server, same load", fmt(so["aio_floor_vs_floor"]), "(reported)", None),
             ("serve_overhead (d)", "minimal grpc.aio OIP server computing in a thread pool (run_in_executor)",
@@ -317,6 +331,9 @@ def _rows(results: dict) -> list[tuple]:
              sr["batching_vs_floor"]["median"] >= 2.0),
             ("small_requests (no delay)", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us 0",
              "OIP floor server, batch 1, same load", fmt(sr["no_delay_vs_floor"]), "(reported)", None),
+            ("small_requests (grpc poller)", f"maskbank batch 1, {SMALL_CLIENTS} clients, --max-queue-delay-us 0",
+             "the same on gRPC's default poller (GRPC_EXPERIMENTS empty)", fmt(sr["no_delay_vs_grpc_default_poller"]),
+             "(reported)", None),
             ("small_requests (ceiling)", "minimal grpc.aio OIP server computing inline, batch 1",
              "OIP floor server, batch 1, same load", fmt(sr["aio_floor_vs_floor"]), "(reported)", None),
             ("small_requests (executor)", "minimal grpc.aio OIP server computing in a thread pool, batch 1",
@@ -388,22 +405,35 @@ def tables(results: dict) -> str:
             + "\n".join(ctx) + (f"\n\ntask_mix effective-weight cache (hit rate over the whole section, warm-up included, and bound): {cache}" if cache else ""))
 
 
+def floor_grpc(aio: str | None) -> dict[str, str]:
+    """Each floor on its faster gRPC setting, so that no ratio to it is the setting's doing: the aio
+    floors on the one `maskbank serve` runs with (SERVE_GRPC_EXPERIMENTS: less CPU per request for
+    aio servers), the synchronous floor on gRPC's defaults (that setting cost it 3-8% of its
+    requests/s at batch 1, side by side). A GRPC_EXPERIMENTS of this process's applies to all."""
+    given = os.environ.get("GRPC_EXPERIMENTS")
+    return {"GRPC_EXPERIMENTS": given if given is not None else (SERVE_GRPC_EXPERIMENTS if aio else "")}
+
+
 def _measure(sections: tuple[str, ...], root: Path, stack: contextlib.ExitStack) -> dict:
     """Run `sections` (in SECTIONS order) against servers on the registries under `root`; each server
     starts when the first section that needs it does."""
     results: dict = {}
     load = stack.enter_context(LoadProcess(lifetime=900))
     needs_floor = {"serve_overhead", "small_requests"} & set(sections)
-    floors = {name: stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=aio))
+    floors = {name: stack.enter_context(FloorProcess(SIZES, threads=THREADS, aio=aio, env=floor_grpc(aio)))
               for name, aio in (("floor", None), ("aio_floor", "inline"), ("aio_executor_floor", "executor"))
               } if needs_floor else {}
     single = maskbank(stack, root / "base") if needs_floor or "task_mix" in sections else None
+    # the same server on gRPC's default poller: what `maskbank serve` setting GRPC_EXPERIMENTS saves (README)
+    grpc_default = maskbank(stack, root / "base", env={"GRPC_EXPERIMENTS": ""}) if needs_floor else None
     if "serve_overhead" in sections:
-        results["serve_overhead"] = serve_overhead(load, single, floors)
+        results["serve_overhead"] = serve_overhead(load, single, grpc_default, floors)
     if "small_requests" in sections:
         batching = maskbank(stack, root / "base", "--max-queue-delay-us", str(QUEUE_DELAY_US))
-        results["small_requests"] = small_requests(load, batching, single, floors)
+        results["small_requests"] = small_requests(load, batching, single, grpc_default, floors)
         batching.stop()
+    if grpc_default is not None:
+        grpc_default.stop()
     for floor in floors.values():
         floor.stop()
     if "task_mix" in sections:

@@ -10,15 +10,23 @@ import threading
 
 from .interrupts import interrupted_status, raise_terminated, stopped_by
 
+# gRPC's aio server with the EventEngine poller it uses by default since 1.76 spends 10-15% more CPU per
+# request than with the poller before it (bench/serving.py's CPU columns; README, Operating the server),
+# so `serve` turns that experiment off unless GRPC_EXPERIMENTS is set. gRPC reads it once, at import.
+SERVE_GRPC_EXPERIMENTS = "-event_engine_poller_for_python"
+
 
 def run() -> int:
     # gRPC's own informational lines (one per failed TLS handshake, say) are plain text on stderr, outside
     # the server's logs and --log-format json; its errors still show. Before grpc is imported.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    serving = _command_word(sys.argv[1:]) == "serve"
+    if serving:
+        os.environ.setdefault("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS)
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM's default ended the process unannounced
         signal.signal(signal.SIGTERM, raise_terminated)
-        if _command_word(sys.argv[1:]) == "serve":  # a reload signal while it starts (it polls at start anyway)
+        if serving:  # a reload signal while it starts (it polls at start anyway)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # killed it unannounced; serve_forever handles it once listening
     try:
         from .cli import main

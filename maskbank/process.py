@@ -24,8 +24,10 @@ class ChildServer:
     name = "server"
 
     def __init__(self, command: list[str], listening: re.Pattern, host: str = "127.0.0.1",
-                 startup_timeout: float = 120.0, cwd: str | None = None):
+                 startup_timeout: float = 120.0, cwd: str | None = None, env: dict[str, str] | None = None):
+        """env: variables set for the child on top of this process's environment."""
         self.command = command
+        self.env = env or {}
         self.listening = listening
         self.host = host
         self.cwd = cwd
@@ -44,7 +46,7 @@ class ChildServer:
         return self._process and self._process.pid
 
     def start(self) -> "ChildServer":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())}
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          env=env, cwd=self.cwd)
         found = threading.Event()
@@ -93,7 +95,8 @@ class ServerProcess(ChildServer):
 
     name = "maskbank serve"
 
-    def __init__(self, registry: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 120.0):
+    def __init__(self, registry: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 120.0,
+                 env: dict[str, str] | None = None):
         command = [sys.executable, "-m", "maskbank", "serve", "--registry", str(registry),
                    "--host", host, "--port", "0", *extra_args]
-        super().__init__(command, re.compile(r"maskbank serving .* on (\S+):(\d+) "), host, startup_timeout)
+        super().__init__(command, re.compile(r"maskbank serving .* on (\S+):(\d+) "), host, startup_timeout, env=env)

@@ -370,6 +370,7 @@ class InferenceServer:
                         "not ready (ServerReady, health NOT_SERVING) until then",
                         ", ".join(map(repr, waiting)), self.repository.registry.location, held)
         self._log_limits()
+        self._log_grpc()
         self._log_security()
         return self.port
 
@@ -411,6 +412,14 @@ class InferenceServer:
         log.info("weight cache: up to %s", bound.describe(), extra={
             "cache_bytes": bound.bytes, "cache_share": bound.share,
             "memory_bytes": bound.memory and bound.memory.bytes, "memory_source": bound.memory and bound.memory.source})
+
+    @staticmethod
+    def _log_grpc() -> None:
+        """gRPC's version and the experiments its environment turned on or off (maskbank serve sets one)."""
+        experiments = os.environ.get("GRPC_EXPERIMENTS")
+        log.info("gRPC %s, experiments: %s", grpc.__version__,
+                 f"GRPC_EXPERIMENTS={experiments}" if experiments is not None else "gRPC's defaults",
+                 extra={"grpc_version": grpc.__version__, "grpc_experiments": experiments})
 
     def _log_security(self) -> None:
         config = self.config

@@ -22,6 +22,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from maskbank.__main__ import SERVE_GRPC_EXPERIMENTS
 from maskbank.cli import byte_size, main
 from maskbank.process import ServerProcess
 from serving import InferenceServer, ServerConfig
@@ -197,6 +198,9 @@ def test_logs_are_one_json_object_per_line(ops):
     assert records and all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= set(r) for r in records)
     limits = next(r for r in records if r["message"].startswith("limits: "))
     assert limits["max_message_bytes"] == MAX_BYTES and limits["max_queue_size"] == 0 and limits["instances"] == 2
+    runtime = next(r for r in records if r["message"].startswith("gRPC "))
+    assert runtime["grpc_version"] == grpc.__version__
+    assert runtime["grpc_experiments"] == os.environ.get("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS)
     listening = next(r for r in records if r["message"].startswith("listening on"))
     assert listening["port"] == process.port and listening["tls"] is False and listening["metrics_port"] > 0
     refusal = next(r for r in records if r["message"].startswith("refused"))
@@ -648,3 +652,30 @@ def test_an_answer_the_client_left_before_it_was_sent_is_no_error_in_the_log(tmp
         with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="maskbank"):
             grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/x/ModelInfer")
         assert [r.levelname for r in caplog.records] == ["DEBUG"]
+
+
+@pytest.mark.parametrize("given", [None, "", "event_engine_poller_for_python"], ids=["unset", "empty", "users"])
+def test_serve_sets_grpc_experiments_before_grpc_is_imported_unless_the_environment_does(given):
+    """`maskbank serve` turns gRPC's EventEngine poller for Python off (cheaper per request; README, Operating
+    the server); gRPC reads GRPC_EXPERIMENTS once, when imported, so it must be set before; other commands and
+    a GRPC_EXPERIMENTS of the user's own are left alone."""
+    script = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc":
+            print("at grpc import:", repr(os.environ.get("GRPC_EXPERIMENTS")), flush=True)
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Watch())
+from maskbank.__main__ import run
+raise SystemExit(run())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given is not None:
+        env["GRPC_EXPERIMENTS"] = given
+    for command, expected in ((["serve", "--help"], SERVE_GRPC_EXPERIMENTS if given is None else given),
+                              (["registry", "ls", "--help"], given)):
+        done = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == f"at grpc import: {expected!r}"
