@@ -10,9 +10,9 @@ import threading
 
 from .interrupts import interrupted_status, raise_terminated, stopped_by
 
-# gRPC's aio server with the EventEngine poller it uses by default since 1.76 spends 10-15% more CPU per
-# request than with the poller before it (bench/serving.py's CPU columns; README, Operating the server),
-# so `serve` turns that experiment off unless GRPC_EXPERIMENTS is set. gRPC reads it once, at import.
+# grpcio 1.81's aio server with the EventEngine poller it uses by default spends 5-7% more CPU per request
+# than with the poller before it (bench/serving.py's "grpc poller" rows; README, Operating the server), so
+# `serve` turns that experiment off unless GRPC_EXPERIMENTS is set. gRPC reads it once, when imported.
 SERVE_GRPC_EXPERIMENTS = "-event_engine_poller_for_python"
 
 
