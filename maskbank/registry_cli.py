@@ -154,24 +154,26 @@ def _verify(registry: Registry, args) -> int:
     lines = [f"checked {sum(report.generations.values())} generation(s) of {len(report.generations)} model(s) "
              f"and {report.blobs_checked} blob(s) in {registry.location}"]
     lines += [f"PROBLEM ({p.kind}) {p.where}: {p.message}" for p in report.problems]
-    if report.orphans and report.manifests_complete and not report.generations:
-        lines.append(f"{len(report.orphans)} blob(s) and no manifest: a models/ folder not mounted or not copied looks "
-                     "so; `maskbank registry gc` refuses to delete them all unless given --delete-all-blobs")
-    elif report.orphans and report.manifests_complete:
-        lines.append(f"{len(report.orphans)} unreferenced blob(s) (harmless; `maskbank registry gc` removes them)")
-    elif report.orphans:
+    if report.orphans and report.manifests_complete and report.generations:
+        lines.append(f"{len(report.orphans)} unreferenced blob(s) (harmless; `maskbank registry gc` removes them): "
+                     + _first(report.orphans))
+    elif report.orphans and not report.manifests_complete:
         lines.append(f"{len(report.orphans)} blob(s) no readable manifest references: the unreadable or missing "
                      "manifests above may use them, so restore those before `maskbank registry gc` (it refuses until then)")
     if report.leftovers:
         lines.append(f"{len(report.leftovers)} temporary file(s) of interrupted writes (harmless; `maskbank registry gc` "
                      "removes them)")
     if report.strays:
-        shown = ", ".join(report.strays[:5]) + (", ..." if len(report.strays) > 5 else "")
         lines.append(f"{len(report.strays)} file(s) or folder(s) under blobs/ that are no blob, left alone (remove them by "
-                     f"hand): {shown}")
+                     f"hand): {_first(report.strays)}")
     lines.append("OK" if report.ok else f"{len(report.problems)} problem(s) found")
     _emit(args, {**dataclasses.asdict(report), "ok": report.ok}, "\n".join(lines))
     return 0 if report.ok else 1
+
+
+def _first(names: list[str], shown: int = 5) -> str:
+    """The first few of `names`, and '...' for the rest (the whole list is in --json)."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _gc(registry: Registry, args) -> int:

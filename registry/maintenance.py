@@ -99,6 +99,12 @@ def verify(registry: Registry, progress: Progress = no_progress) -> VerifyReport
     report.orphans = [digest for digest in unreferenced if digest not in folders]  # gc leaves folders alone
     report.leftovers = [key for key in leftovers if key not in in_the_way]
     report.strays = stored.strays + [registry.blobs.key(digest) for digest in sorted(folders)] + in_the_way
+    if report.orphans and report.manifests_complete and not report.generations:  # a health check must not pass it
+        report.problems.append(Problem("missing", registry.storage.describe("models"),
+                                       f"no manifest, yet {len(report.orphans)} blob(s): a models/ folder not mounted "
+                                       "or not copied looks so (as does a first publish under way, or killed); "
+                                       "`maskbank registry gc` refuses to delete them all unless given "
+                                       "--delete-all-blobs (for a registry whose models are gone)"))
     return report
 
 

@@ -57,7 +57,8 @@ def test_verify_finds_corruption_and_orphans(trained, capsys):
     path.write_bytes(b"garbage")
     code, out = run(capsys, "registry", "verify", *where)
     assert code == 1
-    assert f"PROBLEM (corrupt) {path}" in out and "1 unreferenced blob(s)" in out
+    assert f"PROBLEM (corrupt) {path}" in out and f"1 unreferenced blob(s) (harmless; `maskbank registry gc` " \
+        f"removes them): {orphan.digest}\n" in out  # named, not only counted
     task = trained.manifest("m").task(0)
     assert f"(used by model 'm' task 0 ({task.name}) part masks)" in out  # what to republish
     _, report = run_json(capsys, "registry", "verify", *where)
@@ -104,8 +105,9 @@ def test_gc_refuses_to_delete_every_blob_when_no_manifest_is_there(trained, caps
         assert code == 2 and f"gc refused: no manifest in {trained.location} references any blob, yet it holds " \
             f"{len(blobs)} blob(s)" in err and "pass --delete-all-blobs" in err
     assert all(blob.exists() for blob in blobs)
-    code, out = run(capsys, "registry", "verify", "--registry", trained.location)  # it said "gc removes them"
-    assert code == 0 and f"{len(blobs)} blob(s) and no manifest: a models/ folder not mounted" in out
+    code, out = run(capsys, "registry", "verify", "--registry", trained.location)  # it said "gc removes them", then OK
+    assert code == 1 and f"PROBLEM (missing) {Path(trained.location) / 'models'}: no manifest, yet {len(blobs)} blob(s): " \
+        "a models/ folder not mounted" in out and "unreferenced" not in out
     code, report = run_json(capsys, "registry", "gc", "--delete-all-blobs", *where)
     assert code == 0 and len(report["deleted"]) == len(blobs) and not any(blob.exists() for blob in blobs)
 
