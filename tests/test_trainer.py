@@ -257,6 +257,7 @@ def test_training_publishes_every_task_with_metrics(tmp_path):
     assert registry.generations("m") == [1, 2] and [t.name for t in manifest.tasks] == ["perm-0", "perm-1"]
     assert len(manifest.training["accuracy_matrix"]) == 2
     assert all(t.metrics["accuracy"] > 0.3 for t in manifest.tasks)  # far above chance (0.1) even when tiny
+    assert all(t.metrics["train_threads"] == torch.get_num_threads() for t in manifest.tasks)  # to rebuild a blob
 
 
 def test_appending_equals_training_at_once(tmp_path):

@@ -345,7 +345,9 @@ def train(
         row = _evaluate(state, module, method.name, stream)
         state.matrix.append(row)
         state.alone.append(accuracy_alone(method, settings, task) if fwt else None)
-        task_metrics = {"accuracy": row[index], "train_seconds": round(seconds, 3), **artifact.metrics}
+        # the thread count is provenance: rebuilding a lost blob bit for bit needs the same one (README)
+        task_metrics = {"accuracy": row[index], "train_seconds": round(seconds, 3),
+                        "train_threads": torch.get_num_threads(), **artifact.metrics}
         if fwt:
             task_metrics["alone_accuracy"] = state.alone[-1]
         entry = TaskEntry(
