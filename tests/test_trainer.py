@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from registry import Registry, build_architecture
+from registry import MaskbankError, Registry, build_architecture
 from trainer import TrainingContext, TrainingError, get_method, get_stream
 from trainer.loop import task_generator
 from trainer.metrics import backward_transfer, forgetting, summary
@@ -437,6 +437,10 @@ def test_appending_with_other_settings_names_the_flags_to_omit(tmp_path):
     message = str(info.value)
     assert "--arch {'arch': 'mlp', 'sizes': [64, 16, 10]} (model has {'arch': 'mlp', 'sizes': [64, 32, 10]})" in message
     assert "--set epochs=3 (model has 2)" in message and registry.generations("m") == [1]
+    with pytest.raises(MaskbankError) as info:  # a spec that cannot be built: said so, not as a clash
+        train(registry, "m", 2, {"architecture": {"arch": "mlp"}})
+    assert "architecture 'mlp': missing a required argument: 'sizes'" in str(info.value)
+    assert "other settings" not in str(info.value) and registry.generations("m") == [1]
 
 
 def test_fwt_says_how_many_tasks_it_covers(tmp_path):
