@@ -315,8 +315,8 @@ def _add_serve(commands) -> None:
                    help="the level of requests that give no priority, from 1 to --priority-levels (default: the "
                    "lowest, N)")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="threads for the calls that do not run on the event loop: metadata, statistics, admin "
-                   f"(default {d.workers})")
+                   help="threads for the calls that do not run on the event loop: readiness, metadata, config, "
+                   f"statistics, repository index, task listing (default {d.workers})")
     p.add_argument("--threads", type=int,
                    help="intra-op threads for inference, torch's and ONNX Runtime's (default: theirs, one per core)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,

@@ -60,7 +60,8 @@ class Admission:
                 self._rejected[model] += 1
                 self._refusals.record("refused %d inference request(s) {since}, the latest for model '%s', which "
                                       "held %d, its bound (--max-queue-size); clients got UNAVAILABLE", model, held)
-                raise ServerBusy(f"the server is busy: it holds {held} inference requests for model '{model}', "
+                raise ServerBusy(f"the server is busy: it holds {held} inference request{'s' if held != 1 else ''} "
+                                 f"for model '{model}', "
                                  f"its bound (--max-queue-size {self.limit}); retry after a short backoff, or send "
                                  "to another replica")
             self._pending[model] = held + 1

@@ -142,7 +142,7 @@ def test_a_full_model_refuses_with_unavailable_others_serve_then_it_serves_again
         with pytest.raises(InferenceServerException) as refused:
             client.infer("m", inputs(), parameters={"task_id": 0})
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
-        assert re.search(r"server is busy: it holds 1 inference requests for model 'm', its bound "
+        assert re.search(r"server is busy: it holds 1 inference request for model 'm', its bound "
                          r"\(--max-queue-size 1\); retry after a short backoff, or send to another replica",
                          refused.value.message())
         with pytest.raises(InferenceServerException, match="server is busy"):  # task inference is bounded too
