@@ -177,7 +177,7 @@ class ModelRepository:
         for model in sorted(set(published) | set(self._snapshots)):
             snapshot = self._snapshots.get(model)
             if snapshot is not None:  # ready, and why a newer generation is not served or tasks are out of service
-                rows.append((model, snapshot.generation, "READY",
+                rows.append((model, snapshot.generation, "READY" if snapshot.healthy_tasks() else "UNAVAILABLE",
                              self._load_errors.get(model) or _out_of_service_reason(snapshot)))
             elif model in self._unloaded:  # Triton's state and reason for a model unloaded, with the version it served
                 rows.append((model, self._unloaded[model], "UNAVAILABLE", "unloaded"))

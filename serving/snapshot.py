@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from registry import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobUnreadable,
     Manifest,
     MaskbankError,
     PackedMasks,
@@ -457,10 +460,24 @@ def _load_task(registry: Registry, model: str, entry: TaskEntry) -> LoadedTask:
     """The task loaded, or out of service with its blob's error. A registry that does not answer says
     nothing about the blob: that fails the whole load (the previous generation keeps serving, the
     next poll retries) rather than take a sound task out of service."""
-    try:
-        return LoadedTask(entry, {name: registry.load(ref) for name, ref in entry.parts.items()})
-    except RegistryUnreachable:
-        raise
-    except MaskbankError as error:
-        log.error("model '%s': task %s (%s) is out of service: %s", model, entry.id, entry.name, error)
-        return LoadedTask(entry, None, error)
+    parts = {}
+    for part, ref in entry.parts.items():
+        try:
+            parts[part] = registry.load(ref)
+        except RegistryUnreachable:
+            raise
+        except MaskbankError as error:
+            log.error("model '%s': task %s (%s) is out of service: %s", model, entry.id, entry.name, error)
+            return LoadedTask(entry, None, _said_to_clients(error, model, entry, part, ref.digest))
+    return LoadedTask(entry, parts)
+
+
+_FAILURES = ((BlobNotFound, "is missing"), (BlobUnreadable, "cannot be read"), (BlobCorrupt, "failed verification"))
+
+
+def _said_to_clients(error: MaskbankError, model: str, entry: TaskEntry, part: str, digest: str) -> MaskbankError:
+    """The error requests for a task out of service get (same class, so same status): which blob and how
+    it failed, not where the server keeps it or how to restore it (the server's log has both)."""
+    failed = next((words for kind, words in _FAILURES if isinstance(error, kind)), "cannot be decoded")
+    return type(error)(f"task {entry.id} ({entry.name}) of model '{model}' is out of service: its {part} blob {digest} "
+                       f"{failed}; the server retries it at each poll")

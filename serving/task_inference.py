@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from registry.errors import unknown
 
 from .entropy import mean_entropy
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ModelUnavailable
 from .snapshot import LoadedTask, Snapshot
 
 
@@ -92,8 +92,11 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
     `logits_of` runs the plain forward passes (default: the snapshot's, on PyTorch)."""
     if mode not in _MODES:
         raise InvalidRequest(str(unknown("task_inference mode", mode, _MODES)))
-    if not snapshot.healthy_tasks():
-        raise InvalidRequest(f"model '{snapshot.model}' has no task in service to infer from")
+    if not snapshot.healthy_tasks():  # the server's data, not the request: retryable once a poll restores a task
+        broken = ", ".join(str(t.entry.id) for t in snapshot.out_of_service())
+        raise ModelUnavailable(f"model '{snapshot.model}' has no task in service to infer from: task(s) {broken} are out "
+                               "of service (a blob missing or corrupt; ListTasks says which); the server retries them "
+                               "at each poll")
     logits_of = logits_of or snapshot.logits_of
     if mode in _REQUIREMENTS:
         _require(mode, snapshot)

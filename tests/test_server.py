@@ -410,12 +410,36 @@ def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
         assert infer(client, GOOD, model="m", task_id=0).as_numpy("logits").shape == (4, 10)
         with pytest.raises(InferenceServerException) as info:
             infer(client, GOOD, model="m", task_id=1)
-        assert info.value.status() == "StatusCode.DATA_LOSS" and ref.digest in info.value.message()
+        assert info.value.status() == "StatusCode.DATA_LOSS"
+        assert info.value.message() == (f"task 1 (perm-1) of model 'm' is out of service: its masks blob {ref.digest} "
+                                        "failed verification; the server retries it at each poll")  # not the path
         found = infer(client, GOOD, model="m", task_inference="exhaustive")
         assert found.as_numpy("task_id")[0] == 0
         # chosen among the tasks in service: a batch of task 1 went to task 0 with nothing to say so
         assert found.get_response().parameters["tasks_out_of_service"].int64_param == 1
         assert "tasks_out_of_service" not in infer(client, GOOD, model="m", task_id=0).get_response().parameters
+        client.close()
+
+
+def test_a_model_with_every_task_out_of_service_is_unavailable_not_a_bad_request(tmp_path):
+    """Task inference said INVALID_ARGUMENT ("never retry") for the server's own damaged data, and
+    RepositoryIndex said READY while ModelReady said false."""
+    registry = train_model(tmp_path, "m", 2, TINY)
+    for task in (0, 1):
+        path = Path(registry.blobs.describe(registry.manifest("m").task(task).parts["masks"].digest))
+        path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    with ServerProcess(tmp_path) as server:
+        client = triton.InferenceServerClient(server.url)
+        assert not client.is_model_ready("m")
+        with pytest.raises(InferenceServerException) as info:
+            infer(client, GOOD, model="m", task_inference="exhaustive")
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        assert info.value.message() == ("model 'm' has no task in service to infer from: task(s) 0, 1 are out of "
+                                        "service (a blob missing or corrupt; ListTasks says which); the server "
+                                        "retries them at each poll")
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m["state"]) for m in index] == [("m", "UNAVAILABLE")]
+        assert "task(s) 0, 1 out of service" in index[0]["reason"]
         client.close()
 
 
