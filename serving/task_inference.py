@@ -233,16 +233,18 @@ def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: 
     """SupSup's multi-shot rule: each round keeps the tasks whose gradient is at or below the
     median and superposes them again, until one (or `shortlist`) remain: about log2(T) rounds."""
     candidates = list(snapshot.mask_stack().ids)
-    scores: dict[int, float] = {}
+    gradient = superposition_gradient(snapshot, x, candidates)  # the first round's: every task gets a score,
+    scores = dict(gradient)  # even where no round narrows anything (a shortlist as long as the task list)
     while len(candidates) > max(1, shortlist):
-        gradient = superposition_gradient(snapshot, x, candidates)
-        scores.update(gradient)
         ranked = sorted(candidates, key=lambda i: (gradient[i], i))
         # The lower median keeps the same tasks as the mean of the two middle values (numpy's
         # median, 0.1 ms a call): no gradient lies strictly between those two.
         median = gradient[ranked[(len(ranked) - 1) // 2]]
         keep = [i for i in ranked if gradient[i] <= median]
         candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
+        if len(candidates) > max(1, shortlist):
+            gradient = superposition_gradient(snapshot, x, candidates)
+            scores.update(gradient)
     return _shortlisted(snapshot, x, logits_of, candidates, "binary", scores, shortlist)
 
 

@@ -61,6 +61,9 @@ def test_input_layer_shortlist_of_every_task_is_exhaustive(snapshot):
     assert full.task.entry.id == exact.task.entry.id
     assert full.logits.equal(exact.logits)
     assert sorted(full.scores) == list(range(TASKS))
+    every = infer_task("binary", snapshot, x, shortlist=TASKS)  # no round narrows anything: it had no score at all
+    assert every.task.entry.id == exact.task.entry.id and sorted(every.scores) == list(range(TASKS))
+    assert every.scores == superposition_gradient(snapshot, x, list(range(TASKS)))  # its first round's
 
 
 def autograd_signal(snapshot: Snapshot, x, candidates: list[int], input_layer_only: bool) -> dict[int, float]:
