@@ -170,8 +170,9 @@ def decode_task_selection(request: pb.ModelInferRequest) -> TaskSelection:
     if task_id is not None and name is not None:
         raise InvalidRequest("give either 'task_id' or 'task', not both")
     if task_id is not None or name is not None:
+        # task_scores false asks for nothing, so a client that always sends it is not refused
         gn_only = [key for key, given in (("task_inference", mode is not None), ("task_shortlist", shortlist is not None),
-                                          ("task_scores", "task_scores" in params)) if given]
+                                          ("task_scores", scores)) if given]
         if gn_only:
             verb = "applies" if len(gn_only) == 1 else "apply"
             raise InvalidRequest(f"{', '.join(map(repr, gn_only))} {verb} only when no task is given (task inference); "

@@ -295,6 +295,13 @@ def test_bad_requests_get_a_clear_status_and_the_server_keeps_serving(live, case
     assert infer(live.client, GOOD, task_id=0).as_numpy("logits").shape == (4, 10)
 
 
+def test_task_scores_false_beside_a_task_is_accepted(live):
+    """It asks for nothing: a client that always sends it was refused on every task-given request."""
+    result = infer(live.client, GOOD, task_id=1, task_scores=False)
+    assert result.as_numpy("task_id").tolist() == [1] * len(GOOD)
+    assert "task_scores" not in result.get_response().parameters
+
+
 def test_raw_and_typed_contents_together_are_refused(live):
     request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[GOOD[:1].tobytes()])
     request.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(GOOD[0].tolist())
