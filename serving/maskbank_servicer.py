@@ -56,6 +56,8 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
         if which is None:  # proto3 would read an unset task_id as 0: describing task 0 unasked is a wrong answer
             raise InvalidRequest(f"DescribeTask needs task_id or task_name; model '{snapshot.model}' has tasks "
                                  f"{snapshot.manifest.task_list}")
+        if which == "task_id" and request.task_id < 0:  # as ModelInfer's task_id parameter says (it said NOT_FOUND)
+            raise InvalidRequest(f"task_id must be a non-negative integer, got {request.task_id}")
         key = request.task_name if which == "task_name" else request.task_id
         return task_info(snapshot, snapshot.tasks[snapshot.manifest.task(key).id])
 
@@ -67,7 +69,8 @@ class MaskbankServicer(mb_grpc.MaskbankServicer):
 
     async def WatchModel(self, request, context):
         """The model's snapshot now, then each one the server swaps in (a new generation, also a lower
-        one when the registry went back, or the same one loaded again; swaps in quick succession may be
+        one when the registry went back, or the same one loaded again: its manifest replaced or a task back
+        in service, not a load that changes nothing; swaps in quick succession may be
         reported as one, the newest); NOT_FOUND once the model is unloaded, UNAVAILABLE once the server
         stops. Woken by the repository on every change, on the event loop: no thread per watch (a
         thread each, from asyncio's small default pool, delayed every watch beyond a handful)."""

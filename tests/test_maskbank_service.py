@@ -51,6 +51,10 @@ def test_list_and_describe_tasks(service):
     with pytest.raises(grpc.RpcError) as info:
         stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=5))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no task 5" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # as ModelInfer's task_id says it (it was NOT_FOUND here)
+        stub.DescribeTask(mb.DescribeTaskRequest(model="m", task_id=-1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "task_id must be a non-negative integer, got -1"
     with pytest.raises(grpc.RpcError) as info:  # neither id nor name: not silently task 0
         stub.DescribeTask(mb.DescribeTaskRequest(model="m"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
