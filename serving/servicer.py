@@ -370,7 +370,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if left_out := result.snapshot.out_of_service_count:
                 # the choice was among the tasks in service only: a batch of a task out of service went to another
                 oip.set_parameter(response.parameters, "tasks_out_of_service", left_out)
-            if entry.id in result.scores:  # binary with a shortlist of every task ranks none by gradient
+            if entry.id in result.scores:  # every built-in mode scores its choice; a plugin's mode need not
                 score = result.scores[entry.id]
                 oip.set_parameter(response.parameters, "task_score", float(score))
                 if (ties := sum(1 for other in result.scores.values() if other == score)) > 1:

@@ -256,7 +256,8 @@ def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: i
     The lowest-entropy alpha is searched at the simplex's vertices, one forward pass per basis
     mask (B of them, however many tasks): gradient descent from uniform alpha was measured to stop
     at mixed masks (bench/gn_basis.py). Scores: the squared distance, summed over layers, between a
-    task's alpha and the chosen mask's one-hot alpha (lower wins; 0 for the task that owns it).
+    task's alpha and the chosen mask's one-hot alpha (lower wins; 0 for the task that owns it), the
+    nearest chosen mask's where the input leaves several equally confident.
     """
     ids, stack = snapshot.alpha_stack()
     first = snapshot.tasks[ids[0]].entry
@@ -266,7 +267,10 @@ def alpha(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: i
         entropy = _scores(torch.stack([
             mean_entropy(snapshot.forward(snapshot.basis_parameters(first.method, first.backbone, b), x)[:, :classes])
             for b in range(size)]))  # a basis mask the input overflows ranks last, as any non-finite score
-    target = F.one_hot(torch.tensor(min(range(size), key=lambda b: (entropy[b], b))), size).to(torch.float32)
-    distance = sum(((layer - target) ** 2).sum(dim=1) for layer in stack.values())
+    # Basis masks the input leaves tied (all zeros: every logit 0) are all chosen: a task's score is its distance
+    # to the nearest of them, so their tasks tie at 0 (task_ties says so) rather than the lowest id's look certain.
+    best = min(entropy)
+    targets = F.one_hot(torch.tensor([b for b in range(size) if entropy[b] == best]), size).to(torch.float32)  # [k, B]
+    distance = sum(((layer[None] - targets[:, None]) ** 2).sum(dim=2) for layer in stack.values()).min(dim=0).values
     scores = dict(zip(ids, _scores(distance)))
     return _shortlisted(snapshot, x, logits_of, ids, "alpha", scores, shortlist)

@@ -244,6 +244,11 @@ def test_alpha_task_inference_per_request_and_as_the_server_default(tmp_path):
                 assert (chosen, response["task_inference"].string_param) == (task, "alpha")
                 assert sorted(scores) == ["0", "1", "2"] and response["task_score"].double_param == scores[str(task)] == 0.0
                 assert np.array_equal(result.as_numpy("logits"), in_process_logits(registry, task, x))
+        # all zeros: every logit 0 under every basis mask; the basis tasks tie (the lowest id had score 0 alone)
+        zeros = logits(client, np.zeros((4, 64), np.float32), task_inference="alpha", task_scores=True)
+        response = zeros.get_response().parameters
+        assert int(zeros.as_numpy("task_id")[0]) == 0 and response["task_ties"].int64_param == 2
+        assert json.loads(response["task_scores"].string_param)["1"] == 0.0
         with pytest.raises(triton.InferenceServerException, match="task_inference 'oneshot' needs mask-based tasks .*"
                            "model 'm' has impresslearn tasks: use 'alpha' or 'exhaustive'"):
             logits(client, stream.task(0).x_test.numpy()[:4], task_inference="oneshot")
