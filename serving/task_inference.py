@@ -94,9 +94,9 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
         raise InvalidRequest(str(unknown("task_inference mode", mode, _MODES)))
     if not snapshot.healthy_tasks():  # the server's data, not the request: retryable once a poll restores a task
         broken = ", ".join(str(t.entry.id) for t in snapshot.out_of_service())
-        raise ModelUnavailable(f"model '{snapshot.model}' has no task in service to infer from: task(s) {broken} are out "
-                               "of service (a blob missing or corrupt; ListTasks says which); the server retries them "
-                               "at each poll")
+        raise ModelUnavailable(f"model '{snapshot.model}' has no task in service to infer from: " + (
+            f"task(s) {broken} are out of service (a blob missing or corrupt; ListTasks says which); the server "
+            "retries them at each poll" if broken else "its manifest lists no task"))
     logits_of = logits_of or snapshot.logits_of
     if mode in _REQUIREMENTS:
         _require(mode, snapshot)
