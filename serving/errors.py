@@ -15,6 +15,10 @@ class VersionNotLoaded(ModelNotFound):
     """The request names a model version (generation) that is not the one being served."""
 
 
+class Unsupported(MaskbankError):
+    """A part of the protocol this server does not implement (UNIMPLEMENTED, as Triton's UNSUPPORTED)."""
+
+
 class ResponseTooLarge(MaskbankError):
     """The answer to a request would exceed the largest message the server sends (--max-message-bytes)."""
 

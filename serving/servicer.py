@@ -19,7 +19,7 @@ from .admission import Admission
 from .backends import Backend, PyTorchBackend
 from .batcher import DynamicBatcher, LoopBatcher
 from .compute_pool import ComputePool
-from .errors import InvalidRequest, ResponseTooLarge, ShuttingDown
+from .errors import InvalidRequest, ResponseTooLarge, ShuttingDown, Unsupported
 from .repository import ModelRepository
 from .runtime import InferenceResult, infer, infer_on_loop
 from .snapshot import Snapshot
@@ -245,6 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def RepositoryIndex(self, request, context):
+        _one_repository(request)
         response = pb.RepositoryIndexResponse()
         for model, generation, state, reason in self.repository.index():
             if not request.ready or state == "READY":
@@ -252,6 +253,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryModelLoad(self, request, context):
+        _one_repository(request)
         if request.parameters:  # Triton's config override and model files ('config', 'file:...')
             raise InvalidRequest(
                 f"RepositoryModelLoad of '{request.model_name}' takes no parameters here (got "
@@ -261,6 +263,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        _one_repository(request)
         await asyncio.wrap_future(self.admin.submit(self.repository.unload, request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
@@ -390,3 +393,11 @@ def _task_parameters(task_id: int, name: str, mode: str, backend: str) -> pb.Mod
     for key, value in (("task_id", task_id), ("task", name), ("task_inference", mode), ("backend", backend)):
         oip.set_parameter(response.parameters, key, value)
     return response
+
+
+def _one_repository(request) -> None:
+    """Triton's answer to a repository named in a repository call: a server of one registry has no
+    others to choose from, and ignoring the name answered a request for another repository from this one."""
+    if request.repository_name:
+        raise Unsupported(f"'repository_name' specification is not supported (got {request.repository_name!r}): "
+                          "this server serves one registry; leave repository_name empty")

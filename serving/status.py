@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from registry import errors as reg
 
 from .errors import (InvalidRequest, ModelUnavailable, Overloaded, RequestTimeout, ResponseTooLarge, ServerBusy,
-                     ShuttingDown)
+                     ShuttingDown, Unsupported)
 from .logs import FloodLog
 
 log = logging.getLogger("maskbank.serving")
@@ -42,6 +42,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (reg.PublishConflict, grpc.StatusCode.ABORTED),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (reg.MaskbankError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

@@ -262,6 +262,15 @@ def test_repository_index_load_and_unload(server):
     with grpc.insecure_channel(server[0].url) as channel:  # tritonclient cannot ask for ready models only
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models] == ["b"]
+        admin = [("authorization", ADMIN["authorization"])]
+        for call, message in ((stub.RepositoryIndex, pb.RepositoryIndexRequest(repository_name="zz")),
+                              (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(repository_name="zz", model_name="a")),
+                              (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(repository_name="zz", model_name="b"))):
+            with pytest.raises(grpc.RpcError) as refused:  # Triton's answer; it was ignored, answered from this one
+                call(message, metadata=admin)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert refused.value.details().startswith("'repository_name' specification is not supported (got 'zz')")
+        assert client.is_model_ready("b") and not client.is_model_ready("a")  # neither call did anything
     client.load_model("a", headers=ADMIN)
     assert {m.state for m in client.get_model_repository_index().models} == {"READY"}
 
