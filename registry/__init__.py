@@ -6,6 +6,7 @@ from .architectures import build_architecture, maskable_parameters, register_arc
 from .catalog import Registry
 from .errors import (
     BlobCorrupt,
+    BlobUndecodable,
     BlobNotFound,
     BlobUnreadable,
     InvalidArtifact,
@@ -27,6 +28,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BackboneVersion",
     "BlobCorrupt",
+    "BlobUndecodable",
     "BlobNotFound",
     "BlobUnreadable",
     "BlobRef",

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import BlobCorrupt, InvalidArtifact, unknown
+from .errors import BlobUndecodable, InvalidArtifact, unknown
 from .packed import PackedMasks, pack_bits, unpack_bits
 
 Tensors = dict[str, torch.Tensor]
@@ -50,13 +50,13 @@ def encode_smallest(candidates: tuple[str, ...], value: Any) -> tuple[str, bytes
 
 
 def decode(codec: str, data: bytes, source: str = "blob") -> Any:
-    """Decode `data`; undecodable bytes raise BlobCorrupt naming `source`."""
+    """Decode `data`; undecodable bytes raise BlobUndecodable (a BlobCorrupt) naming `source`."""
     if codec not in _DECODERS:
         raise unknown("codec", codec, _DECODERS)
     try:
         return _DECODERS[codec](data)
     except (SafetensorError, ValueError, KeyError, RuntimeError) as exc:
-        raise BlobCorrupt(f"{source} cannot be decoded as {codec}: {exc}") from None
+        raise BlobUndecodable(f"{source} cannot be decoded as {codec}: {exc}") from None
 
 
 def _save(tensors: Tensors, meta: dict[str, Any]) -> bytes:

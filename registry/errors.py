@@ -34,6 +34,10 @@ class BlobCorrupt(RegistryError):
     """A blob's bytes do not hash to the digest that references it, or cannot be decoded."""
 
 
+class BlobUndecodable(BlobCorrupt):
+    """A blob's bytes hash right but are not what its codec reads (written wrongly, or by another version)."""
+
+
 class BlobUnreadable(RegistryError):
     """A blob is there but cannot be read: no permission, a folder or a link loop in its place, an I/O error."""
 

@@ -443,6 +443,8 @@ class ModelRepository:
 
 def _out_of_service_reason(snapshot: Snapshot) -> str:
     """What RepositoryIndex says of a model served with tasks out of service ("" if none)."""
+    if not snapshot.tasks:  # a manifest made by hand: UNAVAILABLE, and why
+        return "its manifest lists no task"
     broken = snapshot.out_of_service()
     if not broken:
         return ""

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from registry import (
     BlobCorrupt,
     BlobNotFound,
+    BlobRef,
+    BlobUndecodable,
     BlobUnreadable,
+    InvalidArtifact,
     Manifest,
     MaskbankError,
     PackedMasks,
@@ -468,16 +471,18 @@ def _load_task(registry: Registry, model: str, entry: TaskEntry) -> LoadedTask:
             raise
         except MaskbankError as error:
             log.error("model '%s': task %s (%s) is out of service: %s", model, entry.id, entry.name, error)
-            return LoadedTask(entry, None, _said_to_clients(error, model, entry, part, ref.digest))
+            return LoadedTask(entry, None, _said_to_clients(error, model, entry, part, ref))
     return LoadedTask(entry, parts)
 
 
-_FAILURES = ((BlobNotFound, "is missing"), (BlobUnreadable, "cannot be read"), (BlobCorrupt, "failed verification"))
-
-
-def _said_to_clients(error: MaskbankError, model: str, entry: TaskEntry, part: str, digest: str) -> MaskbankError:
-    """The error requests for a task out of service get (same class, so same status): which blob and how
-    it failed, not where the server keeps it or how to restore it (the server's log has both)."""
-    failed = next((words for kind, words in _FAILURES if isinstance(error, kind)), "cannot be decoded")
-    return type(error)(f"task {entry.id} ({entry.name}) of model '{model}' is out of service: its {part} blob {digest} "
-                       f"{failed}; the server retries it at each poll")
+def _said_to_clients(error: MaskbankError, model: str, entry: TaskEntry, part: str, ref: BlobRef) -> MaskbankError:
+    """The error requests for a task out of service get (DATA_LOSS): which blob and how it failed, not
+    where the server keeps it or how to restore it (the server's log has both). A blob error keeps its
+    class; any other (a codec this server does not know) is said in its own words as InvalidArtifact."""
+    failed = (f"cannot be decoded as {ref.codec}" if isinstance(error, BlobUndecodable) else
+              "failed verification (its bytes hash to another digest)" if isinstance(error, BlobCorrupt) else
+              "is missing" if isinstance(error, BlobNotFound) else
+              "cannot be read" if isinstance(error, BlobUnreadable) else f"cannot be used: {error}")
+    kind = type(error) if isinstance(error, (BlobCorrupt, BlobNotFound, BlobUnreadable)) else InvalidArtifact
+    return kind(f"task {entry.id} ({entry.name}) of model '{model}' is out of service: its {part} blob {ref.digest} "
+                f"{failed}; polls retry it, at growing intervals up to a minute")

@@ -95,8 +95,8 @@ def infer_task(mode: str, snapshot: Snapshot, x: torch.Tensor, shortlist: int = 
     if not snapshot.healthy_tasks():  # the server's data, not the request: retryable once a poll restores a task
         broken = ", ".join(str(t.entry.id) for t in snapshot.out_of_service())
         raise ModelUnavailable(f"model '{snapshot.model}' has no task in service to infer from: " + (
-            f"task(s) {broken} are out of service (a blob missing or corrupt; ListTasks says which); the server "
-            "retries them at each poll" if broken else "its manifest lists no task"))
+            f"task(s) {broken} are out of service (a blob missing or corrupt; ListTasks says which); polls retry "
+            "them, at growing intervals up to a minute" if broken else "its manifest lists no task"))
     logits_of = logits_of or snapshot.logits_of
     if mode in _REQUIREMENTS:
         _require(mode, snapshot)

@@ -4,6 +4,7 @@ not one per poll."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -15,6 +16,7 @@ import torch
 from registry import ModelNotFound, Registry
 from serving.errors import ModelUnavailable
 from serving import repository as repository_module
+from serving.cache import LRUCache
 from serving.metrics import MaskbankCollector
 from serving.repository import ModelRepository
 from serving.snapshot import Snapshot
@@ -544,3 +546,28 @@ def test_a_new_generation_frees_the_cached_weights_it_no_longer_uses(tmp_path, c
     hits = repository.cache.stats().hits
     snapshot.logits(snapshot.tasks[0], x)
     assert repository.cache.stats().hits == hits + (kept > 0)
+
+
+def test_a_task_out_of_service_tells_clients_how_its_blob_failed_not_where_it_lies(tmp_path, caplog):
+    """Requests for a broken task got the registry's message: the server's path to the blob and restore
+    advice. Bytes that hash right but do not decode were called a failed verification, and a codec this
+    server does not know answered INVALID_ARGUMENT ("never retry"), both fixed here."""
+    from registry import BlobRef, BlobUndecodable, InvalidArtifact
+
+    registry = train_model(tmp_path, "m", 1, TINY)
+    manifest = registry.manifest("m")
+    first = manifest.tasks[0]
+    codec = first.parts["masks"].codec
+    junk = BlobRef(digest=registry.blobs.put(b"not a mask at all"), codec=codec, size=17)
+    unknown = dataclasses.replace(first.parts["masks"], codec="future-codec/v9")
+    broken = [dataclasses.replace(first, id=i, name=f"broken-{i}", parts={"masks": ref}) for i, ref in ((1, junk), (2, unknown))]
+    registry.commit(manifest.next(tasks=(first, *broken)))
+    with caplog.at_level(logging.ERROR, logger="maskbank.serving"):
+        snapshot = Snapshot.load(registry, registry.manifest("m"), None, LRUCache(1 << 20))
+    undecodable, unknown_codec = snapshot.tasks[1].error, snapshot.tasks[2].error
+    assert isinstance(undecodable, BlobUndecodable) and str(undecodable) == (
+        f"task 1 (broken-1) of model 'm' is out of service: its masks blob {junk.digest} cannot be decoded as {codec}; "
+        "polls retry it, at growing intervals up to a minute")
+    assert isinstance(unknown_codec, InvalidArtifact) and "cannot be used: Unknown codec 'future-codec/v9'" in str(unknown_codec)
+    assert all(str(tmp_path) not in str(error) for error in (undecodable, unknown_codec))
+    assert "cannot be decoded as" in messages(caplog)[0] and "header too large" in messages(caplog)[0]  # the details

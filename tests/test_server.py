@@ -420,7 +420,8 @@ def test_a_corrupt_task_is_out_of_service_while_the_others_serve(tmp_path):
             infer(client, GOOD, model="m", task_id=1)
         assert info.value.status() == "StatusCode.DATA_LOSS"
         assert info.value.message() == (f"task 1 (perm-1) of model 'm' is out of service: its masks blob {ref.digest} "
-                                        "failed verification; the server retries it at each poll")  # not the path
+                                        "failed verification (its bytes hash to another digest); polls retry it, at "
+                                        "growing intervals up to a minute")  # not the path
         found = infer(client, GOOD, model="m", task_inference="exhaustive")
         assert found.as_numpy("task_id")[0] == 0
         # chosen among the tasks in service: a batch of task 1 went to task 0 with nothing to say so
@@ -443,8 +444,8 @@ def test_a_model_with_every_task_out_of_service_is_unavailable_not_a_bad_request
             infer(client, GOOD, model="m", task_inference="exhaustive")
         assert info.value.status() == "StatusCode.UNAVAILABLE"
         assert info.value.message() == ("model 'm' has no task in service to infer from: task(s) 0, 1 are out of "
-                                        "service (a blob missing or corrupt; ListTasks says which); the server "
-                                        "retries them at each poll")
+                                        "service (a blob missing or corrupt; ListTasks says which); polls retry them, "
+                                        "at growing intervals up to a minute")
         index = client.get_model_repository_index(as_json=True)["models"]
         assert [(m["name"], m["state"]) for m in index] == [("m", "UNAVAILABLE")]
         assert "task(s) 0, 1 out of service" in index[0]["reason"]
