@@ -409,7 +409,9 @@ def floor_grpc(aio: str | None) -> dict[str, str]:
     """Each floor on its faster gRPC setting, so that no ratio to it is the setting's doing: the aio
     floors on the one `maskbank serve` runs with (SERVE_GRPC_EXPERIMENTS: less CPU per request for
     aio servers), the synchronous floor on gRPC's defaults (that setting cost it 3-8% of its
-    requests/s at batch 1, side by side). A GRPC_EXPERIMENTS of this process's applies to all."""
+    requests/s at batch 1, side by side). A GRPC_EXPERIMENTS of this process's applies to every
+    floor and maskbank server, except the one on gRPC's defaults that the "grpc poller" rows compare
+    with (then those rows compare that setting with the defaults; setup records it)."""
     given = os.environ.get("GRPC_EXPERIMENTS")
     return {"GRPC_EXPERIMENTS": given if given is not None else (SERVE_GRPC_EXPERIMENTS if aio else "")}
 
@@ -472,6 +474,7 @@ def main(sections: tuple[str, ...] = SECTIONS, results_path: Path = RESULTS) -> 
              "hot_adds": HOT_ADDS, "hot_spacing_s": HOT_SPACING, "poll_interval_s": POLL_INTERVAL,
              "load_client": "raw gRPC (pre-serialised requests, every reply parsed), one channel and connection per client thread",
              "load_average": os.getloadavg(),
+             "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS),
              "setup_seconds": round(setup_s, 1), "total_seconds": round(total_s, 1)}
     print(f"maskbank serving, MLP {SIZES} (SupSup, 1 trained task + synthetic ones for task_mix/hot_add); "
           f"torch.set_num_threads({THREADS}) in every process; {REPEATS} alternating rounds of {PHASE_SECONDS} s phases "

@@ -42,10 +42,10 @@ def run() -> int:
 
 def _command_word(argv: list[str]) -> str | None:
     """The command word of a `maskbank` command line, read before the parser exists (building it imports
-    every method): the first word that is not an option or --log-level's value."""
+    every method): the first word that is not an option or --log-level's value (given whole or as a prefix)."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
+        if len(word) > 2 and "--log-level".startswith(word):  # argparse takes a prefix (--log-l) as the option
             next(words, None)
         elif not word.startswith("-"):
             return word

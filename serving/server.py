@@ -418,7 +418,7 @@ class InferenceServer:
         """gRPC's version and the experiments its environment turned on or off (maskbank serve sets one)."""
         experiments = os.environ.get("GRPC_EXPERIMENTS")
         log.info("gRPC %s, experiments: %s", grpc.__version__,
-                 f"GRPC_EXPERIMENTS={experiments}" if experiments is not None else "gRPC's defaults",
+                 f"GRPC_EXPERIMENTS={experiments}" if experiments else "gRPC's defaults",
                  extra={"grpc_version": grpc.__version__, "grpc_experiments": experiments})
 
     def _log_security(self) -> None:

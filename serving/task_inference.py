@@ -241,7 +241,8 @@ def binary(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, shortlist: 
         # median, 0.1 ms a call): no gradient lies strictly between those two.
         median = gradient[ranked[(len(ranked) - 1) // 2]]
         keep = [i for i in ranked if gradient[i] <= median]
-        candidates = keep if len(keep) < len(candidates) else ranked[: max(1, len(candidates) // 2)]
+        kept = len(keep) if len(keep) < len(candidates) else max(1, len(candidates) // 2)
+        candidates = ranked[: max(kept, shortlist)]  # never fewer than the shortlist: it is the k best, checked
         if len(candidates) > max(1, shortlist):
             gradient = superposition_gradient(snapshot, x, candidates)
             scores.update(gradient)

@@ -201,6 +201,8 @@ def test_logs_are_one_json_object_per_line(ops):
     runtime = next(r for r in records if r["message"].startswith("gRPC "))
     assert runtime["grpc_version"] == grpc.__version__
     assert runtime["grpc_experiments"] == os.environ.get("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS)
+    assert runtime["message"].endswith(f"GRPC_EXPERIMENTS={runtime['grpc_experiments']}" if runtime["grpc_experiments"]
+                                       else "gRPC's defaults")
     listening = next(r for r in records if r["message"].startswith("listening on"))
     assert listening["port"] == process.port and listening["tls"] is False and listening["metrics_port"] > 0
     refusal = next(r for r in records if r["message"].startswith("refused"))
@@ -673,8 +675,9 @@ raise SystemExit(run())
     env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
     if given is not None:
         env["GRPC_EXPERIMENTS"] = given
-    for command, expected in ((["serve", "--help"], SERVE_GRPC_EXPERIMENTS if given is None else given),
-                              (["registry", "ls", "--help"], given)):
+    serve = SERVE_GRPC_EXPERIMENTS if given is None else given
+    for command, expected in ((["serve", "--help"], serve), (["--log-l", "INFO", "serve", "--help"], serve),
+                              (["registry", "ls", "--help"], given)):  # argparse takes --log-l for --log-level
         done = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, timeout=60,
                               env=env)
         assert done.returncode == 0, done.stderr

@@ -66,6 +66,20 @@ def test_input_layer_shortlist_of_every_task_is_exhaustive(snapshot):
     assert every.scores == superposition_gradient(snapshot, x, list(range(TASKS)))  # its first round's
 
 
+def test_binary_checks_as_many_candidates_as_its_shortlist(snapshot):
+    """A median split could leave fewer than k (10 tasks, k = 6: 5), so fewer than the k best were checked."""
+    x = get_stream("permuted-digits").task(3).x_test[:BATCH]
+    for k in range(2, TASKS + 1):
+        checked: list[int] = []
+
+        def counting(tasks, rows):
+            checked.append(len(tasks))
+            return snapshot.logits_of(tasks, rows)
+
+        infer_task("binary", snapshot, x, shortlist=k, logits_of=counting)
+        assert checked == [k], k
+
+
 def autograd_signal(snapshot: Snapshot, x, candidates: list[int], input_layer_only: bool) -> dict[int, float]:
     """dH/dalpha the straightforward way: autograd through W * sum_i alpha_i M_i at alpha = 1/k.
 

@@ -441,6 +441,9 @@ def test_appending_with_other_settings_names_the_flags_to_omit(tmp_path):
         train(registry, "m", 2, {"architecture": {"arch": "mlp"}})
     assert "architecture 'mlp': missing a required argument: 'sizes'" in str(info.value)
     assert "other settings" not in str(info.value) and registry.generations("m") == [1]
+    huge = {"arch": "mlp", "sizes": [64, 1_000_000, 1_000_000, 10]}  # 4 TB of weights: the clash, not a memory error
+    with pytest.raises(TrainingError, match=r"--arch \{'arch': 'mlp', 'sizes': \[64, 1000000, 1000000, 10\]\} \(model has"):
+        train(registry, "m", 2, {"architecture": huge})
 
 
 def test_fwt_says_how_many_tasks_it_covers(tmp_path):

@@ -137,7 +137,8 @@ def resolve_settings(manifest: Manifest | None, requested: dict[str, Any]) -> Tr
                             "API), and the trainer would score them on stream tasks they never learned: train a new model")
     stored = training["settings"]
     if "architecture" in given and not _same_setting("architecture", stored.get("architecture"), given["architecture"]):
-        build_architecture(given["architecture"])  # a spec that cannot be built is said as such, not as a clash
+        with torch.device("meta"):  # checked, not allocated: a spec that cannot be built is said as such, not as a clash
+            build_architecture(given["architecture"])
     clashes = [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v!r} (model has {stored.get(k)!r})"
                for k, v in given.items() if not _same_setting(k, stored.get(k), v)]
     if given.get("method", stored["method"]) == stored["method"]:  # options of another method are that clash's
