@@ -571,3 +571,12 @@ def test_a_task_out_of_service_tells_clients_how_its_blob_failed_not_where_it_li
     assert isinstance(unknown_codec, InvalidArtifact) and "cannot be used: Unknown codec 'future-codec/v9'" in str(unknown_codec)
     assert all(str(tmp_path) not in str(error) for error in (undecodable, unknown_codec))
     assert "cannot be decoded as" in messages(caplog)[0] and "header too large" in messages(caplog)[0]  # the details
+
+
+def test_a_model_whose_manifest_lists_no_task_is_unavailable_and_says_why(tmp_path):
+    """A manifest made by hand with no task: RepositoryIndex said UNAVAILABLE with no reason at all."""
+    registry = train_model(tmp_path, "m", 1, TINY)
+    registry.commit(dataclasses.replace(registry.manifest("m"), model="e", generation=1, tasks=()))
+    repository = ModelRepository(registry)
+    repository.refresh()
+    assert repository.index()[0] == ("e", 1, "UNAVAILABLE", "its manifest lists no task")
