@@ -373,12 +373,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if left_out := result.snapshot.out_of_service_count:
                 # the choice was among the tasks in service only: a batch of a task out of service went to another
                 oip.set_parameter(response.parameters, "tasks_out_of_service", left_out)
-            if entry.id in result.scores:  # every built-in mode scores its choice; a plugin's mode need not
-                score = result.scores[entry.id]
-                oip.set_parameter(response.parameters, "task_score", float(score))
-                if (ties := sum(1 for other in result.scores.values() if other == score)) > 1:
-                    # nothing in the input told these tasks apart (all zeros; so large the network saturates)
-                    oip.set_parameter(response.parameters, "task_ties", ties)
+            score = result.scores[entry.id]  # every mode scores the task it chose
+            oip.set_parameter(response.parameters, "task_score", float(score))
+            if (ties := sum(1 for other in result.scores.values() if other == score)) > 1:
+                # nothing in the input told these tasks apart (all zeros; so large the network saturates)
+                oip.set_parameter(response.parameters, "task_ties", ties)
             if all_scores:
                 finite = {task: (score if math.isfinite(score) else None) for task, score in result.scores.items()}
                 oip.set_parameter(response.parameters, "task_scores", json.dumps(finite))  # JSON has no Infinity: null

@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Callable
 
 import torch
@@ -200,9 +199,9 @@ def _shortlisted(snapshot: Snapshot, x: torch.Tensor, logits_of: LogitsOf, candi
                  scores: dict[int, float], shortlist: int) -> TaskChoice:
     """The candidate with the lowest score (ties: the lowest id), or, with shortlist k > 1, the
     lowest-entropy task among the k best scored (k forward passes: a cost bounded by k, not by
-    the number of tasks). A candidate without a score counts as 0."""
+    the number of tasks). Every candidate has a score (each mode scores all it ranks)."""
     # (score, id) pairs ranked by C-level tuple comparison: a key function per candidate took twice as long
-    keyed = zip(map(scores.get, candidates, repeat(0.0)), candidates)
+    keyed = zip(map(scores.__getitem__, candidates), candidates)
     ranked = [min(keyed)[1]] if shortlist <= 1 else [i for _, i in heapq.nsmallest(shortlist, keyed)]
     if len(ranked) == 1:
         return TaskChoice(snapshot.tasks[ranked[0]], mode, scores)
